@@ -1,0 +1,174 @@
+"""The quant-type registry: the one place that defines every tensor encoding of the container.
+
+A quantized 2-D tensor ``W[rows, cols]`` is stored as three parts:
+
+- ``codes``  uint8 ``[rows, cols * bits // 8]``: unsigned codes ``u`` in ``[0, 2**bits - 1]``, packed group by group;
+- ``scales`` float16 ``[rows, n_groups]``: ``d`` per group;
+- ``mins``   float16 ``[rows, n_groups]`` (asymmetric types only): ``m`` per group.
+
+Dequantization: ``x = d * u - m``; symmetric types have no stored min and use ``m = d * 2**(bits-1)``,
+i.e. ``x = d * (u - 2**(bits-1))``.
+
+Packing inside a group of ``g`` elements is a sequence of *bit planes* (``PLANES[bits]``), low bits first. A plane
+of width ``p`` uses ``g * p / 8`` bytes; byte ``j`` holds elements ``j + k * g / n`` (``n = 8 / p``) at bit
+``k * p``, so one pass over contiguous bytes with a fixed shift touches contiguous activations. 4-bit: byte j holds
+elements j and j + g/2; 3-bit: a 2-bit plane followed by a 1-bit plane.
+
+Adding a bit-width means adding an entry to ``PLANES`` (and to ``QUANT_BITS`` if it should be registered).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lowbit.errors import FormatError
+
+# bits -> plane widths, low bits first; each width divides 8
+PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}
+QUANT_BITS = (2, 3, 4, 8)
+GROUP_SIZES = (32, 64, 128)
+PER_CHANNEL = 0  # group_size value meaning "one group per row"
+
+FLOAT_DTYPES = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "bf16": np.dtype(np.uint16)}
+
+
+@dataclass(frozen=True)
+class QType:
+    name: str
+    id: int
+    bits: int
+    group_size: int = PER_CHANNEL  # 32/64/128, or PER_CHANNEL; meaningless for floats
+    asym: bool = False
+    is_float: bool = False
+
+    def layout_group(self, cols: int) -> int:
+        """The number of elements in one group for a row of ``cols`` elements."""
+        return cols if self.group_size == PER_CHANNEL else self.group_size
+
+    def check_shape(self, shape: tuple[int, ...]) -> str | None:
+        """Return why ``shape`` cannot use this type, or None when it can."""
+        if self.is_float:
+            return None
+        if len(shape) != 2:
+            return f"{self.name} needs a 2-D tensor, got shape {tuple(shape)}"
+        rows, cols = shape
+        g = self.layout_group(cols)
+        if cols % g:
+            return f"{self.name}: {cols} columns are not a multiple of the group size {g}"
+        step = max(8 // p for p in PLANES[self.bits])
+        if g % step:
+            return f"{self.name}: group of {g} elements is not a multiple of {step}"
+        return None
+
+    def part_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The stored parts for a tensor of logical ``shape``: name -> (shape, numpy dtype name)."""
+        if self.is_float:
+            return {"data": (tuple(shape), "uint16" if self.name == "bf16" else FLOAT_DTYPES[self.name].name)}
+        why = self.check_shape(shape)
+        if why:
+            raise FormatError(why)
+        rows, cols = shape
+        ng = cols // self.layout_group(cols)
+        parts = {"codes": ((rows, cols * self.bits // 8), "uint8"), "scales": ((rows, ng), "float16")}
+        if self.asym:
+            parts["mins"] = ((rows, ng), "float16")
+        return parts
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        total = 0
+        for pshape, dt in self.part_shapes(shape).values():
+            total += int(np.prod(pshape, dtype=np.int64)) * np.dtype(dt).itemsize
+        return total
+
+    @property
+    def zero_point(self) -> int:
+        return 0 if self.asym else 1 << (self.bits - 1)
+
+    @property
+    def max_code(self) -> int:
+        return (1 << self.bits) - 1
+
+
+def _group_code(g: int) -> int:
+    return {PER_CHANNEL: 0, 32: 1, 64: 2, 128: 3}[g]
+
+
+def _build_registry() -> dict[str, QType]:
+    reg = {
+        "f32": QType("f32", 0, 32, is_float=True),
+        "f16": QType("f16", 1, 16, is_float=True),
+        "bf16": QType("bf16", 2, 16, is_float=True),
+    }
+    for bits in QUANT_BITS:
+        for asym in (False, True):
+            for g in (PER_CHANNEL, *GROUP_SIZES):
+                name = f"q{bits}{'a' if asym else ''}_{'pc' if g == PER_CHANNEL else f'g{g}'}"
+                # stable id: never renumber; new kinds get new digits
+                qid = 1000 + bits * 100 + (10 if asym else 0) + _group_code(g)
+                reg[name] = QType(name, qid, bits, g, asym)
+    return reg
+
+
+REGISTRY: dict[str, QType] = _build_registry()
+BY_ID: dict[int, QType] = {q.id: q for q in REGISTRY.values()}
+
+
+def get_qtype(name: str) -> QType:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise FormatError(f"unknown quant type {name!r}") from None
+
+
+def quant_type(bits: int, group_size: int, asym: bool) -> QType:
+    if bits not in QUANT_BITS:
+        raise FormatError(f"unsupported bit-width {bits}; choose one of {', '.join(map(str, QUANT_BITS))}")
+    if group_size not in (PER_CHANNEL, *GROUP_SIZES):
+        raise FormatError(f"unsupported group size {group_size}; choose 32, 64, 128 or 0 (per-channel)")
+    g = "pc" if group_size == PER_CHANNEL else f"g{group_size}"
+    return REGISTRY[f"q{bits}{'a' if asym else ''}_{g}"]
+
+
+# ----------------------------------------------------------------------------------------------- packing
+
+
+def pack_codes(u: np.ndarray, qt: QType) -> np.ndarray:
+    """Pack unsigned codes ``u`` (int array ``[rows, cols]``) into the byte layout of ``qt``."""
+    rows, cols = u.shape
+    g = qt.layout_group(cols)
+    ng = cols // g
+    u = u.astype(np.uint8).reshape(rows, ng, g)
+    planes = []
+    shift = 0
+    for p in PLANES[qt.bits]:
+        n = 8 // p
+        part = (u >> shift) & ((1 << p) - 1)  # [rows, ng, g]
+        part = part.reshape(rows, ng, n, g // n)
+        byte = np.zeros((rows, ng, g // n), dtype=np.uint8)
+        for k in range(n):
+            byte |= part[:, :, k, :] << (k * p)
+        planes.append(byte)
+        shift += p
+    return np.concatenate(planes, axis=2).reshape(rows, cols * qt.bits // 8)
+
+
+def unpack_codes(codes: np.ndarray, qt: QType, cols: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: int32 codes ``[rows, cols]``."""
+    rows = codes.shape[0]
+    g = qt.layout_group(cols)
+    ng = cols // g
+    c = codes.reshape(rows, ng, g * qt.bits // 8).astype(np.int32)
+    u = np.zeros((rows, ng, g), dtype=np.int32)
+    shift = 0
+    start = 0
+    for p in PLANES[qt.bits]:
+        n = 8 // p
+        nb = g // n
+        plane = c[:, :, start : start + nb]
+        for k in range(n):
+            u[:, :, k * nb : (k + 1) * nb] |= ((plane >> (k * p)) & ((1 << p) - 1)) << shift
+        start += nb
+        shift += p
+    return u.reshape(rows, cols)

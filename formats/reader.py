@@ -1,0 +1,192 @@
+"""mmap container reader. Everything in the header is validated before any array view is created, so a corrupt or
+truncated file fails with one FormatError line instead of a numpy traceback or a segfault."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lowbit.errors import FormatError
+from lowbit.formats.layout import MAGIC, PREAMBLE, VERSION_MAJOR, data_start
+from lowbit.formats.qtypes import QType, get_qtype
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    name: str
+    qtype: QType
+    shape: tuple[int, ...]
+    parts: dict[str, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts.values())
+
+
+class Container:
+    """A validated, memory-mapped .lowbit file. Arrays returned are read-only views on the mapping."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FormatError(f"{self.path}: no such file")
+        if self.path.is_dir():
+            raise FormatError(f"{self.path}: is a directory, expected a .lowbit file")
+        self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for the mapping
+        try:
+            self.size = os.fstat(self._file.fileno()).st_size
+            if self.size < PREAMBLE.size:
+                raise FormatError(f"{self.path}: not a lowbit container (file too short: {self.size} bytes)")
+            self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            self.header = self._read_header()
+            self._start = data_start(self._header_len)
+            self._tensors = self._validate_tensors()
+            self._blobs = self._validate_blobs()
+        except BaseException:
+            self._file.close()
+            raise
+
+    # ------------------------------------------------------------------------------------------- validation
+    def _fail(self, msg: str) -> FormatError:
+        return FormatError(f"{self.path}: {msg}")
+
+    def _read_header(self) -> dict:
+        magic, major, minor, header_len, header_crc, _flags = PREAMBLE.unpack_from(self._mm, 0)
+        if magic != MAGIC:
+            raise self._fail("not a lowbit container (bad magic bytes)")
+        if major > VERSION_MAJOR:
+            raise self._fail(
+                f"container format version {major}.{minor} is newer than this lowbit supports "
+                f"({VERSION_MAJOR}.x); upgrade lowbit to read it"
+            )
+        if major < 1:
+            raise self._fail(f"unsupported container format version {major}.{minor}")
+        if header_len <= 0 or PREAMBLE.size + header_len > self.size:
+            raise self._fail(f"truncated or corrupt: header of {header_len} bytes does not fit in {self.size} bytes")
+        raw = self._mm[PREAMBLE.size : PREAMBLE.size + header_len]
+        if zlib.crc32(raw) != header_crc:
+            raise self._fail("corrupt header (checksum mismatch)")
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self._fail(f"corrupt header (invalid JSON: {e})") from None
+        if not isinstance(header, dict) or not isinstance(header.get("tensors"), dict):
+            raise self._fail("corrupt header (no tensor table)")
+        self._header_len = header_len
+        self.version = (major, minor)
+        return header
+
+    def _check_range(self, what: str, offset, nbytes) -> None:
+        if not isinstance(offset, int) or not isinstance(nbytes, int) or offset < 0 or nbytes < 0:
+            raise self._fail(f"corrupt header ({what}: bad offset/length)")
+        end = self._start + offset + nbytes
+        if end > self.size:
+            raise self._fail(
+                f"truncated or corrupt: {what} ends at byte {end} but the file has only {self.size} bytes"
+            )
+
+    def _validate_tensors(self) -> dict[str, dict]:
+        out = {}
+        for name, entry in self.header["tensors"].items():
+            try:
+                qt = get_qtype(entry["qtype"])
+                shape = tuple(int(s) for s in entry["shape"])
+                expected = qt.part_shapes(shape)
+                parts = entry["parts"]
+                if set(parts) != set(expected):
+                    raise self._fail(f"corrupt header (tensor {name}: parts {sorted(parts)} do not match {qt.name})")
+                for pname, (pshape, dtype) in expected.items():
+                    spec = parts[pname]
+                    nbytes = int(np.prod(pshape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                    if spec["nbytes"] != nbytes or tuple(spec["shape"]) != pshape or spec["dtype"] != dtype:
+                        raise self._fail(f"corrupt header (tensor {name} part {pname}: size does not match its type)")
+                    self._check_range(f"tensor {name}", spec["offset"], nbytes)
+            except FormatError as e:
+                if str(e).startswith(str(self.path)):
+                    raise
+                raise self._fail(f"corrupt header (tensor {name}: {e})") from None
+            except (KeyError, TypeError, ValueError) as e:
+                raise self._fail(f"corrupt header (tensor {name}: {type(e).__name__} {e})") from None
+            out[name] = {"qtype": qt, "shape": shape, "parts": {p: parts[p] for p in expected}}
+        return out
+
+    def _validate_blobs(self) -> dict[str, dict]:
+        blobs = self.header.get("blobs", {})
+        if not isinstance(blobs, dict):
+            raise self._fail("corrupt header (blob table)")
+        for name, spec in blobs.items():
+            if not isinstance(spec, dict):
+                raise self._fail(f"corrupt header (blob {name})")
+            self._check_range(f"blob {name}", spec.get("offset"), spec.get("nbytes"))
+        return blobs
+
+    # ------------------------------------------------------------------------------------------- access
+    @property
+    def meta(self) -> dict:
+        return self.header
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def tensor(self, name: str) -> StoredTensor:
+        try:
+            entry = self._tensors[name]
+        except KeyError:
+            raise self._fail(f"missing tensor {name!r}") from None
+        parts = {}
+        for pname, spec in entry["parts"].items():
+            dt = np.dtype(spec["dtype"])
+            count = spec["nbytes"] // dt.itemsize
+            arr = np.frombuffer(self._mm, dtype=dt, count=count, offset=self._start + spec["offset"])
+            parts[pname] = arr.reshape(spec["shape"])
+        return StoredTensor(name, entry["qtype"], entry["shape"], parts)
+
+    def has_blob(self, name: str) -> bool:
+        return name in self._blobs
+
+    def blob(self, name: str) -> bytes:
+        spec = self._blobs[name]
+        start = self._start + spec["offset"]
+        return bytes(self._mm[start : start + spec["nbytes"]])
+
+    def blobs(self) -> dict[str, bytes]:
+        return {n: self.blob(n) for n in self._blobs}
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of tensor data (no header, no tokenizer blobs)."""
+        return sum(s["nbytes"] for t in self._tensors.values() for s in t["parts"].values())
+
+    def verify(self) -> list[str]:
+        """Check every CRC32; returns the names of tensors/blobs whose data does not match."""
+        bad = []
+        for name, entry in self._tensors.items():
+            for pname, spec in entry["parts"].items():
+                start = self._start + spec["offset"]
+                if f"{zlib.crc32(self._mm[start : start + spec['nbytes']]):08x}" != spec.get("crc32"):
+                    bad.append(f"{name}.{pname}")
+        for name, spec in self._blobs.items():
+            start = self._start + spec["offset"]
+            if f"{zlib.crc32(self._mm[start : start + spec['nbytes']]):08x}" != spec.get("crc32"):
+                bad.append(f"blob {name}")
+        return bad
+
+    def close(self) -> None:
+        # arrays handed out may still reference the mapping; let GC unmap it
+        self._file.close()
+
+    def __enter__(self) -> Container:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

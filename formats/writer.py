@@ -1,0 +1,168 @@
+"""Streaming container writer: tensors are written one at a time into a temporary file that is fsynced and
+renamed into place only when complete. An exception (Ctrl-C included) removes the temporary file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lowbit.errors import LowbitError
+from lowbit.formats.layout import ALIGN, MAGIC, PREAMBLE, VERSION_MAJOR, VERSION_MINOR, align_up, data_start
+from lowbit.formats.qtypes import QType
+
+log = logging.getLogger(__name__)
+
+HEADER_SLACK = 16384  # spare bytes so metadata added at close (quality card, provenance) fits in place
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    qtype: QType
+    shape: tuple[int, ...]
+
+
+def _crc_hex(crc: int) -> str:
+    return f"{crc & 0xFFFFFFFF:08x}"
+
+
+class ContainerWriter:
+    """Usage::
+
+        with ContainerWriter(path, meta, plans, blobs) as w:
+            for plan in plans:
+                w.write_tensor(plan.name, parts)
+            w.meta["quality"] = {...}      # optional, before the block ends
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: dict, plans: list[TensorPlan], blobs: dict[str, bytes]):
+        self.path = Path(path)
+        self.meta = dict(meta)
+        self._plans = {p.name: p for p in plans}
+        if len(self._plans) != len(plans):
+            raise LowbitError("duplicate tensor names in the conversion plan")
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._written: set[str] = set()
+        self._tensors: dict[str, dict] = {}
+        self._blobs: dict[str, dict] = {}
+        offset = 0
+        for plan in plans:
+            entry = {"qtype": plan.qtype.name, "shape": list(plan.shape), "parts": {}}
+            for part, (pshape, dtype) in plan.qtype.part_shapes(plan.shape).items():
+                nbytes = int(np.prod(pshape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                entry["parts"][part] = {
+                    "offset": offset,
+                    "nbytes": nbytes,
+                    "shape": list(pshape),
+                    "dtype": dtype,
+                    "crc32": _crc_hex(0),
+                }
+                offset = align_up(offset + nbytes)
+            self._tensors[plan.name] = entry
+        blob_data = {}
+        for name, data in blobs.items():
+            self._blobs[name] = {"offset": offset, "nbytes": len(data), "crc32": _crc_hex(zlib.crc32(data))}
+            blob_data[name] = data
+            offset = align_up(offset + len(data))
+        self._data_len = offset
+        self._header_len = len(self._header_bytes()) + HEADER_SLACK
+        self._start = data_start(self._header_len)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self._tmp, "w+b")  # noqa: SIM115 - closed in close()/abort()
+        try:
+            self._f.truncate(self._start + self._data_len)
+            for name, data in blob_data.items():
+                self._f.seek(self._start + self._blobs[name]["offset"])
+                self._f.write(data)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _header_bytes(self) -> bytes:
+        header = dict(self.meta)
+        header["format"] = {"name": "lowbit", "version": [VERSION_MAJOR, VERSION_MINOR], "align": ALIGN}
+        header["tensors"] = self._tensors
+        header["blobs"] = self._blobs
+        return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    def write_tensor(self, name: str, parts: dict[str, np.ndarray]) -> None:
+        entry = self._tensors.get(name)
+        if entry is None:
+            raise LowbitError(f"tensor {name!r} is not in the conversion plan")
+        if set(parts) != set(entry["parts"]):
+            raise LowbitError(f"tensor {name!r}: expected parts {sorted(entry['parts'])}, got {sorted(parts)}")
+        for part, spec in entry["parts"].items():
+            arr = np.ascontiguousarray(parts[part])
+            if list(arr.shape) != spec["shape"] or arr.dtype != np.dtype(spec["dtype"]):
+                raise LowbitError(
+                    f"tensor {name!r} part {part}: expected {spec['dtype']}{spec['shape']}, "
+                    f"got {arr.dtype}{list(arr.shape)}"
+                )
+            buf = memoryview(arr).cast("B")
+            spec["crc32"] = _crc_hex(zlib.crc32(buf))
+            self._f.seek(self._start + spec["offset"])
+            self._f.write(buf)
+        self._written.add(name)
+
+    def close(self) -> Path:
+        """Finish: header with checksums, fsync, atomic rename. Returns the final path."""
+        try:
+            missing = [n for n in self._tensors if n not in self._written]
+            if missing:
+                raise LowbitError(f"conversion incomplete: {len(missing)} tensors not written (first: {missing[0]})")
+            header = self._header_bytes()
+            if len(header) > self._header_len:
+                raise LowbitError("container metadata grew past the reserved header space")
+            header = header + b" " * (self._header_len - len(header))
+            pre = PREAMBLE.pack(MAGIC, VERSION_MAJOR, VERSION_MINOR, self._header_len, zlib.crc32(header), 0)
+            self._f.seek(0)
+            self._f.write(pre)
+            self._f.write(header)
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            os.replace(self._tmp, self.path)
+            _fsync_dir(self.path.parent)
+        except BaseException:
+            self.abort()
+            raise
+        log.info("wrote %s (%d bytes)", self.path, self._start + self._data_len)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        except Exception:  # noqa: BLE001 - best effort cleanup
+            pass
+        try:
+            self._tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> ContainerWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

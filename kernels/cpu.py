@@ -1,0 +1,218 @@
+"""numba CPU kernels. Each writes into a preallocated output passed first.
+
+Quantized weights are read straight from the container mapping: ``codes`` uint8, ``scales``/``mins`` as the raw
+float16 bits (uint16 views; numba has no float16), decoded per group. One kernel body serves every quant type: the
+bit planes of the type (``formats.qtypes.PLANES``) are passed as a small array and the inner loops run over
+contiguous bytes with a loop-invariant shift, which LLVM vectorises. Codes are widened to int32 before arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+# 2**(e - 25) for the 5-bit float16 exponent e (e == 0 handled as subnormal)
+_POW2 = np.array([math.ldexp(1.0, max(e, 1) - 25) for e in range(32)], dtype=np.float32)
+
+_JIT = dict(cache=True, nogil=True, fastmath=True)
+
+
+@nb.njit(inline="always", **_JIT)
+def _h2f(h):
+    """float16 bits (uint16) -> float32."""
+    v = np.int32(h)
+    e = (v >> 10) & 31
+    m = v & 1023
+    if e != 0:
+        m += 1024
+    r = np.float32(m) * _POW2[e]
+    return -r if v & 0x8000 else r
+
+
+@nb.njit(inline="always", **_JIT)
+def _group_dot(codes, row, boff, x, xoff, g, planes):
+    """sum_j u_j * x[xoff + j] over one group whose packed bytes start at codes[row, boff]."""
+    acc = np.float32(0.0)
+    shift = 0
+    start = boff
+    for pi in range(planes.shape[0]):
+        p = planes[pi]
+        n = 8 // p
+        nbytes = g // n
+        mask = (1 << p) - 1
+        for k in range(n):
+            sh = k * p
+            xo = xoff + k * nbytes
+            for j in range(nbytes):
+                u = ((np.int32(codes[row, start + j]) >> sh) & mask) << shift
+                acc += np.float32(u) * x[xo + j]
+        start += nbytes
+        shift += p
+    return acc
+
+
+@nb.njit(inline="always", **_JIT)
+def _group_unpack(buf, codes, row, boff, g, planes, d, m):
+    """buf[0:g] = d * u - m for one group."""
+    for j in range(g):
+        buf[j] = 0.0
+    shift = 0
+    start = boff
+    for pi in range(planes.shape[0]):
+        p = planes[pi]
+        n = 8 // p
+        nbytes = g // n
+        mask = (1 << p) - 1
+        for k in range(n):
+            sh = k * p
+            for j in range(nbytes):
+                buf[k * nbytes + j] += np.float32(((np.int32(codes[row, start + j]) >> sh) & mask) << shift)
+        start += nbytes
+        shift += p
+    for j in range(g):
+        buf[j] = buf[j] * d - m
+
+
+@nb.njit(parallel=True, **_JIT)
+def qmatvec(y, codes, scales, mins, x, planes, g, bits, asym, zp):
+    """y[rows] = W @ x for one token.
+
+    y: f32[rows]; codes: u8[rows, cols*bits/8]; scales, mins: u16[rows, ng] (mins unused unless asym);
+    x: f32[cols]; planes: i32[n_planes]; g: group size; zp: zero point for symmetric types.
+    """
+    rows = codes.shape[0]
+    ng = scales.shape[1]
+    gbytes = g * bits // 8
+    xs = np.empty(ng, dtype=np.float32)  # per-group activation sums, computed once per token
+    for gi in range(ng):
+        s = np.float32(0.0)
+        for j in range(g):
+            s += x[gi * g + j]
+        xs[gi] = s
+    for r in nb.prange(rows):
+        acc = np.float32(0.0)
+        for gi in range(ng):
+            d = _h2f(scales[r, gi])
+            m = _h2f(mins[r, gi]) if asym else d * zp
+            acc += d * _group_dot(codes, r, gi * gbytes, x, gi * g, g, planes) - m * xs[gi]
+        y[r] = acc
+
+
+@nb.njit(parallel=True, **_JIT)
+def qmatmul_small(y, codes, scales, mins, x, planes, g, bits, asym, zp):
+    """y[T, rows] = x @ W.T for a few tokens: each group is unpacked once into a small buffer and reused for all T.
+
+    y: f32[T, rows]; x: f32[T, cols]; other arguments as in qmatvec.
+    """
+    rows = codes.shape[0]
+    ng = scales.shape[1]
+    t_n = x.shape[0]
+    gbytes = g * bits // 8
+    for r in nb.prange(rows):
+        buf = np.empty(g, dtype=np.float32)
+        acc = np.zeros(t_n, dtype=np.float32)
+        for gi in range(ng):
+            d = _h2f(scales[r, gi])
+            m = _h2f(mins[r, gi]) if asym else d * zp
+            _group_unpack(buf, codes, r, gi * gbytes, g, planes, d, m)
+            for t in range(t_n):
+                s = np.float32(0.0)
+                for j in range(g):
+                    s += buf[j] * x[t, gi * g + j]
+                acc[t] += s
+        for t in range(t_n):
+            y[t, r] = acc[t]
+
+
+@nb.njit(parallel=True, **_JIT)
+def dequant_rows(out, codes, scales, mins, idx, planes, g, bits, asym, zp):
+    """out[i, :] = dequantized row idx[i] of W. out: f32[n, cols]; idx: i64[n]."""
+    ng = scales.shape[1]
+    gbytes = g * bits // 8
+    for i in nb.prange(idx.shape[0]):
+        r = idx[i]
+        buf = np.empty(g, dtype=np.float32)
+        for gi in range(ng):
+            d = _h2f(scales[r, gi])
+            m = _h2f(mins[r, gi]) if asym else d * zp
+            _group_unpack(buf, codes, r, gi * gbytes, g, planes, d, m)
+            for j in range(g):
+                out[i, gi * g + j] = buf[j]
+
+
+@nb.njit(parallel=True, **_JIT)
+def rmsnorm(out, x, w, eps):
+    """out[T, n] = x / rms(x) * w. x: f32[T, n]; w: f32[n]."""
+    n = x.shape[1]
+    for t in nb.prange(x.shape[0]):
+        s = np.float32(0.0)
+        for j in range(n):
+            s += x[t, j] * x[t, j]
+        inv = np.float32(1.0 / math.sqrt(s / n + eps))
+        for j in range(n):
+            out[t, j] = x[t, j] * inv * w[j]
+
+
+@nb.njit(parallel=True, **_JIT)
+def rope_inplace(x, cos, sin):
+    """Rotate-half RoPE in place. x: f32[T, n_heads, hd]; cos, sin: f32[T, hd/2]."""
+    half = x.shape[2] // 2
+    for t in nb.prange(x.shape[0]):
+        for h in range(x.shape[1]):
+            for j in range(half):
+                a = x[t, h, j]
+                b = x[t, h, half + j]
+                x[t, h, j] = a * cos[t, j] - b * sin[t, j]
+                x[t, h, half + j] = b * cos[t, j] + a * sin[t, j]
+
+
+@nb.njit(parallel=True, **_JIT)
+def attention(out, q, k_cache, v_cache, start, scale, window):
+    """Causal GQA attention over the KV cache.
+
+    out, q: f32[T, n_heads, hd] (queries at positions start..start+T-1); k_cache, v_cache: f32[n_kv, ctx, hd]
+    already holding keys/values up to start+T-1; window: 0 for full attention, else keys in (pos-window, pos].
+    """
+    t_n, nh, hd = q.shape
+    rep = nh // k_cache.shape[0]
+    for i in nb.prange(t_n * nh):
+        t = i // nh
+        h = i % nh
+        kv = h // rep
+        pos = start + t
+        lo = 0
+        if window > 0 and pos - window + 1 > 0:
+            lo = pos - window + 1
+        n = pos + 1 - lo
+        sc = np.empty(n, dtype=np.float32)
+        mx = np.float32(-np.inf)
+        for s in range(n):
+            acc = np.float32(0.0)
+            for j in range(hd):
+                acc += q[t, h, j] * k_cache[kv, lo + s, j]
+            acc *= scale
+            sc[s] = acc
+            if acc > mx:
+                mx = acc
+        tot = np.float32(0.0)
+        for s in range(n):
+            e = np.float32(math.exp(sc[s] - mx))
+            sc[s] = e
+            tot += e
+        for j in range(hd):
+            out[t, h, j] = 0.0
+        for s in range(n):
+            wgt = sc[s] / tot
+            for j in range(hd):
+                out[t, h, j] += wgt * v_cache[kv, lo + s, j]
+
+
+@nb.njit(parallel=True, **_JIT)
+def silu_mul(out, gate, up):
+    """out = silu(gate) * up. All f32[T, n]."""
+    for t in nb.prange(gate.shape[0]):
+        for j in range(gate.shape[1]):
+            a = gate[t, j]
+            out[t, j] = a / (np.float32(1.0) + np.float32(math.exp(-a))) * up[t, j]

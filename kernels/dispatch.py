@@ -1,0 +1,99 @@
+"""Backend dispatch: models call these functions and never pick kernels themselves."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lowbit.formats.qtypes import PLANES
+from lowbit.formats.reader import StoredTensor
+from lowbit.kernels import cpu
+from lowbit.kernels.ref import dequantize
+
+SMALL_BATCH = 8  # up to this many tokens: fused dequantize-and-dot; beyond: dequantized tiles + BLAS
+TILE_ELEMS = 1 << 21  # elements of one dequantized prefill tile (8 MiB of float32)
+
+
+class Weight:
+    """A linear/embedding weight ``W[rows, cols]`` (optionally with a float bias) as the kernels want it."""
+
+    def __init__(self, st: StoredTensor, bias: np.ndarray | None = None):
+        self.name = st.name
+        self.qtype = st.qtype
+        self.rows, self.cols = st.shape
+        self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        self.nbytes = st.nbytes
+        if st.qtype.is_float:
+            self.f32 = np.ascontiguousarray(dequantize(st.parts, st.qtype, st.shape))
+            return
+        self.f32 = None
+        qt = st.qtype
+        self.codes = st.parts["codes"]
+        self.scales = st.parts["scales"].view(np.uint16)
+        self.mins = st.parts["mins"].view(np.uint16) if qt.asym else np.zeros((1, 1), dtype=np.uint16)
+        self.planes = np.array(PLANES[qt.bits], dtype=np.int32)
+        self.g = qt.layout_group(self.cols)
+        self.bits = qt.bits
+        self.asym = qt.asym
+        self.zp = np.float32(qt.zero_point)
+
+    def _qargs(self):
+        return self.codes, self.scales, self.mins
+
+    def _rest(self):
+        return self.planes, self.g, self.bits, self.asym, self.zp
+
+
+def linear(w: Weight, x: np.ndarray) -> np.ndarray:
+    """y[T, rows] = x[T, cols] @ W.T (+ bias)."""
+    t = x.shape[0]
+    if w.f32 is not None:
+        y = x @ w.f32.T
+    elif t == 1:
+        y = np.empty((1, w.rows), dtype=np.float32)
+        cpu.qmatvec(y[0], *w._qargs(), x[0], *w._rest())
+    elif t <= SMALL_BATCH:
+        y = np.empty((t, w.rows), dtype=np.float32)
+        cpu.qmatmul_small(y, *w._qargs(), x, *w._rest())
+    else:
+        y = np.empty((t, w.rows), dtype=np.float32)
+        step = max(1, TILE_ELEMS // w.cols)
+        tile = np.empty((min(step, w.rows), w.cols), dtype=np.float32)
+        for r0 in range(0, w.rows, step):
+            r1 = min(w.rows, r0 + step)
+            buf = tile[: r1 - r0]
+            cpu.dequant_rows(buf, *w._qargs(), np.arange(r0, r1, dtype=np.int64), *w._rest())
+            np.matmul(x, buf.T, out=y[:, r0:r1])
+    if w.bias is not None:
+        y += w.bias
+    return y
+
+
+def embed(w: Weight, ids: np.ndarray) -> np.ndarray:
+    """Rows of an embedding table: [T, cols]."""
+    if w.f32 is not None:
+        return w.f32[ids]
+    out = np.empty((len(ids), w.cols), dtype=np.float32)
+    cpu.dequant_rows(out, *w._qargs(), np.asarray(ids, dtype=np.int64), *w._rest())
+    return out
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    out = np.empty_like(x)
+    cpu.rmsnorm(out, x, w, np.float32(eps))
+    return out
+
+
+def rope_inplace(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    cpu.rope_inplace(x, cos, sin)
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, scale: float, window: int = 0):
+    out = np.empty_like(q)
+    cpu.attention(out, q, k_cache, v_cache, start, np.float32(scale), window)
+    return out
+
+
+def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    out = np.empty_like(gate)
+    cpu.silu_mul(out, gate, up)
+    return out

@@ -1,0 +1,75 @@
+"""Plain numpy reference kernels: the specification the numba kernels are tested against."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lowbit.formats.qtypes import QType, unpack_codes
+
+
+def bf16_to_f32(a: np.ndarray) -> np.ndarray:
+    """bfloat16 stored as uint16 -> float32."""
+    return (a.astype(np.uint32) << 16).view(np.float32)
+
+
+def dequantize(parts: dict[str, np.ndarray], qt: QType, shape: tuple[int, ...]) -> np.ndarray:
+    """Full float32 copy of a stored tensor (reference only; the runtime never does this in decode)."""
+    if qt.is_float:
+        data = parts["data"]
+        return bf16_to_f32(data) if qt.name == "bf16" else np.asarray(data, dtype=np.float32)
+    rows, cols = shape
+    g = qt.layout_group(cols)
+    u = unpack_codes(parts["codes"], qt, cols).astype(np.float32).reshape(rows, cols // g, g)
+    d = parts["scales"].astype(np.float32)[:, :, None]
+    m = parts["mins"].astype(np.float32)[:, :, None] if qt.asym else d * np.float32(qt.zero_point)
+    return (d * u - m).reshape(rows, cols)
+
+
+def matvec(parts: dict[str, np.ndarray], qt: QType, shape: tuple[int, ...], x: np.ndarray) -> np.ndarray:
+    """y[..., rows] = x[..., cols] @ W.T"""
+    return x.astype(np.float32) @ dequantize(parts, qt, shape).T
+
+
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    x = x.astype(np.float32)
+    return (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * w
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE. x: [T, n_heads, head_dim]; positions: [T]; inv_freq: [head_dim // 2]."""
+    half = x.shape[-1] // 2
+    ang = positions[:, None].astype(np.float64) * inv_freq[None, :].astype(np.float64)  # [T, half]
+    cos = np.cos(ang).astype(np.float32)[:, None, :]
+    sin = np.sin(ang).astype(np.float32)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int) -> np.ndarray:
+    """Causal GQA attention.
+
+    q: [T, n_heads, hd] for positions start..start+T-1; k_cache, v_cache: [n_kv, >= start+T, hd].
+    Returns [T, n_heads, hd].
+    """
+    t, nh, hd = q.shape
+    nkv = k_cache.shape[0]
+    rep = nh // nkv
+    n = start + t
+    out = np.empty_like(q, dtype=np.float32)
+    scale = 1.0 / np.sqrt(hd)
+    mask = np.arange(n)[None, :] > (start + np.arange(t))[:, None]  # [T, n]
+    for h in range(nh):
+        kv = h // rep
+        s = (q[:, h, :] @ k_cache[kv, :n, :].T) * scale
+        s[mask] = -np.inf
+        out[:, h, :] = softmax(s) @ v_cache[kv, :n, :]
+    return out
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))

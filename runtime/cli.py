@@ -1,0 +1,101 @@
+"""The `lowbit` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+log = logging.getLogger("lowbit")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
+    p.add_argument("model", nargs="?" if model_optional else None, help="a .lowbit file (default: the bundled model)")
+    p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: min(4096, model max))")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lowbit", description="Quantize and run LLMs locally.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show diagnostic logging")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint into a .lowbit container")
+    p.add_argument("source", help="local checkpoint folder or hub repo id (org/name)")
+    p.add_argument("-o", "--output", required=True, help="output .lowbit file")
+    p.add_argument("--bits", type=int, default=4, help="2, 3, 4, 8, or 16 to keep weights unquantized (default 4)")
+    p.add_argument("--group-size", type=int, default=64, help="32, 64, 128, or 0 for per-channel (default 64)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sym", dest="asym", action="store_false", default=None, help="symmetric groups (no min)")
+    g.add_argument("--asym", dest="asym", action="store_true", help="asymmetric groups (fp16 min per group)")
+    p.add_argument("--embed-bits", type=int, default=8, help="bits for embeddings and lm_head (default 8)")
+    p.add_argument("--method", default="search", choices=["search", "rtn"], help="quantization method")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("generate", help="continue a prompt and print tokens/s")
+    _add_runtime_args(p)
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-n", "--max-tokens", type=int, default=128)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    _add_sampling_args(p)
+
+    p = sub.add_parser("inspect", help="show what is inside a .lowbit file")
+    p.add_argument("model", nargs="?", help="a .lowbit file (default: the bundled model)")
+    p.add_argument("--verify", action="store_true", help="check every CRC32")
+    p.add_argument("--tensors", action="store_true", help="list every tensor (default: a summary per kind)")
+
+    p = sub.add_parser("eval", help="perplexity on a text file")
+    _add_runtime_args(p)
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--eval-ctx", type=int, default=256, help="window length incl. BOS (default 256)")
+    p.add_argument("--max-tokens", type=int, default=None, help="only the first N tokens of the text")
+    p.add_argument("--json", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    from lowbit.runtime import commands
+
+    handler = getattr(commands, f"cmd_{args.command}")
+    prev = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return handler(args) or 0
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def path_arg(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Implementations of the CLI sub-commands (argument parsing lives in cli.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from lowbit.errors import LowbitError
+
+
+def _model_path(value: str | None) -> Path:
+    from lowbit.runtime.engine import default_model_path
+
+    return Path(value) if value else default_model_path()
+
+
+def cmd_convert(args) -> int:
+    from lowbit.convert.converter import ConvertOptions, convert
+
+    opts = ConvertOptions(
+        bits=args.bits, group_size=args.group_size, asym=args.asym, embed_bits=args.embed_bits, method=args.method
+    )
+    out = convert(args.source, args.output, opts, progress=not args.no_progress)
+    from lowbit.formats.reader import Container
+
+    c = Container(out)
+    s = summarize(c)
+    print(f"wrote {out}: {c.size / 1e6:.2f} MB, {s['bpw_all']:.3f} bits/weight overall, "
+          f"{s['bpw_matrices']:.3f} in the quantized matrices")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from lowbit.runtime.engine import Engine
+    from lowbit.runtime.sampling import SamplingParams
+
+    engine = Engine(_model_path(args.model), ctx=args.ctx, threads=args.threads)
+    params = SamplingParams(
+        temperature=args.temp,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty,
+        seed=args.seed,
+    )
+    ids = engine.tokenizer.encode(args.prompt, add_special_tokens=True)
+    out = sys.stdout
+    for ev in engine.generate(ids, params, max_tokens=args.max_tokens, stop=args.stop):
+        out.write(ev.text)
+        out.flush()
+    out.write("\n")
+    st = engine.stats
+    print(
+        f"prefill: {st.prefilled_tokens} tokens, {st.prefill_tps:.1f} tok/s | "
+        f"decode: {st.generated_tokens} tokens, {st.decode_tps:.1f} tok/s | finish: {st.finish_reason}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def summarize(c) -> dict:
+    """Parameter counts, bytes and bits per weight of a container."""
+    params = 0
+    qparams = 0
+    qbytes = 0
+    for name in c.tensor_names:
+        t = c.tensor(name)
+        n = int(np.prod(t.shape))
+        params += n
+        if not t.qtype.is_float and name not in ("token_embd.weight", "output.weight"):
+            qparams += n
+            qbytes += t.nbytes
+    data = c.data_bytes
+    return {
+        "params": params,
+        "data_bytes": data,
+        "bpw_all": data * 8 / max(params, 1),
+        "bpw_matrices": qbytes * 8 / max(qparams, 1) if qparams else float("nan"),
+    }
+
+
+def cmd_inspect(args) -> int:
+    from lowbit.formats.reader import Container
+
+    c = Container(_model_path(args.model))
+    meta = c.meta
+    arch = meta.get("architecture", {})
+    tok = meta.get("tokenizer", {})
+    q = meta.get("quantization", {})
+    s = summarize(c)
+    print(f"file:          {c.path} ({c.size / 1e6:.2f} MB, format {c.version[0]}.{c.version[1]})")
+    print(f"architecture:  {arch.get('model_type')} (family {arch.get('family')})")
+    for k, v in arch.get("args", {}).items():
+        print(f"  {k}: {v}")
+    kinds = [b for b in ("tokenizer.json", "tokenizer.model") if c.has_blob(b)]
+    print(f"tokenizer:     {', '.join(kinds)}; bos={tok.get('bos_token')!r} eos={tok.get('eos_token')!r}; "
+          f"chat template: {'yes' if tok.get('chat_template') else 'no'}")
+    print(f"generation:    {json.dumps(meta.get('generation', {}))}")
+    print(f"quantization:  method={q.get('method')} bits={q.get('bits')} group={q.get('group_size')} "
+          f"asym={q.get('asym')} embed_bits={q.get('embed_bits')}")
+    print(f"provenance:    {json.dumps(meta.get('provenance', {}))}")
+    if meta.get("quality"):
+        print(f"quality:       {json.dumps(meta['quality'])}")
+    print(f"parameters:    {s['params']:,}")
+    print(f"bits/weight:   {s['bpw_all']:.3f} overall (all tensor data / parameters), "
+          f"{s['bpw_matrices']:.3f} in the quantized matrices")
+    rows = []
+    groups: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for name in c.tensor_names:
+        t = c.tensor(name)
+        n = int(np.prod(t.shape))
+        rows.append((name, t.qtype.name, "x".join(map(str, t.shape)), t.nbytes, t.nbytes * 8 / n))
+        kind = name.split(".", 2)[-1] if name.startswith("blk.") else name
+        acc = groups[(kind, t.qtype.name)]
+        acc[0] += 1
+        acc[1] += n
+        acc[2] += t.nbytes
+    print()
+    if args.tensors:
+        print(f"{'tensor':<32} {'type':<9} {'shape':<12} {'bytes':>10} {'bpw':>7}")
+        for name, qt, shape, nbytes, bpw in rows:
+            print(f"{name:<32} {qt:<9} {shape:<12} {nbytes:>10,} {bpw:>7.3f}")
+    else:
+        print(f"{'tensor kind':<24} {'type':<9} {'count':>5} {'params':>12} {'bytes':>12} {'bpw':>7}")
+        for (kind, qt), (cnt, n, nbytes) in groups.items():
+            print(f"{kind:<24} {qt:<9} {cnt:>5} {n:>12,} {nbytes:>12,} {nbytes * 8 / n:>7.3f}")
+    if args.verify:
+        bad = c.verify()
+        if bad:
+            raise LowbitError(f"CRC mismatch in {len(bad)} parts: {', '.join(bad[:5])}")
+        print("\nverify: all CRC32 checksums match")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tqdm import tqdm
+
+    from lowbit.runtime.engine import Engine
+    from lowbit.runtime.evaluate import perplexity
+
+    path = Path(args.text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LowbitError(f"{path}: cannot read text ({e})") from None
+    engine = Engine(_model_path(args.model), ctx=max(args.eval_ctx, args.ctx or 0), threads=args.threads)
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    bos = engine.tokenizer.bos_id
+    if bos is None:
+        raise LowbitError("this model has no BOS token; perplexity by the project convention needs one")
+    n_win = len(ids[: args.max_tokens] if args.max_tokens else ids) // (args.eval_ctx - 1)
+    bar = tqdm(total=n_win, desc="eval", unit="window", disable=args.json)
+    res = perplexity(engine.logits_all, ids, args.eval_ctx, bos, args.max_tokens, on_window=lambda _: bar.update())
+    bar.close()
+    from lowbit.formats.reader import Container
+
+    s = summarize(Container(engine.path))
+    out = {
+        "model": str(engine.path),
+        "ppl": res.ppl,
+        "tokens": res.tokens,
+        "windows": res.windows,
+        "ctx": args.eval_ctx,
+        "bpw": s["bpw_all"],
+        "file_bytes": engine.container.size,
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"perplexity {res.ppl:.4f} over {res.tokens} tokens ({res.windows} windows of {args.eval_ctx}); "
+              f"{s['bpw_all']:.3f} bits/weight; {engine.container.size / 1e6:.2f} MB")
+    return 0

@@ -1,0 +1,198 @@
+"""The engine: load a container (mmap), keep a KV cache, prefill with prefix reuse, decode one token at a time."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from lowbit.errors import ContextOverflowError, FormatError, LowbitError
+from lowbit.formats.reader import Container
+from lowbit.models import family_for
+from lowbit.runtime.sampling import Sampler, SamplingParams, StopMatcher
+from lowbit.runtime.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CTX = 4096
+
+
+def default_model_path() -> Path:
+    """The model bundled with the package."""
+    return Path(__file__).resolve().parent.parent / "default" / "refsmall-q4.lowbit"
+
+
+def set_threads(threads: int | None) -> int:
+    n = threads or os.cpu_count() or 1
+    if n < 1:
+        raise LowbitError("--threads must be at least 1")
+    n = min(n, numba.config.NUMBA_NUM_THREADS)
+    numba.set_num_threads(n)
+    return n
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    prefilled_tokens: int = 0  # tokens actually computed in prefill (prompt minus reused prefix)
+    reused_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    finish_reason: str = ""
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prefilled_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        # the first generated token comes from the prefill logits
+        n = max(self.generated_tokens - 1, 0)
+        return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+@dataclass
+class Event:
+    token: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, path: str | os.PathLike | None = None, ctx: int | None = None, threads: int | None = None):
+        self.path = Path(path) if path is not None else default_model_path()
+        self.threads = set_threads(threads)
+        t0 = time.perf_counter()
+        self.container = Container(self.path)
+        meta = self.container.meta
+        try:
+            arch = meta["architecture"]
+            fam_name, self.family = family_for(arch["model_type"])
+            self.args = self.family.ModelArgs.from_dict(arch["args"])
+            self.tokenizer = Tokenizer(meta["tokenizer"], self.container.blobs())
+        except (KeyError, TypeError) as e:
+            raise FormatError(f"{self.path}: corrupt header (missing {e})") from None
+        limit = self.args.max_position_embeddings
+        self.ctx = min(ctx or DEFAULT_CTX, limit) if ctx is None else ctx
+        if self.ctx < 2:
+            raise LowbitError("--ctx must be at least 2")
+        if self.ctx > limit:
+            log.warning("context %d is beyond the model's max_position_embeddings %d", self.ctx, limit)
+        self.model = self.family.Model(self.args, self.container, self.ctx)
+        gen = meta.get("generation", {})
+        self.eos_ids = set(gen.get("eos_token_ids") or []) | set(self.tokenizer.eos_ids)
+        self.generation_defaults = gen.get("defaults", {})
+        self.cache = self.model.new_cache()
+        self.cached: list[int] = []  # tokens whose keys/values are in the cache, in order
+        self.load_seconds = time.perf_counter() - t0
+        self.stats = Stats()
+
+    # ------------------------------------------------------------------------------------------ forward
+    def reset(self) -> None:
+        self.cached = []
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        """Make the cache hold ``tokens``, computing only what is not already cached. Logits for the last token."""
+        tokens = list(tokens)
+        if not tokens:
+            raise LowbitError("empty prompt")
+        if len(tokens) > self.ctx:
+            raise ContextOverflowError(f"prompt of {len(tokens)} tokens does not fit the context of {self.ctx}")
+        n = 0
+        for a, b in zip(self.cached, tokens):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(tokens) - 1)  # always run at least the last token to get its logits
+        t0 = time.perf_counter()
+        logits = self.model.forward(np.array(tokens[n:]), n, self.cache)
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        self.stats.prefilled_tokens += len(tokens) - n
+        self.stats.reused_tokens += n
+        self.cached = tokens
+        return logits[0]
+
+    def step(self, token: int) -> np.ndarray:
+        pos = len(self.cached)
+        if pos >= self.ctx:
+            raise ContextOverflowError(f"context of {self.ctx} tokens is full")
+        logits = self.model.forward(np.array([token]), pos, self.cache)
+        self.cached.append(token)
+        return logits[0]
+
+    def logits_all(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits at every position of ``tokens`` from an empty cache: [T, vocab] (for evaluation)."""
+        if len(tokens) > self.ctx:
+            raise ContextOverflowError(f"{len(tokens)} tokens do not fit the context of {self.ctx}")
+        self.cached = []
+        out = self.model.forward(np.array(tokens), 0, self.cache, all_logits=True)
+        return out
+
+    # ------------------------------------------------------------------------------------------ generate
+    def check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        if n_prompt + max_tokens > self.ctx:
+            raise ContextOverflowError(
+                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context of {self.ctx} tokens; "
+                "shorten the prompt, lower max_tokens or raise --ctx"
+            )
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams | None = None,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        logprobs: int | None = None,
+    ) -> Iterator[Event]:
+        """Yield generated tokens with their text (stop strings held back and cut, UTF-8 kept whole).
+        ``self.stats`` holds counts and timings of this call when the iterator ends."""
+        params = params or SamplingParams()
+        params.validate()
+        if max_tokens < 1:
+            raise LowbitError("max_tokens must be at least 1")
+        prompt = list(prompt)
+        self.check_fits(len(prompt), max_tokens)
+        self.stats = Stats(prompt_tokens=len(prompt))
+        sampler = Sampler(params, self.args.vocab_size)
+        stopper = StopMatcher(list(stop))
+        detok = self.tokenizer.stream_decoder()
+        logits = self.prefill(prompt)
+        generated: list[int] = []
+        t0 = time.perf_counter()
+        try:
+            while True:
+                tok = sampler.sample(logits, prompt, generated)
+                lp, top = (None, [])
+                if logprobs is not None:
+                    lp, top = sampler.logprobs(logits, tok, logprobs)
+                generated.append(tok)
+                self.stats.generated_tokens = len(generated)
+                if tok in self.eos_ids:
+                    self.stats.finish_reason = "stop"
+                    tail = stopper.flush() + detok.flush()
+                    if tail:
+                        yield Event(-1, tail)
+                    return
+                text, stopped = stopper.feed(detok.add(tok))
+                yield Event(tok, text, lp, top)
+                if stopped:
+                    self.stats.finish_reason = "stop"
+                    return
+                if len(generated) >= max_tokens:
+                    self.stats.finish_reason = "length"
+                    tail_text, stopped = stopper.feed(detok.flush())
+                    tail = tail_text + ("" if stopped else stopper.flush())
+                    if tail:
+                        yield Event(-1, tail)
+                    return
+                logits = self.step(tok)
+        finally:
+            self.stats.decode_seconds = time.perf_counter() - t0

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random transformers checkpoints built locally, and the shared reference model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REFSMALL = SHARED / "models" / "refsmall"
+DEV_EVAL = SHARED / "data" / "dev-eval.txt"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
+
+TINY = dict(
+    vocab_size=4096,  # shares refsmall's tokenizer
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.08,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny_config(kind: str):
+    import transformers as tf
+
+    if kind == "llama":
+        return tf.LlamaConfig(**TINY, rope_theta=10000.0)
+    if kind == "llama3":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        }
+        return tf.LlamaConfig(**TINY, rope_parameters=rope)
+    if kind == "mistral":
+        return tf.MistralConfig(**TINY, sliding_window=None)
+    if kind == "qwen2":
+        return tf.Qwen2Config(**TINY, tie_word_embeddings=True)
+    raise ValueError(kind)
+
+
+def build_tiny(path: Path, kind: str, seed: int = 0) -> Path:
+    """Save a tiny random model of ``kind`` with refsmall's tokenizer files into ``path``."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(kind)).eval()
+    model.save_pretrained(path)
+    for f in TOKENIZER_FILES:
+        shutil.copy(REFSMALL / f, path / f)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {k: build_tiny(root / k, k, seed=i) for i, k in enumerate(("llama", "llama3", "mistral", "qwen2"))}
+
+
+@pytest.fixture(scope="session")
+def refsmall_containers(tmp_path_factory) -> dict[str, Path]:
+    """refsmall converted at 16 (unquantized), 8, 4, 3 and 2 bits (default method, group 64)."""
+    from lowbit.convert.converter import ConvertOptions, convert
+
+    root = tmp_path_factory.mktemp("refsmall")
+    out = {}
+    for bits in (16, 8, 4, 3, 2):
+        out[bits] = convert(str(REFSMALL), root / f"refsmall-{bits}.lowbit", ConvertOptions(bits=bits), progress=False)
+    return out

@@ -1,0 +1,134 @@
+"""Container writer/reader: round trip, atomic writes, and every corruption giving one clear FormatError."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from lowbit.errors import FormatError
+from lowbit.formats.layout import PREAMBLE
+from lowbit.formats.qtypes import REGISTRY, get_qtype, pack_codes
+from lowbit.formats.reader import Container
+from lowbit.formats.writer import ContainerWriter, TensorPlan
+
+
+def write_sample(path):
+    rng = np.random.default_rng(0)
+    q = get_qtype("q4a_g32")
+    plans = [TensorPlan("norm.weight", get_qtype("f32"), (8,)), TensorPlan("w.weight", q, (4, 64))]
+    codes = pack_codes(rng.integers(0, 16, size=(4, 64)), q)
+    parts = {"codes": codes, "scales": np.ones((4, 2), np.float16), "mins": np.zeros((4, 2), np.float16)}
+    with ContainerWriter(path, {"hello": "world"}, plans, {"tokenizer.json": b"{}"}) as w:
+        w.write_tensor("norm.weight", {"data": np.arange(8, dtype=np.float32)})
+        w.write_tensor("w.weight", parts)
+        w.meta["quality"] = {"ppl": 1.0}
+    return parts
+
+
+def test_round_trip(tmp_path):
+    p = tmp_path / "a.lowbit"
+    parts = write_sample(p)
+    c = Container(p)
+    assert c.meta["hello"] == "world" and c.meta["quality"] == {"ppl": 1.0}
+    np.testing.assert_array_equal(c.tensor("norm.weight").parts["data"], np.arange(8))
+    t = c.tensor("w.weight")
+    assert t.qtype.name == "q4a_g32" and t.shape == (4, 64)
+    for k, v in parts.items():
+        np.testing.assert_array_equal(t.parts[k], v)
+    assert c.blob("tokenizer.json") == b"{}"
+    assert c.verify() == []
+    assert [f.name for f in tmp_path.iterdir()] == ["a.lowbit"]
+    for part in t.parts.values():  # 64-byte alignment of every blob
+        assert part.ctypes.data % 64 == 0
+
+
+def test_registry_ids_unique_and_stable():
+    ids = [q.id for q in REGISTRY.values()]
+    assert len(ids) == len(set(ids))
+    assert REGISTRY["q4_g64"].id == 1402 and REGISTRY["q4a_g64"].id == 1412 and REGISTRY["f32"].id == 0
+
+
+def test_exception_leaves_no_file(tmp_path):
+    p = tmp_path / "b.lowbit"
+    plans = [TensorPlan("x", get_qtype("f32"), (2,))]
+    with pytest.raises(KeyboardInterrupt):
+        with ContainerWriter(p, {}, plans, {}):
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_incomplete_write_refused(tmp_path):
+    p = tmp_path / "c.lowbit"
+    plans = [TensorPlan("x", get_qtype("f32"), (2,)), TensorPlan("y", get_qtype("f32"), (2,))]
+    with pytest.raises(Exception, match="incomplete"):
+        with ContainerWriter(p, {}, plans, {}) as w:
+            w.write_tensor("x", {"data": np.zeros(2, np.float32)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def corrupt(tmp_path, fn):
+    p = tmp_path / "x.lowbit"
+    write_sample(p)
+    data = bytearray(p.read_bytes())
+    data = fn(data)
+    p.write_bytes(bytes(data))
+    return p
+
+
+def _flip_header_byte(d):
+    d[PREAMBLE.size + 20] ^= 0x40
+    return d
+
+
+def _newer_major(d):
+    struct.pack_into("<H", d, 8, 2)
+    return d
+
+
+def _offset_past_end(d):
+    # rewrite a tensor offset inside the header (keeping the CRC valid) to point past the end of the file
+    import json
+    import zlib
+
+    _, _, _, hlen, _, _ = PREAMBLE.unpack_from(d, 0)
+    header = json.loads(bytes(d[32 : 32 + hlen]))
+    header["tensors"]["w.weight"]["parts"]["codes"]["offset"] = 10**9
+    raw = json.dumps(header).encode().ljust(hlen)
+    d[32 : 32 + hlen] = raw
+    struct.pack_into("<I", d, 20, zlib.crc32(raw))
+    return d
+
+
+@pytest.mark.parametrize(
+    "fn,message",
+    [
+        (lambda d: d[:100], "truncated"),
+        (lambda d: d[: len(d) - 70], "truncated"),
+        (lambda d: d[:10], "too short"),
+        (lambda d: b"GGUF" + d[4:], "not a lowbit container"),
+        (_flip_header_byte, "corrupt header"),
+        (_newer_major, "newer than this lowbit supports"),
+        (_offset_past_end, "ends at byte"),
+    ],
+    ids=["truncated-header", "truncated-data", "tiny", "bad-magic", "flipped-header", "newer-major", "offset-past-end"],
+)
+def test_corruption_is_one_clear_error(tmp_path, fn, message):
+    p = corrupt(tmp_path, fn)
+    with pytest.raises(FormatError, match=message) as e:
+        Container(p)
+    assert "\n" not in str(e.value)
+
+
+def test_flipped_data_byte_found_by_verify(tmp_path):
+    p = tmp_path / "v.lowbit"
+    write_sample(p)
+    c = Container(p)
+    codes = c.tensor("w.weight").parts["codes"]
+    at = codes.ctypes.data - np.frombuffer(c._mm, np.uint8).ctypes.data
+    del codes, c
+    d = bytearray(p.read_bytes())
+    d[at + 3] ^= 0xFF
+    p.write_bytes(bytes(d))
+    assert Container(p).verify() != []
