@@ -32,16 +32,22 @@ class ConvertOptions:
     bits: int = 4
     group_size: int = 64
     asym: bool | None = None  # None: asymmetric below 8 bits, symmetric at 8
-    embed_bits: int = 8
+    embed_bits: int | None = None  # None: 8, or 16 when --bits 16
     method: str = "search"
 
     def validate(self) -> None:
         if self.bits not in (*QUANT_BITS, FLOAT_BITS):
             raise LowbitError(f"unsupported --bits {self.bits}; choose one of 2, 3, 4, 8 or 16 (unquantized)")
-        if self.embed_bits not in (*QUANT_BITS, FLOAT_BITS):
+        if self.embed_bits is not None and self.embed_bits not in (*QUANT_BITS, FLOAT_BITS):
             raise LowbitError(f"unsupported --embed-bits {self.embed_bits}; choose one of 2, 3, 4, 8 or 16")
         if self.group_size not in (PER_CHANNEL, *GROUP_SIZES):
             raise LowbitError(f"unsupported --group-size {self.group_size}; choose 32, 64, 128 or 0 (per-channel)")
+
+    @property
+    def embedding_bits(self) -> int:
+        if self.embed_bits is not None:
+            return self.embed_bits
+        return FLOAT_BITS if self.bits == FLOAT_BITS else 8
 
     def is_asym(self, bits: int) -> bool:
         return (bits < 8) if self.asym is None else self.asym
@@ -52,7 +58,7 @@ def choose_qtype(name: str, shape: tuple[int, ...], src_dtype: str, opts: Conver
     A shape the group size does not divide falls back to a smaller group, then per-channel, then float16."""
     if len(shape) != 2:
         return get_qtype("f32")
-    bits = opts.embed_bits if name in EMBEDDING_TENSORS else opts.bits
+    bits = opts.embedding_bits if name in EMBEDDING_TENSORS else opts.bits
     if bits == FLOAT_BITS:
         return get_qtype(ST_TO_QTYPE[src_dtype])
     asym = opts.is_asym(bits)
@@ -126,7 +132,7 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, progress: bool = Tr
                 "bits": opts.bits,
                 "group_size": opts.group_size,
                 "asym": opts.is_asym(opts.bits),
-                "embed_bits": opts.embed_bits,
+                "embed_bits": opts.embedding_bits,
                 "recipe": {p.name: p.qtype.name for p in plans},
             },
             "provenance": {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lowbit.errors import FormatError
 from lowbit.formats.qtypes import PLANES
 from lowbit.formats.reader import StoredTensor
 from lowbit.kernels import cpu
@@ -19,6 +20,8 @@ class Weight:
     def __init__(self, st: StoredTensor, bias: np.ndarray | None = None):
         self.name = st.name
         self.qtype = st.qtype
+        if len(st.shape) != 2:
+            raise FormatError(f"tensor {st.name} must be 2-D, got shape {st.shape}")
         self.rows, self.cols = st.shape
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
         self.nbytes = st.nbytes
@@ -41,6 +44,13 @@ class Weight:
 
     def _rest(self):
         return self.planes, self.g, self.bits, self.asym, self.zp
+
+
+def float_tensor(st: StoredTensor) -> np.ndarray:
+    """A small float tensor (norm weight, bias) as contiguous float32."""
+    if not st.qtype.is_float:
+        raise FormatError(f"tensor {st.name} must be stored as a float type, not {st.qtype.name}")
+    return np.ascontiguousarray(dequantize(st.parts, st.qtype, st.shape))
 
 
 def linear(w: Weight, x: np.ndarray) -> np.ndarray:

@@ -124,11 +124,10 @@ class Model:
 
         def w(name: str) -> dispatch.Weight:
             bias = f"{name}.bias"
-            return dispatch.Weight(c.tensor(f"{name}.weight"), c.tensor(bias).parts["data"] if bias in c else None)
+            return dispatch.Weight(c.tensor(f"{name}.weight"), dispatch.float_tensor(c.tensor(bias)) if bias in c else None)
 
         def norm(name: str) -> np.ndarray:
-            st = c.tensor(f"{name}.weight")
-            return dispatch.Weight(st).f32.reshape(-1) if st.qtype.is_float else None
+            return dispatch.float_tensor(c.tensor(f"{name}.weight"))
 
         self.embed = w("token_embd")
         self.lm_head = self.embed if args.tie_word_embeddings and "output.weight" not in c else w("output")

@@ -7,10 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REFSMALL = SHARED / "models" / "refsmall"
-DEV_EVAL = SHARED / "data" / "dev-eval.txt"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
+from lbtest import REFSMALL, TOKENIZER_FILES
 
 TINY = dict(
     vocab_size=4096,  # shares refsmall's tokenizer

@@ -1,0 +1,166 @@
+"""Bad input through the real command line: one clear error line, exit code 2, no traceback, no partial files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lowbit.runtime.cli import main
+from lbtest import REFSMALL
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "lowbit.runtime.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def assert_clean_error(res, needle):
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("lowbit: error:") and needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def good_container(tmp_path_factory, tiny_models):
+    from lowbit.convert.converter import ConvertOptions, convert
+
+    return convert(
+        str(tiny_models["llama"]), tmp_path_factory.mktemp("c") / "m.lowbit", ConvertOptions(bits=4), progress=False
+    )
+
+
+def test_missing_path(tmp_path):
+    assert_clean_error(run_cli("convert", tmp_path / "nope", "-o", tmp_path / "o.lowbit"), "no such file")
+
+
+def test_folder_without_config(tmp_path):
+    assert_clean_error(run_cli("convert", tmp_path, "-o", tmp_path / "o.lowbit"), "no config.json")
+
+
+def test_unsupported_architecture(tmp_path, tiny_models):
+    src = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"], src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (src / "config.json").write_text(json.dumps(cfg))
+    res = run_cli("convert", src, "-o", tmp_path / "o.lowbit")
+    assert_clean_error(res, "unsupported architecture 'gpt2'")
+    assert "llama" in res.stderr and "qwen2" in res.stderr
+
+
+def test_missing_tokenizer(tmp_path, tiny_models):
+    src = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"], src)
+    (src / "tokenizer.json").unlink()
+    (src / "tokenizer.model").unlink()
+    assert_clean_error(run_cli("convert", src, "-o", tmp_path / "o.lowbit"), "tokenizer")
+    assert not (tmp_path / "o.lowbit").exists()
+
+
+def test_unknown_bits(tmp_path, tiny_models):
+    assert_clean_error(run_cli("convert", tiny_models["llama"], "-o", tmp_path / "o.lowbit", "--bits", "5"), "--bits 5")
+
+
+def _corrupt(src, dst, fn):
+    data = bytearray(src.read_bytes())
+    dst.write_bytes(bytes(fn(data)))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "fn,needle",
+    [
+        (lambda d: d[: len(d) // 2], "truncated"),
+        (lambda d: d[:12] + bytes([d[12] ^ 0xFF]) + d[13:], "truncated or corrupt"),  # header length byte
+        (lambda d: d[:200] + bytes([d[200] ^ 0x55]) + d[201:], "corrupt header"),
+        (lambda d: d[:8] + b"\x07\x00" + d[10:], "newer than this lowbit supports"),
+    ],
+    ids=["truncated", "bad-header-length", "flipped-header", "newer-major"],
+)
+def test_bad_container(tmp_path, good_container, fn, needle):
+    bad = _corrupt(good_container, tmp_path / "bad.lowbit", fn)
+    assert_clean_error(run_cli("generate", bad, "-p", "hi", "-n", "2"), needle)
+    assert_clean_error(run_cli("inspect", bad), needle)
+
+
+def test_offsets_past_end(tmp_path, good_container):
+    from test_container import _offset_past_end
+
+    def fn(d):  # _offset_past_end edits a tensor named w.weight; point ours at it
+        import json as j
+        import struct
+        import zlib
+
+        from lowbit.formats.layout import PREAMBLE
+
+        _, _, _, hlen, _, _ = PREAMBLE.unpack_from(d, 0)
+        header = j.loads(bytes(d[32 : 32 + hlen]))
+        header["tensors"]["w.weight"] = header["tensors"].pop("blk.0.attn_q.weight")
+        raw = j.dumps(header).encode().ljust(hlen)
+        d[32 : 32 + hlen] = raw
+        struct.pack_into("<I", d, 20, zlib.crc32(raw))
+        return _offset_past_end(d)
+
+    bad = _corrupt(good_container, tmp_path / "bad.lowbit", fn)
+    assert_clean_error(run_cli("inspect", bad), "ends at byte")
+
+
+def test_not_a_file(tmp_path):
+    assert_clean_error(run_cli("generate", tmp_path / "missing.lowbit", "-p", "x"), "no such file")
+
+
+def test_interrupted_convert_in_process_leaves_nothing(tmp_path, tiny_models, monkeypatch):
+    import lowbit.convert.converter as conv
+
+    calls = {"n": 0}
+    real = conv.encode_tensor
+
+    def interrupting(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(conv, "encode_tensor", interrupting)
+    out = tmp_path / "out"
+    out.mkdir()
+    code = main(["convert", str(tiny_models["llama"]), "-o", str(out / "m.lowbit"), "--no-progress"])
+    assert code == 130
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_killed_convert_process_leaves_nothing(tmp_path, sig):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lowbit.runtime.cli", "convert", str(REFSMALL), "-o", str(out / "m.lowbit"),
+         "--bits", "2", "--no-progress"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(".m.lowbit.tmp") for p in out.iterdir()):
+        if proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "convert finished before it could be interrupted"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert list(out.iterdir()) == []
