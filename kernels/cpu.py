@@ -1,5 +1,8 @@
 """numba CPU kernels. Each writes into a preallocated output passed first.
 
+Only the kernels that stream weights or the KV cache run in parallel; cheap element-wise kernels stay serial, since a
+parallel region costs more than their work (and much more on a shared, busy host).
+
 Quantized weights are read straight from the container mapping: ``codes`` uint8, ``scales``/``mins`` as the raw
 float16 bits (uint16 views; numba has no float16), decoded per group. One kernel body serves every quant type: the
 bit planes of the type (``formats.qtypes.PLANES``) are passed as a small array and the inner loops run over
@@ -152,11 +155,11 @@ def dequant_rows(out, codes, scales, mins, idx, planes, g, bits, asym, zp):
                 out[i, gi * g + j] = buf[j]
 
 
-@nb.njit(parallel=True, **_JIT)
+@nb.njit(**_JIT)
 def rmsnorm(out, x, w, eps):
     """out[T, n] = x / rms(x) * w. x: f32[T, n]; w: f32[n]."""
     n = x.shape[1]
-    for t in nb.prange(x.shape[0]):
+    for t in range(x.shape[0]):
         s = np.float32(0.0)
         for j in range(n):
             s += x[t, j] * x[t, j]
@@ -165,11 +168,11 @@ def rmsnorm(out, x, w, eps):
             out[t, j] = x[t, j] * inv * w[j]
 
 
-@nb.njit(parallel=True, **_JIT)
+@nb.njit(**_JIT)
 def rope_inplace(x, cos, sin):
     """Rotate-half RoPE in place. x: f32[T, n_heads, hd]; cos, sin: f32[T, hd/2]."""
     half = x.shape[2] // 2
-    for t in nb.prange(x.shape[0]):
+    for t in range(x.shape[0]):
         for h in range(x.shape[1]):
             for j in range(half):
                 a = x[t, h, j]
@@ -219,10 +222,10 @@ def attention(out, q, k_cache, v_cache, start, scale, window):
                 out[t, h, j] += wgt * v_cache[kv, lo + s, j]
 
 
-@nb.njit(parallel=True, **_JIT)
+@nb.njit(**_JIT)
 def silu_mul(out, gate, up):
     """out = silu(gate) * up. All f32[T, n]."""
-    for t in nb.prange(gate.shape[0]):
+    for t in range(gate.shape[0]):
         for j in range(gate.shape[1]):
             a = gate[t, j]
             out[t, j] = a / (np.float32(1.0) + np.float32(math.exp(-a))) * up[t, j]

@@ -124,7 +124,8 @@ class Model:
 
         def w(name: str) -> dispatch.Weight:
             bias = f"{name}.bias"
-            return dispatch.Weight(c.tensor(f"{name}.weight"), dispatch.float_tensor(c.tensor(bias)) if bias in c else None)
+            b = dispatch.float_tensor(c.tensor(bias)) if bias in c else None
+            return dispatch.Weight(c.tensor(f"{name}.weight"), b)
 
         def norm(name: str) -> np.ndarray:
             return dispatch.float_tensor(c.tensor(f"{name}.weight"))

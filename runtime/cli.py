@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--sym", dest="asym", action="store_false", default=None, help="symmetric groups (no min)")
     g.add_argument("--asym", dest="asym", action="store_true", help="asymmetric groups (fp16 min per group)")
-    p.add_argument("--embed-bits", type=int, default=None, help="bits for embeddings and lm_head (default 8; 16 with --bits 16)")
+    p.add_argument(
+        "--embed-bits", type=int, default=None, help="bits for embeddings and lm_head (default 8; 16 with --bits 16)"
+    )
     p.add_argument("--method", default="search", choices=["search", "rtn"], help="quantization method")
     p.add_argument("--no-progress", action="store_true")
 

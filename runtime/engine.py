@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import numba
@@ -25,7 +26,7 @@ DEFAULT_CTX = 4096
 
 def default_model_path() -> Path:
     """The model bundled with the package."""
-    return Path(__file__).resolve().parent.parent / "default" / "refsmall-q4.lowbit"
+    return Path(str(resources.files("lowbit") / "default" / "refsmall-q4.lowbit"))
 
 
 def set_threads(threads: int | None) -> int:

@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from lbtest import REFSMALL, TOKENIZER_FILES
 
 TINY = dict(

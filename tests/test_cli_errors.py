@@ -11,9 +11,9 @@ import sys
 import time
 
 import pytest
+from lbtest import REFSMALL
 
 from lowbit.runtime.cli import main
-from lbtest import REFSMALL
 
 
 def run_cli(*args, timeout=300):

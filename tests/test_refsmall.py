@@ -44,24 +44,27 @@ def hf_ppl(hf_model, eval_ids):
     return float(torch.exp(nll))
 
 
-def lowbit_ppl(path, ids, bos):
-    eng = Engine(path, ctx=CTX)
-    return perplexity(eng.logits_all, ids, CTX, bos, N_TOKENS)
+@pytest.fixture(scope="module")
+def lowbit_ppl(refsmall_containers, eval_ids):
+    ids, bos = eval_ids
+    out = {}
+    for bits, path in refsmall_containers.items():
+        eng = Engine(path, ctx=CTX)
+        out[bits] = perplexity(eng.logits_all, ids, CTX, bos, N_TOKENS)
+    return out
 
 
 @pytest.mark.parametrize("bits,tolerance", [(16, 0.001), (8, 0.005), (4, 0.05)])
-def test_perplexity_close_to_transformers(bits, tolerance, refsmall_containers, eval_ids, hf_ppl):
-    ids, bos = eval_ids
-    res = lowbit_ppl(refsmall_containers[bits], ids, bos)
+def test_perplexity_close_to_transformers(bits, tolerance, lowbit_ppl, hf_ppl):
+    res = lowbit_ppl[bits]
     assert res.tokens == 64 * 255
     rel = abs(res.ppl - hf_ppl) / hf_ppl
     assert rel <= tolerance, f"{bits}-bit ppl {res.ppl:.4f} vs transformers {hf_ppl:.4f} ({rel:.2%})"
 
 
-def test_lower_bits_cost_perplexity(refsmall_containers, eval_ids):
-    ids, bos = eval_ids
-    ppl = {b: lowbit_ppl(refsmall_containers[b], ids, bos).ppl for b in (16, 4, 2)}
-    assert ppl[16] < ppl[4] < ppl[2]
+def test_lower_bits_cost_perplexity(lowbit_ppl):
+    ppl = {b: r.ppl for b, r in lowbit_ppl.items()}
+    assert ppl[16] < ppl[8] < ppl[4] < ppl[3] < ppl[2]
 
 
 def test_eight_bit_greedy_matches_transformers(refsmall_containers, hf_model):
