@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("-n", "--max-tokens", type=int, default=128)
+    p.add_argument("--raw", action="store_true", help="plain completion: do not apply the model's chat template")
+    p.add_argument("--system", default=None, help="system prompt (chat template mode)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     _add_sampling_args(p)
 

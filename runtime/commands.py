@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.errors import LowbitError
+
+log = logging.getLogger(__name__)
 
 
 def _model_path(value: str | None) -> Path:
@@ -47,7 +50,14 @@ def cmd_generate(args) -> int:
         repetition_penalty=args.repeat_penalty,
         seed=args.seed,
     )
-    ids = engine.tokenizer.encode(args.prompt, add_special_tokens=True)
+    tok = engine.tokenizer
+    if args.raw or not tok.has_chat_template:
+        if not args.raw:
+            log.warning("this model has no chat template; continuing the prompt as plain text")
+        ids = tok.encode(args.prompt, add_special_tokens=True)
+    else:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        ids = tok.encode_chat([*messages, {"role": "user", "content": args.prompt}], add_generation_prompt=True)
     out = sys.stdout
     for ev in engine.generate(ids, params, max_tokens=args.max_tokens, stop=args.stop):
         out.write(ev.text)

@@ -85,7 +85,7 @@ def _corrupt(src, dst, fn):
     "fn,needle",
     [
         (lambda d: d[: len(d) // 2], "truncated"),
-        (lambda d: d[:12] + bytes([d[12] ^ 0xFF]) + d[13:], "truncated or corrupt"),  # header length byte
+        (lambda d: d[:17] + bytes([d[17] ^ 0x10]) + d[18:], "truncated or corrupt"),  # header length
         (lambda d: d[:200] + bytes([d[200] ^ 0x55]) + d[201:], "corrupt header"),
         (lambda d: d[:8] + b"\x07\x00" + d[10:], "newer than this lowbit supports"),
     ],

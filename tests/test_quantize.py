@@ -36,10 +36,7 @@ def groups(a: np.ndarray, qt: QType) -> np.ndarray:
 def group_errors(w: np.ndarray, parts: dict, qt: QType, importance: np.ndarray | None = None) -> np.ndarray:
     """Weighted squared error per group, with the weights the search minimises."""
     x = groups(w, qt)
-    if importance is None:
-        wt = element_weights(x, None)
-    else:
-        wt = groups(np.broadcast_to(importance, w.shape), qt)
+    wt = element_weights(x, None if importance is None else groups(np.broadcast_to(importance, w.shape), qt))
     e = groups(dequantize(parts, qt, w.shape), qt) - x
     return (wt * e * e).sum(axis=1, dtype=np.float64)
 
@@ -98,6 +95,20 @@ def test_search_never_worse_than_rtn(qt, rows, kind, use_importance):
     e_rtn = group_errors(w, quantize_rtn(w, qt), qt, imp)
     # per group, not just in total: the RTN encoding is one of the search's candidates, scored after fp16 rounding
     assert (e_search <= e_rtn * (1 + 1e-5) + 1e-30).all()
+
+
+@pytest.mark.parametrize("name", ["q3_g32", "q4a_g64", "q8a_g32"])
+def test_dead_channels_fall_back_to_rtn(name):
+    qt = get_qtype(name)
+    w = make("gauss", (6, 128), 4)
+    g = qt.layout_group(128)
+    imp = np.ones(128, np.float32)
+    imp[:g] = 0.0  # the first group of every row sees no activation: any encoding is as good, RTN is kept
+    got, rtn = quantize_search(w, qt, importance=imp), quantize_rtn(w, qt)
+    check_parts(got, qt, w.shape)
+    np.testing.assert_array_equal(got["scales"][:, 0], rtn["scales"][:, 0])
+    all_zero = quantize_search(w, qt, importance=np.zeros(128, np.float32))  # no information: plain weights
+    np.testing.assert_array_equal(all_zero["codes"], quantize_search(w, qt)["codes"])
 
 
 @pytest.mark.parametrize("name", ["q2_g64", "q2a_g64", "q3_g32", "q3a_g128", "q4_g64", "q4a_g64", "q4a_pc"])

@@ -64,7 +64,9 @@ def test_perplexity_close_to_transformers(bits, tolerance, lowbit_ppl, hf_ppl):
 
 def test_lower_bits_cost_perplexity(lowbit_ppl):
     ppl = {b: r.ppl for b, r in lowbit_ppl.items()}
-    assert ppl[16] < ppl[8] < ppl[4] < ppl[3] < ppl[2]
+    # 8-bit may land a hair either side of the float model (its closeness is tested above);
+    # every further bit removed must cost perplexity.
+    assert max(ppl[16], ppl[8]) < ppl[4] < ppl[3] < ppl[2]
 
 
 def test_eight_bit_greedy_matches_transformers(refsmall_containers, hf_model):

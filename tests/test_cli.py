@@ -1,0 +1,80 @@
+"""The commands on their success paths, through the real command line and the bundled model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from lbtest import DEV_EVAL
+
+from lowbit.runtime.engine import Engine, default_model_path
+from lowbit.runtime.evaluate import log_softmax, perplexity, windows
+
+
+def lowbit(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "lowbit.runtime.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def test_bundled_model_generates_with_chat_template():
+    assert default_model_path().exists()
+    res = lowbit("generate", "-p", "Explain the asyncio module.", "-n", "24")
+    assert res.returncode == 0, res.stderr
+    eng = Engine(ctx=256)
+    ids = eng.tokenizer.encode_chat([{"role": "user", "content": "Explain the asyncio module."}])
+    want = "".join(ev.text for ev in eng.generate(ids, max_tokens=24))
+    assert res.stdout.rstrip("\n") == want and len(want) > 20
+    assert "prefill:" in res.stderr and "decode:" in res.stderr and "tok/s" in res.stderr
+
+
+def test_generate_raw_and_seeded_sampling_reproducible():
+    a = lowbit("generate", "-p", "The os module", "--raw", "-n", "16", "--temp", "0.9", "--seed", "5")
+    b = lowbit("generate", "-p", "The os module", "--raw", "-n", "16", "--temp", "0.9", "--seed", "5")
+    assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
+
+
+def test_generate_stop_string():
+    eng = Engine(ctx=256)
+    ids = eng.tokenizer.encode("The os module", add_special_tokens=True)
+    full = "".join(ev.text for ev in eng.generate(ids, max_tokens=24))
+    stop = full[10:13]
+    res = lowbit("generate", "-p", "The os module", "--raw", "-n", "24", "--stop", stop)
+    assert res.returncode == 0
+    assert res.stdout.rstrip("\n") == full[: full.index(stop)]
+
+
+def test_inspect_bundled_model_and_verify():
+    res = lowbit("inspect", "--verify")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "architecture:  llama" in out and "q4a_g64" in out and "all CRC32 checksums match" in out
+    bpw = float(out.split("bits/weight:")[1].split("overall")[0])
+    matrices = float(out.split("overall (all tensor data / parameters),")[1].split("in the")[0])
+    assert matrices <= 4.6 and 4.0 < bpw < 6.0
+
+
+def test_eval_matches_direct_numpy_computation(tmp_path):
+    text = DEV_EVAL.read_text(encoding="utf-8")[:6000]
+    f = tmp_path / "t.txt"
+    f.write_text(text, encoding="utf-8")
+    res = lowbit("eval", "--text", f, "--eval-ctx", "64", "--json")
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    eng = Engine(ctx=64)
+    ids = eng.tokenizer.encode(text, add_special_tokens=False)
+    nll, n = 0.0, 0
+    for win in windows(ids, 64, eng.tokenizer.bos_id):
+        # one position at a time through the KV cache: an independent path to the same numbers
+        eng.reset()
+        rows = [eng.prefill(win[:1])] + [eng.step(t) for t in win[1:-1]]
+        lp = log_softmax(np.stack(rows))
+        nll -= lp[np.arange(len(win) - 1), win[1:]].sum()
+        n += len(win) - 1
+    assert got["tokens"] == n == (len(ids) // 63) * 63
+    assert abs(got["ppl"] - np.exp(nll / n)) / got["ppl"] < 1e-4
+    assert perplexity(eng.logits_all, ids, 64, eng.tokenizer.bos_id).tokens == n
