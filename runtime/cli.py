@@ -56,6 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     _add_sampling_args(p)
 
+    p = sub.add_parser("run", help="interactive chat with a model (REPL)")
+    _add_runtime_args(p)
+    p.add_argument("-p", "--prompt", default=None, help="answer this one prompt, print the reply and exit")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("-n", "--max-tokens", type=int, default=512, help="most tokens per reply (default 512)")
+    p.add_argument("--history-file", default=None, help="input history file (default ~/.lowbit_history)")
+    _add_sampling_args(p)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _add_runtime_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require this bearer token")
+    p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: file stem)")
+
     p = sub.add_parser("inspect", help="show what is inside a .lowbit file")
     p.add_argument("model", nargs="?", help="a .lowbit file (default: the bundled model)")
     p.add_argument("--verify", action="store_true", help="check every CRC32")

@@ -72,6 +72,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from lowbit.runtime.repl import run_command
+
+    return run_command(args)
+
+
+def cmd_serve(args) -> int:
+    from lowbit.runtime.server import serve_command
+
+    return serve_command(args)
+
+
 def summarize(c) -> dict:
     """Parameter counts, bytes and bits per weight of a container."""
     params = 0
