@@ -9,6 +9,7 @@ from lowbit.formats.qtypes import PLANES
 from lowbit.formats.reader import StoredTensor
 from lowbit.kernels import cpu
 from lowbit.kernels.ref import dequantize
+from lowbit.kernels.timing import kernel_call
 
 SMALL_BATCH = 8  # up to this many tokens: fused dequantize-and-dot; beyond: dequantized tiles + BLAS
 TILE_ELEMS = 1 << 21  # elements of one dequantized prefill tile (8 MiB of float32)
@@ -57,13 +58,13 @@ def linear(w: Weight, x: np.ndarray) -> np.ndarray:
     """y[T, rows] = x[T, cols] @ W.T (+ bias)."""
     t = x.shape[0]
     if w.f32 is not None:
-        y = x @ w.f32.T
+        y = kernel_call(np.matmul, x, w.f32.T)
     elif t == 1:
         y = np.empty((1, w.rows), dtype=np.float32)
-        cpu.qmatvec(y[0], *w._qargs(), x[0], *w._rest())
+        kernel_call(cpu.qmatvec, y[0], *w._qargs(), x[0], *w._rest())
     elif t <= SMALL_BATCH:
         y = np.empty((t, w.rows), dtype=np.float32)
-        cpu.qmatmul_small(y, *w._qargs(), x, *w._rest())
+        kernel_call(cpu.qmatmul_small, y, *w._qargs(), x, *w._rest())
     else:
         y = np.empty((t, w.rows), dtype=np.float32)
         step = max(1, TILE_ELEMS // w.cols)
@@ -71,8 +72,8 @@ def linear(w: Weight, x: np.ndarray) -> np.ndarray:
         for r0 in range(0, w.rows, step):
             r1 = min(w.rows, r0 + step)
             buf = tile[: r1 - r0]
-            cpu.dequant_rows(buf, *w._qargs(), np.arange(r0, r1, dtype=np.int64), *w._rest())
-            np.matmul(x, buf.T, out=y[:, r0:r1])
+            kernel_call(cpu.dequant_rows, buf, *w._qargs(), np.arange(r0, r1, dtype=np.int64), *w._rest())
+            kernel_call(np.matmul, x, buf.T, y[:, r0:r1])
     if w.bias is not None:
         y += w.bias
     return y
@@ -83,27 +84,27 @@ def embed(w: Weight, ids: np.ndarray) -> np.ndarray:
     if w.f32 is not None:
         return w.f32[ids]
     out = np.empty((len(ids), w.cols), dtype=np.float32)
-    cpu.dequant_rows(out, *w._qargs(), np.asarray(ids, dtype=np.int64), *w._rest())
+    kernel_call(cpu.dequant_rows, out, *w._qargs(), np.asarray(ids, dtype=np.int64), *w._rest())
     return out
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     out = np.empty_like(x)
-    cpu.rmsnorm(out, x, w, np.float32(eps))
+    kernel_call(cpu.rmsnorm, out, x, w, np.float32(eps))
     return out
 
 
 def rope_inplace(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
-    cpu.rope_inplace(x, cos, sin)
+    kernel_call(cpu.rope_inplace, x, cos, sin)
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, scale: float, window: int = 0):
     out = np.empty_like(q)
-    cpu.attention(out, q, k_cache, v_cache, start, np.float32(scale), window)
+    kernel_call(cpu.attention, out, q, k_cache, v_cache, start, np.float32(scale), window)
     return out
 
 
 def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     out = np.empty_like(gate)
-    cpu.silu_mul(out, gate, up)
+    kernel_call(cpu.silu_mul, out, gate, up)
     return out

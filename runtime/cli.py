@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt, print the reply and exit")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("-n", "--max-tokens", type=int, default=512, help="most tokens per reply (default 512)")
+    p.add_argument(
+        "-n", "--max-tokens", type=int, default=None, help="most tokens per reply (default 512, at most half the context)"
+    )
     p.add_argument("--history-file", default=None, help="input history file (default ~/.lowbit_history)")
     _add_sampling_args(p)
 
@@ -70,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None, help="require this bearer token")
     p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: file stem)")
+
+    p = sub.add_parser("bench", help="speed and memory: prefill, decode vs the bandwidth roofline, RSS, start-up")
+    p.add_argument("model", nargs="?", help="a .lowbit file (default: a random-weight model of --shape)")
+    p.add_argument("--shape", default=None, help="random-weight model shape: smollm2-135m (default), smollm2-360m, "
+                   "llama3.2-1b, tinyllama-1.1b")
+    p.add_argument("--bits", default="4", help="bits for --shape, comma-separated for several rows (default 4)")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--prompt", type=int, default=512, help="prefill tokens (default 512)")
+    p.add_argument("--gen", type=int, default=128, help="decode tokens (default 128)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--no-cold", action="store_true", help="skip the cold-start (empty numba cache) measurement")
+    p.add_argument("--workdir", default="~/.cache/lowbit/bench", help="where random-weight containers are kept")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("inspect", help="show what is inside a .lowbit file")
     p.add_argument("model", nargs="?", help="a .lowbit file (default: the bundled model)")

@@ -84,6 +84,12 @@ def cmd_serve(args) -> int:
     return serve_command(args)
 
 
+def cmd_bench(args) -> int:
+    from lowbit.runtime.bench import cmd_bench
+
+    return cmd_bench(args)
+
+
 def summarize(c) -> dict:
     """Parameter counts, bytes and bits per weight of a container."""
     params = 0

@@ -1,0 +1,43 @@
+"""Optional timing of kernel calls, for `lowbit bench`'s "time outside kernels" figure.
+
+Dispatch wraps each compiled-kernel call in :func:`kernel_call`; it costs one context-variable lookup when no timer
+is active. A :class:`KernelTimer` used as a context manager collects the seconds spent inside kernels (numpy BLAS
+calls included) in the current thread/context only.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Callable
+
+_ACTIVE: contextvars.ContextVar[KernelTimer | None] = contextvars.ContextVar("lowbit_kernel_timer", default=None)
+
+
+class KernelTimer:
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> KernelTimer:
+        self._token = _ACTIVE.set(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._token is not None:
+            _ACTIVE.reset(self._token)
+            self._token = None
+
+
+def kernel_call(fn: Callable, *args):
+    """``fn(*args)``, timed when a KernelTimer is active."""
+    timer = _ACTIVE.get()
+    if timer is None:
+        return fn(*args)
+    t0 = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        timer.seconds += time.perf_counter() - t0
+        timer.calls += 1

@@ -1,0 +1,237 @@
+"""`lowbit bench`: load time, prefill and decode speed, decode as a fraction of the memory-bandwidth roofline
+measured in the same run, time outside kernels, peak RSS, cold vs warm start.
+
+Each measurement runs in a child process (runtime/bench_worker.py): once with an empty numba cache (cold start:
+everything compiles) and once more with the cache the first one left (warm start: should compile nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numba as nb
+import numpy as np
+
+from lowbit.convert.converter import ConvertOptions
+from lowbit.errors import LowbitError
+from lowbit.formats.reader import Container
+from lowbit.runtime.bench_model import SHAPES, build_random_container
+
+log = logging.getLogger(__name__)
+
+MB = 1e6
+
+
+@nb.njit(parallel=True, cache=True, nogil=True, fastmath=True)
+def _parallel_sum(a):
+    """sum of a: f32[n], read once by all threads."""
+    s = np.float32(0.0)
+    for i in nb.prange(a.shape[0]):
+        s += a[i]
+    return s
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second of a parallel sum over ``gib`` GiB (best of ``repeats``)."""
+    a = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
+    _parallel_sum(a[:1024])
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _parallel_sum(a)
+        best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best
+
+
+def matrix_shapes(c: Container) -> list[tuple[int, int]]:
+    """Shapes of the 2-D weights one prefill multiplies by (every layer matrix; not embeddings or lm_head)."""
+    return [tuple(c.tensor(n).shape) for n in c.tensor_names if n.startswith("blk.") and len(c.tensor(n).shape) == 2]
+
+
+def numpy_gemm_seconds(shapes: list[tuple[int, int]], tokens: int) -> float:
+    """Time numpy float32 GEMMs x[tokens, cols] @ W[rows, cols].T take for these shapes (each distinct shape timed
+    once, best of 3, multiplied by how often it occurs)."""
+    rng = np.random.default_rng(0)
+    total = 0.0
+    for shape in sorted(set(shapes)):
+        rows, cols = shape
+        x = rng.standard_normal((tokens, cols), dtype=np.float32)
+        w = rng.standard_normal((rows, cols), dtype=np.float32)
+        y = np.empty((tokens, rows), dtype=np.float32)
+        np.matmul(x, w.T, out=y)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            np.matmul(x, w.T, out=y)
+            best = min(best, time.perf_counter() - t0)
+        total += best * shapes.count(shape)
+    return total
+
+
+def decode_bytes_per_token(c: Container, kv_positions: float) -> float:
+    """Bytes one decode step reads: every weight except the embedding table (one row), plus the KV cache."""
+    meta = c.meta["architecture"]["args"]
+    total = 0
+    tied = "output.weight" not in c
+    for n in c.tensor_names:
+        if n == "token_embd.weight" and not tied:
+            continue
+        total += c.tensor(n).nbytes
+    kv = 2 * meta["num_hidden_layers"] * meta["num_key_value_heads"] * meta["head_dim"] * 4 * kv_positions
+    return total + kv
+
+
+def run_worker(path: Path, prompt: int, gen: int, threads: int | None, cache_dir: Path | None, startup_only: bool):
+    """Measure in a child process; ``cache_dir``: its NUMBA_CACHE_DIR (None: numba's default cache)."""
+    req = dict(path=str(path), prompt=prompt, gen=gen, threads=threads, startup_only=startup_only)
+    env = dict(os.environ)
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = str(cache_dir)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lowbit.runtime.bench_worker", json.dumps(req)], env=env, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise LowbitError(f"benchmark process failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class BenchRow:
+    label: str
+    qtype: str
+    file_bytes: int
+    result: dict
+
+    def as_dict(self) -> dict:
+        return {"model": self.label, "type": self.qtype, "file_bytes": self.file_bytes, **self.result}
+
+
+def bench_one(path: Path, label: str, args, bandwidth: float) -> BenchRow:
+    c = Container(path)
+    q = c.meta.get("quantization", {})
+    qtype = f"{q.get('bits')}-bit g{q.get('group_size')}" if q else "?"
+    shapes = matrix_shapes(c)
+    if args.no_cold:  # numba's ordinary cache, whatever state it is in
+        cold = None
+        warm = run_worker(path, args.prompt, args.gen, args.threads, None, startup_only=False)
+    else:
+        with tempfile.TemporaryDirectory(prefix="lowbit-numba-") as cache_dir:
+            cold = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), startup_only=True)
+            warm = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), startup_only=False)
+    gemm_s = numpy_gemm_seconds(shapes, args.prompt)
+    layer_params = sum(r * k for r, k in shapes)
+    decode_tps = args.gen / warm["decode_seconds"]
+    bpt = decode_bytes_per_token(c, args.prompt + args.gen / 2)
+    roofline_tps = bandwidth / bpt
+    res = dict(
+        threads=warm["threads"],
+        load_seconds=warm["load_seconds"],
+        first_token_cold_seconds=cold["first_token_seconds"] if cold else None,
+        warmup_cold_seconds=cold["warmup_seconds"] if cold else None,
+        first_token_warm_seconds=warm["first_token_seconds"],
+        warmup_warm_seconds=warm["warmup_seconds"],
+        warm_start_new_cache_files=warm["new_cache_files"],
+        prefill_tokens=args.prompt,
+        prefill_tps=args.prompt / warm["prefill_seconds"],
+        prefill_gflops=2 * args.prompt * layer_params / warm["prefill_seconds"] / 1e9,
+        numpy_gemm_gflops=2 * args.prompt * layer_params / gemm_s / 1e9,
+        prefill_vs_numpy_gemm=gemm_s / warm["prefill_seconds"],
+        decode_tokens=args.gen,
+        decode_tps=decode_tps,
+        decode_median_tps=1.0 / warm["decode_step_median"],
+        bandwidth_gbs=bandwidth / 1e9,
+        decode_bytes_per_token=bpt,
+        roofline_tps=roofline_tps,
+        roofline_fraction=decode_tps / roofline_tps,
+        outside_kernels_fraction=1.0 - warm["decode_kernel_seconds"] / warm["decode_seconds"],
+        peak_rss_bytes=warm["peak_rss"],
+        rss_limit_bytes=warm["container_bytes"] + warm["kv_cache_bytes"] + 200 * 1024 * 1024,
+        kv_cache_bytes=warm["kv_cache_bytes"],
+    )
+    return BenchRow(label, qtype, path.stat().st_size, res)
+
+
+def _targets(args) -> list[tuple[Path, str]]:
+    if args.model:
+        p = Path(args.model)
+        if not p.is_file():
+            raise LowbitError(f"{p}: no such file")
+        return [(p, p.name)]
+    shape = args.shape or "smollm2-135m"
+    workdir = Path(args.workdir).expanduser()
+    out = []
+    for bits in _int_list(args.bits, "--bits"):
+        opts = ConvertOptions(bits=bits, group_size=args.group_size)
+        path = workdir / f"{shape}-b{bits}-g{args.group_size}.lowbit"
+        if not path.exists():
+            print(f"building random {shape} container at {bits} bits: {path}", file=sys.stderr)
+            build_random_container(shape, opts, path)
+        out.append((path, shape))
+    return out
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise LowbitError(f"{what} must be a comma-separated list of integers, got {text!r}") from None
+
+
+def cmd_bench(args) -> int:
+    if args.shape and args.model:
+        raise LowbitError("give either a MODEL file or --shape, not both")
+    if args.shape and args.shape not in SHAPES:
+        raise LowbitError(f"unknown shape {args.shape!r}; choose one of {', '.join(SHAPES)}")
+    if args.prompt < 1 or args.gen < 2:
+        raise LowbitError("--prompt must be at least 1 and --gen at least 2")
+    targets = _targets(args)
+    from lowbit.runtime.engine import set_threads
+
+    set_threads(args.threads)
+    print("measuring read bandwidth ...", file=sys.stderr)
+    bandwidth = read_bandwidth()
+    rows = []
+    for path, label in targets:
+        print(f"benchmarking {path.name} ...", file=sys.stderr)
+        rows.append(bench_one(path, label, args, bandwidth))
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=1))
+    else:
+        print(format_table(rows, args))
+    return 0
+
+
+def format_table(rows: list[BenchRow], args) -> str:
+    r0 = rows[0].result
+    lines = [
+        f"threads {r0['threads']}, read bandwidth {r0['bandwidth_gbs']:.1f} GB/s (parallel sum over 1 GiB), "
+        f"prefill {args.prompt} tokens, decode {args.gen} tokens",
+        "",
+        "| model | type | file | load | first token cold / warm | prefill tok/s | prefill vs numpy f32 GEMM "
+        "| decode tok/s | % of roofline | outside kernels | peak RSS (limit) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        r = row.result
+        cold = f"{r['first_token_cold_seconds']:.2f} s" if r["first_token_cold_seconds"] is not None else "—"
+        lines.append(
+            f"| {row.label} | {row.qtype} | {row.file_bytes / MB:.0f} MB | {r['load_seconds']:.2f} s "
+            f"| {cold} / {r['first_token_warm_seconds']:.2f} s | {r['prefill_tps']:.1f} "
+            f"| {r['prefill_vs_numpy_gemm']:.2f}x ({r['prefill_gflops']:.0f} vs {r['numpy_gemm_gflops']:.0f} GFLOP/s) "
+            f"| {r['decode_tps']:.1f} | {r['roofline_fraction']:.0%} of {r['roofline_tps']:.1f} "
+            f"| {r['outside_kernels_fraction']:.1%} "
+            f"| {r['peak_rss_bytes'] / MB:.0f} MB ({r['rss_limit_bytes'] / MB:.0f} MB) |"
+        )
+    warm_files = [row.result["warm_start_new_cache_files"] for row in rows]
+    lines.append("")
+    files = ", ".join(map(str, warm_files))
+    lines.append(f"numba cache files written by the warm start: {files} (0 = compiled nothing)")
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""The measuring child process of `lowbit bench`.
+
+Run as ``python -m lowbit.runtime.bench_worker '<json>'``; prints one JSON object on stdout. A separate process so
+that peak RSS is the runtime's alone and so numba's on-disk cache can be cold (empty NUMBA_CACHE_DIR) or warm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _peak_rss() -> int:
+    """Peak resident set of this process image, in bytes. VmHWM starts afresh at exec; getrusage's ru_maxrss
+    would carry over the parent's peak (vfork/exec), so it is only the fallback."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _cache_files() -> int:
+    d = os.environ.get("NUMBA_CACHE_DIR")
+    if not d or not Path(d).is_dir():
+        return 0
+    return sum(1 for p in Path(d).rglob("*") if p.suffix in (".nbi", ".nbc"))
+
+
+def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only: bool) -> dict:
+    from lowbit.formats.reader import Container
+    from lowbit.kernels.dispatch import SMALL_BATCH
+    from lowbit.kernels.timing import KernelTimer
+    from lowbit.models import family_for
+    from lowbit.runtime.engine import set_threads
+
+    files0 = _cache_files()
+    rss0 = _peak_rss()
+    n_threads = set_threads(threads)
+    t0 = time.perf_counter()
+    container = Container(path)
+    arch = container.meta["architecture"]
+    _, family = family_for(arch["model_type"])
+    args = family.ModelArgs.from_dict(arch["args"])
+    ctx = prompt + gen + 1
+    model = family.Model(args, container, ctx)
+    cache = model.new_cache()
+    load_s = time.perf_counter() - t0
+
+    # warm-up: every kernel path compiled (cold cache) or loaded from numba's cache (warm): one token, a few tokens,
+    # and a batch large enough for the prefill path
+    t0 = time.perf_counter()
+    model.forward(np.array([1]), 0, cache)
+    first_token_s = time.perf_counter() - t0
+    model.forward(np.arange(2, 2 + SMALL_BATCH // 2), 1, cache)
+    model.forward(np.arange(2, 2 + 2 * SMALL_BATCH), 1 + SMALL_BATCH // 2, cache)
+    warmup_s = time.perf_counter() - t0
+    out = dict(
+        threads=n_threads,
+        load_seconds=load_s,
+        first_token_seconds=first_token_s,
+        warmup_seconds=warmup_s,
+        rss_before_load=rss0,
+        container_bytes=container.size,
+        kv_cache_bytes=cache.nbytes,
+    )
+    if not startup_only:
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(3, args.vocab_size, size=prompt)
+        t0 = time.perf_counter()
+        logits = model.forward(tokens, 0, cache)
+        out["prefill_seconds"] = time.perf_counter() - t0
+        tok = int(np.argmax(logits[0]))
+        step_times = []
+        timer = KernelTimer()
+        with timer:
+            for i in range(gen):
+                t0 = time.perf_counter()
+                logits = model.forward(np.array([tok]), prompt + i, cache)
+                tok = int(np.argmax(logits[0]))
+                step_times.append(time.perf_counter() - t0)
+        out["decode_seconds"] = float(sum(step_times))
+        out["decode_step_median"] = float(np.median(step_times))
+        out["decode_kernel_seconds"] = timer.seconds
+        out["decode_kernel_calls"] = timer.calls
+    out["peak_rss"] = _peak_rss()
+    out["new_cache_files"] = _cache_files() - files0
+    return out
+
+
+def main() -> None:
+    req = json.loads(sys.argv[1])
+    res = measure(req["path"], req["prompt"], req["gen"], req.get("threads"), req.get("startup_only", False))
+    sys.stdout.write(json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
