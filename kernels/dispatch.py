@@ -8,6 +8,7 @@ from lowbit.errors import FormatError
 from lowbit.formats.qtypes import PLANES
 from lowbit.formats.reader import StoredTensor
 from lowbit.kernels import cpu
+from lowbit.kernels.cpu_quant import make_qmatvec, specialised
 from lowbit.kernels.ref import dequantize
 from lowbit.kernels.timing import kernel_call
 
@@ -39,6 +40,7 @@ class Weight:
         self.bits = qt.bits
         self.asym = qt.asym
         self.zp = np.float32(qt.zero_point)
+        self.matvec = make_qmatvec(self.bits, self.g, self.asym) if specialised(self.bits, self.g) else None
 
     def _qargs(self):
         return self.codes, self.scales, self.mins
@@ -61,7 +63,10 @@ def linear(w: Weight, x: np.ndarray) -> np.ndarray:
         y = kernel_call(np.matmul, x, w.f32.T)
     elif t == 1:
         y = np.empty((1, w.rows), dtype=np.float32)
-        kernel_call(cpu.qmatvec, y[0], *w._qargs(), x[0], *w._rest())
+        if w.matvec is not None:
+            kernel_call(w.matvec, y[0], *w._qargs(), x[0])
+        else:
+            kernel_call(cpu.qmatvec, y[0], *w._qargs(), x[0], *w._rest())
     elif t <= SMALL_BATCH:
         y = np.empty((t, w.rows), dtype=np.float32)
         kernel_call(cpu.qmatmul_small, y, *w._qargs(), x, *w._rest())

@@ -103,3 +103,14 @@ def test_attention_matches_reference(t, start):
     got = dispatch.attention(q, k, v, start, 1 / np.sqrt(hd))
     want = ref.attention(q * np.float32(1.0), k, v, start)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_specialised_decode_kernels_cover_the_default_types():
+    from lowbit.kernels.cpu_quant import specialised
+
+    for name in ("q4a_g64", "q4a_g128", "q4_g64", "q8_g32", "q8_g64", "q8_g128", "q2a_g128"):
+        qt = REGISTRY[name]
+        assert specialised(qt.bits, qt.group_size), name
+    for name in ("q4a_g32", "q3a_g64", "q2a_g64", "q4a_pc"):
+        qt = REGISTRY[name]
+        assert not specialised(qt.bits, qt.layout_group(96)), name  # these keep the generic plane loop
