@@ -122,6 +122,9 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, progress: bool = Tr
         if "output.weight" not in {family.sanitize(n) for n in ckpt.names()} and not args.tie_word_embeddings:
             args.tie_word_embeddings = True  # no lm_head stored: the checkpoint ties it
         plans, hf_of = plan_conversion(ckpt, family, args, opts)
+        adapt = getattr(family, "adapt_to_checkpoint", None)
+        if adapt is not None:  # e.g. gemma's embedding normalizer follows the stored embedding dtype
+            adapt(args, {canon: ckpt.dtype(hf) for canon, hf in hf_of.items()})
         meta = {
             "architecture": {"family": fam_name, "model_type": cfg.get("model_type"), "args": args.to_dict()},
             "hf_config": cfg,

@@ -229,3 +229,63 @@ def silu_mul(out, gate, up):
         for j in range(gate.shape[1]):
             a = gate[t, j]
             out[t, j] = a / (np.float32(1.0) + np.float32(math.exp(-a))) * up[t, j]
+
+
+@nb.njit(**_JIT)
+def gelu_tanh_mul(out, gate, up):
+    """out = gelu_tanh(gate) * up (GeGLU with the tanh-approximate GELU). All f32[T, n]."""
+    c = math.sqrt(2.0 / math.pi)
+    for t in range(gate.shape[0]):
+        for j in range(gate.shape[1]):
+            a = np.float64(gate[t, j])
+            g = 0.5 * a * (1.0 + math.tanh(c * (a + 0.044715 * a * a * a)))
+            out[t, j] = np.float32(g) * up[t, j]
+
+
+@nb.njit(**_JIT)
+def softcap(out, x, cap):
+    """out = cap * tanh(x / cap) (logit soft-capping). out, x: f32[T, n]; cap: f32 > 0."""
+    for t in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            out[t, j] = np.float32(cap * math.tanh(x[t, j] / cap))
+
+
+@nb.njit(parallel=True, **_JIT)
+def attention_softcap(out, q, k_cache, v_cache, start, scale, window, cap):
+    """attention() with soft-capped scores: s = cap * tanh(scale * q.k / cap) before the softmax (gemma2).
+
+    out, q: f32[T, n_heads, hd]; k_cache, v_cache: f32[n_kv, ctx, hd]; window: 0 for full attention, else keys in
+    (pos-window, pos]; cap: f32 > 0.
+    """
+    t_n, nh, hd = q.shape
+    rep = nh // k_cache.shape[0]
+    for i in nb.prange(t_n * nh):
+        t = i // nh
+        h = i % nh
+        kv = h // rep
+        pos = start + t
+        lo = 0
+        if window > 0 and pos - window + 1 > 0:
+            lo = pos - window + 1
+        n = pos + 1 - lo
+        sc = np.empty(n, dtype=np.float32)
+        mx = np.float32(-np.inf)
+        for s in range(n):
+            acc = np.float32(0.0)
+            for j in range(hd):
+                acc += q[t, h, j] * k_cache[kv, lo + s, j]
+            acc = np.float32(cap * math.tanh(acc * scale / cap))
+            sc[s] = acc
+            if acc > mx:
+                mx = acc
+        tot = np.float32(0.0)
+        for s in range(n):
+            e = np.float32(math.exp(sc[s] - mx))
+            sc[s] = e
+            tot += e
+        for j in range(hd):
+            out[t, h, j] = 0.0
+        for s in range(n):
+            wgt = sc[s] / tot
+            for j in range(hd):
+                out[t, h, j] += wgt * v_cache[kv, lo + s, j]

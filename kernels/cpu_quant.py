@@ -1,72 +1,99 @@
-"""Decode kernels specialised per quant type (a cached factory), for the types where specialisation pays.
+"""Fused dequantize-and-dot kernels for decode and small batches, on int16-quantized activations.
 
-``make_qmatvec(bits, g, asym)`` compiles a fused dequantize-and-dot whose plane widths, group size and lane count
-are compile-time constants. Each row keeps one float accumulator per byte lane of a group (``acc[j] += d * t_j``)
-and reduces once per row instead of once per group; LLVM turns the fixed-length lane loops into whole-register
-SIMD. That needs at least 32 lanes (bytes per group of one plane): 4-bit with g >= 64, 8-bit, 2-bit g128. The
-other types keep the generic plane loop of ``kernels.cpu.qmatvec``.
+Per token, activations are quantized per group of the weight's group size to int16 (``x ≈ dx · xq``, dx =
+absmax / 32767: relative error ~1e-5, far below the weights' own) and their exact float sums ``xs`` are kept for the
+min term. A row is then ``y = Σ_g d_g · dx_g · (u_g · xq_g) − m_g · xs_g``, where the integer dot ``u_g · xq_g``
+is one ``kernels.simd.group_idot`` (SIMD integer multiply-add, no float conversion of the codes). One kernel body
+serves every quant type with a fixed group size (32/64/128): a cached factory closes over ``bits`` and ``g``, so
+each type gets its own machine code with them as constants (and its own entry in numba's on-disk cache, which keys
+closures by their captured values).
+Per-channel types (group = a whole row) use the plane-loop kernels of ``kernels.cpu``.
 """
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import numba as nb
 import numpy as np
 
-from lowbit.formats.qtypes import PLANES
+from lowbit.formats.qtypes import GROUP_SIZES
 from lowbit.kernels.cpu import _JIT, _h2f
+from lowbit.kernels.simd import group_idot
 
-MIN_LANES = 32
+XQ_MAX = 32767.0
 
 
 def specialised(bits: int, g: int) -> bool:
-    """Whether make_qmatvec has a specialised kernel for this type (g: elements per group)."""
-    planes = PLANES[bits]
-    return len(planes) == 1 and g in (32, 64, 128) and g * planes[0] // 8 >= MIN_LANES
+    """Whether the integer kernels serve this type (g: elements per group of the stored layout)."""
+    return g in GROUP_SIZES
+
+
+@nb.njit(**_JIT)
+def quantize_activations(xq, dx, xs, x, g):
+    """xq: i16[T, cols] = round(x / dx); dx, xs: f32[T, ng] scale and exact sum per group; x: f32[T, cols]."""
+    t_n, cols = x.shape
+    ng = cols // g
+    for t in range(t_n):
+        for gi in range(ng):
+            amax = np.float32(0.0)
+            s = np.float32(0.0)
+            for j in range(g):
+                v = x[t, gi * g + j]
+                s += v
+                a = abs(v)
+                if a > amax:
+                    amax = a
+            d = amax / np.float32(XQ_MAX)
+            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            for j in range(g):
+                xq[t, gi * g + j] = np.int16(math.floor(x[t, gi * g + j] * inv + np.float32(0.5)))
+            dx[t, gi] = d
+            xs[t, gi] = s
 
 
 @lru_cache(maxsize=None)
-def make_qmatvec(bits: int, g: int, asym: bool):
-    """y[rows] = W @ x for one token; call as ``f(y, codes, scales, mins, x)`` with the arguments of
-    ``kernels.cpu.qmatvec`` (y: f32[rows]; codes: u8[rows, cols*bits/8]; scales, mins: u16[rows, ng]; x: f32[cols])."""
+def make_kernels(bits: int, g: int):
+    """(qmatvec, qmatmul_small) for ``bits``-bit groups of ``g``; both are compiled with bits and g as constants."""
     if not specialised(bits, g):
-        raise ValueError(f"no specialised kernel for {bits}-bit groups of {g}")
-    (p,) = PLANES[bits]
-    n = 8 // p  # codes per byte
-    lanes = g // n  # bytes per group
-    mask = (1 << p) - 1
-    zp = np.float32(0 if asym else 1 << (bits - 1))
+        raise ValueError(f"no integer kernels for {bits}-bit groups of {g}")
+    gbytes = g * bits // 8
+    zp = np.float32(1 << (bits - 1))
 
     @nb.njit(parallel=True, **_JIT)
-    def qmatvec(y, codes, scales, mins, x):
+    def qmatvec(y, codes, scales, mins, xq, dx, xs, asym):
+        """y[rows] = W @ x for one token. y: f32[rows]; codes: u8[rows, cols*bits/8]; scales, mins: u16[rows, ng]
+        (float16 bits; mins unused unless asym); xq: i16[cols]; dx, xs: f32[ng]."""
         rows = codes.shape[0]
         ng = scales.shape[1]
-        xs = np.empty(ng, dtype=np.float32)  # per-group activation sums, once per token
-        for gi in range(ng):
-            s = np.float32(0.0)
-            for j in range(g):
-                s += x[gi * g + j]
-            xs[gi] = s
         for r in nb.prange(rows):
             crow = codes[r]
-            acc = np.zeros(lanes, dtype=np.float32)
-            macc = np.float32(0.0)
+            acc = np.float32(0.0)
             for gi in range(ng):
                 d = _h2f(scales[r, gi])
-                if asym:
-                    macc += _h2f(mins[r, gi]) * xs[gi]
-                else:
-                    macc += d * zp * xs[gi]
-                b0 = np.uint64(gi * lanes)
-                x0 = np.uint64(gi * g)
-                for j in range(lanes):
-                    jj = np.uint64(j)
-                    c = np.int32(crow[b0 + jj])
-                    t = np.float32(0.0)
-                    for k in range(n):
-                        t += np.float32((c >> (k * p)) & mask) * x[x0 + np.uint64(k * lanes) + jj]
-                    acc[jj] += d * t
-            y[r] = acc.sum() - macc
+                m = _h2f(mins[r, gi]) if asym else d * zp
+                s = group_idot(crow, gi * gbytes, xq, gi * g, bits, g)
+                acc += d * dx[gi] * np.float32(s) - m * xs[gi]
+            y[r] = acc
 
-    return qmatvec
+    @nb.njit(parallel=True, **_JIT)
+    def qmatmul_small(y, codes, scales, mins, xq, dx, xs, asym):
+        """y[T, rows] = x @ W.T for a few tokens. xq: i16[T * cols] (flattened rows); dx, xs: f32[T, ng]; other
+        arguments as in qmatvec."""
+        rows = codes.shape[0]
+        ng = scales.shape[1]
+        t_n = dx.shape[0]
+        cols = ng * g
+        for r in nb.prange(rows):
+            crow = codes[r]
+            for t in range(t_n):
+                y[t, r] = 0.0
+            for gi in range(ng):
+                d = _h2f(scales[r, gi])
+                m = _h2f(mins[r, gi]) if asym else d * zp
+                for t in range(t_n):
+                    s = group_idot(crow, gi * gbytes, xq, t * cols + gi * g, bits, g)
+                    y[t, r] += d * dx[t, gi] * np.float32(s) - m * xs[t, gi]
+
+    return qmatvec, qmatmul_small

@@ -7,8 +7,7 @@ import numpy as np
 from lowbit.errors import FormatError
 from lowbit.formats.qtypes import PLANES
 from lowbit.formats.reader import StoredTensor
-from lowbit.kernels import cpu
-from lowbit.kernels.cpu_quant import make_qmatvec, specialised
+from lowbit.kernels import cpu, cpu_quant
 from lowbit.kernels.ref import dequantize
 from lowbit.kernels.timing import kernel_call
 
@@ -40,7 +39,7 @@ class Weight:
         self.bits = qt.bits
         self.asym = qt.asym
         self.zp = np.float32(qt.zero_point)
-        self.matvec = make_qmatvec(self.bits, self.g, self.asym) if specialised(self.bits, self.g) else None
+        self.int_kernels = cpu_quant.make_kernels(qt.bits, self.g) if cpu_quant.specialised(qt.bits, self.g) else None
 
     def _qargs(self):
         return self.codes, self.scales, self.mins
@@ -61,12 +60,20 @@ def linear(w: Weight, x: np.ndarray) -> np.ndarray:
     t = x.shape[0]
     if w.f32 is not None:
         y = kernel_call(np.matmul, x, w.f32.T)
+    elif t <= SMALL_BATCH and w.int_kernels is not None:
+        y = np.empty((t, w.rows), dtype=np.float32)
+        ng = w.cols // w.g
+        xq = np.empty((t, w.cols), dtype=np.int16)
+        dx = np.empty((t, ng), dtype=np.float32)
+        xs = np.empty((t, ng), dtype=np.float32)
+        kernel_call(cpu_quant.quantize_activations, xq, dx, xs, x, w.g)
+        if t == 1:
+            kernel_call(w.int_kernels[0], y[0], *w._qargs(), xq[0], dx[0], xs[0], w.asym)
+        else:
+            kernel_call(w.int_kernels[1], y, *w._qargs(), xq.reshape(-1), dx, xs, w.asym)
     elif t == 1:
         y = np.empty((1, w.rows), dtype=np.float32)
-        if w.matvec is not None:
-            kernel_call(w.matvec, y[0], *w._qargs(), x[0])
-        else:
-            kernel_call(cpu.qmatvec, y[0], *w._qargs(), x[0], *w._rest())
+        kernel_call(cpu.qmatvec, y[0], *w._qargs(), x[0], *w._rest())
     elif t <= SMALL_BATCH:
         y = np.empty((t, w.rows), dtype=np.float32)
         kernel_call(cpu.qmatmul_small, y, *w._qargs(), x, *w._rest())
@@ -103,13 +110,47 @@ def rope_inplace(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
     kernel_call(cpu.rope_inplace, x, cos, sin)
 
 
-def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, scale: float, window: int = 0):
+def attention(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    start: int,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
+) -> np.ndarray:
+    """Causal GQA attention over the cache; window > 0 limits each query to the last ``window`` keys, softcap > 0
+    soft-caps the scaled scores (cap * tanh(s / cap))."""
     out = np.empty_like(q)
-    kernel_call(cpu.attention, out, q, k_cache, v_cache, start, np.float32(scale), window)
+    if softcap > 0:
+        kernel_call(
+            cpu.attention_softcap, out, q, k_cache, v_cache, start, np.float32(scale), window, np.float32(softcap)
+        )
+    else:
+        kernel_call(cpu.attention, out, q, k_cache, v_cache, start, np.float32(scale), window)
     return out
+
+
+def head_rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm of each head of x[T, n_heads, head_dim] with one weight[head_dim] shared by the heads (q/k norm)."""
+    t, nh, hd = x.shape
+    return rmsnorm(np.ascontiguousarray(x).reshape(t * nh, hd), w, eps).reshape(t, nh, hd)
 
 
 def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     out = np.empty_like(gate)
     kernel_call(cpu.silu_mul, out, gate, up)
+    return out
+
+
+def gelu_tanh_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    out = np.empty_like(gate)
+    kernel_call(cpu.gelu_tanh_mul, out, gate, up)
+    return out
+
+
+def softcap(x: np.ndarray, cap: float) -> np.ndarray:
+    """cap * tanh(x / cap) for x[T, n]."""
+    out = np.empty_like(x)
+    kernel_call(cpu.softcap, out, x, np.float32(cap))
     return out

@@ -50,22 +50,36 @@ def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarr
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int) -> np.ndarray:
+def attention(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    start: int,
+    scale: float | None = None,
+    window: int = 0,
+    softcap: float = 0.0,
+) -> np.ndarray:
     """Causal GQA attention.
 
     q: [T, n_heads, hd] for positions start..start+T-1; k_cache, v_cache: [n_kv, >= start+T, hd].
-    Returns [T, n_heads, hd].
+    scale: score multiplier (default 1/sqrt(hd)); window > 0: a query at position p sees keys in (p - window, p];
+    softcap > 0: scores become softcap * tanh(scores / softcap) before the mask. Returns [T, n_heads, hd].
     """
     t, nh, hd = q.shape
     nkv = k_cache.shape[0]
     rep = nh // nkv
     n = start + t
     out = np.empty_like(q, dtype=np.float32)
-    scale = 1.0 / np.sqrt(hd)
-    mask = np.arange(n)[None, :] > (start + np.arange(t))[:, None]  # [T, n]
+    scale = 1.0 / np.sqrt(hd) if scale is None else scale
+    pos = start + np.arange(t)
+    mask = np.arange(n)[None, :] > pos[:, None]  # [T, n]
+    if window > 0:
+        mask |= np.arange(n)[None, :] <= (pos - window)[:, None]
     for h in range(nh):
         kv = h // rep
         s = (q[:, h, :] @ k_cache[kv, :n, :].T) * scale
+        if softcap > 0:
+            s = softcap * np.tanh(s / softcap)
         s[mask] = -np.inf
         out[:, h, :] = softmax(s) @ v_cache[kv, :n, :]
     return out
@@ -73,3 +87,14 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: in
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation (transformers' gelu_pytorch_tanh / gelu_new)."""
+    x = x.astype(np.float64)
+    return (0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))).astype(np.float32)
+
+
+def softcap(x: np.ndarray, cap: float) -> np.ndarray:
+    """cap * tanh(x / cap): logit soft-capping."""
+    return (cap * np.tanh(x.astype(np.float64) / cap)).astype(np.float32)

@@ -1,5 +1,8 @@
-"""The llama family: Llama 2/3/3.2 (llama3 rope scaling), TinyLlama, SmolLM, Mistral (sliding window as a context
-limit), and the blocks other families reuse."""
+"""The llama family: Llama 2/3/3.2 (llama3 rope scaling), TinyLlama, SmolLM, Mistral (sliding window), and the blocks
+other families reuse.
+
+Other families subclass ``ModelArgs`` (extra config fields through ``hf_fields``) and ``Model`` (overriding the
+hooks ``load_layer``, ``embed_tokens``, ``project_qkv``, ``attend``, ``mlp_block``, ``block``, ``head``)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,15 @@ import numpy as np
 
 from lowbit.errors import SourceError
 from lowbit.kernels import dispatch
-from lowbit.models.common import KVCache, check_rope, rope_config, rope_inv_freq, rope_tables
+from lowbit.models.common import (
+    KVCache,
+    check_rope,
+    partial_rotary_factor,
+    rope_attention_factor,
+    rope_config,
+    rope_inv_freq,
+    rope_tables,
+)
 
 # HF name fragments -> canonical names (llama.cpp-like, so recipes can talk about attn_v, ffn_down, ...)
 LAYER_NAMES = {
@@ -25,6 +36,7 @@ LAYER_NAMES = {
 }
 TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+SLIDING = "sliding_attention"
 
 
 @dataclass
@@ -41,40 +53,56 @@ class ModelArgs:
     rope_scaling: dict | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    sliding_window: int = 0
+    sliding_window: int = 0  # 0: full attention everywhere
+    layer_types: list[str] | None = None  # per layer "sliding_attention" / "full_attention"; None: all alike
+    rotary_dim: int = 0  # dims of each head that RoPE rotates; 0: all of head_dim
+
+    ACTIVATIONS = ("silu",)  # hidden_act values this family runs (a class constant, not a field)
 
     @classmethod
     def from_hf(cls, cfg: dict, **defaults) -> ModelArgs:
         try:
-            heads = int(cfg["num_attention_heads"])
-            hidden = int(cfg["hidden_size"])
-            act = cfg.get("hidden_act", "silu")
-            if act != "silu":
-                raise SourceError(f"unsupported hidden_act {act!r} for this family (expected silu)")
-            check_rope(cfg)
-            theta, scaling = rope_config(cfg)
-            use_window = cfg.get("use_sliding_window", defaults.get("use_sliding_window", True))
-            window = cfg.get("sliding_window") if use_window else None
-            args = dict(
-                vocab_size=int(cfg["vocab_size"]),
-                hidden_size=hidden,
-                num_hidden_layers=int(cfg["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
-                intermediate_size=int(cfg["intermediate_size"]),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=theta,
-                rope_scaling=scaling,
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", defaults.get("tie_word_embeddings", False))),
-                sliding_window=int(window or 0),
-            )
+            args = cls.hf_fields(cfg, defaults)
         except (KeyError, TypeError, ValueError) as e:
             raise SourceError(f"config.json is missing or has a bad value for {e}") from None
         if args["num_attention_heads"] % args["num_key_value_heads"]:
             raise SourceError("num_attention_heads must be a multiple of num_key_value_heads")
         return cls(**args)
+
+    @classmethod
+    def hf_fields(cls, cfg: dict, defaults: dict) -> dict:
+        """Field values from an HF config.json; ``defaults`` fill in keys the config lacks."""
+
+        def get(key, fallback=None):
+            return cfg[key] if cfg.get(key) is not None else defaults.get(key, fallback)
+
+        heads = int(get("num_attention_heads"))
+        hidden = int(get("hidden_size"))
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or defaults.get("hidden_act", "silu")
+        if act not in cls.ACTIVATIONS:
+            raise SourceError(
+                f"unsupported hidden_act {act!r} for this family (expected {' or '.join(cls.ACTIVATIONS)})"
+            )
+        check_rope(cfg)
+        theta, scaling = rope_config(cfg)
+        head_dim = int(get("head_dim") or hidden // heads)
+        rotary = int(head_dim * partial_rotary_factor(cfg))
+        return dict(
+            vocab_size=int(get("vocab_size")),
+            hidden_size=hidden,
+            num_hidden_layers=int(get("num_hidden_layers")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(get("num_key_value_heads") or heads),
+            head_dim=head_dim,
+            intermediate_size=int(get("intermediate_size")),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            rotary_dim=0 if rotary == head_dim else rotary,
+            **window_fields(cfg, defaults),
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelArgs:
@@ -84,101 +112,190 @@ class ModelArgs:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def window(self, layer: int) -> int:
+        """Attention window of a layer (0: full attention)."""
+        if not self.sliding_window or (self.layer_types is not None and self.layer_types[layer] != SLIDING):
+            return 0
+        return self.sliding_window
+
+
+def window_fields(cfg: dict, defaults: dict) -> dict:
+    """sliding_window + layer_types the way transformers 5 reads them: Mistral/Phi3 window every layer when
+    sliding_window is set; Qwen2/Qwen3 only with use_sliding_window, on the layers layer_types marks sliding (else
+    layers >= max_window_layers); Gemma2/3 on the layers layer_types marks."""
+    use = cfg.get("use_sliding_window", defaults.get("use_sliding_window", True))
+    window = int((cfg.get("sliding_window") if use else None) or 0)
+    if not window or not defaults.get("per_layer_window"):
+        return {"sliding_window": window, "layer_types": None}
+    n = int(cfg["num_hidden_layers"]) if cfg.get("num_hidden_layers") is not None else defaults["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    if types is None and "max_window_layers" in cfg:
+        types = [SLIDING if i >= int(cfg["max_window_layers"]) else "full_attention" for i in range(n)]
+    if types is not None and len(types) != n:
+        raise SourceError(f"layer_types has {len(types)} entries for {n} layers")
+    return {"sliding_window": window, "layer_types": None if types is None else list(types)}
+
 
 def args_from_hf(cfg: dict) -> ModelArgs:
     return ModelArgs.from_hf(cfg)
 
 
-def sanitize(hf_name: str) -> str | None:
-    """Canonical tensor name for an HF tensor name, or None for tensors the runtime does not need."""
-    if hf_name.endswith(IGNORED_SUFFIXES):
-        return None
-    base, _, kind = hf_name.rpartition(".")
-    if base in TOP_NAMES:
-        return f"{TOP_NAMES[base]}.{kind}"
-    parts = base.split(".")
-    if len(parts) >= 4 and parts[0] == "model" and parts[1] == "layers":
-        sub = ".".join(parts[3:])
-        if sub in LAYER_NAMES:
-            return f"blk.{int(parts[2])}.{LAYER_NAMES[sub]}.{kind}"
-    raise SourceError(f"unexpected tensor {hf_name!r} in checkpoint")
+def make_sanitize(layer_names: dict[str, str], top_names: dict[str, str] = TOP_NAMES, prefixes: tuple = ()):
+    """A sanitize(hf_name) for these name maps; ``prefixes`` are (prefix, replacement) pairs applied first (a None
+    replacement drops the tensor, e.g. a vision tower)."""
+
+    def sanitize(hf_name: str) -> str | None:
+        """Canonical tensor name for an HF tensor name, or None for tensors the runtime does not need."""
+        for pre, repl in prefixes:
+            if hf_name.startswith(pre):
+                if repl is None:
+                    return None
+                hf_name = repl + hf_name[len(pre) :]
+                break
+        if hf_name.endswith(IGNORED_SUFFIXES):
+            return None
+        base, _, kind = hf_name.rpartition(".")
+        if base in top_names:
+            return f"{top_names[base]}.{kind}"
+        parts = base.split(".")
+        if len(parts) >= 4 and parts[0] == "model" and parts[1] == "layers":
+            sub = ".".join(parts[3:])
+            if sub in layer_names:
+                return f"blk.{int(parts[2])}.{layer_names[sub]}.{kind}"
+        raise SourceError(f"unexpected tensor {hf_name!r} in checkpoint")
+
+    return sanitize
 
 
-def expected_tensors(args: ModelArgs) -> list[str]:
-    """Canonical names that must be present (biases are optional)."""
-    names = ["token_embd.weight", "output_norm.weight"]
-    if not args.tie_word_embeddings:
-        names.append("output.weight")
-    for i in range(args.num_hidden_layers):
-        names += [f"blk.{i}.{n}.weight" for n in LAYER_NAMES.values()]
-    return names
+sanitize = make_sanitize(LAYER_NAMES)
+
+
+def make_expected(layer_names: dict[str, str]):
+    def expected_tensors(args: ModelArgs) -> list[str]:
+        """Canonical names that must be present (biases are optional)."""
+        names = ["token_embd.weight", "output_norm.weight"]
+        if not args.tie_word_embeddings:
+            names.append("output.weight")
+        for i in range(args.num_hidden_layers):
+            names += [f"blk.{i}.{n}.weight" for n in layer_names.values()]
+        return names
+
+    return expected_tensors
+
+
+expected_tensors = make_expected(LAYER_NAMES)
 
 
 class Model:
-    """Pre-norm decoder: attention (GQA, RoPE) + SwiGLU MLP, RMSNorm."""
+    """Pre-norm decoder: attention (GQA, RoPE, optional sliding window) + SwiGLU MLP, RMSNorm."""
+
+    NORM_OFFSET = 0.0  # added to every norm weight at load (gemma stores w and multiplies by 1 + w)
 
     def __init__(self, args: ModelArgs, container, ctx: int):
         self.args = args
         self.ctx = ctx
-        c = container
-
-        def w(name: str) -> dispatch.Weight:
-            bias = f"{name}.bias"
-            b = dispatch.float_tensor(c.tensor(bias)) if bias in c else None
-            return dispatch.Weight(c.tensor(f"{name}.weight"), b)
-
-        def norm(name: str) -> np.ndarray:
-            return dispatch.float_tensor(c.tensor(f"{name}.weight"))
-
-        self.embed = w("token_embd")
-        self.lm_head = self.embed if args.tie_word_embeddings and "output.weight" not in c else w("output")
-        self.out_norm = norm("output_norm")
-        self.layers = []
-        for i in range(args.num_hidden_layers):
-            p = f"blk.{i}."
-            self.layers.append(
-                {
-                    "attn_norm": norm(p + "attn_norm"),
-                    "ffn_norm": norm(p + "ffn_norm"),
-                    **{k: w(p + k) for k in ("attn_q", "attn_k", "attn_v", "attn_output")},
-                    **{k: w(p + k) for k in ("ffn_gate", "ffn_up", "ffn_down")},
-                }
-            )
-        inv = rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling)
-        self.cos, self.sin = rope_tables(inv, ctx)
+        self.c = container
+        self.embed = self.weight("token_embd")
+        tied = args.tie_word_embeddings and "output.weight" not in container
+        self.lm_head = self.embed if tied else self.weight("output")
+        self.out_norm = self.norm_weight("output_norm")
+        self.layers = [self.load_layer(f"blk.{i}.") for i in range(args.num_hidden_layers)]
         self.scale = 1.0 / float(np.sqrt(args.head_dim))
+        self.attn_softcap = 0.0  # 0: none
+        self.final_softcap = 0.0
+        self.setup_rope()
+        self.configure()
+
+    # ------------------------------------------------------------------------------------------ loading
+    def weight(self, name: str) -> dispatch.Weight:
+        bias = f"{name}.bias"
+        b = dispatch.float_tensor(self.c.tensor(bias)) if bias in self.c else None
+        return dispatch.Weight(self.c.tensor(f"{name}.weight"), b)
+
+    def norm_weight(self, name: str) -> np.ndarray:
+        w = dispatch.float_tensor(self.c.tensor(f"{name}.weight"))
+        return (w + np.float32(self.NORM_OFFSET)).astype(np.float32) if self.NORM_OFFSET else w
+
+    def load_layer(self, p: str) -> dict:
+        return {
+            "attn_norm": self.norm_weight(p + "attn_norm"),
+            "ffn_norm": self.norm_weight(p + "ffn_norm"),
+            **{k: self.weight(p + k) for k in ("attn_q", "attn_k", "attn_v", "attn_output")},
+            **{k: self.weight(p + k) for k in ("ffn_gate", "ffn_up", "ffn_down")},
+        }
+
+    def setup_rope(self) -> None:
+        a = self.args
+        self.rot = a.rotary_dim or a.head_dim
+        inv = rope_inv_freq(self.rot, a.rope_theta, a.rope_scaling, self.ctx)
+        self.cos, self.sin = rope_tables(inv, self.ctx, rope_attention_factor(a.rope_scaling))
+
+    def configure(self) -> None:
+        """Family-specific settings once the weights are loaded (attention scale, soft-caps, ...)."""
+
+    def rope_for(self, li: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.cos, self.sin
 
     def new_cache(self) -> KVCache:
         a = self.args
         return KVCache(a.num_hidden_layers, a.num_key_value_heads, self.ctx, a.head_dim)
 
-    def attention_block(self, x: np.ndarray, layer: dict, li: int, start: int, cache: KVCache) -> np.ndarray:
+    # ------------------------------------------------------------------------------------------ blocks
+    def rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return dispatch.rmsnorm(x, w, self.args.rms_norm_eps)
+
+    def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        return dispatch.embed(self.embed, np.asarray(tokens, dtype=np.int64))
+
+    def project_qkv(self, h: np.ndarray, layer: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """q [T, n_heads, hd], k and v [T, n_kv, hd] before RoPE."""
         a = self.args
-        t = x.shape[0]
-        h = dispatch.rmsnorm(x, layer["attn_norm"], a.rms_norm_eps)
+        t = h.shape[0]
         q = dispatch.linear(layer["attn_q"], h).reshape(t, a.num_attention_heads, a.head_dim)
         k = dispatch.linear(layer["attn_k"], h).reshape(t, a.num_key_value_heads, a.head_dim)
         v = dispatch.linear(layer["attn_v"], h).reshape(t, a.num_key_value_heads, a.head_dim)
-        cos, sin = self.cos[start : start + t], self.sin[start : start + t]
-        dispatch.rope_inplace(q, cos, sin)
-        dispatch.rope_inplace(k, cos, sin)
+        return q, k, v
+
+    def apply_rope(self, x: np.ndarray, li: int, start: int) -> None:
+        cos, sin = self.rope_for(li)
+        cos, sin = cos[start : start + x.shape[0]], sin[start : start + x.shape[0]]
+        dispatch.rope_inplace(x if self.rot == x.shape[2] else x[:, :, : self.rot], cos, sin)
+
+    def attend(self, q: np.ndarray, li: int, start: int, cache: KVCache) -> np.ndarray:
+        w = self.args.window(li)
+        return dispatch.attention(q, cache.k[li], cache.v[li], start, self.scale, w, self.attn_softcap)
+
+    def attention_block(self, h: np.ndarray, layer: dict, li: int, start: int, cache: KVCache) -> np.ndarray:
+        """Attention on the already-normed input h [T, hidden]: projections, RoPE, cache write, attend, output."""
+        t = h.shape[0]
+        q, k, v = self.project_qkv(h, layer)
+        self.apply_rope(q, li, start)
+        self.apply_rope(k, li, start)
         cache.k[li][:, start : start + t, :] = k.transpose(1, 0, 2)
         cache.v[li][:, start : start + t, :] = v.transpose(1, 0, 2)
-        o = dispatch.attention(q, cache.k[li], cache.v[li], start, self.scale, a.sliding_window)
+        o = self.attend(q, li, start, cache)
         return dispatch.linear(layer["attn_output"], o.reshape(t, -1))
 
-    def mlp_block(self, x: np.ndarray, layer: dict) -> np.ndarray:
-        h = dispatch.rmsnorm(x, layer["ffn_norm"], self.args.rms_norm_eps)
-        act = dispatch.silu_mul(dispatch.linear(layer["ffn_gate"], h), dispatch.linear(layer["ffn_up"], h))
+    def act_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return dispatch.silu_mul(gate, up)
+
+    def mlp_block(self, h: np.ndarray, layer: dict) -> np.ndarray:
+        """Gated MLP on the already-normed input h [T, hidden]."""
+        act = self.act_mul(dispatch.linear(layer["ffn_gate"], h), dispatch.linear(layer["ffn_up"], h))
         return dispatch.linear(layer["ffn_down"], act)
+
+    def block(self, x: np.ndarray, layer: dict, li: int, start: int, cache: KVCache) -> np.ndarray:
+        x = x + self.attention_block(self.rmsnorm(x, layer["attn_norm"]), layer, li, start, cache)
+        return x + self.mlp_block(self.rmsnorm(x, layer["ffn_norm"]), layer)
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        """Final norm, lm_head and (if the family has one) logit soft-capping: [T, hidden] -> [T, vocab]."""
+        logits = dispatch.linear(self.lm_head, self.rmsnorm(np.ascontiguousarray(x), self.out_norm))
+        return dispatch.softcap(logits, self.final_softcap) if self.final_softcap > 0 else logits
 
     def forward(self, tokens: np.ndarray, start: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Logits [T, vocab] (all_logits) or [1, vocab] for the last position, for tokens at start..start+T-1."""
-        x = dispatch.embed(self.embed, np.asarray(tokens, dtype=np.int64))
+        x = self.embed_tokens(tokens)
         for li, layer in enumerate(self.layers):
-            x = x + self.attention_block(x, layer, li, start, cache)
-            x = x + self.mlp_block(x, layer)
-        if not all_logits:
-            x = x[-1:]
-        x = dispatch.rmsnorm(np.ascontiguousarray(x), self.out_norm, self.args.rms_norm_eps)
-        return dispatch.linear(self.lm_head, x)
+            x = self.block(x, layer, li, start, cache)
+        return self.head(x if all_logits else x[-1:])

@@ -113,6 +113,9 @@ class Engine:
                 break
             n += 1
         n = min(n, len(tokens) - 1)  # always run at least the last token to get its logits
+        # forward overwrites positions n.. of the cache: forget them first, so a prefill interrupted part-way
+        # (Ctrl-C) never leaves old tokens listed whose keys/values are already gone
+        self.cached = tokens[:n]
         t0 = time.perf_counter()
         logits = self.model.forward(np.array(tokens[n:]), n, self.cache)
         self.stats.prefill_seconds += time.perf_counter() - t0

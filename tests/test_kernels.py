@@ -105,12 +105,26 @@ def test_attention_matches_reference(t, start):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_specialised_decode_kernels_cover_the_default_types():
+def test_integer_kernels_cover_every_grouped_type():
     from lowbit.kernels.cpu_quant import specialised
 
-    for name in ("q4a_g64", "q4a_g128", "q4_g64", "q8_g32", "q8_g64", "q8_g128", "q2a_g128"):
-        qt = REGISTRY[name]
-        assert specialised(qt.bits, qt.group_size), name
-    for name in ("q4a_g32", "q3a_g64", "q2a_g64", "q4a_pc"):
-        qt = REGISTRY[name]
-        assert not specialised(qt.bits, qt.layout_group(96)), name  # these keep the generic plane loop
+    for qt in QUANT:
+        rows, cols = shape_for(qt)
+        w = dispatch.Weight(StoredTensor("w", qt, (rows, cols), random_parts(qt, rows, cols, np.random.default_rng(0))))
+        assert (w.int_kernels is not None) == (qt.group_size != 0) == specialised(qt.bits, w.g), qt.name
+
+
+def test_activation_quantization_is_near_lossless():
+    from lowbit.kernels.cpu_quant import quantize_activations
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 192)) * np.array([1e-3, 1.0, 50.0])[:, None]).astype(np.float32)
+    x[1, 64:128] = 0.0  # an all-zero group
+    xq = np.empty(x.shape, dtype=np.int16)
+    dx = np.empty((3, 3), dtype=np.float32)
+    xs = np.empty((3, 3), dtype=np.float32)
+    quantize_activations(xq, dx, xs, x, 64)
+    back = xq.reshape(3, 3, 64) * dx[:, :, None]
+    np.testing.assert_allclose(back.reshape(3, 192), x, rtol=0, atol=float(np.abs(x).max()) / 32767)
+    np.testing.assert_allclose(xs, x.reshape(3, 3, 64).sum(-1), rtol=1e-5, atol=1e-6)
+    assert np.abs(xq).max() == 32767 and (xq[1, 64:128] == 0).all()

@@ -1,0 +1,96 @@
+"""A portable SIMD building block for the quantized kernels, written as LLVM IR through a numba intrinsic.
+
+``group_idot(codes, boff, xq, xoff, bits, g)`` is the integer dot product of one quantized group with int16
+activations: the group's packed codes (``g * bits / 8`` bytes at ``codes[boff]``, laid out in bit planes as
+``formats.qtypes`` describes) are unpacked into a ``<g x i8>`` vector of unsigned codes in element order, widened,
+multiplied by ``xq[xoff : xoff + g]`` (int16) and summed into one int32. The IR is target independent; LLVM lowers
+the widen-multiply-reduce to the best the host has (``vpdpwssd`` with AVX-512 VNNI, ``vpmaddwd`` with AVX2, ...).
+``bits`` and ``g`` must be compile-time constants (the kernels close over them), so one definition serves every
+quant type.
+
+Bounds: callers guarantee ``boff + g*bits/8 <= codes.size`` and ``xoff + g <= xq.size`` (the intrinsic does not
+check; the kernels derive both from validated shapes). The sum cannot overflow: |u·x| < 2**8 · 2**15 per element,
+g <= 128 elements.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, errors
+from numba.extending import intrinsic
+
+from lowbit.formats.qtypes import PLANES
+
+_I8 = ir.IntType(8)
+_I32 = ir.IntType(32)
+
+
+def _concat(builder, vecs: list):
+    """Concatenate equal-length vectors (a power-of-two count) into one, in order."""
+    while len(vecs) > 1:
+        n = vecs[0].type.count
+        mask = ir.Constant(ir.VectorType(_I32, 2 * n), list(range(2 * n)))
+        vecs = [builder.shuffle_vector(vecs[i], vecs[i + 1], mask) for i in range(0, len(vecs), 2)]
+    return vecs[0]
+
+
+def _unpack_ir(builder, base_ptr, bits: int, g: int):
+    """<g x i8> unsigned codes of one group whose packed bytes start at base_ptr (i8*)."""
+    u = None
+    shift = 0
+    offset = 0
+    for p in PLANES[bits]:
+        n = 8 // p
+        nbytes = g // n
+        vty = ir.VectorType(_I8, nbytes)
+        ptr = builder.bitcast(builder.gep(base_ptr, [ir.Constant(ir.IntType(64), offset)]), vty.as_pointer())
+        c = builder.load(ptr, align=1)
+        if n == 1:
+            plane = c
+        else:
+            mask = ir.Constant(vty, [(1 << p) - 1] * nbytes)
+            slots = []
+            for k in range(n):
+                s = c if k == 0 else builder.lshr(c, ir.Constant(vty, [k * p] * nbytes))
+                slots.append(builder.and_(s, mask) if k < n - 1 else s)
+            plane = _concat(builder, slots)
+        if shift:
+            plane = builder.shl(plane, ir.Constant(plane.type, [shift] * g))
+        u = plane if u is None else builder.or_(u, plane)
+        offset += nbytes
+        shift += p
+    return u
+
+
+@intrinsic
+def group_idot(typingctx, codes, boff, xq, xoff, bits, g):
+    """int32 sum_j u_j * xq[xoff + j] over one group (see module docstring)."""
+    if not isinstance(bits, types.IntegerLiteral) or not isinstance(g, types.IntegerLiteral):
+        raise errors.RequireLiteralValue("group_idot needs literal bits and group size")
+    nbits, glen = bits.literal_value, g.literal_value
+    if nbits not in PLANES or glen % 8 or glen > 128:
+        raise errors.TypingError(f"group_idot: unsupported {nbits}-bit groups of {glen}")
+    if not (isinstance(codes, types.Array) and codes.dtype == types.uint8 and codes.layout == "C"):
+        raise errors.TypingError("group_idot: codes must be a C-contiguous uint8 array")
+    if not (isinstance(xq, types.Array) and xq.dtype == types.int16 and xq.layout == "C"):
+        raise errors.TypingError("group_idot: xq must be a C-contiguous int16 array")
+    sig = types.int32(codes, boff, xq, xoff, bits, g)
+
+    def codegen(context, builder, signature, args):
+        ca, bo, xa, xo = args[:4]
+        carr = context.make_array(signature.args[0])(context, builder, value=ca)
+        xarr = context.make_array(signature.args[2])(context, builder, value=xa)
+        i64 = ir.IntType(64)
+        cptr = builder.gep(carr.data, [builder.sext(bo, i64) if bo.type.width < 64 else bo])
+        xptr = builder.gep(xarr.data, [builder.sext(xo, i64) if xo.type.width < 64 else xo])
+        u = _unpack_ir(builder, cptr, nbits, glen)
+        xty = ir.VectorType(ir.IntType(16), glen)
+        x = builder.load(builder.bitcast(xptr, xty.as_pointer()), align=2)
+        wide = ir.VectorType(_I32, glen)
+        prod = builder.mul(builder.zext(u, wide), builder.sext(x, wide))
+        fnty = ir.FunctionType(_I32, [wide])
+        reduce = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.vector.reduce.add.v{glen}i32")
+        return builder.call(reduce, [prod])
+
+    return sig, codegen

@@ -1,0 +1,415 @@
+"""OpenAI wire protocol: request parsing and validation into dataclasses, response and error shapes.
+
+Nothing here touches the engine or the network: parsing turns a decoded JSON body into :class:`ChatRequest` or
+:class:`CompletionRequest` (or raises :class:`APIError`), and the ``*_response`` / ``*_chunk`` helpers build the
+JSON objects that the OpenAI clients expect.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lowbit.errors import LowbitError
+from lowbit.runtime.sampling import SamplingParams
+
+MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0}  # what OpenAI does when a request leaves them out
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+# ------------------------------------------------------------------------------------------------ requests
+@dataclass
+class GenerationOptions:
+    """What chat and completion requests share."""
+
+    model: str | None
+    max_tokens: int | None  # None: up to the remaining context
+    params: SamplingParams
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None  # None: off; otherwise how many top alternatives per token (0 = only the chosen one)
+
+
+@dataclass
+class ChatRequest:
+    options: GenerationOptions
+    messages: list[dict]  # [{"role": ..., "content": str}], roles normalised for the chat template
+
+
+@dataclass
+class CompletionRequest:
+    options: GenerationOptions
+    prompt: str | list[int]  # text (BOS added as the tokenizer does) or token ids (used as given)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _number(body: Mapping, key: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not _is_number(value) or not math.isfinite(value):
+        raise bad_request(f"'{key}' must be a number, got {value!r}", key, "invalid_type")
+    if not lo <= value <= hi:
+        raise bad_request(f"'{key}' must be between {lo:g} and {hi:g}, got {value}", key, "invalid_value")
+    return float(value)
+
+
+def _integer(body: Mapping, key: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not _is_int(value):
+        raise bad_request(f"'{key}' must be an integer, got {value!r}", key, "invalid_type")
+    if value < lo or (hi is not None and value > hi):
+        bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+        raise bad_request(f"'{key}' must be {bounds}, got {value}", key, "invalid_value")
+    return int(value)
+
+
+def _boolean(body: Mapping, key: str, default: bool = False) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad_request(f"'{key}' must be a boolean, got {value!r}", key, "invalid_type")
+    return value
+
+
+def _unsupported(body: Mapping, key: str, allowed: Callable[[Any], bool], what: str) -> None:
+    if key in body and body[key] is not None and not allowed(body[key]):
+        raise bad_request(f"'{key}' is not supported by this server ({what})", key, "unsupported_parameter")
+
+
+def _stop(body: Mapping) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise bad_request("'stop' must be a string or a list of strings", "stop", "invalid_type")
+    if len(items) > MAX_STOP_STRINGS:
+        raise bad_request(f"'stop' may hold at most {MAX_STOP_STRINGS} strings", "stop", "invalid_value")
+    if any(s == "" for s in items):
+        raise bad_request("'stop' strings must not be empty", "stop", "invalid_value")
+    return list(dict.fromkeys(items))
+
+
+def _sampling(body: Mapping, defaults: Mapping) -> SamplingParams:
+    """Sampling settings: the request's, else the model's generation defaults, else OpenAI's defaults."""
+
+    def default(key: str, fallback):
+        value = defaults.get(key, fallback)
+        return value if _is_number(value) else fallback
+
+    if defaults.get("do_sample") is False:
+        base_temperature = 0.0
+    else:
+        base_temperature = default("temperature", OPENAI_DEFAULTS["temperature"])
+    temperature = _number(body, "temperature", base_temperature, 0.0, 2.0)
+    top_p = _number(body, "top_p", default("top_p", OPENAI_DEFAULTS["top_p"]), 0.0, 1.0)
+    top_k = max(_integer(body, "top_k", int(default("top_k", 0)), -1), 0)  # -1 means off, as in vLLM
+    if top_p == 0.0:  # OpenAI accepts 0: only the most likely token survives
+        top_p, top_k = 1.0, 1
+    seed = _integer(body, "seed", None, -(2**63), 2**64 - 1)
+    params = SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=_number(body, "min_p", default("min_p", 0.0), 0.0, 1.0),
+        repetition_penalty=_number(body, "repetition_penalty", default("repetition_penalty", 1.0), 0.01, 10.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        seed=None if seed is None else seed % 2**64,
+    )
+    try:
+        params.validate()
+    except LowbitError as e:
+        raise bad_request(str(e).removeprefix("sampling: ")) from None
+    return params
+
+
+def _options(body: Mapping, defaults: Mapping, logprobs: int | None) -> GenerationOptions:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request(f"'model' must be a string, got {model!r}", "model", "invalid_type")
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise bad_request(f"only n = 1 is supported, got {n!r}", "n", "invalid_value")
+    max_tokens = _integer(body, "max_completion_tokens", None, 1)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", None, 1)
+    stream = _boolean(body, "stream")
+    stream_options = body.get("stream_options")
+    include_usage = False
+    if stream_options is not None:
+        if not isinstance(stream_options, dict):
+            raise bad_request("'stream_options' must be an object", "stream_options", "invalid_type")
+        if not stream:
+            raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        include_usage = _boolean(stream_options, "include_usage")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad_request("'user' must be a string", "user", "invalid_type")
+    _unsupported(body, "logit_bias", lambda v: isinstance(v, dict) and not v, "logit_bias")
+    return GenerationOptions(
+        model=model or None,
+        max_tokens=max_tokens,
+        params=_sampling(body, defaults),
+        stop=_stop(body),
+        stream=stream,
+        include_usage=include_usage,
+        logprobs=logprobs,
+    )
+
+
+def _require_object(body: Any) -> Mapping:
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _message_content(content: Any, i: int, role: str) -> str:
+    param = f"messages[{i}].content"
+    if content is None:
+        if role == "assistant":
+            return ""
+        raise bad_request(f"'{param}' must not be null", param, "invalid_type")
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_request(f"'{param}' must be a string or a list of content parts", param, "invalid_type")
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise bad_request(f"'{param}[{j}]' must be an object with a 'type'", f"{param}[{j}]", "invalid_type")
+        if part["type"] != "text":
+            raise bad_request(
+                f"'{param}[{j}]' is of type {part['type']!r}; this server accepts only text parts",
+                f"{param}[{j}]",
+                "unsupported_content",
+            )
+        if not isinstance(part.get("text"), str):
+            raise bad_request(f"'{param}[{j}].text' must be a string", f"{param}[{j}].text", "invalid_type")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def parse_chat(body: Any, defaults: Mapping | None = None) -> ChatRequest:
+    body = _require_object(body)
+    defaults = defaults or {}
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list of messages", "messages", "invalid_type")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise bad_request(f"'messages[{i}]' must be an object", f"messages[{i}]", "invalid_type")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise bad_request(
+                f"'messages[{i}].role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
+                f"messages[{i}].role",
+                "invalid_value",
+            )
+        out.append({"role": CHAT_ROLES[role], "content": _message_content(m.get("content"), i, role)})
+    logprobs = _boolean(body, "logprobs")
+    top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    if top is not None and not logprobs:
+        raise bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+    for key in ("tools", "functions"):
+        _unsupported(body, key, lambda v: isinstance(v, list) and not v, "no tool calling")
+    _unsupported(body, "tool_choice", lambda v: v == "none", "no tool calling")
+    _unsupported(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text", "text only")
+    return ChatRequest(_options(body, defaults, (top or 0) if logprobs else None), out)
+
+
+def parse_completion(body: Any, defaults: Mapping | None = None, vocab_size: int | None = None) -> CompletionRequest:
+    body = _require_object(body)
+    defaults = defaults or {}
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        if vocab_size is not None and any(not 0 <= t < vocab_size for t in prompt):
+            raise bad_request(f"'prompt' token ids must lie in [0, {vocab_size})", "prompt", "invalid_value")
+        prompt = [int(t) for t in prompt]
+    elif isinstance(prompt, list) and len(prompt) > 1:
+        raise bad_request("only one prompt per request is supported", "prompt", "invalid_value")
+    elif not isinstance(prompt, str) or prompt == "":
+        raise bad_request("'prompt' must be a non-empty string or a list of token ids", "prompt", "invalid_type")
+    _unsupported(body, "echo", lambda v: v is False, "echo")
+    _unsupported(body, "suffix", lambda v: v == "", "suffix")
+    _unsupported(body, "best_of", lambda v: v == 1, "best_of must be 1")
+    logprobs = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
+    return CompletionRequest(_options(body, defaults, logprobs), prompt)
+
+
+# ------------------------------------------------------------------------------------------------ responses
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys/values were reused from the previous request
+
+    def body(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+TokenText = Callable[[int], tuple[str, list[int] | None]]  # token id -> (text, UTF-8 bytes or None)
+
+
+def chat_logprobs(items: list[TokenLogprob], token_text: TokenText) -> dict:
+    """OpenAI chat shape: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}], "refusal": None}``."""
+
+    def entry(tok: int, lp: float) -> dict:
+        text, raw = token_text(tok)
+        return {"token": text, "logprob": lp, "bytes": raw}
+
+    content = [{**entry(it.token, it.logprob), "top_logprobs": [entry(t, lp) for t, lp in it.top]} for it in items]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(items: list[TokenLogprob], token_text: TokenText, offset: int = 0) -> dict:
+    """Legacy completions shape: parallel lists ``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``."""
+    tokens, offsets = [], []
+    for it in items:
+        text = token_text(it.token)[0]
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [it.logprob for it in items],
+        "top_logprobs": [{token_text(t)[0]: lp for t, lp in it.top} for it in items],
+        "text_offset": offsets,
+    }
+
+
+def chat_response(rid: str, created: int, model: str, text: str, finish: str, usage: Usage, logprobs) -> dict:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": usage.body(),
+    }
+
+
+def chat_chunk(rid: str, created: int, model: str, delta: dict, finish: str | None = None, logprobs=None,
+               include_usage: bool = False) -> dict:  # fmt: skip
+    chunk = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(rid: str, created: int, model: str, obj: str, usage: Usage) -> dict:
+    """The last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage.body()}
+
+
+def completion_response(rid: str, created: int, model: str, text: str, finish: str, usage: Usage, logprobs) -> dict:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+        "usage": usage.body(),
+    }
+
+
+def completion_chunk(rid: str, created: int, model: str, text: str, finish: str | None = None, logprobs=None,
+                     include_usage: bool = False) -> dict:  # fmt: skip
+    chunk = {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+    }
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
