@@ -182,44 +182,58 @@ def rope_inplace(x, cos, sin):
 
 
 @nb.njit(parallel=True, **_JIT)
-def attention(out, q, k_cache, v_cache, start, scale, window):
+def attention(out, q, k_cache, v_cache, start, scale, window, cap):
     """Causal GQA attention over the KV cache.
 
     out, q: f32[T, n_heads, hd] (queries at positions start..start+T-1); k_cache, v_cache: f32[n_kv, ctx, hd]
-    already holding keys/values up to start+T-1; window: 0 for full attention, else keys in (pos-window, pos].
+    already holding keys/values up to start+T-1; window: 0 for full attention, else keys in (pos-window, pos];
+    cap: 0, or soft-capped scores s = cap * tanh(scale * q.k / cap) before the softmax (gemma2).
+    The query heads that share a key/value head are processed together, so each cached row is read once.
     """
     t_n, nh, hd = q.shape
-    rep = nh // k_cache.shape[0]
-    for i in nb.prange(t_n * nh):
-        t = i // nh
-        h = i % nh
-        kv = h // rep
+    n_kv = k_cache.shape[0]
+    rep = nh // n_kv
+    for i in nb.prange(t_n * n_kv):
+        t = i // n_kv
+        kv = i % n_kv
+        h0 = kv * rep
         pos = start + t
         lo = 0
         if window > 0 and pos - window + 1 > 0:
             lo = pos - window + 1
         n = pos + 1 - lo
-        sc = np.empty(n, dtype=np.float32)
-        mx = np.float32(-np.inf)
+        sc = np.empty((rep, n), dtype=np.float32)
         for s in range(n):
-            acc = np.float32(0.0)
+            krow = k_cache[kv, lo + s]
+            for r in range(rep):
+                acc = np.float32(0.0)
+                for j in range(hd):
+                    acc += q[t, h0 + r, j] * krow[j]
+                acc *= scale
+                if cap > 0:
+                    acc = np.float32(cap * math.tanh(acc / cap))
+                sc[r, s] = acc
+        for r in range(rep):
+            mx = np.float32(-np.inf)
+            for s in range(n):
+                if sc[r, s] > mx:
+                    mx = sc[r, s]
+            tot = np.float32(0.0)
+            for s in range(n):
+                e = np.float32(math.exp(sc[r, s] - mx))
+                sc[r, s] = e
+                tot += e
+            inv = np.float32(1.0) / tot
+            for s in range(n):
+                sc[r, s] *= inv
             for j in range(hd):
-                acc += q[t, h, j] * k_cache[kv, lo + s, j]
-            acc *= scale
-            sc[s] = acc
-            if acc > mx:
-                mx = acc
-        tot = np.float32(0.0)
+                out[t, h0 + r, j] = 0.0
         for s in range(n):
-            e = np.float32(math.exp(sc[s] - mx))
-            sc[s] = e
-            tot += e
-        for j in range(hd):
-            out[t, h, j] = 0.0
-        for s in range(n):
-            wgt = sc[s] / tot
-            for j in range(hd):
-                out[t, h, j] += wgt * v_cache[kv, lo + s, j]
+            vrow = v_cache[kv, lo + s]
+            for r in range(rep):
+                wgt = sc[r, s]
+                for j in range(hd):
+                    out[t, h0 + r, j] += wgt * vrow[j]
 
 
 @nb.njit(**_JIT)
@@ -248,44 +262,3 @@ def softcap(out, x, cap):
     for t in range(x.shape[0]):
         for j in range(x.shape[1]):
             out[t, j] = np.float32(cap * math.tanh(x[t, j] / cap))
-
-
-@nb.njit(parallel=True, **_JIT)
-def attention_softcap(out, q, k_cache, v_cache, start, scale, window, cap):
-    """attention() with soft-capped scores: s = cap * tanh(scale * q.k / cap) before the softmax (gemma2).
-
-    out, q: f32[T, n_heads, hd]; k_cache, v_cache: f32[n_kv, ctx, hd]; window: 0 for full attention, else keys in
-    (pos-window, pos]; cap: f32 > 0.
-    """
-    t_n, nh, hd = q.shape
-    rep = nh // k_cache.shape[0]
-    for i in nb.prange(t_n * nh):
-        t = i // nh
-        h = i % nh
-        kv = h // rep
-        pos = start + t
-        lo = 0
-        if window > 0 and pos - window + 1 > 0:
-            lo = pos - window + 1
-        n = pos + 1 - lo
-        sc = np.empty(n, dtype=np.float32)
-        mx = np.float32(-np.inf)
-        for s in range(n):
-            acc = np.float32(0.0)
-            for j in range(hd):
-                acc += q[t, h, j] * k_cache[kv, lo + s, j]
-            acc = np.float32(cap * math.tanh(acc * scale / cap))
-            sc[s] = acc
-            if acc > mx:
-                mx = acc
-        tot = np.float32(0.0)
-        for s in range(n):
-            e = np.float32(math.exp(sc[s] - mx))
-            sc[s] = e
-            tot += e
-        for j in range(hd):
-            out[t, h, j] = 0.0
-        for s in range(n):
-            wgt = sc[s] / tot
-            for j in range(hd):
-                out[t, h, j] += wgt * v_cache[kv, lo + s, j]

@@ -20,9 +20,11 @@ import numpy as np
 
 from lowbit.formats.qtypes import GROUP_SIZES
 from lowbit.kernels.cpu import _JIT, _h2f
-from lowbit.kernels.simd import group_idot
+from lowbit.kernels.simd import group_idot, half_to_float, host_has_f16c
 
 XQ_MAX = 32767.0
+# scale/min decoding: one hardware conversion where the CPU has it, the table-based decoder elsewhere
+h2f = half_to_float if host_has_f16c() else _h2f
 
 
 def specialised(bits: int, g: int) -> bool:
@@ -71,8 +73,8 @@ def make_kernels(bits: int, g: int):
             crow = codes[r]
             acc = np.float32(0.0)
             for gi in range(ng):
-                d = _h2f(scales[r, gi])
-                m = _h2f(mins[r, gi]) if asym else d * zp
+                d = h2f(scales[r, gi])
+                m = h2f(mins[r, gi]) if asym else d * zp
                 s = group_idot(crow, gi * gbytes, xq, gi * g, bits, g)
                 acc += d * dx[gi] * np.float32(s) - m * xs[gi]
             y[r] = acc
@@ -90,8 +92,8 @@ def make_kernels(bits: int, g: int):
             for t in range(t_n):
                 y[t, r] = 0.0
             for gi in range(ng):
-                d = _h2f(scales[r, gi])
-                m = _h2f(mins[r, gi]) if asym else d * zp
+                d = h2f(scales[r, gi])
+                m = h2f(mins[r, gi]) if asym else d * zp
                 for t in range(t_n):
                     s = group_idot(crow, gi * gbytes, xq, t * cols + gi * g, bits, g)
                     y[t, r] += d * dx[t, gi] * np.float32(s) - m * xs[t, gi]

@@ -122,12 +122,7 @@ def attention(
     """Causal GQA attention over the cache; window > 0 limits each query to the last ``window`` keys, softcap > 0
     soft-caps the scaled scores (cap * tanh(s / cap))."""
     out = np.empty_like(q)
-    if softcap > 0:
-        kernel_call(
-            cpu.attention_softcap, out, q, k_cache, v_cache, start, np.float32(scale), window, np.float32(softcap)
-        )
-    else:
-        kernel_call(cpu.attention, out, q, k_cache, v_cache, start, np.float32(scale), window)
+    kernel_call(cpu.attention, out, q, k_cache, v_cache, start, np.float32(scale), window, np.float32(softcap))
     return out
 
 

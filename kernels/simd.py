@@ -94,3 +94,23 @@ def group_idot(typingctx, codes, boff, xq, xoff, bits, g):
         return builder.call(reduce, [prod])
 
     return sig, codegen
+
+
+@intrinsic
+def half_to_float(typingctx, h):
+    """float16 bits (uint16) -> float32 with one conversion instruction (F16C's vcvtph2ps on x86)."""
+    if h != types.uint16:
+        raise errors.TypingError("half_to_float needs a uint16")
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(h), codegen
+
+
+def host_has_f16c() -> bool:
+    """Whether LLVM can convert float16 in hardware here (else it would need a runtime library call)."""
+    import llvmlite.binding as llvm
+
+    feats = llvm.get_host_cpu_features()
+    return bool(feats.get("f16c")) or llvm.get_process_triple().startswith(("aarch64", "arm64"))
