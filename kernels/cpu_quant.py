@@ -64,11 +64,18 @@ def make_kernels(bits: int, g: int):
     zp = np.float32(1 << (bits - 1))
 
     @nb.njit(parallel=True, **_JIT)
-    def qmatvec(y, codes, scales, mins, xq, dx, xs, asym):
+    def qmatvec(y, codes, scales, mins, x, asym):
         """y[rows] = W @ x for one token. y: f32[rows]; codes: u8[rows, cols*bits/8]; scales, mins: u16[rows, ng]
-        (float16 bits; mins unused unless asym); xq: i16[cols]; dx, xs: f32[ng]."""
+        (float16 bits; mins unused unless asym); x: f32[1, cols]."""
         rows = codes.shape[0]
         ng = scales.shape[1]
+        xq2 = np.empty(x.shape, dtype=np.int16)
+        dx2 = np.empty((1, ng), dtype=np.float32)
+        xs2 = np.empty((1, ng), dtype=np.float32)
+        quantize_activations(xq2, dx2, xs2, x, g)
+        xq = xq2[0]
+        dx = dx2[0]
+        xs = xs2[0]
         for r in nb.prange(rows):
             crow = codes[r]
             acc = np.float32(0.0)
@@ -80,13 +87,17 @@ def make_kernels(bits: int, g: int):
             y[r] = acc
 
     @nb.njit(parallel=True, **_JIT)
-    def qmatmul_small(y, codes, scales, mins, xq, dx, xs, asym):
-        """y[T, rows] = x @ W.T for a few tokens. xq: i16[T * cols] (flattened rows); dx, xs: f32[T, ng]; other
-        arguments as in qmatvec."""
+    def qmatmul_small(y, codes, scales, mins, x, asym):
+        """y[T, rows] = x @ W.T for a few tokens. x: f32[T, cols]; other arguments as in qmatvec."""
         rows = codes.shape[0]
         ng = scales.shape[1]
-        t_n = dx.shape[0]
+        t_n = x.shape[0]
         cols = ng * g
+        xq2 = np.empty(x.shape, dtype=np.int16)
+        dx = np.empty((t_n, ng), dtype=np.float32)
+        xs = np.empty((t_n, ng), dtype=np.float32)
+        quantize_activations(xq2, dx, xs, x, g)
+        xq = xq2.reshape(t_n * cols)
         for r in nb.prange(rows):
             crow = codes[r]
             for t in range(t_n):

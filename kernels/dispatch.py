@@ -62,15 +62,8 @@ def linear(w: Weight, x: np.ndarray) -> np.ndarray:
         y = kernel_call(np.matmul, x, w.f32.T)
     elif t <= SMALL_BATCH and w.int_kernels is not None:
         y = np.empty((t, w.rows), dtype=np.float32)
-        ng = w.cols // w.g
-        xq = np.empty((t, w.cols), dtype=np.int16)
-        dx = np.empty((t, ng), dtype=np.float32)
-        xs = np.empty((t, ng), dtype=np.float32)
-        kernel_call(cpu_quant.quantize_activations, xq, dx, xs, x, w.g)
-        if t == 1:
-            kernel_call(w.int_kernels[0], y[0], *w._qargs(), xq[0], dx[0], xs[0], w.asym)
-        else:
-            kernel_call(w.int_kernels[1], y, *w._qargs(), xq.reshape(-1), dx, xs, w.asym)
+        kernel = w.int_kernels[0 if t == 1 else 1]
+        kernel_call(kernel, y[0] if t == 1 else y, *w._qargs(), np.ascontiguousarray(x), w.asym)
     elif t == 1:
         y = np.empty((1, w.rows), dtype=np.float32)
         kernel_call(cpu.qmatvec, y[0], *w._qargs(), x[0], *w._rest())
