@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt, print the reply and exit")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument(
-        "-n", "--max-tokens", type=int, default=None, help="most tokens per reply (default 512, at most half the context)"
+        "-n", "--max-tokens", type=int, default=None, help="most tokens per reply (default 512, at most half the ctx)"
     )
     p.add_argument("--history-file", default=None, help="input history file (default ~/.lowbit_history)")
     _add_sampling_args(p)
