@@ -2,9 +2,10 @@
 
 ``group_idot(codes, boff, xq, xoff, bits, g)`` is the integer dot product of one quantized group with int16
 activations: the group's packed codes (``g * bits / 8`` bytes at ``codes[boff]``, laid out in bit planes as
-``formats.qtypes`` describes) are unpacked into a ``<g x i8>`` vector of unsigned codes in element order, widened,
-multiplied by ``xq[xoff : xoff + g]`` (int16) and summed into one int32. The IR is target independent; LLVM lowers
-the widen-multiply-reduce to the best the host has (``vpdpwssd`` with AVX-512 VNNI, ``vpmaddwd`` with AVX2, ...).
+``formats.qtypes`` describes) are loaded as byte vectors, unpacked by shift-and-mask, widened, multiplied with
+``xq[xoff : xoff + g]`` (int16) and summed into one int32 (see ``_dot_ir`` for how the planes are arranged).
+The IR is target independent; LLVM lowers the widen-multiply-add to the best the host has (``vpdpwssd`` with
+AVX-512 VNNI, ``vpmaddwd`` with AVX2, ...).
 ``bits`` and ``g`` must be compile-time constants (the kernels close over them), so one definition serves every
 quant type.
 
@@ -35,32 +36,63 @@ def _concat(builder, vecs: list):
     return vecs[0]
 
 
-def _unpack_ir(builder, base_ptr, bits: int, g: int):
-    """<g x i8> unsigned codes of one group whose packed bytes start at base_ptr (i8*)."""
-    u = None
+def _widen_mul(builder, u, xptr, offset: int):
+    """<n x i32> u * xq[offset : offset + n] for <n x i8> unsigned codes u."""
+    n = u.type.count
+    xty = ir.VectorType(ir.IntType(16), n)
+    xp = builder.gep(xptr, [ir.Constant(ir.IntType(64), offset)])
+    x = builder.load(builder.bitcast(xp, xty.as_pointer()), align=2)
+    wide = ir.VectorType(_I32, n)
+    return builder.mul(builder.zext(u, wide), builder.sext(x, wide))
+
+
+def _reduce(builder, v):
+    fnty = ir.FunctionType(_I32, [v.type])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.vector.reduce.add.v{v.type.count}i32")
+    return builder.call(fn, [v])
+
+
+def _dot_ir(builder, cptr, xptr, bits: int, g: int):
+    """i32 sum over one group. Each shift-and-mask slot of a plane holds a contiguous run of the group's elements.
+    Wide planes (4 or 8 bits: one or two slots) multiply each slot with its own run of activations directly; narrow
+    planes (1 or 2 bits: four or eight short slots) are first put in element order with shuffles and combined into
+    one <g x i8> code vector, so the multiply runs on full-width registers."""
+    i64 = ir.IntType(64)
+    total = None
+    narrow = None  # <g x i8> codes of the narrow planes, in element order, already shifted into place
     shift = 0
     offset = 0
     for p in PLANES[bits]:
         n = 8 // p
         nbytes = g // n
         vty = ir.VectorType(_I8, nbytes)
-        ptr = builder.bitcast(builder.gep(base_ptr, [ir.Constant(ir.IntType(64), offset)]), vty.as_pointer())
-        c = builder.load(ptr, align=1)
-        if n == 1:
-            plane = c
+        c = builder.load(builder.bitcast(builder.gep(cptr, [ir.Constant(i64, offset)]), vty.as_pointer()), align=1)
+        slots = []
+        for k in range(n):
+            slot = c if k == 0 else builder.lshr(c, ir.Constant(vty, [k * p] * nbytes))
+            if k < n - 1:
+                slot = builder.and_(slot, ir.Constant(vty, [(1 << p) - 1] * nbytes))
+            slots.append(slot)
+        if p >= 4:
+            acc = None
+            for k, slot in enumerate(slots):
+                prod = _widen_mul(builder, slot, xptr, k * nbytes)
+                acc = prod if acc is None else builder.add(acc, prod)
+            part = _reduce(builder, acc)
+            if shift:
+                part = builder.shl(part, ir.Constant(_I32, shift))
+            total = part if total is None else builder.add(total, part)
         else:
-            mask = ir.Constant(vty, [(1 << p) - 1] * nbytes)
-            slots = []
-            for k in range(n):
-                s = c if k == 0 else builder.lshr(c, ir.Constant(vty, [k * p] * nbytes))
-                slots.append(builder.and_(s, mask) if k < n - 1 else s)
             plane = _concat(builder, slots)
-        if shift:
-            plane = builder.shl(plane, ir.Constant(plane.type, [shift] * g))
-        u = plane if u is None else builder.or_(u, plane)
+            if shift:
+                plane = builder.shl(plane, ir.Constant(plane.type, [shift] * g))
+            narrow = plane if narrow is None else builder.or_(narrow, plane)
         offset += nbytes
         shift += p
-    return u
+    if narrow is not None:
+        part = _reduce(builder, _widen_mul(builder, narrow, xptr, 0))
+        total = part if total is None else builder.add(total, part)
+    return total
 
 
 @intrinsic
@@ -84,14 +116,7 @@ def group_idot(typingctx, codes, boff, xq, xoff, bits, g):
         i64 = ir.IntType(64)
         cptr = builder.gep(carr.data, [builder.sext(bo, i64) if bo.type.width < 64 else bo])
         xptr = builder.gep(xarr.data, [builder.sext(xo, i64) if xo.type.width < 64 else xo])
-        u = _unpack_ir(builder, cptr, nbits, glen)
-        xty = ir.VectorType(ir.IntType(16), glen)
-        x = builder.load(builder.bitcast(xptr, xty.as_pointer()), align=2)
-        wide = ir.VectorType(_I32, glen)
-        prod = builder.mul(builder.zext(u, wide), builder.sext(x, wide))
-        fnty = ir.FunctionType(_I32, [wide])
-        reduce = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.vector.reduce.add.v{glen}i32")
-        return builder.call(reduce, [prod])
+        return _dot_ir(builder, cptr, xptr, nbits, glen)
 
     return sig, codegen
 

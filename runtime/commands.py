@@ -42,14 +42,7 @@ def cmd_generate(args) -> int:
     from lowbit.runtime.sampling import SamplingParams
 
     engine = Engine(_model_path(args.model), ctx=args.ctx, threads=args.threads)
-    params = SamplingParams(
-        temperature=args.temp,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repeat_penalty,
-        seed=args.seed,
-    )
+    params = SamplingParams.from_args(args)
     tok = engine.tokenizer
     if args.raw or not tok.has_chat_template:
         if not args.raw:

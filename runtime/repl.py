@@ -313,14 +313,7 @@ class Repl:
 
 # ---------------------------------------------------------------------------------------------- `lowbit run`
 def settings_from_args(args, ctx: int) -> ChatSettings:
-    params = SamplingParams(
-        temperature=args.temp,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repeat_penalty,
-        seed=args.seed,
-    )
+    params = SamplingParams.from_args(args)
     params.validate()
     max_tokens = args.max_tokens if args.max_tokens is not None else min(DEFAULT_MAX_TOKENS, max(ctx // 2, 1))
     if max_tokens < 1:

@@ -43,6 +43,18 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: logit -= frequency * count, over generated tokens
     seed: int | None = None
 
+    @classmethod
+    def from_args(cls, args) -> SamplingParams:
+        """From the CLI's sampling flags (--temp --top-k --top-p --min-p --repeat-penalty --seed)."""
+        return cls(
+            temperature=args.temp,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repeat_penalty,
+            seed=args.seed,
+        )
+
     def validate(self) -> None:
         """Raise :class:`LowbitError` naming the first out-of-range setting."""
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
