@@ -7,10 +7,11 @@ import numpy as np
 from lowbit.errors import FormatError
 from lowbit.formats.qtypes import PLANES
 from lowbit.formats.reader import StoredTensor
-from lowbit.kernels import cpu, cpu_quant
+from lowbit.kernels import blas, cpu, cpu_quant
 from lowbit.kernels.ref import dequantize
 from lowbit.kernels.timing import kernel_call
 
+BLAS_ATTENTION = 16  # from this many query tokens on, attention is computed with BLAS products
 SMALL_BATCH = 8  # up to this many tokens: fused dequantize-and-dot; beyond: dequantized tiles + BLAS
 TILE_ELEMS = 1 << 21  # elements of one dequantized prefill tile (8 MiB of float32)
 
@@ -115,7 +116,8 @@ def attention(
     """Causal GQA attention over the cache; window > 0 limits each query to the last ``window`` keys, softcap > 0
     soft-caps the scaled scores (cap * tanh(s / cap))."""
     out = np.empty_like(q)
-    kernel_call(cpu.attention, out, q, k_cache, v_cache, start, np.float32(scale), window, np.float32(softcap))
+    fn = blas.attention if q.shape[0] >= BLAS_ATTENTION else cpu.attention
+    kernel_call(fn, out, q, k_cache, v_cache, start, np.float32(scale), window, np.float32(softcap))
     return out
 
 

@@ -152,7 +152,9 @@ def bench_one(path: Path, label: str, args, bandwidth: float) -> BenchRow:
         roofline_tps=roofline_tps,
         roofline_fraction=decode_tps / roofline_tps,
         outside_kernels_fraction=1.0 - warm["decode_kernel_seconds"] / warm["decode_seconds"],
-        peak_rss_bytes=warm["peak_rss"],
+        peak_rss_bytes=warm["peak_rss"],  # while decoding when decode_peak_is_own, else over the whole run
+        decode_peak_is_own=warm["decode_peak_is_own"],
+        peak_rss_prefill_bytes=warm["peak_rss_prefill"],
         rss_limit_bytes=warm["container_bytes"] + warm["kv_cache_bytes"] + 200 * 1024 * 1024,
         kv_cache_bytes=warm["kv_cache_bytes"],
     )
@@ -216,7 +218,7 @@ def format_table(rows: list[BenchRow], args) -> str:
         f"prefill {args.prompt} tokens, decode {args.gen} tokens",
         "",
         "| model | type | file | load | first token cold / warm | prefill tok/s | prefill vs numpy f32 GEMM "
-        "| decode tok/s | % of roofline | outside kernels | peak RSS (limit) |",
+        "| decode tok/s | % of roofline | outside kernels | peak RSS decoding (limit) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:

@@ -28,6 +28,15 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _reset_peak_rss() -> bool:
+    """Start VmHWM afresh (Linux: "5" to /proc/self/clear_refs), so the next reading is the decode phase's own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def _cache_files() -> int:
     d = os.environ.get("NUMBA_CACHE_DIR")
     if not d or not Path(d).is_dir():
@@ -79,6 +88,8 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
         logits = model.forward(tokens, 0, cache)
         out["prefill_seconds"] = time.perf_counter() - t0
         tok = int(np.argmax(logits[0]))
+        out["peak_rss_prefill"] = _peak_rss()
+        out["decode_peak_is_own"] = _reset_peak_rss()
         step_times = []
         timer = KernelTimer()
         with timer:
