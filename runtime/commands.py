@@ -44,7 +44,8 @@ def cmd_generate(args) -> int:
     engine = Engine(_model_path(args.model), ctx=args.ctx, threads=args.threads)
     params = SamplingParams.from_args(args)
     tok = engine.tokenizer
-    if args.raw or not tok.has_chat_template:
+    plain = args.raw or not tok.has_chat_template
+    if plain:
         if not args.raw:
             log.warning("this model has no chat template; continuing the prompt as plain text")
         ids = tok.encode(args.prompt, add_special_tokens=True)
@@ -52,7 +53,7 @@ def cmd_generate(args) -> int:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         ids = tok.encode_chat([*messages, {"role": "user", "content": args.prompt}], add_generation_prompt=True)
     out = sys.stdout
-    for ev in engine.generate(ids, params, max_tokens=args.max_tokens, stop=args.stop):
+    for ev in engine.generate(ids, params, max_tokens=args.max_tokens, stop=args.stop, continuation=plain):
         out.write(ev.text)
         out.flush()
     out.write("\n")

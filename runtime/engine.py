@@ -155,8 +155,11 @@ class Engine:
         max_tokens: int = 256,
         stop: Sequence[str] = (),
         logprobs: int | None = None,
+        continuation: bool = False,
     ) -> Iterator[Event]:
         """Yield generated tokens with their text (stop strings held back and cut, UTF-8 kept whole).
+        ``continuation``: the text continues the prompt's text, so it is decoded after the prompt's last token (its
+        first token keeps its leading space); otherwise it is decoded on its own, like a chat reply.
         ``self.stats`` holds counts and timings of this call when the iterator ends."""
         params = params or SamplingParams()
         params.validate()
@@ -167,7 +170,7 @@ class Engine:
         self.stats = Stats(prompt_tokens=len(prompt))
         sampler = Sampler(params, self.args.vocab_size)
         stopper = StopMatcher(list(stop))
-        detok = self.tokenizer.stream_decoder()
+        detok = self.tokenizer.stream_decoder(context=prompt[-1:] if continuation else ())
         logits = self.prefill(prompt)
         generated: list[int] = []
         t0 = time.perf_counter()

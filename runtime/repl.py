@@ -113,7 +113,9 @@ class Chat:
         self.messages.append({"role": "user", "content": text})
         parts: list[str] = []
         interrupted = False
-        gen = self.engine.generate(ids, replace(self.settings.params), max_tokens=self.settings.max_tokens)
+        gen = self.engine.generate(
+            ids, replace(self.settings.params), max_tokens=self.settings.max_tokens, continuation=not self.chat_mode
+        )
         try:
             for ev in gen:
                 parts.append(ev.text)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from lowbit.errors import LowbitError, SourceError
@@ -229,8 +230,8 @@ class Tokenizer:
         """Ids of special tokens (dropped by ``decode(..., skip_special_tokens=True)``)."""
         return self._backend.special_ids()
 
-    def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
-        return StreamDecoder(self, skip_special_tokens)
+    def stream_decoder(self, skip_special_tokens: bool = True, context: Sequence[int] = ()) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens, context)
 
 
 class StreamDecoder:
@@ -244,14 +245,17 @@ class StreamDecoder:
 
     _REBASE_AFTER = 64
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, context: Sequence[int] = ()):
+        """``context``: token ids that precede the stream (e.g. the prompt's last token). Text is decoded after them,
+        so a continuation keeps the leading space its first token has in context (sentencepiece-style decoders drop
+        it at the start of a text)."""
         self._tok = tokenizer
         self._skip = skip_special_tokens
         self._byte_ids = tokenizer.byte_token_ids()
         # skipped special tokens vanish before the decoder runs, so they do not end a run of byte tokens
         self._transparent = self._byte_ids | tokenizer.special_ids() if skip_special_tokens else self._byte_ids
-        self._ids: list[int] = []  # the window
-        self._done = ""  # text of the window already returned
+        self._ids: list[int] = [int(i) for i in context]  # the window
+        self._done = tokenizer.decode(self._ids, skip_special_tokens=skip_special_tokens) if self._ids else ""
 
     def add(self, token_id: int) -> str:
         self._ids.append(int(token_id))

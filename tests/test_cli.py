@@ -41,11 +41,26 @@ def test_generate_raw_and_seeded_sampling_reproducible():
 def test_generate_stop_string():
     eng = Engine(ctx=256)
     ids = eng.tokenizer.encode("The os module", add_special_tokens=True)
-    full = "".join(ev.text for ev in eng.generate(ids, max_tokens=24))
+    full = "".join(ev.text for ev in eng.generate(ids, max_tokens=24, continuation=True))
     stop = full[10:13]
     res = lowbit("generate", "-p", "The os module", "--raw", "-n", "24", "--stop", stop)
     assert res.returncode == 0
     assert res.stdout.rstrip("\n") == full[: full.index(stop)]
+
+
+def test_continuation_text_is_decoded_in_context():
+    """A plain continuation keeps its first token's leading space (prompt text + output = decode of everything); a
+    chat reply is decoded on its own."""
+    eng = Engine(ctx=256)
+    tok = eng.tokenizer
+    ids = tok.encode("The os module provides", add_special_tokens=True)
+    events = list(eng.generate(ids, max_tokens=12, continuation=True))
+    gen = [ev.token for ev in events if ev.token >= 0]
+    text = "".join(ev.text for ev in events)
+    assert tok.decode(ids + gen) == tok.decode(ids) + text
+    assert text.startswith(" ")  # the model continues with a new word (" a ...")
+    alone = "".join(ev.text for ev in eng.generate(ids, max_tokens=12))
+    assert alone == tok.decode(gen) == text.lstrip(" ")
 
 
 def test_inspect_bundled_model_and_verify():
