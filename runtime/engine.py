@@ -22,6 +22,7 @@ from lowbit.runtime.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 DEFAULT_CTX = 4096
+PREFILL_CHUNK = 512  # prompt tokens per forward pass
 
 
 def default_model_path() -> Path:
@@ -93,6 +94,7 @@ class Engine:
         self.generation_defaults = gen.get("defaults", {})
         self.cache = self.model.new_cache()
         self.cached: list[int] = []  # tokens whose keys/values are in the cache, in order
+        self.prefill_chunk = PREFILL_CHUNK
         self.load_seconds = time.perf_counter() - t0
         self.stats = Stats()
 
@@ -116,12 +118,17 @@ class Engine:
         # forward overwrites positions n.. of the cache: forget them first, so a prefill interrupted part-way
         # (Ctrl-C) never leaves old tokens listed whose keys/values are already gone
         self.cached = tokens[:n]
-        t0 = time.perf_counter()
-        logits = self.model.forward(np.array(tokens[n:]), n, self.cache)
-        self.stats.prefill_seconds += time.perf_counter() - t0
-        self.stats.prefilled_tokens += len(tokens) - n
         self.stats.reused_tokens += n
-        self.cached = tokens
+        t0 = time.perf_counter()
+        try:
+            # in chunks, so activation memory stays bounded however long the prompt (llama.cpp's ubatch)
+            for i in range(n, len(tokens), self.prefill_chunk):
+                chunk = tokens[i : i + self.prefill_chunk]
+                logits = self.model.forward(np.array(chunk), i, self.cache)
+                self.cached = tokens[: i + len(chunk)]
+                self.stats.prefilled_tokens += len(chunk)
+        finally:
+            self.stats.prefill_seconds += time.perf_counter() - t0
         return logits[0]
 
     def step(self, token: int) -> np.ndarray:

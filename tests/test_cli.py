@@ -93,3 +93,15 @@ def test_eval_matches_direct_numpy_computation(tmp_path):
     assert got["tokens"] == n == (len(ids) // 63) * 63
     assert abs(got["ppl"] - np.exp(nll / n)) / got["ppl"] < 1e-4
     assert perplexity(eng.logits_all, ids, 64, eng.tokenizer.bos_id).tokens == n
+
+
+def test_prefill_in_chunks_gives_the_same_logits():
+    eng = Engine(ctx=256)
+    ids = eng.tokenizer.encode("The os module provides a portable way of using operating system functionality.")
+    whole = eng.prefill(ids)
+    eng.reset()
+    eng.prefill_chunk = 4
+    eng.stats = type(eng.stats)()
+    chunked = eng.prefill(ids)
+    assert eng.cached == ids and eng.stats.prefilled_tokens == len(ids) and len(ids) > 3 * 4
+    np.testing.assert_allclose(chunked, whole, rtol=1e-4, atol=1e-4 * np.abs(whole).max())
