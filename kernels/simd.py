@@ -55,8 +55,9 @@ def _reduce(builder, v):
 def _dot_ir(builder, cptr, xptr, bits: int, g: int):
     """i32 sum over one group. Each shift-and-mask slot of a plane holds a contiguous run of the group's elements.
     Wide planes (4 or 8 bits: one or two slots) multiply each slot with its own run of activations directly; narrow
-    planes (1 or 2 bits: four or eight short slots) are first put in element order with shuffles and combined into
-    one <g x i8> code vector, so the multiply runs on full-width registers."""
+    planes (1 or 2 bits: four or eight short slots) are first put in element order and combined into one <g x i8>
+    code vector, so the multiply runs on full-width registers: 2-bit slots are concatenated with shuffles; a 1-bit
+    plane is spread with one shuffle (lane e gets byte e % nbytes) and each lane tests its own bit."""
     i64 = ir.IntType(64)
     total = None
     narrow = None  # <g x i8> codes of the narrow planes, in element order, already shifted into place
@@ -67,6 +68,18 @@ def _dot_ir(builder, cptr, xptr, bits: int, g: int):
         nbytes = g // n
         vty = ir.VectorType(_I8, nbytes)
         c = builder.load(builder.bitcast(builder.gep(cptr, [ir.Constant(i64, offset)]), vty.as_pointer()), align=1)
+        if p == 1:  # element e is bit e // nbytes of byte e % nbytes: spread the bytes, test one bit per lane
+            spread = builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(_I32, g), [e % nbytes for e in range(g)]))
+            masks = [(1 << (e // nbytes)) if e // nbytes < 7 else -128 for e in range(g)]  # i8: bit 7 is -128
+            bit = ir.Constant(ir.VectorType(_I8, g), masks)
+            hit = builder.icmp_unsigned("!=", builder.and_(spread, bit), ir.Constant(ir.VectorType(_I8, g), [0] * g))
+            plane = builder.zext(hit, ir.VectorType(_I8, g))
+            if shift:
+                plane = builder.shl(plane, ir.Constant(plane.type, [shift] * g))
+            narrow = plane if narrow is None else builder.or_(narrow, plane)
+            offset += nbytes
+            shift += p
+            continue
         slots = []
         for k in range(n):
             slot = c if k == 0 else builder.lshr(c, ir.Constant(vty, [k * p] * nbytes))
