@@ -3,8 +3,10 @@
     python bench/quality_table.py ../shared/models/refsmall --text ../shared/data/dev-eval.txt
 
 Converts SRC with the default method at each --bits (group 64), evaluates each container with the same code as
-`lowbit eval` (windows of --ctx tokens, BOS in front, first --max-tokens tokens), and, unless --no-reference,
-computes the same perplexity with transformers (PyTorch, float32) for the reference row. Prints a markdown table.
+`lowbit eval --reference` (windows of --ctx tokens, BOS in front, first --max-tokens tokens) against the unquantized
+(--bits 16) container, which is always built: perplexity, KL(16-bit ‖ row) mean and p99, top-1 agreement. Unless
+--no-reference, also computes the same perplexity with transformers (PyTorch, float32) for the reference row.
+Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from lowbit.convert.converter import ConvertOptions, convert
 from lowbit.formats.reader import Container
 from lowbit.runtime.commands import summarize
 from lowbit.runtime.engine import Engine
-from lowbit.runtime.evaluate import perplexity
+from lowbit.runtime.evaluate import evaluate_many, perplexity
 
 
 def transformers_ppl(src: str, text: str, ctx: int, max_tokens: int) -> float:
@@ -51,33 +53,43 @@ def main() -> None:
     args = ap.parse_args()
     text = Path(args.text).read_text(encoding="utf-8")
     rows = []
+    conv_s: dict[int, float] = {}
     ref = None if args.no_reference else transformers_ppl(args.source, text, args.ctx, args.max_tokens)
+    bits_list = [int(b) for b in args.bits.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        for bits in (int(b) for b in args.bits.split(",")):
-            out = Path(tmp) / f"m{bits}.lowbit"
+        paths = {}
+        for bits in sorted({16, *bits_list}, reverse=True):  # the 16-bit container first: it is the KL reference
+            paths[bits] = Path(tmp) / f"m{bits}.lowbit"
             t0 = time.perf_counter()
-            convert(args.source, out, ConvertOptions(bits=bits, group_size=args.group_size), progress=False)
-            conv_s = time.perf_counter() - t0
-            eng = Engine(out, ctx=args.ctx)
-            ids = eng.tokenizer.encode(text, add_special_tokens=False)
-            res = perplexity(eng.logits_all, ids, args.ctx, eng.tokenizer.bos_id, args.max_tokens)
-            s = summarize(Container(out))
+            convert(args.source, paths[bits], ConvertOptions(bits=bits, group_size=args.group_size), progress=False)
+            conv_s[bits] = time.perf_counter() - t0
+        ref_eng = Engine(paths[16], ctx=args.ctx)
+        engines = [Engine(paths[bits], ctx=args.ctx) for bits in bits_list]
+        ids = ref_eng.tokenizer.encode(text, add_special_tokens=False)
+        results = evaluate_many([e.logits_all for e in engines], ids, args.ctx, ref_eng.tokenizer.bos_id,
+                                args.max_tokens, ref_logits_fn=ref_eng.logits_all)
+        for bits, res in zip(bits_list, results):
+            s = summarize(Container(paths[bits]))
             rows.append(
                 dict(bits=bits, ppl=res.ppl, tokens=res.tokens, bpw_all=s["bpw_all"], bpw_matrices=s["bpw_matrices"],
-                     size_bytes=out.stat().st_size, convert_seconds=conv_s)
+                     size_bytes=paths[bits].stat().st_size, convert_seconds=conv_s[bits], kl_mean=res.kl_mean,
+                     kl_p99=res.kl_p99, top1=res.top1)
             )
     print(f"perplexity, first {args.max_tokens} tokens of {args.text}, context {args.ctx}, group {args.group_size}")
     print()
-    print("| bits | ppl | Δ vs transformers | bits/weight (matrices) | bits/weight (all) | file size |")
-    print("|---|---|---|---|---|---|")
+    print("KL(16-bit ‖ row) in nats over every scored position; top-1 = argmax agreement with the 16-bit container")
+    print()
+    print("| bits | ppl | Δ vs transformers | bits/weight (matrices) | bits/weight (all) | file size "
+          "| KL mean | KL p99 | top-1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     if ref is not None:
-        print(f"| transformers fp32 | {ref:.3f} | — | — | — | — |")
+        print(f"| transformers fp32 | {ref:.3f} | — | — | — | — | — | — | — |")
     for r in rows:
         delta = f"{(r['ppl'] / ref - 1) * 100:+.2f}%" if ref is not None else "—"
         label = "16 (unquantized)" if r["bits"] == 16 else str(r["bits"])
         mat = r["bpw_all"] if math.isnan(r["bpw_matrices"]) else r["bpw_matrices"]  # nothing quantized at 16
         print(f"| {label} | {r['ppl']:.3f} | {delta} | {mat:.3f} | {r['bpw_all']:.3f} "
-              f"| {r['size_bytes'] / 1e6:.2f} MB |")
+              f"| {r['size_bytes'] / 1e6:.2f} MB | {r['kl_mean']:.5f} | {r['kl_p99']:.5f} | {r['top1'] * 100:.2f}% |")
     if args.json:
         Path(args.json).write_text(json.dumps({"reference_ppl": ref, "rows": rows}, indent=1))
 

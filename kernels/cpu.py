@@ -262,3 +262,72 @@ def softcap(out, x, cap):
     for t in range(x.shape[0]):
         for j in range(x.shape[1]):
             out[t, j] = np.float32(cap * math.tanh(x[t, j] / cap))
+
+
+@nb.njit(parallel=True, **_JIT)
+def attention_decode(out, q, k_cache, v_cache, start, scale, window, cap, chunk):
+    """attention() for one query token, split over chunks of ``chunk`` cached positions so that every thread has
+    work even with few key/value heads; each chunk keeps its own softmax max and sum, combined at the end.
+
+    out, q: f32[1, n_heads, hd]; other arguments as in attention(); chunk: positions per work item.
+    """
+    nh, hd = q.shape[1], q.shape[2]
+    n_kv = k_cache.shape[0]
+    rep = nh // n_kv
+    lo = 0
+    if window > 0 and start - window + 1 > 0:
+        lo = start - window + 1
+    n = start + 1 - lo
+    nch = (n + chunk - 1) // chunk
+    pmax = np.empty((n_kv, nch, rep), dtype=np.float32)
+    psum = np.empty((n_kv, nch, rep), dtype=np.float32)
+    pout = np.zeros((n_kv, nch, rep, hd), dtype=np.float32)
+    for i in nb.prange(n_kv * nch):
+        kv = i // nch
+        c = i % nch
+        s0 = lo + c * chunk
+        m = min(chunk, lo + n - s0)
+        sc = np.empty((rep, m), dtype=np.float32)
+        for s in range(m):
+            krow = k_cache[kv, s0 + s]
+            for r in range(rep):
+                acc = np.float32(0.0)
+                for j in range(hd):
+                    acc += q[0, kv * rep + r, j] * krow[j]
+                acc *= scale
+                if cap > 0:
+                    acc = np.float32(cap * math.tanh(acc / cap))
+                sc[r, s] = acc
+        for r in range(rep):
+            mx = np.float32(-np.inf)
+            for s in range(m):
+                if sc[r, s] > mx:
+                    mx = sc[r, s]
+            tot = np.float32(0.0)
+            for s in range(m):
+                e = np.float32(math.exp(sc[r, s] - mx))
+                sc[r, s] = e
+                tot += e
+            pmax[kv, c, r] = mx
+            psum[kv, c, r] = tot
+        for s in range(m):
+            vrow = v_cache[kv, s0 + s]
+            for r in range(rep):
+                wgt = sc[r, s]
+                for j in range(hd):
+                    pout[kv, c, r, j] += wgt * vrow[j]
+    for kv in range(n_kv):
+        for r in range(rep):
+            mx = np.float32(-np.inf)
+            for c in range(nch):
+                if pmax[kv, c, r] > mx:
+                    mx = pmax[kv, c, r]
+            tot = np.float32(0.0)
+            for c in range(nch):
+                tot += psum[kv, c, r] * np.float32(math.exp(pmax[kv, c, r] - mx))
+            for j in range(hd):
+                out[0, kv * rep + r, j] = 0.0
+            for c in range(nch):
+                f = np.float32(math.exp(pmax[kv, c, r] - mx)) / tot
+                for j in range(hd):
+                    out[0, kv * rep + r, j] += f * pout[kv, c, r, j]

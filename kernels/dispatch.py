@@ -12,6 +12,7 @@ from lowbit.kernels.ref import dequantize
 from lowbit.kernels.timing import kernel_call
 
 BLAS_ATTENTION = 16  # from this many query tokens on, attention is computed with BLAS products
+DECODE_CHUNK = 128  # one-token attention over more cached positions than this is split into chunks of this many
 SMALL_BATCH = 8  # up to this many tokens: fused dequantize-and-dot; beyond: dequantized tiles + BLAS
 TILE_ELEMS = 1 << 21  # elements of one dequantized prefill tile (8 MiB of float32)
 
@@ -116,8 +117,11 @@ def attention(
     """Causal GQA attention over the cache; window > 0 limits each query to the last ``window`` keys, softcap > 0
     soft-caps the scaled scores (cap * tanh(s / cap))."""
     out = np.empty_like(q)
-    fn = blas.attention if q.shape[0] >= BLAS_ATTENTION else cpu.attention
-    kernel_call(fn, out, q, k_cache, v_cache, start, np.float32(scale), window, np.float32(softcap))
+    args = (out, q, k_cache, v_cache, start, np.float32(scale), window, np.float32(softcap))
+    if q.shape[0] == 1 and start + 1 > DECODE_CHUNK:
+        kernel_call(cpu.attention_decode, *args, DECODE_CHUNK)
+    else:
+        kernel_call(blas.attention if q.shape[0] >= BLAS_ATTENTION else cpu.attention, *args)
     return out
 
 

@@ -91,11 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="check every CRC32")
     p.add_argument("--tensors", action="store_true", help="list every tensor (default: a summary per kind)")
 
-    p = sub.add_parser("eval", help="perplexity on a text file")
+    p = sub.add_parser("eval", help="perplexity on a text file; KL and top-1 agreement against a reference")
     _add_runtime_args(p)
     p.add_argument("--text", required=True, help="UTF-8 text file")
     p.add_argument("--eval-ctx", type=int, default=256, help="window length incl. BOS (default 256)")
     p.add_argument("--max-tokens", type=int, default=None, help="only the first N tokens of the text")
+    p.add_argument("--reference", default=None, metavar="SRC", help="also compare with this model (a .lowbit file, "
+                   "or a Hugging Face checkpoint run unquantized): KL divergence and top-1 agreement")
     p.add_argument("--json", action="store_true")
     return ap
 

@@ -159,40 +159,52 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from contextlib import ExitStack
+
     from tqdm import tqdm
 
+    from lowbit.formats.reader import Container
     from lowbit.runtime.engine import Engine
-    from lowbit.runtime.evaluate import perplexity
+    from lowbit.runtime.evaluate import check_same_tokens, count_windows, evaluate, reference_engine, too_short_message
 
     path = Path(args.text)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise LowbitError(f"{path}: cannot read text ({e})") from None
-    engine = Engine(_model_path(args.model), ctx=max(args.eval_ctx, args.ctx or 0), threads=args.threads)
+    ctx = max(args.eval_ctx, args.ctx or 0)
+    engine = Engine(_model_path(args.model), ctx=ctx, threads=args.threads)
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     bos = engine.tokenizer.bos_id
     if bos is None:
         raise LowbitError("this model has no BOS token; perplexity by the project convention needs one")
-    n_win = len(ids[: args.max_tokens] if args.max_tokens else ids) // (args.eval_ctx - 1)
-    bar = tqdm(total=n_win, desc="eval", unit="window", disable=args.json)
-    res = perplexity(engine.logits_all, ids, args.eval_ctx, bos, args.max_tokens, on_window=lambda _: bar.update())
-    bar.close()
-    from lowbit.formats.reader import Container
-
+    n_win = count_windows(len(ids), args.eval_ctx, args.max_tokens)
+    if n_win == 0:  # before converting a reference for nothing
+        raise LowbitError(f"{path}: {too_short_message(len(ids), args.eval_ctx, args.max_tokens)}")
+    with ExitStack() as stack:
+        ref = None
+        if args.reference:
+            ref = stack.enter_context(reference_engine(args.reference, ctx, args.threads))
+            check_same_tokens(engine, ref, text, ids)
+        bar = stack.enter_context(tqdm(total=n_win, desc="eval", unit="window", disable=args.json))
+        res = evaluate(engine.logits_all, ids, args.eval_ctx, bos, args.max_tokens,
+                       ref_logits_fn=ref.logits_all if ref else None, on_window=lambda _: bar.update())
     s = summarize(Container(engine.path))
     out = {
         "model": str(engine.path),
-        "ppl": res.ppl,
-        "tokens": res.tokens,
-        "windows": res.windows,
         "ctx": args.eval_ctx,
         "bpw": s["bpw_all"],
         "file_bytes": engine.container.size,
+        **({"reference": args.reference} if args.reference else {}),
+        **res.to_dict(),
     }
     if args.json:
         print(json.dumps(out))
-    else:
-        print(f"perplexity {res.ppl:.4f} over {res.tokens} tokens ({res.windows} windows of {args.eval_ctx}); "
-              f"{s['bpw_all']:.3f} bits/weight; {engine.container.size / 1e6:.2f} MB")
+        return 0
+    print(f"perplexity {res.ppl:.4f} over {res.tokens} tokens ({res.windows} windows of {args.eval_ctx}); "
+          f"{s['bpw_all']:.3f} bits/weight; {engine.container.size / 1e6:.2f} MB")
+    if ref is not None:
+        print(f"reference perplexity {res.ref_ppl:.4f} (model {res.delta_ppl_pct:+.2f}%); "
+              f"KL(reference || model) mean {res.kl_mean:.5f} p99 {res.kl_p99:.5f} nats; "
+              f"top-1 agreement {res.top1 * 100:.2f}%")
     return 0

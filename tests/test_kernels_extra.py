@@ -95,3 +95,18 @@ def test_blas_prefill_attention_matches_reference(t, start, window, cap):
     want = ref.attention(q, k, v, start, scale=0.3, window=window, softcap=cap)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert t >= dispatch.BLAS_ATTENTION  # the path dispatch takes for prompts this long
+
+
+@pytest.mark.parametrize("start,window,cap,chunk", [(0, 0, 0.0, 4), (37, 0, 0.0, 8), (37, 0, 2.0, 5), (50, 9, 0.0, 4)])
+def test_split_decode_attention_matches_reference(start, window, cap, chunk):
+    from lowbit.kernels import cpu
+
+    rng = np.random.default_rng(start + chunk)
+    nh, nkv, hd, ctx = 6, 2, 8, 64
+    q = (rng.standard_normal((1, nh, hd)) * 2).astype(np.float32)
+    k = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
+    v = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
+    got = np.empty_like(q)
+    cpu.attention_decode(got, q, k, v, start, np.float32(0.3), window, np.float32(cap), chunk)
+    want = ref.attention(q, k, v, start, scale=0.3, window=window, softcap=cap)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
