@@ -181,6 +181,51 @@ def rope_inplace(x, cos, sin):
                 x[t, h, half + j] = b * cos[t, j] + a * sin[t, j]
 
 
+@nb.njit(inline="always", **_JIT)
+def _scores(sc, q, t, h0, k_cache, kv, s0, m, scale, cap):
+    """sc[r, s] = (soft-capped) scale * q[t, h0 + r] . k_cache[kv, s0 + s] for the rep heads of one kv head."""
+    rep = sc.shape[0]
+    hd = q.shape[2]
+    for s in range(m):
+        krow = k_cache[kv, s0 + s]
+        for r in range(rep):
+            acc = np.float32(0.0)
+            for j in range(hd):
+                acc += q[t, h0 + r, j] * krow[j]
+            acc *= scale
+            if cap > 0:
+                acc = np.float32(cap * math.tanh(acc / cap))
+            sc[r, s] = acc
+
+
+@nb.njit(inline="always", **_JIT)
+def _exp_rows(sc, m, mx, tot):
+    """sc[r, :m] = exp(sc[r, :m] - mx[r]) with mx[r] the row's max; tot[r] = the row's sum."""
+    for r in range(sc.shape[0]):
+        top = np.float32(-np.inf)
+        for s in range(m):
+            if sc[r, s] > top:
+                top = sc[r, s]
+        acc = np.float32(0.0)
+        for s in range(m):
+            e = np.float32(math.exp(sc[r, s] - top))
+            sc[r, s] = e
+            acc += e
+        mx[r] = top
+        tot[r] = acc
+
+
+@nb.njit(inline="always", **_JIT)
+def _weighted_values(dst, sc, v_cache, kv, s0, m):
+    """dst[r, :] += sum_s sc[r, s] * v_cache[kv, s0 + s]. dst: f32[rep, hd]."""
+    for s in range(m):
+        vrow = v_cache[kv, s0 + s]
+        for r in range(dst.shape[0]):
+            wgt = sc[r, s]
+            for j in range(dst.shape[1]):
+                dst[r, j] += wgt * vrow[j]
+
+
 @nb.njit(parallel=True, **_JIT)
 def attention(out, q, k_cache, v_cache, start, scale, window, cap):
     """Causal GQA attention over the KV cache.
@@ -203,37 +248,17 @@ def attention(out, q, k_cache, v_cache, start, scale, window, cap):
             lo = pos - window + 1
         n = pos + 1 - lo
         sc = np.empty((rep, n), dtype=np.float32)
-        for s in range(n):
-            krow = k_cache[kv, lo + s]
-            for r in range(rep):
-                acc = np.float32(0.0)
-                for j in range(hd):
-                    acc += q[t, h0 + r, j] * krow[j]
-                acc *= scale
-                if cap > 0:
-                    acc = np.float32(cap * math.tanh(acc / cap))
-                sc[r, s] = acc
+        mx = np.empty(rep, dtype=np.float32)
+        tot = np.empty(rep, dtype=np.float32)
+        _scores(sc, q, t, h0, k_cache, kv, lo, n, scale, cap)
+        _exp_rows(sc, n, mx, tot)
+        dst = out[t, h0 : h0 + rep]
+        dst[:] = 0.0
+        _weighted_values(dst, sc, v_cache, kv, lo, n)
         for r in range(rep):
-            mx = np.float32(-np.inf)
-            for s in range(n):
-                if sc[r, s] > mx:
-                    mx = sc[r, s]
-            tot = np.float32(0.0)
-            for s in range(n):
-                e = np.float32(math.exp(sc[r, s] - mx))
-                sc[r, s] = e
-                tot += e
-            inv = np.float32(1.0) / tot
-            for s in range(n):
-                sc[r, s] *= inv
+            inv = np.float32(1.0) / tot[r]
             for j in range(hd):
-                out[t, h0 + r, j] = 0.0
-        for s in range(n):
-            vrow = v_cache[kv, lo + s]
-            for r in range(rep):
-                wgt = sc[r, s]
-                for j in range(hd):
-                    out[t, h0 + r, j] += wgt * vrow[j]
+                dst[r, j] *= inv
 
 
 @nb.njit(**_JIT)
@@ -288,34 +313,9 @@ def attention_decode(out, q, k_cache, v_cache, start, scale, window, cap, chunk)
         s0 = lo + c * chunk
         m = min(chunk, lo + n - s0)
         sc = np.empty((rep, m), dtype=np.float32)
-        for s in range(m):
-            krow = k_cache[kv, s0 + s]
-            for r in range(rep):
-                acc = np.float32(0.0)
-                for j in range(hd):
-                    acc += q[0, kv * rep + r, j] * krow[j]
-                acc *= scale
-                if cap > 0:
-                    acc = np.float32(cap * math.tanh(acc / cap))
-                sc[r, s] = acc
-        for r in range(rep):
-            mx = np.float32(-np.inf)
-            for s in range(m):
-                if sc[r, s] > mx:
-                    mx = sc[r, s]
-            tot = np.float32(0.0)
-            for s in range(m):
-                e = np.float32(math.exp(sc[r, s] - mx))
-                sc[r, s] = e
-                tot += e
-            pmax[kv, c, r] = mx
-            psum[kv, c, r] = tot
-        for s in range(m):
-            vrow = v_cache[kv, s0 + s]
-            for r in range(rep):
-                wgt = sc[r, s]
-                for j in range(hd):
-                    pout[kv, c, r, j] += wgt * vrow[j]
+        _scores(sc, q, 0, kv * rep, k_cache, kv, s0, m, scale, cap)
+        _exp_rows(sc, m, pmax[kv, c], psum[kv, c])
+        _weighted_values(pout[kv, c], sc, v_cache, kv, s0, m)
     for kv in range(n_kv):
         for r in range(rep):
             mx = np.float32(-np.inf)

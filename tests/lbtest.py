@@ -1,5 +1,8 @@
 """Paths and helpers shared by the tests (importable because pytest puts tests/ on sys.path)."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -7,3 +10,23 @@ REFSMALL = SHARED / "models" / "refsmall"
 DEV_EVAL = SHARED / "data" / "dev-eval.txt"
 CALIB = SHARED / "data" / "calib.txt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
+
+
+def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    """`lowbit ARGS...` in a child process (offline), output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "lowbit.runtime.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def assert_clean_error(res, needle: str) -> None:
+    """Exit code 2 and exactly one stderr line, `lowbit: error: ...` containing ``needle``, no traceback."""
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("lowbit: error:") and needle in lines[0], lines[0]

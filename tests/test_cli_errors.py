@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -11,27 +10,9 @@ import sys
 import time
 
 import pytest
-from lbtest import REFSMALL
+from lbtest import REFSMALL, assert_clean_error, run_cli
 
 from lowbit.runtime.cli import main
-
-
-def run_cli(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "lowbit.runtime.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-
-
-def assert_clean_error(res, needle):
-    assert res.returncode == 2, res.stderr
-    assert "Traceback" not in res.stderr
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("lowbit: error:") and needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

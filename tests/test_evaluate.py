@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from lbtest import DEV_EVAL, REFSMALL, TOKENIZER_FILES
+from lbtest import DEV_EVAL, REFSMALL, TOKENIZER_FILES, assert_clean_error, run_cli
 
 from lowbit.convert.converter import ConvertOptions, convert
 from lowbit.runtime import evaluate as ev
@@ -21,19 +18,6 @@ from lowbit.runtime.engine import Engine, default_model_path
 CTX = 32  # tiny models allow 256 positions
 
 
-def run_cli(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "lowbit.runtime.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-
-
-def assert_clean_error(res, needle):
-    assert res.returncode == 2, res.stderr
-    assert "Traceback" not in res.stderr
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("lowbit: error:") and needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
