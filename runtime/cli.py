@@ -16,7 +16,7 @@ log = logging.getLogger("lowbit")
 def _add_runtime_args(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
     p.add_argument("model", nargs="?" if model_optional else None, help="a .lowbit file (default: the bundled model)")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: min(4096, model max))")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -30,11 +30,25 @@ def default_model_path() -> Path:
     return Path(str(resources.files("lowbit") / "default" / "refsmall-q4.lowbit"))
 
 
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (hyper-threads share a core's SIMD units, so the
+    kernels gain nothing from them); the logical count where the topology is not readable."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            return max(len(cpus), 1)
+    return max(len(cores), 1)
+
+
 def set_threads(threads: int | None) -> int:
-    n = threads or os.cpu_count() or 1
-    if n < 1:
-        raise LowbitError("--threads must be at least 1")
-    n = min(n, numba.config.NUMBA_NUM_THREADS)
+    """Set numba's thread count for the calling thread: ``threads``, or the physical core count. Returns it."""
+    if threads is not None and threads < 1:
+        raise LowbitError(f"--threads must be at least 1, got {threads}")
+    n = min(threads or physical_cores(), numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(n)
     return n
 

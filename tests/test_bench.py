@@ -88,3 +88,15 @@ def test_bench_bad_input():
                          capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.startswith("lowbit: error: unknown shape 'nope'")
     assert "Traceback" not in res.stderr
+
+
+def test_default_threads_are_physical_cores():
+    import os
+
+    import numba
+
+    from lowbit.runtime.engine import physical_cores, set_threads
+
+    n = physical_cores()
+    assert 1 <= n <= len(os.sched_getaffinity(0))
+    assert set_threads(None) == min(n, numba.config.NUMBA_NUM_THREADS)

@@ -145,3 +145,7 @@ def test_killed_convert_process_leaves_nothing(tmp_path, sig):
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert list(out.iterdir()) == []
+
+
+def test_bad_thread_count():
+    assert_clean_error(run_cli("generate", "-p", "hi", "-n", "2", "--threads", "0"), "--threads must be at least 1")
