@@ -1,0 +1,61 @@
+"""Decode matvec throughput per quant type: the generic plane-loop kernel against the integer kernel dispatch uses.
+
+    python bench/matvec_speed.py [--rows 8192 --cols 2048 --threads 1,2]
+
+Prints G weights/s (best of 30) for one W[rows, cols] @ x, per type and thread count, measured in one run. The
+matrix (a few MB) stays in cache, so this is the kernels' compute rate, not memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numba
+import numpy as np
+
+from lowbit.formats.qtypes import PLANES, quant_type
+from lowbit.kernels import cpu
+from lowbit.kernels.cpu_quant import make_kernels
+from lowbit.runtime.bench_model import random_parts
+
+
+def best_seconds(fn, *args, repeats: int = 30) -> float:
+    fn(*args)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=8192)
+    ap.add_argument("--cols", type=int, default=2048)
+    ap.add_argument("--threads", default="1,2")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    print("| threads | type | generic plane loop | integer kernel |")
+    print("|---|---|---|---|")
+    for threads in (int(t) for t in args.threads.split(",")):
+        numba.set_num_threads(threads)
+        for bits, g in ((4, 32), (4, 64), (4, 128), (8, 64), (3, 64), (2, 64)):
+            qt = quant_type(bits, g, bits < 8)
+            p = random_parts(qt, (args.rows, args.cols), rng)
+            codes, scales = p["codes"], p["scales"].view(np.uint16)
+            mins = p["mins"].view(np.uint16) if qt.asym else np.zeros((1, 1), dtype=np.uint16)
+            x = rng.standard_normal((1, args.cols), dtype=np.float32)
+            y = np.empty(args.rows, dtype=np.float32)
+            planes = np.array(PLANES[bits], dtype=np.int32)
+            matvec, _ = make_kernels(bits, g)
+            zp = np.float32(qt.zero_point)
+            t_generic = best_seconds(cpu.qmatvec, y, codes, scales, mins, x[0], planes, g, bits, qt.asym, zp)
+            t_int = best_seconds(matvec, y, codes, scales, mins, x, qt.asym)
+            n = args.rows * args.cols
+            print(f"| {threads} | {qt.name} | {n / t_generic / 1e9:.1f} Gw/s | {n / t_int / 1e9:.1f} Gw/s |")
+
+
+if __name__ == "__main__":
+    main()
