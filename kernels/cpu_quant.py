@@ -22,7 +22,7 @@ import numpy as np
 
 from lowbit.formats.qtypes import GROUP_SIZES
 from lowbit.kernels.cpu import _JIT, _h2f
-from lowbit.kernels.simd import group_idot, half_to_float, host_has_f16c
+from lowbit.kernels.simd import group_idot, half_to_float, host_has_f16c, quad_fdot
 
 XQ_MAX = 32767.0
 
@@ -38,7 +38,8 @@ def _dependency_key() -> int:
 
 _DEPS = _dependency_key()
 # scale/min decoding: one hardware conversion where the CPU has it, the table-based decoder elsewhere
-h2f = half_to_float if host_has_f16c() else _h2f
+HAS_F16C = host_has_f16c()
+h2f = half_to_float if HAS_F16C else _h2f
 
 
 def specialised(bits: int, g: int) -> bool:
@@ -77,6 +78,7 @@ def make_kernels(bits: int, g: int):
     gbytes = g * bits // 8
     zp = np.float32(1 << (bits - 1))
     deps = _DEPS
+    quads = HAS_F16C
 
     @nb.njit(parallel=True, **_JIT)
     def qmatvec(y, codes, scales, mins, x, asym):
@@ -93,10 +95,16 @@ def make_kernels(bits: int, g: int):
         xs = xs2[0]
         if deps == 0:  # never true; ties the compiled code to the dependency key (see _dependency_key)
             return
+        nq = ng // 4 * 4 if quads else 0  # groups done four at a time; the rest one by one
         for r in nb.prange(rows):
             crow = codes[r]
             acc = np.float32(0.0)
-            for gi in range(ng):
+            for gi in range(0, nq, 4):
+                if asym:
+                    acc += quad_fdot(crow, scales, mins, r, gi, xq, dx, xs, bits, g, True)
+                else:
+                    acc += quad_fdot(crow, scales, mins, r, gi, xq, dx, xs, bits, g, False)
+            for gi in range(nq, ng):
                 d = h2f(scales[r, gi])
                 m = h2f(mins[r, gi]) if asym else d * zp
                 s = group_idot(crow, gi * gbytes, xq, gi * g, bits, g)

@@ -52,7 +52,22 @@ def _reduce(builder, v):
     return builder.call(fn, [v])
 
 
-def _dot_ir(builder, cptr, xptr, bits: int, g: int):
+def _fold(builder, v, lanes: int):
+    """Sum an <n x i32> vector of products down to ``lanes`` lanes: first even + odd neighbours (the pattern LLVM
+    turns into one multiply-add-pairs instruction together with the multiply), then halves."""
+    n = v.type.count // 2
+    even = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(0, 2 * n, 2))))
+    odd = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(1, 2 * n, 2))))
+    v = builder.add(even, odd)
+    while v.type.count > lanes:
+        n = v.type.count // 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
+        v = builder.add(lo, hi)
+    return v
+
+
+def _dot_ir(builder, cptr, xptr, bits: int, g: int, lanes: int = 1):
     """i32 sum over one group. Each shift-and-mask slot of a plane holds a contiguous run of the group's elements.
     Wide planes (4 or 8 bits: one or two slots) multiply each slot with its own run of activations directly; narrow
     planes (1 or 2 bits: four or eight short slots) are first put in element order and combined into one <g x i8>
@@ -90,10 +105,12 @@ def _dot_ir(builder, cptr, xptr, bits: int, g: int):
             acc = None
             for k, slot in enumerate(slots):
                 prod = _widen_mul(builder, slot, xptr, k * nbytes)
+                if lanes > 1:
+                    prod = _fold(builder, prod, lanes)
                 acc = prod if acc is None else builder.add(acc, prod)
-            part = _reduce(builder, acc)
+            part = _reduce(builder, acc) if lanes == 1 else acc
             if shift:
-                part = builder.shl(part, ir.Constant(_I32, shift))
+                part = builder.shl(part, ir.Constant(part.type, shift if lanes == 1 else [shift] * lanes))
             total = part if total is None else builder.add(total, part)
         else:
             plane = _concat(builder, slots)
@@ -103,7 +120,8 @@ def _dot_ir(builder, cptr, xptr, bits: int, g: int):
         offset += nbytes
         shift += p
     if narrow is not None:
-        part = _reduce(builder, _widen_mul(builder, narrow, xptr, 0))
+        prod = _widen_mul(builder, narrow, xptr, 0)
+        part = _reduce(builder, prod) if lanes == 1 else _fold(builder, prod, lanes)
         total = part if total is None else builder.add(total, part)
     return total
 
@@ -130,6 +148,87 @@ def group_idot(typingctx, codes, boff, xq, xoff, bits, g):
         cptr = builder.gep(carr.data, [builder.sext(bo, i64) if bo.type.width < 64 else bo])
         xptr = builder.gep(xarr.data, [builder.sext(xo, i64) if xo.type.width < 64 else xo])
         return _dot_ir(builder, cptr, xptr, nbits, glen)
+
+    return sig, codegen
+
+
+QUAD_LANES = 4
+
+
+def _sum4(builder, vs):
+    """<4 x i32> [sum(vs[0]), ..., sum(vs[3])] for four <4 x i32> vectors (two shuffle-and-add rounds)."""
+    v4 = ir.VectorType(_I32, 4)
+
+    def pairs(a, b):
+        lo = builder.shuffle_vector(a, b, ir.Constant(v4, [0, 4, 1, 5]))
+        hi = builder.shuffle_vector(a, b, ir.Constant(v4, [2, 6, 3, 7]))
+        return builder.add(lo, hi)  # [a0+a2, b0+b2, a1+a3, b1+b3]
+
+    ab, cd = pairs(vs[0], vs[1]), pairs(vs[2], vs[3])
+    lo = builder.shuffle_vector(ab, cd, ir.Constant(v4, [0, 1, 4, 5]))
+    hi = builder.shuffle_vector(ab, cd, ir.Constant(v4, [2, 3, 6, 7]))
+    return builder.add(lo, hi)
+
+
+@intrinsic
+def quad_fdot(typingctx, crow, scales, mins, r, gi, xq, dx, xs, bits, g, asym):
+    """float32 sum over the four groups gi..gi+3 of row r: d * dx * (u . xq) - m * xs, with m the stored min (asym)
+    or d * 2**(bits-1). The four integer dot products are reduced together and the scale arithmetic runs on one
+    4-lane vector, so the per-group fixed costs are shared.
+
+    crow: u8[cols*bits/8] (row r of the codes); scales, mins: u16[rows, ng] float16 bits, C-contiguous (mins unread
+    unless asym); xq: i16[cols]; dx, xs: f32[ng]. Callers guarantee gi + 4 <= ng. Needs hardware float16 conversion.
+    """
+    for v in (bits, g, asym):
+        if not isinstance(v, (types.IntegerLiteral, types.BooleanLiteral)):
+            raise errors.RequireLiteralValue("quad_fdot needs literal bits, group size and asym")
+    nbits, glen, is_asym = bits.literal_value, g.literal_value, asym.literal_value
+    if nbits not in PLANES or glen not in (32, 64, 128):
+        raise errors.TypingError(f"quad_fdot: unsupported {nbits}-bit groups of {glen}")
+    sig = types.float32(crow, scales, mins, r, gi, xq, dx, xs, bits, g, asym)
+    gbytes = glen * nbits // 8
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        f32 = ir.FloatType()
+        v4f = ir.VectorType(f32, QUAD_LANES)
+
+        def arr(i):
+            return context.make_array(signature.args[i])(context, builder, value=args[i])
+
+        def as64(v):
+            return v if v.type.width == 64 else builder.sext(v, i64)
+
+        row, g0 = as64(args[3]), as64(args[4])
+        sc = arr(1)
+        ng = builder.extract_value(sc.shape, 1)
+        cbase = builder.gep(arr(0).data, [builder.mul(g0, ir.Constant(i64, gbytes))])
+        xbase = builder.gep(arr(5).data, [builder.mul(g0, ir.Constant(i64, glen))])
+        parts = []
+        for q in range(QUAD_LANES):
+            cptr = builder.gep(cbase, [ir.Constant(i64, q * gbytes)])
+            xptr = builder.gep(xbase, [ir.Constant(i64, q * glen)])
+            parts.append(_dot_ir(builder, cptr, xptr, nbits, glen, lanes=QUAD_LANES))
+        isum = builder.sitofp(_sum4(builder, parts), v4f)
+        soff = builder.add(builder.mul(row, ng), g0)
+
+        def load4(ptr, ty):
+            return builder.load(builder.bitcast(ptr, ir.VectorType(ty, QUAD_LANES).as_pointer()), align=2)
+
+        half4 = ir.VectorType(ir.HalfType(), QUAD_LANES)
+        d = builder.fpext(builder.bitcast(load4(builder.gep(sc.data, [soff]), ir.IntType(16)), half4), v4f)
+        if is_asym:
+            mraw = load4(builder.gep(arr(2).data, [soff]), ir.IntType(16))
+            m = builder.fpext(builder.bitcast(mraw, half4), v4f)
+        else:
+            m = builder.fmul(d, ir.Constant(v4f, [float(1 << (nbits - 1))] * QUAD_LANES))
+        dxv = load4(builder.gep(arr(6).data, [g0]), f32)
+        xsv = load4(builder.gep(arr(7).data, [g0]), f32)
+        terms = builder.fsub(builder.fmul(builder.fmul(d, dxv), isum), builder.fmul(m, xsv))
+        rfn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(f32, [f32, v4f]), f"llvm.vector.reduce.fadd.v{QUAD_LANES}f32"
+        )
+        return builder.call(rfn, [ir.Constant(f32, 0.0), terms])
 
     return sig, codegen
 
