@@ -6,6 +6,9 @@ activations: the group's packed codes (``g * bits / 8`` bytes at ``codes[boff]``
 ``xq[xoff : xoff + g]`` (int16) and summed into one int32 (see ``_dot_ir`` for how the planes are arranged).
 The IR is target independent; LLVM lowers the widen-multiply-add to the best the host has (``vpdpwssd`` with
 AVX-512 VNNI, ``vpmaddwd`` with AVX2, ...).
+``quad_fdot`` does four consecutive groups of a row in one call, scales included: the four integer dot products
+are folded together (even/odd pairs first, which LLVM keeps as one multiply-add-pairs instruction) and the float
+epilogue d·dx·s − m·xs runs on one 4-lane vector, so per-group fixed costs are shared.
 ``bits`` and ``g`` must be compile-time constants (the kernels close over them), so one definition serves every
 quant type.
 
