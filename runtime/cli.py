@@ -6,7 +6,6 @@ import argparse
 import logging
 import signal
 import sys
-from pathlib import Path
 
 from lowbit.errors import LowbitError
 
@@ -127,10 +126,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _sigterm(signum, frame):
     raise KeyboardInterrupt
-
-
-def path_arg(value: str | None) -> Path | None:
-    return Path(value) if value else None
 
 
 if __name__ == "__main__":

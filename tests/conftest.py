@@ -6,20 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from lbtest import REFSMALL, TOKENIZER_FILES
-
-TINY = dict(
-    vocab_size=4096,  # shares refsmall's tokenizer
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.08,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+from lbtest import REFSMALL, TINY, TOKENIZER_FILES
 
 
 def tiny_config(kind: str):

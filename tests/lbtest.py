@@ -30,3 +30,18 @@ def assert_clean_error(res, needle: str) -> None:
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("lowbit: error:") and needle in lines[0], lines[0]
+
+
+# tiny random transformers models share refsmall's tokenizer (vocab 4096)
+TINY = dict(
+    vocab_size=4096,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.08,
+    bos_token_id=1,
+    eos_token_id=2,
+)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from lbtest import REFSMALL, TOKENIZER_FILES
+from lbtest import REFSMALL, TINY, TOKENIZER_FILES
 
 from lowbit.convert.converter import ConvertOptions, convert
 from lowbit.errors import SourceError
@@ -36,18 +36,7 @@ from lowbit.runtime.engine import Engine
 W = 8  # sliding window of the windowed kinds
 SL, FU = "sliding_attention", "full_attention"
 CTX = 128
-SMALL = dict(
-    vocab_size=4096,  # shares refsmall's tokenizer
-    hidden_size=64,
-    intermediate_size=96,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    initializer_range=0.08,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+SMALL = {k: v for k, v in TINY.items() if k != "num_hidden_layers"} | {"pad_token_id": 0}  # layers set per kind
 GEMMA_SCALES = {"embed_tokens": 0.5, "down_proj": 4.0, "o_proj": 0.5}
 
 

@@ -354,35 +354,27 @@ def completion_logprobs(items: list[TokenLogprob], token_text: TokenText, offset
 
 
 def chat_response(rid: str, created: int, model: str, text: str, finish: str, usage: Usage, logprobs) -> dict:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": logprobs,
-                "finish_reason": finish,
-            }
-        ],
-        "usage": usage.body(),
-    }
+    message = {"role": "assistant", "content": text, "refusal": None}
+    choice = {"message": message, "logprobs": logprobs, "finish_reason": finish}
+    return {**_envelope(rid, "chat.completion", created, model, choice), "usage": usage.body()}
+
+
+def _envelope(rid: str, obj: str, created: int, model: str, choice: dict) -> dict:
+    """The fields every response and chunk shares, with its one choice."""
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [{"index": 0, **choice}]}
+
+
+def _chunk(rid: str, obj: str, created: int, model: str, choice: dict, include_usage: bool) -> dict:
+    chunk = _envelope(rid, obj, created, model, choice)
+    if include_usage:
+        chunk["usage"] = None  # only the final usage chunk carries numbers
+    return chunk
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict, finish: str | None = None, logprobs=None,
                include_usage: bool = False) -> dict:  # fmt: skip
-    chunk = {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
+    choice = {"delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return _chunk(rid, "chat.completion.chunk", created, model, choice, include_usage)
 
 
 def usage_chunk(rid: str, created: int, model: str, obj: str, usage: Usage) -> dict:
@@ -391,25 +383,11 @@ def usage_chunk(rid: str, created: int, model: str, obj: str, usage: Usage) -> d
 
 
 def completion_response(rid: str, created: int, model: str, text: str, finish: str, usage: Usage, logprobs) -> dict:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-        "usage": usage.body(),
-    }
+    choice = {"text": text, "logprobs": logprobs, "finish_reason": finish}
+    return {**_envelope(rid, "text_completion", created, model, choice), "usage": usage.body()}
 
 
 def completion_chunk(rid: str, created: int, model: str, text: str, finish: str | None = None, logprobs=None,
                      include_usage: bool = False) -> dict:  # fmt: skip
-    chunk = {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
+    choice = {"text": text, "logprobs": logprobs, "finish_reason": finish}
+    return _chunk(rid, "text_completion", created, model, choice, include_usage)
