@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 FLOAT_BITS = 16  # --bits 16: keep every weight in its source float type
 ST_TO_QTYPE = {"F32": "f32", "F16": "f16", "BF16": "bf16", "F64": "f32"}
 EMBEDDING_TENSORS = ("token_embd.weight", "output.weight")
+_BITS_CHOICES = ", ".join(map(str, QUANT_BITS))
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,9 @@ class ConvertOptions:
 
     def validate(self) -> None:
         if self.bits not in (*QUANT_BITS, FLOAT_BITS):
-            raise LowbitError(f"unsupported --bits {self.bits}; choose one of 2, 3, 4, 8 or 16 (unquantized)")
+            raise LowbitError(f"unsupported --bits {self.bits}; choose one of {_BITS_CHOICES} or 16 (unquantized)")
         if self.embed_bits is not None and self.embed_bits not in (*QUANT_BITS, FLOAT_BITS):
-            raise LowbitError(f"unsupported --embed-bits {self.embed_bits}; choose one of 2, 3, 4, 8 or 16")
+            raise LowbitError(f"unsupported --embed-bits {self.embed_bits}; choose one of {_BITS_CHOICES} or 16")
         if self.group_size not in (PER_CHANNEL, *GROUP_SIZES):
             raise LowbitError(f"unsupported --group-size {self.group_size}; choose 32, 64, 128 or 0 (per-channel)")
 

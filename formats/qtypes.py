@@ -26,8 +26,8 @@ import numpy as np
 from lowbit.errors import FormatError
 
 # bits -> plane widths, low bits first; each width divides 8
-PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}
-QUANT_BITS = (2, 3, 4, 8)
+PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 PER_CHANNEL = 0  # group_size value meaning "one group per row"
 

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint into a .lowbit container")
     p.add_argument("source", help="local checkpoint folder or hub repo id (org/name)")
     p.add_argument("-o", "--output", required=True, help="output .lowbit file")
-    p.add_argument("--bits", type=int, default=4, help="2, 3, 4, 8, or 16 to keep weights unquantized (default 4)")
+    p.add_argument("--bits", type=int, default=4, help="2, 3, 4, 5, 6, 8; 16 keeps weights unquantized (default 4)")
     p.add_argument("--group-size", type=int, default=64, help="32, 64, 128, or 0 for per-channel (default 64)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--sym", dest="asym", action="store_false", default=None, help="symmetric groups (no min)")

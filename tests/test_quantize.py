@@ -148,7 +148,7 @@ def test_8bit_error_is_tiny(qt, method):
     assert rel_rms(w, quantize(w, qt, method=method), qt) < 0.01
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("method", ["rtn", "search"])
 def test_asym_beats_sym_on_shifted_data(bits, method):
     w = make("shifted", (16, 256), bits)
