@@ -34,7 +34,17 @@ class ConvertOptions:
     group_size: int = 64
     asym: bool | None = None  # None: asymmetric below 8 bits, symmetric at 8
     embed_bits: int | None = None  # None: 8, or 16 when --bits 16
+    # "+"-joined method steps (convert/methods.py): rtn | search | imatrix | awq | gptq | hadamard | lowrank,
+    # e.g. "search", "awq+gptq", "hadamard+gptq+lowrank". Steps other than rtn/search need calibration data.
     method: str = "search"
+    calib: str | None = None  # calibration text file; None: text sampled from the unquantized model (seed below)
+    calib_samples: int = 64  # calibration sequences
+    calib_len: int = 256  # tokens per calibration sequence
+    seed: int = 0
+    lowrank_bpw: float = 0.0  # extra bits per weight spent on low-rank correction (method step "lowrank")
+    target_bpw: float | None = None  # mixed precision: choose per-tensor types to fit this many bits per weight
+    max_size: int | None = None  # mixed precision: ... or this many bytes of tensors
+    recipe: str | None = None  # a saved recipe (JSON: tensor name -> quant type) to reuse
 
     def validate(self) -> None:
         if self.bits not in (*QUANT_BITS, FLOAT_BITS):

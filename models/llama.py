@@ -244,6 +244,10 @@ class Model:
     def rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return dispatch.rmsnorm(x, w, self.args.rms_norm_eps)
 
+    def linear(self, w: dispatch.Weight, x: np.ndarray) -> np.ndarray:
+        """Every matrix product of the forward pass goes through here (calibration observes the inputs)."""
+        return dispatch.linear(w, x)
+
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
         return dispatch.embed(self.embed, np.asarray(tokens, dtype=np.int64))
 
@@ -251,9 +255,9 @@ class Model:
         """q [T, n_heads, hd], k and v [T, n_kv, hd] before RoPE."""
         a = self.args
         t = h.shape[0]
-        q = dispatch.linear(layer["attn_q"], h).reshape(t, a.num_attention_heads, a.head_dim)
-        k = dispatch.linear(layer["attn_k"], h).reshape(t, a.num_key_value_heads, a.head_dim)
-        v = dispatch.linear(layer["attn_v"], h).reshape(t, a.num_key_value_heads, a.head_dim)
+        q = self.linear(layer["attn_q"], h).reshape(t, a.num_attention_heads, a.head_dim)
+        k = self.linear(layer["attn_k"], h).reshape(t, a.num_key_value_heads, a.head_dim)
+        v = self.linear(layer["attn_v"], h).reshape(t, a.num_key_value_heads, a.head_dim)
         return q, k, v
 
     def apply_rope(self, x: np.ndarray, li: int, start: int) -> None:
@@ -274,15 +278,15 @@ class Model:
         cache.k[li][:, start : start + t, :] = k.transpose(1, 0, 2)
         cache.v[li][:, start : start + t, :] = v.transpose(1, 0, 2)
         o = self.attend(q, li, start, cache)
-        return dispatch.linear(layer["attn_output"], o.reshape(t, -1))
+        return self.linear(layer["attn_output"], o.reshape(t, -1))
 
     def act_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return dispatch.silu_mul(gate, up)
 
     def mlp_block(self, h: np.ndarray, layer: dict) -> np.ndarray:
         """Gated MLP on the already-normed input h [T, hidden]."""
-        act = self.act_mul(dispatch.linear(layer["ffn_gate"], h), dispatch.linear(layer["ffn_up"], h))
-        return dispatch.linear(layer["ffn_down"], act)
+        act = self.act_mul(self.linear(layer["ffn_gate"], h), self.linear(layer["ffn_up"], h))
+        return self.linear(layer["ffn_down"], act)
 
     def block(self, x: np.ndarray, layer: dict, li: int, start: int, cache: KVCache) -> np.ndarray:
         x = x + self.attention_block(self.rmsnorm(x, layer["attn_norm"]), layer, li, start, cache)
@@ -290,7 +294,7 @@ class Model:
 
     def head(self, x: np.ndarray) -> np.ndarray:
         """Final norm, lm_head and (if the family has one) logit soft-capping: [T, hidden] -> [T, vocab]."""
-        logits = dispatch.linear(self.lm_head, self.rmsnorm(np.ascontiguousarray(x), self.out_norm))
+        logits = self.linear(self.lm_head, self.rmsnorm(np.ascontiguousarray(x), self.out_norm))
         return dispatch.softcap(logits, self.final_softcap) if self.final_softcap > 0 else logits
 
     def forward(self, tokens: np.ndarray, start: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:

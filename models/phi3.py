@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.kernels import dispatch
 from lowbit.models import llama
 from lowbit.models.llama import ModelArgs
 
@@ -51,14 +50,14 @@ class Model(llama.Model):
         a = self.args
         t = h.shape[0]
         nq, nkv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
-        qkv = dispatch.linear(layer["attn_qkv"], h)
+        qkv = self.linear(layer["attn_qkv"], h)
         q = np.ascontiguousarray(qkv[:, :nq]).reshape(t, a.num_attention_heads, a.head_dim)
         k = np.ascontiguousarray(qkv[:, nq : nq + nkv]).reshape(t, a.num_key_value_heads, a.head_dim)
         v = qkv[:, nq + nkv :].reshape(t, a.num_key_value_heads, a.head_dim)
         return q, k, v
 
     def mlp_block(self, h: np.ndarray, layer: dict) -> np.ndarray:
-        gate_up = dispatch.linear(layer["ffn_gate_up"], h)
+        gate_up = self.linear(layer["ffn_gate_up"], h)
         n = gate_up.shape[1] // 2
         act = self.act_mul(np.ascontiguousarray(gate_up[:, :n]), np.ascontiguousarray(gate_up[:, n:]))
-        return dispatch.linear(layer["ffn_down"], act)
+        return self.linear(layer["ffn_down"], act)
