@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -12,9 +13,10 @@ import numpy as np
 from tqdm import tqdm
 
 import lowbit
+from lowbit.convert.methods import Method, parse_method
 from lowbit.convert.quantize import quantize
 from lowbit.convert.source import Checkpoint, read_json, resolve_source, to_f32
-from lowbit.errors import LowbitError, SourceError
+from lowbit.errors import FormatError, LowbitError, SourceError
 from lowbit.formats.qtypes import GROUP_SIZES, PER_CHANNEL, QUANT_BITS, QType, get_qtype, quant_type
 from lowbit.formats.writer import ContainerWriter, TensorPlan
 from lowbit.models import family_for
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 FLOAT_BITS = 16  # --bits 16: keep every weight in its source float type
 ST_TO_QTYPE = {"F32": "f32", "F16": "f16", "BF16": "bf16", "F64": "f32"}
 EMBEDDING_TENSORS = ("token_embd.weight", "output.weight")
+AUTO_BUDGET_METHOD = "gptq"  # what --method auto uses with --target-bpw/--max-size (measured: see README)
 _BITS_CHOICES = ", ".join(map(str, QUANT_BITS))
 
 
@@ -36,7 +39,7 @@ class ConvertOptions:
     embed_bits: int | None = None  # None: 8, or 16 when --bits 16
     # "+"-joined method steps (convert/methods.py): rtn | search | imatrix | awq | gptq | hadamard | lowrank,
     # e.g. "search", "awq+gptq", "hadamard+gptq+lowrank". Steps other than rtn/search need calibration data.
-    method: str = "search"
+    method: str = "auto"  # auto: "search", or AUTO_BUDGET_METHOD with a size budget
     calib: str | None = None  # calibration text file; None: text sampled from the unquantized model (seed below)
     calib_samples: int = 64  # calibration sequences
     calib_len: int = 256  # tokens per calibration sequence
@@ -46,7 +49,29 @@ class ConvertOptions:
     max_size: int | None = None  # mixed precision: ... or this many bytes of tensors
     recipe: str | None = None  # a saved recipe (JSON: tensor name -> quant type) to reuse
 
+    @property
+    def budget(self) -> bool:
+        return self.target_bpw is not None or self.max_size is not None
+
+    def resolved_method(self) -> Method:
+        if self.method == "auto":
+            return parse_method(AUTO_BUDGET_METHOD if self.budget else "search")
+        return parse_method(self.method)
+
     def validate(self) -> None:
+        method = self.resolved_method()
+        if self.bits == FLOAT_BITS and (method.calibrated or self.target_bpw is not None or self.max_size):
+            raise LowbitError(f"--method {self.method} and --target-bpw/--max-size need --bits below 16")
+        if self.target_bpw is not None and self.max_size is not None:
+            raise LowbitError("give --target-bpw or --max-size, not both")
+        if self.target_bpw is not None and not 1.0 < self.target_bpw <= 16.0:
+            raise LowbitError(f"--target-bpw {self.target_bpw}: expected a number of bits per weight in (1, 16]")
+        if self.max_size is not None and self.max_size <= 0:
+            raise LowbitError(f"--max-size {self.max_size}: expected a positive number of bytes")
+        if self.calib_samples < 1 or self.calib_len < 2:
+            raise LowbitError("--calib-samples must be at least 1 and --calib-len at least 2")
+        if not 0.0 <= self.lowrank_bpw <= 4.0:
+            raise LowbitError(f"--lowrank-bpw {self.lowrank_bpw}: expected extra bits per weight in [0, 4]")
         if self.bits not in (*QUANT_BITS, FLOAT_BITS):
             raise LowbitError(f"unsupported --bits {self.bits}; choose one of {_BITS_CHOICES} or 16 (unquantized)")
         if self.embed_bits is not None and self.embed_bits not in (*QUANT_BITS, FLOAT_BITS):
@@ -142,7 +167,7 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, progress: bool = Tr
             "tokenizer": tok_meta,
             "generation": _generation_meta(gen_cfg, tok_meta),
             "quantization": {
-                "method": opts.method if opts.bits != FLOAT_BITS else "none",
+                "method": opts.resolved_method().name if opts.bits != FLOAT_BITS else "none",
                 "bits": opts.bits,
                 "group_size": opts.group_size,
                 "asym": opts.is_asym(opts.bits),
@@ -156,15 +181,78 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, progress: bool = Tr
             },
         }
         t0 = time.perf_counter()
+        method = opts.resolved_method()
+        if opts.recipe is not None:
+            plans = apply_recipe(plans, load_recipe(opts.recipe))
+        if method.calibrated or opts.budget:
+            from lowbit.convert.calibrated import convert_calibrated
+
+            job = CalibratedJob(ckpt, hf_of, family, args, plans, method, tok_meta, tok_blobs, meta)
+            return convert_calibrated(job, opts, out, t0, progress)
+        meta["quantization"]["recipe"] = {p.name: p.qtype.name for p in plans}
         with ContainerWriter(out, meta, plans, tok_blobs) as writer:
             bar = tqdm(plans, desc="convert", unit="tensor", disable=not progress, dynamic_ncols=True)
             for plan in bar:
                 bar.set_postfix_str(f"{plan.name} -> {plan.qtype.name}", refresh=False)
                 dtype, arr = ckpt.raw(hf_of[plan.name])
-                writer.write_tensor(plan.name, encode_tensor(arr, dtype, plan.qtype, opts.method))
+                writer.write_tensor(plan.name, encode_tensor(arr, dtype, plan.qtype, method.rounding))
             writer.meta["provenance"]["convert_seconds"] = round(time.perf_counter() - t0, 2)
     finally:
         ckpt.close()
+    return out
+
+
+@dataclass
+class CalibratedJob:
+    """What the calibrated path needs from the checkpoint reading above."""
+
+    ckpt: Checkpoint
+    hf_of: dict[str, str]
+    family: object
+    args: object
+    plans: list[TensorPlan]
+    method: Method
+    tok_meta: dict
+    tok_blobs: dict[str, bytes]
+    meta: dict
+
+
+def load_recipe(path: str | Path) -> dict[str, str]:
+    """A recipe file: JSON object tensor name -> quant type name (what `lowbit inspect --recipe` / a mixed-precision
+    conversion saves), or a container header's ``quantization.recipe`` copied out."""
+    p = Path(path)
+    if not p.is_file():
+        raise LowbitError(f"--recipe {p}: no such file")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LowbitError(f"--recipe {p}: not a JSON file ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("recipe"), dict):
+        data = data["recipe"]
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise LowbitError(f"--recipe {p}: expected a JSON object of tensor name -> quant type name")
+    return data
+
+
+def apply_recipe(plans: list[TensorPlan], recipe: dict[str, str]) -> list[TensorPlan]:
+    """Plans with the recipe's types; every name must be a tensor of the model and every type must fit it."""
+    by_name = {p.name: p for p in plans}
+    unknown = [n for n in recipe if n not in by_name]
+    if unknown:
+        raise LowbitError(f"recipe names {len(unknown)} tensors this model does not have (first: {unknown[0]})")
+    out = []
+    for p in plans:
+        if p.name not in recipe:
+            out.append(p)
+            continue
+        try:
+            qt = get_qtype(recipe[p.name])
+        except FormatError as e:
+            raise LowbitError(f"recipe entry {p.name}: {e}") from None
+        why = qt.check_shape(p.shape)
+        if why is not None or (not qt.is_float and len(p.shape) != 2):
+            raise LowbitError(f"recipe entry {p.name}: {why or 'only matrices can be quantized'}")
+        out.append(TensorPlan(p.name, qt, p.shape))
     return out
 
 

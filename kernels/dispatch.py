@@ -7,7 +7,7 @@ import numpy as np
 from lowbit.errors import FormatError
 from lowbit.formats.qtypes import PLANES
 from lowbit.formats.reader import StoredTensor
-from lowbit.kernels import blas, cpu, cpu_quant
+from lowbit.kernels import blas, cpu, cpu_quant, hadamard
 from lowbit.kernels.ref import dequantize
 from lowbit.kernels.timing import kernel_call
 
@@ -15,12 +15,27 @@ BLAS_ATTENTION = 16  # from this many query tokens on, attention is computed wit
 DECODE_CHUNK = 128  # one-token attention over more cached positions than this is split into chunks of this many
 SMALL_BATCH = 8  # up to this many tokens: fused dequantize-and-dot; beyond: dequantized tiles + BLAS
 TILE_ELEMS = 1 << 21  # elements of one dequantized prefill tile (8 MiB of float32)
+# optional tensors stored next to `<name>.weight` (formats/SPEC.md, "Extra tensors of a weight")
+EXTRA_SUFFIXES = ("had", "lr_a", "lr_b")
 
 
 class Weight:
-    """A linear/embedding weight ``W[rows, cols]`` (optionally with a float bias) as the kernels want it."""
+    """A linear/embedding weight ``W[rows, cols]`` (optionally with a float bias) as the kernels want it.
 
-    def __init__(self, st: StoredTensor, bias: np.ndarray | None = None):
+    Optional extras (formats/SPEC.md): ``had_signs[cols]`` (±1) means the stored matrix is ``W' = W Rᵀ`` for the
+    random-sign block Hadamard transform R of :mod:`lowbit.kernels.hadamard`, so products use ``x' = R x``;
+    ``lr_a[r, cols]`` and ``lr_b[rows, r]`` add the rank-r correction ``lr_b @ lr_a`` to the stored matrix, in the
+    same (stored, i.e. rotated when ``had_signs`` is set) basis: ``y = Ŵ' x' + lr_b (lr_a x') (+ bias)``."""
+
+    def __init__(
+        self,
+        st: StoredTensor,
+        bias: np.ndarray | None = None,
+        *,
+        had_signs: np.ndarray | None = None,
+        lr_a: np.ndarray | None = None,
+        lr_b: np.ndarray | None = None,
+    ):
         self.name = st.name
         self.qtype = st.qtype
         if len(st.shape) != 2:
@@ -28,6 +43,7 @@ class Weight:
         self.rows, self.cols = st.shape
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
         self.nbytes = st.nbytes
+        self._set_extras(had_signs, lr_a, lr_b)
         if st.qtype.is_float:
             self.f32 = np.ascontiguousarray(dequantize(st.parts, st.qtype, st.shape))
             return
@@ -43,6 +59,30 @@ class Weight:
         self.zp = np.float32(qt.zero_point)
         self.int_kernels = cpu_quant.make_kernels(qt.bits, self.g) if cpu_quant.specialised(qt.bits, self.g) else None
 
+    def _set_extras(self, had_signs, lr_a, lr_b) -> None:
+        base = self.name.removesuffix(".weight")
+        self.had_signs = self.had_d = None
+        if had_signs is not None:
+            self.had_signs = hadamard.check_signs(had_signs, self.cols, f"tensor {base}.had")
+            self.had_d = hadamard.scaled_signs(self.had_signs)
+            self.had_block = hadamard.block_size(self.cols)
+        self.lr_a = self.lr_b = None
+        if (lr_a is None) != (lr_b is None):
+            have, miss = ("lr_a", "lr_b") if lr_b is None else ("lr_b", "lr_a")
+            raise FormatError(f"tensor {base}.{have} has no matching {base}.{miss}")
+        if lr_a is None:
+            return
+        a, b = np.asarray(lr_a), np.asarray(lr_b)
+        if a.ndim != 2 or a.shape[1] != self.cols or a.shape[0] < 1:
+            raise FormatError(f"tensor {base}.lr_a: expected shape [rank, {self.cols}], got {list(a.shape)}")
+        if b.shape != (self.rows, a.shape[0]):
+            raise FormatError(f"tensor {base}.lr_b: expected shape [{self.rows}, {a.shape[0]}], got {list(b.shape)}")
+        self.lr_a = np.ascontiguousarray(a, dtype=np.float32)
+        self.lr_b = np.ascontiguousarray(b, dtype=np.float32)
+        if not (np.isfinite(self.lr_a).all() and np.isfinite(self.lr_b).all()):
+            raise FormatError(f"tensors {base}.lr_a/lr_b contain NaN or infinite values")
+        self.nbytes += a.nbytes + b.nbytes
+
     def _qargs(self):
         return self.codes, self.scales, self.mins
 
@@ -57,8 +97,33 @@ def float_tensor(st: StoredTensor) -> np.ndarray:
     return np.ascontiguousarray(dequantize(st.parts, st.qtype, st.shape))
 
 
+def weight_extras(container, name: str) -> dict[str, np.ndarray]:
+    """The optional extras of weight ``name`` (``<name>.had``, ``<name>.lr_a``, ``<name>.lr_b``) present in
+    ``container``, as keyword arguments for :class:`Weight`."""
+    out = {}
+    for sfx, kw in zip(EXTRA_SUFFIXES, ("had_signs", "lr_a", "lr_b"), strict=True):
+        if f"{name}.{sfx}" in container:
+            out[kw] = float_tensor(container.tensor(f"{name}.{sfx}"))
+    return out
+
+
 def linear(w: Weight, x: np.ndarray) -> np.ndarray:
-    """y[T, rows] = x[T, cols] @ W.T (+ bias)."""
+    """y[T, rows] = x[T, cols] @ W.T (+ bias); with extras, x is first rotated (one float32 copy) and the low-rank
+    term ``(x' @ lr_a.T) @ lr_b.T`` is added."""
+    if w.had_d is not None:
+        xr = np.array(x, dtype=np.float32, order="C", copy=True)
+        kernel_call(hadamard.fwht_rows, xr, w.had_d, w.had_block, False)
+        x = xr
+    y = _product(w, x)
+    if w.lr_a is not None:
+        y += kernel_call(np.matmul, kernel_call(np.matmul, x, w.lr_a.T), w.lr_b.T)
+    if w.bias is not None:
+        y += w.bias
+    return y
+
+
+def _product(w: Weight, x: np.ndarray) -> np.ndarray:
+    """x[T, cols] @ W.T for the stored matrix alone."""
     t = x.shape[0]
     if w.f32 is not None:
         y = kernel_call(np.matmul, x, w.f32.T)
@@ -81,17 +146,21 @@ def linear(w: Weight, x: np.ndarray) -> np.ndarray:
             buf = tile[: r1 - r0]
             kernel_call(cpu.dequant_rows, buf, *w._qargs(), np.arange(r0, r1, dtype=np.int64), *w._rest())
             kernel_call(np.matmul, x, buf.T, y[:, r0:r1])
-    if w.bias is not None:
-        y += w.bias
     return y
 
 
 def embed(w: Weight, ids: np.ndarray) -> np.ndarray:
-    """Rows of an embedding table: [T, cols]."""
+    """Rows of an embedding table: [T, cols] (with extras: stored rows + low-rank rows, rotated back by Rᵀ)."""
     if w.f32 is not None:
-        return w.f32[ids]
-    out = np.empty((len(ids), w.cols), dtype=np.float32)
-    kernel_call(cpu.dequant_rows, out, *w._qargs(), np.asarray(ids, dtype=np.int64), *w._rest())
+        out = w.f32[ids]
+    else:
+        out = np.empty((len(ids), w.cols), dtype=np.float32)
+        kernel_call(cpu.dequant_rows, out, *w._qargs(), np.asarray(ids, dtype=np.int64), *w._rest())
+    if w.lr_a is not None:
+        out += w.lr_b[ids] @ w.lr_a
+    if w.had_d is not None:
+        out = np.ascontiguousarray(out)
+        kernel_call(hadamard.fwht_rows, out, w.had_d, w.had_block, True)
     return out
 
 

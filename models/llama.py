@@ -210,7 +210,7 @@ class Model:
     def weight(self, name: str) -> dispatch.Weight:
         bias = f"{name}.bias"
         b = dispatch.float_tensor(self.c.tensor(bias)) if bias in self.c else None
-        return dispatch.Weight(self.c.tensor(f"{name}.weight"), b)
+        return dispatch.Weight(self.c.tensor(f"{name}.weight"), b, **dispatch.weight_extras(self.c, name))
 
     def norm_weight(self, name: str) -> np.ndarray:
         w = dispatch.float_tensor(self.c.tensor(f"{name}.weight"))

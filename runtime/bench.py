@@ -53,7 +53,8 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 
 def matrix_shapes(c: Container) -> list[tuple[int, int]]:
     """Shapes of the 2-D weights one prefill multiplies by (every layer matrix; not embeddings or lm_head)."""
-    return [tuple(c.tensor(n).shape) for n in c.tensor_names if n.startswith("blk.") and len(c.tensor(n).shape) == 2]
+    return [tuple(c.tensor(n).shape) for n in c.tensor_names if n.startswith("blk.") and n.endswith(".weight")
+            and len(c.tensor(n).shape) == 2]
 
 
 def numpy_gemm_seconds(shapes: list[tuple[int, int]], tokens: int) -> float:

@@ -16,6 +16,12 @@ def _add_runtime_args(p: argparse.ArgumentParser, model_optional: bool = True) -
     p.add_argument("model", nargs="?" if model_optional else None, help="a .lowbit file (default: the bundled model)")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: min(4096, model max))")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    _add_device_arg(p)
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="cpu (default), cuda (NVIDIA GPU, needs the cuda extra), auto (cuda when usable, else cpu)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -43,7 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--embed-bits", type=int, default=None, help="bits for embeddings and lm_head (default 8; 16 with --bits 16)"
     )
-    p.add_argument("--method", default="search", choices=["search", "rtn"], help="quantization method")
+    p.add_argument(
+        "--method",
+        default="auto",
+        help="quantization method: steps joined by '+' from rtn, search, imatrix, gptq, awq, hadamard, lowrank "
+        "(e.g. gptq, awq+gptq, hadamard+gptq+lowrank); auto (default): search, or the best measured calibrated "
+        "method with --target-bpw/--max-size",
+    )
+    p.add_argument("--calib", default=None, help="calibration text file (default: text sampled from the model)")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampled calibration text and rotations (default 0)")
+    p.add_argument("--lowrank-bpw", type=float, default=0.0,
+                   help="extra bits per weight for the low-rank correction (method step lowrank)")
+    p.add_argument("--target-bpw", type=float, default=None,
+                   help="mixed precision: choose per-tensor types to fit this many bits per weight (all tensors)")
+    p.add_argument("--max-size", type=int, default=None, help="mixed precision: ... or this many bytes")
+    p.add_argument("--recipe", default=None, help="JSON file of tensor name -> quant type to use")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("generate", help="continue a prompt and print tokens/s")
@@ -98,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, metavar="SRC", help="also compare with this model (a .lowbit file, "
                    "or a Hugging Face checkpoint run unquantized): KL divergence and top-1 agreement")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("compare", help="convert a checkpoint several ways; one table of size, quality and speed")
+    p.add_argument("source", help="local checkpoint folder or hub repo id (org/name)")
+    p.add_argument("--configs", required=True, help="comma-separated METHOD:BITS[:GROUP][:OPTION...] items, e.g. "
+                   "rtn:4:g64,gptq:3:g64,awq+gptq:4:g128:sym,mixed:2.5bpw,f16 (see the README)")
+    p.add_argument("--text", required=True, help="UTF-8 text file to evaluate on")
+    p.add_argument("--eval-ctx", type=int, default=256, help="window length incl. BOS (default 256)")
+    p.add_argument("--max-tokens", type=int, default=32768, help="only the first N tokens of the text (default 32768)")
+    p.add_argument("--calib", default=None, help="calibration text for every config (default: sampled from the model)")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="calibration seed (default 0)")
+    p.add_argument("--out-dir", default=None, help="containers and results (default ./compare-<source name>)")
+    p.add_argument("--keep-models", action="store_true", help="keep the converted containers in --out-dir")
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens for decode tok/s; 0 skips it (default 32)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     return ap
 
 

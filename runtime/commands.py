@@ -25,7 +25,19 @@ def cmd_convert(args) -> int:
     from lowbit.convert.converter import ConvertOptions, convert
 
     opts = ConvertOptions(
-        bits=args.bits, group_size=args.group_size, asym=args.asym, embed_bits=args.embed_bits, method=args.method
+        bits=args.bits,
+        group_size=args.group_size,
+        asym=args.asym,
+        embed_bits=args.embed_bits,
+        method=args.method,
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+        calib_len=args.calib_len,
+        seed=args.seed,
+        lowrank_bpw=args.lowrank_bpw,
+        target_bpw=args.target_bpw,
+        max_size=args.max_size,
+        recipe=args.recipe,
     )
     out = convert(args.source, args.output, opts, progress=not args.no_progress)
     from lowbit.formats.reader import Container
@@ -41,7 +53,7 @@ def cmd_generate(args) -> int:
     from lowbit.runtime.engine import Engine
     from lowbit.runtime.sampling import SamplingParams
 
-    engine = Engine(_model_path(args.model), ctx=args.ctx, threads=args.threads)
+    engine = Engine(_model_path(args.model), ctx=args.ctx, threads=args.threads, device=args.device)
     params = SamplingParams.from_args(args)
     tok = engine.tokenizer
     plain = args.raw or not tok.has_chat_template
@@ -85,11 +97,16 @@ def cmd_bench(args) -> int:
 
 
 def summarize(c) -> dict:
-    """Parameter counts, bytes and bits per weight of a container."""
+    """Parameter counts, bytes and bits per weight of a container (every byte of tensor data counts, including a
+    method's extra tensors; parameters are the model's own)."""
+    from lowbit.kernels.dispatch import EXTRA_SUFFIXES
+
     params = 0
     qparams = 0
     qbytes = 0
     for name in c.tensor_names:
+        if name.rsplit(".", 1)[-1] in EXTRA_SUFFIXES:
+            continue  # a method's extra tensors (low-rank factors, rotation signs): bytes, not parameters
         t = c.tensor(name)
         n = int(np.prod(t.shape))
         params += n
@@ -173,7 +190,7 @@ def cmd_eval(args) -> int:
     except (OSError, UnicodeDecodeError) as e:
         raise LowbitError(f"{path}: cannot read text ({e})") from None
     ctx = max(args.eval_ctx, args.ctx or 0)
-    engine = Engine(_model_path(args.model), ctx=ctx, threads=args.threads)
+    engine = Engine(_model_path(args.model), ctx=ctx, threads=args.threads, device=args.device)
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     bos = engine.tokenizer.bos_id
     if bos is None:
@@ -208,3 +225,9 @@ def cmd_eval(args) -> int:
               f"KL(reference || model) mean {res.kl_mean:.5f} p99 {res.kl_p99:.5f} nats; "
               f"top-1 agreement {res.top1 * 100:.2f}%")
     return 0
+
+
+def cmd_compare(args) -> int:
+    from lowbit.runtime.compare import run
+
+    return run(args)

@@ -16,6 +16,7 @@ import numpy as np
 from lowbit.errors import ContextOverflowError, FormatError, LowbitError
 from lowbit.formats.reader import Container
 from lowbit.models import family_for
+from lowbit.runtime.device import resolve_device
 from lowbit.runtime.sampling import Sampler, SamplingParams, StopMatcher
 from lowbit.runtime.tokenizer import Tokenizer
 
@@ -83,8 +84,15 @@ class Event:
 
 
 class Engine:
-    def __init__(self, path: str | os.PathLike | None = None, ctx: int | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        ctx: int | None = None,
+        threads: int | None = None,
+        device: str | None = "cpu",
+    ):
         self.path = Path(path) if path is not None else default_model_path()
+        self.device = resolve_device(device)  # "cpu" or "cuda"; nothing CUDA is imported for "cpu"
         self.threads = set_threads(threads)
         t0 = time.perf_counter()
         self.container = Container(self.path)
@@ -102,7 +110,12 @@ class Engine:
             raise LowbitError("--ctx must be at least 2")
         if self.ctx > limit:
             log.warning("context %d is beyond the model's max_position_embeddings %d", self.ctx, limit)
-        self.model = self.family.Model(self.args, self.container, self.ctx)
+        if self.device == "cuda":
+            from lowbit.models.device_forward import cuda_model
+
+            self.model = cuda_model(fam_name, self.family, self.args, self.container, self.ctx)
+        else:
+            self.model = self.family.Model(self.args, self.container, self.ctx)
         gen = meta.get("generation", {})
         self.eos_ids = set(gen.get("eos_token_ids") or []) | set(self.tokenizer.eos_ids)
         self.generation_defaults = gen.get("defaults", {})

@@ -53,7 +53,7 @@ def test_missing_tokenizer(tmp_path, tiny_models):
 
 
 def test_unknown_bits(tmp_path, tiny_models):
-    assert_clean_error(run_cli("convert", tiny_models["llama"], "-o", tmp_path / "o.lowbit", "--bits", "5"), "--bits 5")
+    assert_clean_error(run_cli("convert", tiny_models["llama"], "-o", tmp_path / "o.lowbit", "--bits", "7"), "--bits 7")
 
 
 def _corrupt(src, dst, fn):

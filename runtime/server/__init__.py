@@ -76,7 +76,8 @@ def serve_command(args) -> int:
         log.setLevel(logging.INFO)
     sock = bind_socket(args.host, args.port)  # first, so a busy port fails before the model loads
     try:
-        engine = Engine(Path(args.model) if args.model else default_model_path(), ctx=args.ctx, threads=args.threads)
+        engine = Engine(Path(args.model) if args.model else default_model_path(), ctx=args.ctx, threads=args.threads,
+                        device=getattr(args, "device", "cpu"))
         app = create_app(engine, model_name=args.model_name, api_key=args.api_key)
     except BaseException:
         sock.close()

@@ -1,0 +1,228 @@
+"""Mixed precision: choose each tensor's quant type to fit a size budget (``--target-bpw`` or ``--max-size``).
+
+Sensitivity is measured, not guessed:
+
+1. every quantizable matrix is quantized (imatrix-weighted search) at each type of :data:`LADDER`, and its output
+   error on the calibration activations is computed, ``e_t(q) = tr(E H Eᵀ)`` with ``E = W − Ŵ`` and ``H = XᵀX/n`` the
+   layer input's second moment (for the token embedding: the squared error of the rows, weighted by how often
+   calibration text uses each token);
+2. the unquantized model's next-token distributions on a few calibration sequences are compared with those of the
+   same model with only tensor ``t`` quantized at the cheapest type: that KL divergence, divided by ``e_t`` at that
+   type, turns each tensor's error proxy into a predicted ΔKL at every type, ``ΔKL_t(q) = KL_t / e_t(cheapest) ·
+   e_t(q)``;
+3. a greedy allocation starts every tensor at the cheapest type and repeatedly takes the upgrade with the largest
+   predicted ΔKL saved per extra byte that still fits, until none does (predicted ΔKLs are treated as additive).
+
+The budget counts every tensor's bytes (norms and other float tensors included), as ``lowbit inspect`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from tqdm import tqdm
+
+from lowbit.convert.calibration import LayerRecorder, observe
+from lowbit.convert.quantize import quantize
+from lowbit.errors import LowbitError
+from lowbit.formats.qtypes import PER_CHANNEL, QType, get_qtype, quant_type
+from lowbit.formats.reader import StoredTensor
+from lowbit.kernels import dispatch
+from lowbit.kernels.ref import dequantize
+from lowbit.runtime.evaluate import log_softmax
+
+log = logging.getLogger(__name__)
+
+# candidate types, cheapest first (bits per weight: 2.25, 2.5, 3.25, 3.5, 4.25, 4.5, 5.5, 6.5, 8.25)
+LADDER = ("q2a_g128", "q2a_g64", "q3a_g128", "q3a_g64", "q4a_g128", "q4a_g64", "q5a_g64", "q6a_g64", "q8_g64")
+KL_SEQUENCES = 8  # calibration sequences scored for the KL of each tensor
+
+
+def allocate(job, opts, store, tokens: list[np.ndarray], qtypes: dict[str, QType], progress: bool):
+    """(new qtypes, info for the header) for the budget in ``opts``."""
+    model = job.family.Model(job.args, store, opts.calib_len)
+    names = [n for n, qt in qtypes.items() if not qt.is_float and store.arrays[n].ndim == 2]
+    if opts.recipe is not None:
+        log.info("--recipe given with a budget: the recipe's types are replaced by the allocation")
+    ladders = {n: ladder_for(store.arrays[n].shape) for n in names}
+    errors = _errors(model, store, tokens, ladders, opts.seed, progress)
+    kl = _kl_at_cheapest(model, store, tokens[:KL_SEQUENCES], ladders, progress)
+    fixed = sum(qt.nbytes(store.arrays[n].shape) for n, qt in qtypes.items() if n not in ladders)
+    params = sum(int(a.size) for a in store.arrays.values())
+    budget = opts.max_size if opts.max_size is not None else opts.target_bpw * params / 8.0
+    chosen = _greedy(ladders, errors, kl, {n: store.arrays[n].shape for n in names}, budget - fixed)
+    out = dict(qtypes)
+    out.update(chosen)
+    total = fixed + sum(out[n].nbytes(store.arrays[n].shape) for n in names)
+    info = {
+        "budget_bytes": int(budget),
+        "bytes": int(total),
+        "bpw": round(total * 8 / params, 4),
+        "predicted_kl": round(float(sum(_pred(kl, errors, n, ladders[n].index(out[n])) for n in names)), 6),
+        "ladder": list(LADDER),
+    }
+    log.info("mixed precision: %.4f bits/weight (budget %.4f), predicted KL %.5f", info["bpw"],
+             budget * 8 / params, info["predicted_kl"])
+    return out, info
+
+
+def ladder_for(shape: tuple[int, ...]) -> list[QType]:
+    """The :data:`LADDER` for a matrix of ``shape``: a group size the columns do not divide falls back to the next
+    smaller one (then per-channel), as plain conversion does; cheapest first, without repeats."""
+    out: dict[str, QType] = {}
+    for name in LADDER:
+        qt = get_qtype(name)
+        for g in [g for g in (128, 64, 32) if g <= qt.group_size] + [PER_CHANNEL]:
+            cand = quant_type(qt.bits, g, qt.asym)
+            if cand.check_shape(shape) is None:
+                out.setdefault(cand.name, cand)
+                break
+    if not out:
+        raise LowbitError(f"no candidate type fits a matrix of shape {tuple(shape)}")
+    return sorted(out.values(), key=lambda q: q.nbytes(shape))
+
+
+def _pred(kl: dict, errors: dict, name: str, i: int) -> float:
+    e0 = errors[name][0]
+    return 0.0 if e0 <= 0 else kl[name] * errors[name][i] / e0
+
+
+def _greedy(ladders, errors, kl, shapes, budget: float) -> dict[str, QType]:
+    level = {n: 0 for n in ladders}
+    cost = {n: [qt.nbytes(shapes[n]) for qt in lad] for n, lad in ladders.items()}
+    used = sum(cost[n][0] for n in ladders)
+    if used > budget:
+        raise LowbitError(
+            f"the budget is too small: the cheapest types need {used + 0:.0f} bytes for the matrices, "
+            f"{budget:.0f} are left after the float tensors"
+        )
+    while True:
+        best = None
+        for n, lad in ladders.items():
+            i = level[n]
+            now = _pred(kl, errors, n, i)
+            for j in range(i + 1, len(lad)):
+                extra = cost[n][j] - cost[n][i]
+                if used + extra > budget or extra <= 0:
+                    continue
+                gain = (now - _pred(kl, errors, n, j)) / extra
+                if gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, n, j, extra)
+        if best is None:
+            break
+        _, n, j, extra = best
+        level[n] = j
+        used += extra
+    return {n: ladders[n][level[n]] for n in ladders}
+
+
+def _errors(model, store, tokens, ladders, seed: int, progress: bool) -> dict[str, list[float]]:
+    """e_t(q) for every tensor and ladder type, layer by layer on the unquantized model's activations."""
+    errors: dict[str, list[float]] = {}
+    cache = model.new_cache()
+    hidden = [model.embed_tokens(t) for t in tokens]
+    rec = LayerRecorder(seed, len(tokens))
+    n_layers = len(model.layers)
+    bar = tqdm(total=n_layers + 2, desc="sensitivity", unit="layer", disable=not progress, dynamic_ncols=True)
+    try:
+        for li in range(n_layers):
+            _record(model, rec, hidden, lambda h, li=li: model.block(h, model.layers[li], li, 0, cache))
+            for n in [n for n in ladders if n.startswith(f"blk.{li}.")]:
+                errors[n] = _tensor_errors(store.arrays[n], rec.hessian(n), ladders[n])
+            hidden = [model.block(h, model.layers[li], li, 0, cache) for h in hidden]
+            bar.update(1)
+        _record(model, rec, hidden, model.head)
+        head = model.lm_head.name
+        if head in ladders:
+            errors[head] = _tensor_errors(store.arrays[head], rec.hessian(head), ladders[head])
+        bar.update(1)
+        emb = "token_embd.weight"
+        if emb in ladders and emb not in errors:
+            counts = np.bincount(np.concatenate(tokens), minlength=store.arrays[emb].shape[0]).astype(np.float64)
+            errors[emb] = _row_errors(store.arrays[emb], counts / max(counts.sum(), 1.0), ladders[emb])
+        bar.update(1)
+    finally:
+        bar.close()
+    return errors
+
+
+def _record(model, rec: LayerRecorder, hidden, fn) -> None:
+    rec.reset()
+    undo = observe(model, rec)
+    try:
+        for h in hidden:
+            rec.begin_call()
+            fn(h)
+    finally:
+        undo()
+
+
+def _tensor_errors(w: np.ndarray, h: np.ndarray, ladder: list[QType]) -> list[float]:
+    imp = np.diag(h).astype(np.float32)
+    out = []
+    for qt in ladder:
+        e = (w - dequantize(quantize(w, qt, "search", importance=imp), qt, w.shape)).astype(np.float64)
+        out.append(float(np.sum((e @ h) * e)))
+    return out
+
+
+def _row_errors(w: np.ndarray, freq: np.ndarray, ladder: list[QType]) -> list[float]:
+    out = []
+    for qt in ladder:
+        e = (w - dequantize(quantize(w, qt, "search"), qt, w.shape)).astype(np.float64)
+        out.append(float(freq @ np.einsum("ij,ij->i", e, e)))
+    return out
+
+
+def _kl_at_cheapest(model, store, tokens, ladders, progress: bool) -> dict[str, float]:
+    """Mean KL(float ‖ model with only tensor t at its cheapest type) over the scored positions of ``tokens``."""
+    cache = model.new_cache()
+    ref = [log_softmax(model.forward(t, 0, cache, all_logits=True).astype(np.float64)) for t in tokens]
+    out = {}
+    for n in tqdm(list(ladders), desc="sensitivity KL", unit="tensor", disable=not progress, dynamic_ncols=True):
+        qt = ladders[n][0]
+        w = store.arrays[n]
+        st = StoredTensor(n, qt, tuple(w.shape), quantize(w, qt, "search"))
+        with _swapped(model, n, st):
+            kls = []
+            for t, lp in zip(tokens, ref):
+                q = log_softmax(model.forward(t, 0, cache, all_logits=True).astype(np.float64))
+                kls.append(np.sum(np.exp(lp) * (lp - q), axis=1))
+        out[n] = float(np.mean(np.concatenate(kls)))
+    return out
+
+
+class _swapped:
+    """Temporarily replace one weight of the model (every place it is used) by a quantized one."""
+
+    def __init__(self, model, name: str, st: StoredTensor):
+        self.model, self.name, self.st = model, name, st
+        self.saved: list[tuple[object, str, dispatch.Weight]] = []
+
+    def __enter__(self):
+        for holder, key, w in _weight_slots(self.model):
+            if w.name == self.name:
+                self.saved.append((holder, key, w))
+                new = dispatch.Weight(self.st, w.bias)
+                if isinstance(holder, dict):
+                    holder[key] = new
+                else:
+                    setattr(holder, key, new)
+        return self
+
+    def __exit__(self, *exc):
+        for holder, key, w in self.saved:
+            if isinstance(holder, dict):
+                holder[key] = w
+            else:
+                setattr(holder, key, w)
+
+
+def _weight_slots(model):
+    for attr in ("embed", "lm_head"):
+        yield model, attr, getattr(model, attr)
+    for layer in model.layers:
+        for k, v in layer.items():
+            if isinstance(v, dispatch.Weight):
+                yield layer, k, v

@@ -1,0 +1,261 @@
+"""Calibrated conversion: quantize a model layer by layer on its own activations.
+
+The unquantized model runs in memory (:class:`calibration.FloatStore`). For each layer in turn:
+
+1. the calibration sequences' hidden states go through the layer while :class:`calibration.LayerRecorder` records the
+   input of every matrix product (``XᵀX`` per distinct input and a row sample);
+2. with ``awq``, per-input-channel scales are searched on those rows and folded into the norm (or linear) that feeds
+   the input, so the runtime needs nothing new;
+3. each matrix is rotated (``hadamard``), rounded (``rtn``/``search``/``imatrix``/``gptq``, the Hessian rotated and
+   rescaled along with the weight) and corrected (``lowrank``);
+4. the quantized layer replaces the float one, and the hidden states for the next layer are computed through it, so
+   later layers calibrate on the errors of earlier ones (GPTQ's sequential scheme).
+
+The final norm and lm_head are handled the same way; the token embedding is rounded without data (its rows are
+looked up, not multiplied), unless it doubles as the lm_head. Memory: the float model, the calibration hidden states
+(samples × length × hidden floats), one layer's Hessians and row samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+from tqdm import tqdm
+
+from lowbit.convert import awq, lowrank, rotation
+from lowbit.convert.calibration import FloatStore, LayerRecorder, observe
+from lowbit.convert.gptq import gptq_quantize
+from lowbit.convert.methods import Method
+from lowbit.convert.quantize import quantize
+from lowbit.formats.qtypes import QType
+from lowbit.formats.reader import StoredTensor
+from lowbit.kernels import dispatch
+from lowbit.kernels.ref import dequantize
+
+log = logging.getLogger(__name__)
+
+# AWQ input groups inside a layer: (what feeds the input, the linears that consume it)
+NORM_GROUPS = (("attn_norm", ("attn_q", "attn_k", "attn_v")), ("attn_norm", ("attn_qkv",)),
+               ("ffn_norm", ("ffn_gate", "ffn_up")), ("ffn_norm", ("ffn_gate_up",)))
+
+
+def _rtn(w: np.ndarray, qt: QType) -> dict[str, np.ndarray]:
+    return quantize(w, qt, "rtn")
+
+
+# AWQ's searches score candidates with round-to-nearest (as the AWQ reference does) on at most 2048 input rows
+AWQ_SEARCH = {"quantizer": _rtn, "max_rows": 2048}
+
+
+@dataclass
+class Encoded:
+    """One quantized matrix: its type, stored parts, and extra float tensors (suffix -> array) stored beside it."""
+
+    qtype: QType
+    parts: dict[str, np.ndarray]
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineResult:
+    encoded: dict[str, Encoded]  # canonical tensor name ("blk.0.attn_q.weight") -> encoding
+    floats: dict[str, np.ndarray]  # float tensors the methods changed (AWQ-folded norms), canonical name -> array
+    notes: dict  # what was done, for the container header
+
+
+class Pipeline:
+    def __init__(self, family, args, store: FloatStore, qtypes: dict[str, QType], method: Method, opts,
+                 progress: bool = True):
+        self.family = family
+        self.args = args
+        self.store = store
+        self.qtypes = qtypes
+        self.method = method
+        self.opts = opts
+        self.progress = progress
+        self.model = family.Model(args, store, opts.calib_len)
+        self.encoded: dict[str, Encoded] = {}
+        self.floats: dict[str, np.ndarray] = {}
+        self.awq_alphas: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------ driver
+    def run(self, tokens: list[np.ndarray]) -> PipelineResult:
+        model = self.model
+        cache = model.new_cache()
+        hidden = [model.embed_tokens(t) for t in tokens]
+        rec = LayerRecorder(self.opts.seed, len(tokens))
+        n = self.args.num_hidden_layers
+        bar = tqdm(total=n + 1, desc="calibrate", unit="layer", disable=not self.progress, dynamic_ncols=True)
+        try:
+            for li in range(n):
+                prefix = f"blk.{li}."
+                self._record(rec, hidden, lambda h, li=li: model.block(h, model.layers[li], li, 0, cache))
+                self._quantize_layer(prefix, rec)
+                model.layers[li] = self._runtime_layer(prefix)
+                hidden = [model.block(h, model.layers[li], li, 0, cache) for h in hidden]
+                bar.update(1)
+            self._quantize_head(rec, hidden)
+            bar.update(1)
+        finally:
+            bar.close()
+        self._quantize_embedding()
+        notes = {"method": self.method.name}
+        if self.awq_alphas:
+            notes["awq_alpha"] = self.awq_alphas
+        return PipelineResult(self.encoded, self.floats, notes)
+
+    def _record(self, rec: LayerRecorder, hidden: list[np.ndarray], fn) -> None:
+        rec.reset()
+        undo = observe(self.model, rec)
+        try:
+            for h in hidden:
+                rec.begin_call()
+                fn(h)
+        finally:
+            undo()
+
+    # ------------------------------------------------------------------------------------------ layers
+    def _linear_names(self, prefix: str) -> list[str]:
+        layer = self.model.layers[int(prefix.split(".")[1])]
+        return [k for k, v in layer.items() if isinstance(v, dispatch.Weight)]
+
+    def _quantize_layer(self, prefix: str, rec: LayerRecorder) -> None:
+        names = self._linear_names(prefix)
+        scales: dict[str, np.ndarray] = {}  # linear -> input scale s (its input became x / s)
+        if self.method.awq:
+            scales = self._awq_layer(prefix, names, rec)
+        for short in names:
+            self._encode(f"{prefix}{short}.weight", rec, scales.get(short))
+
+    def _awq_layer(self, prefix: str, names: list[str], rec: LayerRecorder) -> dict[str, np.ndarray]:
+        """Search AWQ scales for each input group of the layer, fold them, return linear -> s."""
+        found: dict[str, np.ndarray] = {}
+        groups = [(src, [c for c in cons if c in names]) for src, cons in NORM_GROUPS]
+        groups = [(src, cons) for src, cons in groups if cons and all(c in names for c in cons)]
+        if "ffn_up" in names and "ffn_down" in names:
+            groups.append(("ffn_up", ["ffn_down"]))
+        a = self.args
+        heads = dict(n_heads=a.num_attention_heads, n_kv_heads=a.num_key_value_heads, head_dim=a.head_dim)
+        if "attn_v" in names and "attn_output" in names:
+            groups.append(("attn_v", ["attn_output"]))
+        for src, cons in groups:
+            ws = [self.store.arrays[f"{prefix}{c}.weight"] for c in cons]
+            qt = self.qtypes[f"{prefix}{cons[0]}.weight"]
+            if qt.is_float:
+                continue
+            # o_proj's input channels can only be scaled as v's output channels are (GQA: shared by query heads)
+            tie = partial(awq.tie_gqa, **heads) if src == "attn_v" else None
+            s, alpha, _ = awq.awq_scales(ws, rec.rows(f"{prefix}{cons[0]}.weight"), qt, tie=tie, **AWQ_SEARCH)
+            self.awq_alphas[f"{prefix}{cons[0]}"] = round(float(alpha), 3)
+            src_name = f"{prefix}{src}.weight"
+            if src == "attn_v":
+                bias_name = f"{prefix}attn_v.bias"
+                fold = awq.fold_v_into_o(self.store.arrays[src_name], s, v_bias=self.store.arrays.get(bias_name),
+                                         **heads)
+                self.store.arrays[src_name] = fold.v_weight.astype(np.float32)
+                if fold.v_bias is not None:
+                    self.floats[bias_name] = self.store.arrays[bias_name] = fold.v_bias.astype(np.float32)
+                s = fold.o_scale
+            elif src.endswith("norm"):
+                new = awq.fold_into_norm(self.store.arrays[src_name], s, offset=self.model.NORM_OFFSET)
+                self.floats[src_name] = self.store.arrays[src_name] = new.astype(np.float32)
+            else:
+                bias_name = f"{prefix}{src}.bias"
+                w, b = awq.fold_into_rows(self.store.arrays[src_name], s, self.store.arrays.get(bias_name))
+                self.store.arrays[src_name] = w.astype(np.float32)
+                if b is not None:
+                    self.floats[bias_name] = self.store.arrays[bias_name] = b.astype(np.float32)
+            for c in cons:
+                cname = f"{prefix}{c}.weight"
+                self.store.arrays[cname] = awq.scale_columns(self.store.arrays[cname], s).astype(np.float32)
+                found[c] = s
+        return found
+
+    def _runtime_layer(self, prefix: str) -> dict:
+        """The layer's runtime dict with the quantized weights (and any folded norms) in place."""
+        layer = self.model.load_layer(prefix)  # floats (norms, biases) as they are now in the store
+        for short, w in list(layer.items()):
+            if isinstance(w, dispatch.Weight):
+                layer[short] = self._runtime_weight(f"{prefix}{short}.weight", w.bias)
+        return layer
+
+    def _runtime_weight(self, name: str, bias: np.ndarray | None) -> dispatch.Weight:
+        enc = self.encoded[name]
+        shape = tuple(self.store.arrays[name].shape)
+        return dispatch.Weight(StoredTensor(name, enc.qtype, shape, enc.parts), bias, **_weight_extras(enc.extras))
+
+    # ------------------------------------------------------------------------------------------ one matrix
+    def _encode(self, name: str, rec: LayerRecorder | None, awq_scale: np.ndarray | None) -> None:
+        qt = self.qtypes[name]
+        w = self.store.arrays[name]
+        if qt.is_float:
+            return
+        m = self.method
+        h = imp = None
+        if rec is not None and m.calibrated:
+            h = rec.hessian(name)
+            if awq_scale is not None:  # the input is now x / s
+                inv = 1.0 / awq_scale.astype(np.float64)
+                h = h * inv[:, None] * inv[None, :]
+        extras: dict[str, np.ndarray] = {}
+        if m.hadamard and h is not None:
+            w, signs = rotation.rotate_weight(w, _tensor_seed(self.opts.seed, name))
+            h = rotation.rotate_hessian(h, signs)
+            extras["had"] = signs
+        if h is not None:
+            imp = np.diag(h).astype(np.float32)
+        if m.awq and awq_scale is not None and m.rounding != "gptq":
+            w = awq.awq_clip(w, rec.rows(name) / awq_scale, qt, **AWQ_SEARCH)
+        if m.rounding == "gptq" and h is not None:
+            parts = gptq_quantize(w, h, qt, importance=imp)
+        elif m.rounding == "imatrix" and imp is not None:
+            parts = quantize(w, qt, "search", importance=imp)
+        else:
+            parts = quantize(w, qt, "rtn" if m.rounding == "rtn" else "search")
+        if m.lowrank and h is not None and self.opts.lowrank_bpw > 0:
+            w_hat = dequantize(parts, qt, w.shape)
+            act = np.sqrt(np.maximum(np.diag(h), 0.0)).astype(np.float32)
+            rank = lowrank.rank_for_budget(w.shape, self.opts.lowrank_bpw)
+            if rank > 0:
+                a, b = lowrank.lowrank_correction(w, w_hat, rank=rank, act_scale=act)
+                extras["lr_a"], extras["lr_b"] = a, b
+        self.encoded[name] = Encoded(qt, parts, extras)
+
+    # ------------------------------------------------------------------------------------------ head, embedding
+    def _quantize_head(self, rec: LayerRecorder, hidden: list[np.ndarray]) -> None:
+        model = self.model
+        name = "output.weight" if "output.weight" in self.store else "token_embd.weight"
+        self._record(rec, hidden, model.head)
+        scale = None
+        if self.method.awq and name == "output.weight" and not self.qtypes[name].is_float:
+            s, alpha, _ = awq.awq_scales([self.store.arrays[name]], rec.rows(name), self.qtypes[name], **AWQ_SEARCH)
+            self.awq_alphas["output"] = round(float(alpha), 3)
+            new = awq.fold_into_norm(self.store.arrays["output_norm.weight"], s, offset=model.NORM_OFFSET)
+            self.floats["output_norm.weight"] = self.store.arrays["output_norm.weight"] = new.astype(np.float32)
+            self.store.arrays[name] = awq.scale_columns(self.store.arrays[name], s).astype(np.float32)
+            scale = s
+        self._encode(name, rec, scale)
+
+    def _quantize_embedding(self) -> None:
+        name = "token_embd.weight"
+        if name in self.encoded or self.qtypes[name].is_float:
+            return
+        rounding = "rtn" if self.method.rounding == "rtn" else "search"
+        self.encoded[name] = Encoded(self.qtypes[name], quantize(self.store.arrays[name], self.qtypes[name], rounding))
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFFFFFF
+
+
+def _weight_extras(extras: dict[str, np.ndarray]) -> dict:
+    out = {}
+    if "had" in extras:
+        out["had_signs"] = extras["had"]
+    if "lr_a" in extras:
+        out["lr_a"], out["lr_b"] = extras["lr_a"], extras["lr_b"]
+    return out

@@ -1,0 +1,466 @@
+"""`lowbit compare`: convert one checkpoint several ways and measure every result against the unquantized model.
+
+Each configuration is converted into ``--out-dir`` (timed), then all of them are evaluated by the project's
+convention (DESIGN §9) over the same windows in lockstep, so the unquantized reference runs once per window however
+many configurations there are (its logits are never stored: a 32k-token text is half a gigabyte of them for a
+4096-token vocabulary). Then each model's decode speed is measured, and one table (stdout), ``results.csv``,
+``results.json``, ``results.md`` and ``pareto.png`` (with matplotlib) are written, every file atomically.
+
+Configuration grammar (``--configs``, comma-separated)::
+
+    METHOD:BITS[:GROUP][:OPTION...]             rtn:4, gptq:4:g64, awq+gptq:3:g128:sym, gptq+lowrank:2:lowrank=0.2
+    mixed:TARGET[:METHOD][:GROUP][:OPTION...]   TARGET = 2.5bpw (target_bpw) or 12MB / 1.5GB (max_size)
+    f16 | 16                                    the unquantized model as a row of its own
+
+METHOD is the converter's "+"-joined step string; BITS 2|3|4|5|6|8|16; GROUP g32|g64|g128|pc (default g64);
+OPTION sym | asym | embed=B | lowrank=X (extra bits per weight for the lowrank step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lowbit.convert.converter import FLOAT_BITS, ConvertOptions
+from lowbit.errors import LowbitError
+from lowbit.formats.qtypes import GROUP_SIZES, PER_CHANNEL, QUANT_BITS
+from lowbit.runtime.evaluate import Accumulator, EvalResult, count_windows, too_short_message, windows
+
+log = logging.getLogger(__name__)
+
+# The method steps a config may name: the converter's registry when it has one, else the steps it documents.
+try:
+    from lowbit.convert.methods import METHOD_STEPS  # type: ignore[attr-defined]
+except ImportError:
+    METHOD_STEPS: tuple[str, ...] = ("rtn", "search", "imatrix", "awq", "gptq", "hadamard", "lowrank")
+
+BITS = (*QUANT_BITS, FLOAT_BITS)
+GROUPS = {f"g{g}": g for g in GROUP_SIZES} | {"pc": PER_CHANNEL}
+GROUP_NAMES = {v: k for k, v in GROUPS.items()}
+DEFAULT_GROUP = 64
+UNQUANTIZED = ("f16", "16")
+_TARGET = re.compile(r"^(\d+(?:\.\d+)?)(bpw|kb|mb|gb)$", re.IGNORECASE)
+_SIZE_UNITS = {"kb": 1e3, "mb": 1e6, "gb": 1e9}
+_OPTION_FIELDS = {"embed": "embed_bits", "lowrank": "lowrank_bpw"}
+GRAMMAR = "METHOD:BITS[:GROUP][:OPTION...], mixed:TARGET[:METHOD][:GROUP][:OPTION...] or f16"
+
+
+# ------------------------------------------------------------------------------------------------ configurations
+@dataclass(frozen=True)
+class Config:
+    label: str  # canonical spelling: "gptq:4:g64", "mixed:2.5bpw:search", "f16"
+    method: str  # what the table and plot group by: the method string, "mixed" or "f16"
+    bits: str  # for the table: "4", "2.5bpw", "12MB", "16"
+    group: str  # "g64", "pc", "" for f16
+    opts: ConvertOptions
+    extras: tuple[str, ...] = ()  # the options the item sets, as the label spells them: "sym", "embed=8"
+
+    @property
+    def shown_method(self) -> str:
+        """The method column: the method, plus the options the config sets."""
+        return self.method + (f" ({', '.join(self.extras)})" if self.extras else "")
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label.replace("+", "-").replace(":", "_"))
+
+
+def parse_configs(spec: str, shared: ConvertOptions | None = None) -> list[Config]:
+    """Every item of ``spec`` as a Config whose options start from ``shared`` (calibration settings). All items are
+    checked before anything is converted; the first bad one raises a LowbitError naming it."""
+    shared = shared or ConvertOptions()
+    items = [s.strip() for s in spec.split(",")]
+    if not any(items):
+        raise LowbitError(f"--configs is empty; give comma-separated items like rtn:4:g64 ({GRAMMAR})")
+    out: list[Config] = []
+    seen: dict[str, str] = {}
+    for item in items:
+        if not item:
+            raise LowbitError(f"--configs {spec!r} has an empty item (a stray comma?)")
+        try:
+            cfg = _parse_item(item, shared)
+            cfg.opts.validate()
+        except LowbitError as e:
+            raise LowbitError(f"config {item!r}: {e}") from None
+        if cfg.label in seen:
+            raise LowbitError(f"config {item!r} is the same as {seen[cfg.label]!r} ({cfg.label}); give it once")
+        seen[cfg.label] = item
+        out.append(cfg)
+    return out
+
+
+def _parse_item(item: str, shared: ConvertOptions) -> Config:
+    if item.lower() in UNQUANTIZED:
+        return Config("f16", "f16", "16", "", dataclasses.replace(shared, bits=FLOAT_BITS, method="rtn"))
+    parts = [p.strip() for p in item.split(":")]
+    if len(parts) < 2 or not all(parts):
+        raise LowbitError(f"expected {GRAMMAR}")
+    head, second, rest = parts[0].lower(), parts[1], parts[2:]
+    if head == "mixed":
+        return _parse_mixed(second, rest, shared)
+    method = _parse_method(head)
+    try:
+        bits = int(second)
+    except ValueError:
+        bits = None
+    if bits not in BITS:
+        raise LowbitError(f"bits {second!r}: choose one of {', '.join(map(str, BITS))}")
+    if bits == FLOAT_BITS:
+        if rest:
+            raise LowbitError("16 bits keeps the weights unquantized: no group or options (write f16)")
+        return _parse_item("f16", shared)
+    group, fields, extras = _parse_options(rest, method)
+    opts = dataclasses.replace(shared, bits=bits, group_size=group, method=method, **fields)
+    label = ":".join((method, str(bits), GROUP_NAMES[group], *extras))
+    return Config(label, method, str(bits), GROUP_NAMES[group], opts, extras)
+
+
+def _parse_mixed(target: str, rest: list[str], shared: ConvertOptions) -> Config:
+    m = _TARGET.match(target)
+    if not m:
+        raise LowbitError(f"mixed target {target!r}: give bits per weight (2.5bpw) or a size (12MB, 1.5GB)")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    if value <= 0:
+        raise LowbitError(f"mixed target {target!r} must be positive")
+    method = shared.method
+    if rest and rest[0].lower() not in GROUPS and not _is_option(rest[0]):
+        method, rest = _parse_method(rest[0].lower()), rest[1:]
+    group, fields, extras = _parse_options(rest, method)
+    if unit == "bpw":
+        fields["target_bpw"], shown = value, f"{value:g}bpw"
+    else:
+        fields["max_size"], shown = int(value * _SIZE_UNITS[unit]), f"{value:g}{unit.upper()}"
+    opts = dataclasses.replace(shared, group_size=group, method=method, **fields)
+    # the converter's default method (for a size budget) is left out of the label and the method column
+    named = () if method == shared.method else (method,)
+    label = ":".join(("mixed", shown, *named, GROUP_NAMES[group], *extras))
+    return Config(label, f"mixed({method})" if named else "mixed", shown, GROUP_NAMES[group], opts, extras)
+
+
+def _parse_method(text: str) -> str:
+    if text == ConvertOptions.method:  # the converter's default (e.g. "auto") is always a valid name
+        return text
+    steps = text.split("+")
+    for s in steps:
+        if s not in METHOD_STEPS:
+            raise LowbitError(f"unknown method step {s!r}; choose from {', '.join(METHOD_STEPS)} (joined with +)")
+    dup = next((s for s in steps if steps.count(s) > 1), None)
+    if dup:
+        raise LowbitError(f"method step {dup!r} is given twice")
+    return text
+
+
+def _is_option(text: str) -> bool:
+    return text.lower() in ("sym", "asym") or "=" in text
+
+
+def _parse_options(parts: Sequence[str], method: str) -> tuple[int, dict, tuple[str, ...]]:
+    """(group size, ConvertOptions fields, the options as the label spells them) from GROUP and OPTION parts."""
+    group: int | None = None
+    fields: dict = {}
+    for p in parts:
+        low = p.lower()
+        if low in GROUPS:
+            if group is not None:
+                raise LowbitError(f"group given twice ({GROUP_NAMES[group]} and {low})")
+            group = GROUPS[low]
+        elif low in ("sym", "asym"):
+            if "asym" in fields:
+                raise LowbitError("sym/asym given twice")
+            fields["asym"] = low == "asym"
+        elif "=" in low:
+            key, _, val = low.partition("=")
+            if _OPTION_FIELDS.get(key) in fields:
+                raise LowbitError(f"option {key}= given twice")
+            if key == "embed":
+                fields["embed_bits"] = _int_in(val, BITS, "embed")
+            elif key == "lowrank":
+                if "lowrank" not in method.split("+"):
+                    raise LowbitError(f"lowrank={val} needs the lowrank method step (e.g. gptq+lowrank)")
+                fields["lowrank_bpw"] = _positive_float(val, "lowrank")
+            else:
+                raise LowbitError(f"unknown option {key!r}; options are sym, asym, embed=BITS, lowrank=BPW")
+        elif low.startswith("g") and low[1:].isdigit():
+            raise LowbitError(f"unknown group {p!r}; use {', '.join(GROUPS)}")
+        else:
+            raise LowbitError(f"unknown group or option {p!r}; groups {', '.join(GROUPS)}, options sym, asym, "
+                              "embed=BITS, lowrank=BPW")
+    group = DEFAULT_GROUP if group is None else group
+    return group, fields, tuple(_option_labels(fields))
+
+
+def _option_labels(fields: dict) -> list[str]:
+    out = []
+    if "asym" in fields:
+        out.append("asym" if fields["asym"] else "sym")
+    if "embed_bits" in fields:
+        out.append(f"embed={fields['embed_bits']}")
+    if "lowrank_bpw" in fields:
+        out.append(f"lowrank={fields['lowrank_bpw']:g}")
+    return out
+
+
+def _int_in(text: str, allowed: Sequence[int], what: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = None
+    if v not in allowed:
+        raise LowbitError(f"{what}={text}: choose one of {', '.join(map(str, allowed))}")
+    return v
+
+
+def _positive_float(text: str, what: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not v > 0 or v == float("inf"):
+        raise LowbitError(f"{what}={text}: expected a positive number")
+    return v
+
+
+# ------------------------------------------------------------------------------------------------ results
+@dataclass
+class Row:
+    config: Config
+    path: Path | None = None
+    error: str | None = None  # why this configuration has no (complete) measurement
+    convert_seconds: float | None = None
+    file_bytes: int | None = None
+    bpw: float | None = None  # all tensor data / parameters, as `lowbit inspect` reports it
+    bpw_matrices: float | None = None
+    eval_seconds: float = 0.0  # this model's share of the evaluation: its forward passes and scoring
+    result: EvalResult | None = None
+    decode_tps: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def fail(self, stage: str, exc: BaseException) -> None:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        kind = "" if isinstance(exc, LowbitError) else f"{type(exc).__name__}: "
+        self.error = f"{stage} failed: {kind}{msg}".rstrip(": ")
+        log.warning("%s: %s", self.config.label, self.error, exc_info=not isinstance(exc, LowbitError))
+
+    def to_dict(self) -> dict:
+        c = self.config
+        d = {
+            "label": c.label, "method": c.method, "bits": c.bits, "group": c.group,
+            "status": "ok" if self.ok else "failed", "error": self.error,
+            "bpw": self.bpw, "bpw_matrices": self.bpw_matrices, "file_bytes": self.file_bytes,
+            "convert_seconds": self.convert_seconds, "eval_seconds": round(self.eval_seconds, 3),
+            "decode_tps": self.decode_tps,
+        }
+        res = self.result.to_dict() if self.result is not None else {}
+        for k in ("ppl", "delta_ppl_pct", "kl_mean", "kl_p99", "kl_max", "top1", "nll", "tokens", "windows"):
+            d[k] = res.get(k)
+        d["options"] = dataclasses.asdict(c.opts)
+        return d
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def evaluate_lockstep(
+    logits_fns: Sequence[Callable[[list[int]], np.ndarray]],
+    ids: list[int],
+    ctx: int,
+    bos: int,
+    max_tokens: int | None,
+    ref_logits_fn: Callable[[list[int]], np.ndarray],
+    on_window: Callable[[int], None] | None = None,
+) -> tuple[list[EvalResult | BaseException], EvalResult, list[float]]:
+    """Like evaluate_many, but a candidate that raises drops out (its exception is its result) while the others go
+    on. Returns (per candidate: EvalResult or exception, the reference's own EvalResult, seconds per candidate)."""
+    if count_windows(len(ids), ctx, max_tokens) == 0:
+        raise LowbitError(too_short_message(len(ids), ctx, max_tokens))
+    accs: list[Accumulator | None] = [Accumulator(reference=True) for _ in logits_fns]
+    errors: list[BaseException | None] = [None] * len(logits_fns)
+    seconds = [0.0] * len(logits_fns)
+    ref_acc = Accumulator()
+    for w, win in enumerate(windows(ids, ctx, bos, max_tokens), 1):
+        ref = ref_logits_fn(win)
+        ref_acc.add(win, ref)
+        for i, fn in enumerate(logits_fns):
+            if errors[i] is not None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                accs[i].add(win, fn(win), ref)
+            except Exception as e:  # noqa: BLE001 - one broken candidate must not end the whole comparison
+                errors[i], accs[i] = e, None
+            seconds[i] += time.perf_counter() - t0
+        if on_window:
+            on_window(w)
+    results = [e if e is not None else a.result() for e, a in zip(errors, accs)]
+    return results, ref_acc.result(), seconds
+
+
+def decode_speed(engine, prompt: list[int], n: int, warmup: int = 4, repeats: int = 3) -> float:
+    """Greedy decode tokens/s of ``n`` single-token steps after ``prompt``: the fastest of ``repeats`` runs after a
+    short warm-up run (on a shared machine the fastest run is the least disturbed one)."""
+    best = 0.0
+    for k, steps in enumerate((warmup, *[n] * repeats)):
+        engine.reset()
+        tok = int(np.argmax(engine.prefill(prompt)))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok = int(np.argmax(engine.step(tok)))
+        dt = time.perf_counter() - t0
+        if k and dt > 0:
+            best = max(best, n / dt)
+    return best or float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ the command
+PROMPT_TOKENS = 16  # decode speed is measured after a prompt of BOS + this many tokens of the text
+
+
+def run(args) -> int:
+    """`lowbit compare`: returns 0, or 1 when some configuration failed (its row says why)."""
+    from contextlib import ExitStack
+
+    from tqdm import tqdm
+
+    from lowbit.runtime import compare_report as report
+    from lowbit.runtime.engine import Engine, set_threads
+    from lowbit.runtime.evaluate import reference_engine
+
+    _check_args(args)
+    shared = ConvertOptions(calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
+                            seed=args.seed)
+    configs = parse_configs(args.configs, shared)
+    text = _read_text(args.text)
+    out_dir = Path(args.out_dir) if args.out_dir else Path(f"compare-{_source_name(args.source)}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LowbitError(f"{out_dir}: exists and is not a directory (--out-dir)")
+    set_threads(args.threads)
+    rows = [Row(c) for c in configs]
+    quiet = args.json
+    with ExitStack() as stack:
+        ref = stack.enter_context(reference_engine(args.source, args.eval_ctx, args.threads))
+        ids = ref.tokenizer.encode(text, add_special_tokens=False)
+        bos = ref.tokenizer.bos_id
+        if bos is None:
+            raise LowbitError("this model has no BOS token; perplexity by the project convention needs one")
+        n_win = count_windows(len(ids), args.eval_ctx, args.max_tokens)
+        if n_win == 0:
+            raise LowbitError(f"{args.text}: {too_short_message(len(ids), args.eval_ctx, args.max_tokens)}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not args.keep_models:
+            stack.callback(_remove_models, rows)
+        _convert_all(rows, args.source, out_dir, quiet)
+
+        prompt = [bos, *ids[:PROMPT_TOKENS]]
+        ctx = max(args.eval_ctx, len(prompt) + max(args.decode_tokens, 4) + 1)
+        engines: dict[int, Engine] = {}
+        for i, row in enumerate(rows):
+            if row.ok:
+                try:
+                    engines[i] = Engine(row.path, ctx=ctx, threads=args.threads)
+                except Exception as e:  # noqa: BLE001 - a container the runtime cannot load is a failed row
+                    row.fail("loading", e)
+        log.info("evaluating %d models against the reference over %d windows", len(engines), n_win)
+        with tqdm(total=n_win, desc=f"eval {len(engines)} models", unit="window", disable=quiet) as bar:
+            results, ref_result, seconds = evaluate_lockstep(
+                [e.logits_all for e in engines.values()], ids, args.eval_ctx, bos, args.max_tokens,
+                ref.logits_all, on_window=lambda _: bar.update())
+        for i, res, sec in zip(engines, results, seconds):
+            rows[i].eval_seconds = sec
+            if isinstance(res, EvalResult):
+                rows[i].result = res
+            else:
+                rows[i].fail("evaluation", res)
+        if args.decode_tokens > 0:
+            for i in tqdm(list(engines), desc="decode speed", unit="model", disable=quiet):
+                if rows[i].ok:
+                    try:
+                        rows[i].decode_tps = decode_speed(engines[i], prompt, args.decode_tokens)
+                    except Exception as e:  # noqa: BLE001
+                        rows[i].fail("decode", e)
+        engines.clear()
+
+    doc = report.document(args.source, str(args.text), args.eval_ctx, args.max_tokens, args.decode_tokens, rows,
+                          ref_result)
+    files = report.write_results(out_dir, doc, rows, ref_result)
+    if args.json:
+        print(report.json_dumps({**doc, "files": {k: str(v) for k, v in files.items()}}))
+    else:
+        print(report.markdown_table(rows, ref_result, args.source, args.eval_ctx))
+        print(f"wrote {', '.join(str(p) for p in files.values())}", file=sys.stderr)
+    failed = [r for r in rows if not r.ok]
+    if failed:
+        log.warning("%d of %d configurations failed: %s", len(failed), len(rows), ", ".join(r.config.label
+                                                                                            for r in failed))
+    return 1 if failed else 0
+
+
+def _check_args(args) -> None:
+    src = Path(args.source).expanduser()
+    if src.is_file():
+        raise LowbitError(f"{args.source}: compare converts from a Hugging Face checkpoint (folder or hub id), "
+                          "not a file")
+    for name, value, low in (("--eval-ctx", args.eval_ctx, 2), ("--calib-samples", args.calib_samples, 1),
+                             ("--calib-len", args.calib_len, 2), ("--decode-tokens", args.decode_tokens, 0)):
+        if value < low:
+            raise LowbitError(f"{name} must be at least {low}, got {value}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise LowbitError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.calib is not None and not Path(args.calib).is_file():
+        raise LowbitError(f"{args.calib}: no such calibration text file (--calib)")
+
+
+def _read_text(name: str) -> str:
+    try:
+        return Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LowbitError(f"{name}: cannot read text ({e})") from None
+
+
+def _source_name(src: str) -> str:
+    name = Path(src.rstrip("/")).name or "model"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _convert_all(rows: list[Row], src: str, out_dir: Path, quiet: bool) -> None:
+    from tqdm import tqdm
+
+    from lowbit.convert.converter import convert
+    from lowbit.formats.reader import Container
+    from lowbit.runtime.commands import summarize
+
+    bar = tqdm(rows, desc="convert", unit="config", disable=quiet, dynamic_ncols=True)
+    for row in bar:
+        bar.set_postfix_str(row.config.label)
+        log.info("converting %s", row.config.label)
+        target = out_dir / f"{row.config.slug}.lowbit"
+        t0 = time.perf_counter()
+        try:
+            row.path = convert(src, target, row.config.opts, progress=False)
+        except Exception as e:  # noqa: BLE001 - a method that fails (or is not there yet) is one failed row
+            row.fail("conversion", e)
+            continue
+        row.convert_seconds = round(time.perf_counter() - t0, 2)
+        with Container(row.path) as c:
+            s = summarize(c)
+            row.file_bytes = c.size
+        row.bpw, row.bpw_matrices = s["bpw_all"], s["bpw_matrices"]
+        target_bpw = row.config.opts.target_bpw
+        if target_bpw is not None and min(row.bpw, row.bpw_matrices) > target_bpw * 1.05:
+            log.warning("%s: the container has %.3f bits per weight (%.3f in the matrices), above its target",
+                        row.config.label, row.bpw, row.bpw_matrices)
+
+
+def _remove_models(rows: list[Row]) -> None:
+    for row in rows:
+        if row.path is not None:
+            row.path.unlink(missing_ok=True)
+            row.path = None

@@ -1,0 +1,149 @@
+"""The calibrated conversion path end to end on tiny random models: every method step yields a valid container that
+runs, transforms folded into the model are exact (8-bit stays as close to transformers as plain 8-bit), recipes and
+budgets are honoured, bad options fail cleanly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from lbtest import CALIB, assert_clean_error, run_cli
+
+from lowbit.convert.converter import ConvertOptions, convert
+from lowbit.convert.methods import parse_method
+from lowbit.errors import LowbitError
+from lowbit.formats.reader import Container
+from lowbit.runtime.commands import summarize
+from lowbit.runtime.engine import Engine
+
+CAL = dict(calib=str(CALIB), calib_samples=6, calib_len=64)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    rng = np.random.default_rng(5)
+    return [1, *rng.integers(3, 4000, size=40).tolist()]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    return tiny_models["llama"]
+
+
+def hf_logits(folder, ids):
+    import torch
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def rel_err(got, want):
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def logits(path, ids):
+    return Engine(path, ctx=128, threads=1).logits_all(ids)
+
+
+def test_parse_method():
+    assert parse_method("gptq").rounding == "gptq"
+    m = parse_method("lowrank+gptq+hadamard")
+    assert (m.rounding, m.hadamard, m.lowrank, m.name) == ("gptq", True, True, "hadamard+gptq+lowrank")
+    assert parse_method("awq").rounding == "search" and parse_method("awq").calibrated
+    assert not parse_method("search").calibrated
+    for bad, needle in [("gptq+rtn", "choose one"), ("foo", "unknown method step"), ("gptq+", "steps joined"),
+                        ("awq+hadamard", "use one"), ("gptq+gptq", "repeated")]:
+        with pytest.raises(LowbitError, match=needle):
+            parse_method(bad)
+
+
+@pytest.mark.parametrize("method", ["awq", "hadamard+gptq", "awq+gptq+lowrank"])
+def test_exact_transforms_keep_eight_bit_close_to_transformers(method, tiny, tmp_path, prompt):
+    """At 8 bits the rounding error is tiny, so any mistake in folding AWQ scales, rotating weights (and applying
+    the inverse at run time) or adding the low-rank term would show as a large logit error."""
+    want = hf_logits(tiny, prompt)
+    plain = logits(convert(str(tiny), tmp_path / "plain.lowbit", ConvertOptions(bits=8), progress=False), prompt)
+    out = convert(str(tiny), tmp_path / "m.lowbit", ConvertOptions(bits=8, method=method, lowrank_bpw=0.5, **CAL),
+                  progress=False)
+    got = logits(out, prompt)
+    assert rel_err(got, want) < max(3 * rel_err(plain, want), 1e-2)
+    c = Container(out)
+    q = c.meta["quantization"]
+    assert q["method"] == parse_method(method).name and q["calibration"]["samples"] == 6
+    names = set(c.tensor_names)
+    if "hadamard" in method:
+        assert "blk.0.attn_q.had" in names and "blk.1.ffn_down.had" in names
+    if "lowrank" in method:
+        assert any(n.endswith(".lr_a") for n in names)
+    if "awq" in method:
+        assert q["awq_alpha"]
+
+
+def test_gptq_beats_rtn_at_two_bits_on_calibration_text(tiny, tmp_path, prompt):
+    want = logits(convert(str(tiny), tmp_path / "f.lowbit", ConvertOptions(bits=16), progress=False), prompt)
+    errs = {}
+    for method in ("rtn", "gptq"):
+        out = convert(str(tiny), tmp_path / f"{method}.lowbit",
+                      ConvertOptions(bits=2, group_size=32, method=method, **CAL), progress=False)
+        errs[method] = float(np.mean((logits(out, prompt) - want) ** 2))
+    assert errs["gptq"] < errs["rtn"], errs
+
+
+def test_target_bpw_is_met_and_recipe_reproduces_it(tiny, tmp_path, prompt):
+    out = convert(str(tiny), tmp_path / "mix.lowbit", ConvertOptions(target_bpw=4.0, method="imatrix", **CAL),
+                  progress=False)
+    c = Container(out)
+    s = summarize(c)
+    assert s["bpw_all"] <= 4.0 + 1e-9
+    recipe = c.meta["quantization"]["recipe"]
+    types = {recipe[n] for n in recipe if n.endswith(".weight") and "norm" not in n}
+    assert len(types) > 1, types  # really mixed
+    assert c.meta["quantization"]["mixed"]["bpw"] == pytest.approx(s["bpw_all"], abs=1e-3)
+    rfile = tmp_path / "recipe.json"
+    rfile.write_text(json.dumps(recipe))
+    again = convert(str(tiny), tmp_path / "again.lowbit", ConvertOptions(method="imatrix", recipe=str(rfile), **CAL),
+                    progress=False)
+    assert Container(again).meta["quantization"]["recipe"] == recipe
+    np.testing.assert_allclose(logits(again, prompt), logits(out, prompt), rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_calibration_is_seeded(tiny, tmp_path):
+    opts = dict(bits=4, method="imatrix", calib_samples=2, calib_len=24)
+    a = convert(str(tiny), tmp_path / "a.lowbit", ConvertOptions(seed=3, **opts), progress=False)
+    b = convert(str(tiny), tmp_path / "b.lowbit", ConvertOptions(seed=3, **opts), progress=False)
+    info = Container(a).meta["quantization"]["calibration"]
+    assert info["seed"] == 3 and "sampled" in info["source"]
+    ca, cb = Container(a), Container(b)
+    for n in ca.tensor_names:
+        for part, arr in ca.tensor(n).parts.items():
+            np.testing.assert_array_equal(arr, cb.tensor(n).parts[part])
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--method", "gptq+awq+rtn"], "choose one of"),
+        (["--method", "gptq", "--calib", "/nonexistent.txt"], "no such file"),
+        (["--target-bpw", "0.5"], "--target-bpw"),
+        (["--target-bpw", "1.2", "--calib", str(CALIB), "--calib-samples", "2", "--calib-len", "16"], "budget"),
+        (["--recipe", "/nonexistent.json"], "no such file"),
+        (["--bits", "16", "--method", "gptq"], "need --bits below 16"),
+    ],
+)
+def test_cli_errors(tiny, tmp_path, extra, needle):
+    out = tmp_path / "x.lowbit"
+    res = run_cli("convert", tiny, "-o", out, "--no-progress", *extra)
+    assert_clean_error(res, needle)
+    assert not out.exists() and not list(tmp_path.glob(".x.lowbit*"))
+
+
+def test_recipe_errors(tiny, tmp_path):
+    bad = tmp_path / "r.json"
+    for content, needle in [("{", "not a JSON"), ('{"nope.weight": "q4_g64"}', "does not have"),
+                            ('{"blk.0.attn_q.weight": "q9_g64"}', "blk.0.attn_q.weight"), ("[1]", "expected a JSON")]:
+        bad.write_text(content)
+        with pytest.raises(LowbitError, match=needle):
+            convert(str(tiny), tmp_path / "x.lowbit", ConvertOptions(recipe=str(bad)), progress=False)
