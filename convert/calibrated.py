@@ -69,10 +69,14 @@ def convert_calibrated(job, opts, out: Path, t0: float, progress: bool) -> Path:
         if enc is not None:
             for suffix, arr in enc.extras.items():
                 plans.append(TensorPlan(extra_name(p.name, suffix), get_qtype(EXTRA_QTYPE), tuple(arr.shape)))
+    for name in result.act_scales:  # smoothquant's static activation scales: one float32 each
+        plans.append(TensorPlan(extra_name(name, "act_scale"), get_qtype("f32"), (1,)))
     quant["method"] = job.method.name
     quant["calibration"] = calib_info
     quant.update({k: v for k, v in result.notes.items() if k != "method"})
-    quant["recipe"] = {p.name: p.qtype.name for p in plans}
+    recipe = {p.name: qtypes[p.name].name for p in job.plans}  # the model's tensors; extras are not in recipes
+    recipe.update({name: enc.qtype.name for name, enc in result.encoded.items()})
+    quant["recipe"] = recipe
     with ContainerWriter(out, job.meta, plans, job.tok_blobs) as writer:
         bar = tqdm(job.plans, desc="write", unit="tensor", disable=not progress, dynamic_ncols=True)
         for p in bar:
@@ -88,6 +92,8 @@ def convert_calibrated(job, opts, out: Path, t0: float, progress: bool) -> Path:
             writer.write_tensor(p.name, enc.parts)
             for suffix, arr in enc.extras.items():
                 writer.write_tensor(extra_name(p.name, suffix), {"data": np.asarray(arr, dtype=np.float16)})
+        for name, scale in result.act_scales.items():
+            writer.write_tensor(extra_name(name, "act_scale"), {"data": np.array([scale], dtype=np.float32)})
         writer.meta["provenance"]["convert_seconds"] = round(time.perf_counter() - t0, 2)
     return out
 

@@ -84,11 +84,31 @@ def sampled_tokens(model, tok: Tokenizer, samples: int, length: int, seed: int) 
     return out
 
 
+class SquareSums:
+    """The diagonal of XᵀX/n only: mean squared input per column (float64)."""
+
+    def __init__(self, cols: int):
+        self.sq = np.zeros(cols, np.float64)
+        self.n = 0
+
+    def add(self, x: np.ndarray) -> None:
+        self.sq += np.einsum("ij,ij->j", x, x, dtype=np.float64)
+        self.n += len(x)
+
+    def diag(self) -> np.ndarray:
+        return self.sq / max(self.n, 1)
+
+    def hessian(self) -> np.ndarray:
+        raise LowbitError("internal: this recorder keeps only the diagonal of XᵀX")
+
+
 class LayerRecorder:
     """Collects, for one layer at a time, XᵀX and a row sample of each distinct linear input."""
 
-    def __init__(self, seed: int, calls: int, sample_rows: int = SAMPLE_ROWS):
-        """``calls``: forward calls per layer (calibration sequences); each keeps its share of ``sample_rows``."""
+    def __init__(self, seed: int, calls: int, sample_rows: int = SAMPLE_ROWS, full: bool = True):
+        """``calls``: forward calls per layer (calibration sequences); each keeps its share of ``sample_rows``.
+        ``full``: accumulate XᵀX (GPTQ, rotations); otherwise only its diagonal (importance), which is much cheaper."""
+        self.full = full
         self.rng = np.random.default_rng(seed)
         self.per_call = max(1, -(-sample_rows // max(calls, 1)))
         self.reset()
@@ -115,7 +135,7 @@ class LayerRecorder:
         x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
         acc = self.hessians.get(name)
         if acc is None:
-            acc = self.hessians[name] = HessianAccumulator(x2.shape[1])
+            acc = self.hessians[name] = (HessianAccumulator if self.full else SquareSums)(x2.shape[1])
         acc.add(x2)
         keep = x2 if len(x2) <= self.per_call else x2[np.sort(self.rng.choice(len(x2), self.per_call, replace=False))]
         self._rows.setdefault(name, []).append(keep)

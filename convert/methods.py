@@ -1,9 +1,10 @@
 """Quantization methods as composable steps: the one place that names them.
 
 A method string joins steps with "+", e.g. ``search``, ``gptq``, ``awq+gptq``, ``hadamard+gptq+lowrank``. Steps run in
-a fixed order whatever the order written: first the transforms of the weight's input space (``hadamard``, ``awq``),
-then exactly one rounding step (``rtn``, ``search``, ``imatrix`` or ``gptq``; ``search`` when none is named), then
-``lowrank`` on the remaining error. Every step but ``rtn`` and ``search`` needs calibration activations.
+a fixed order whatever the order written: first at most one transform of the weight's input space (``hadamard``,
+``awq`` or ``smoothquant``), then exactly one rounding step (``rtn``, ``search``, ``imatrix`` or ``gptq``; ``search``
+when none is named), then ``lowrank`` on the remaining error. Every step but ``rtn`` and ``search`` needs calibration
+activations.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from dataclasses import dataclass
 from lowbit.errors import LowbitError
 
 ROUNDING = ("rtn", "search", "imatrix", "gptq")
-TRANSFORMS = ("hadamard", "awq")
+TRANSFORMS = ("hadamard", "awq", "smoothquant")
 CORRECTIONS = ("lowrank",)
 METHOD_STEPS = (*TRANSFORMS, *ROUNDING, *CORRECTIONS)
-CALIBRATED = ("imatrix", "gptq", "awq", "hadamard", "lowrank")
+CALIBRATED = ("imatrix", "gptq", "awq", "hadamard", "smoothquant", "lowrank")
 DESCRIPTIONS = {
     "rtn": "round to nearest from the group's range",
     "search": "weighted least-squares scale/min search (k-quants style), no data needed",
@@ -24,6 +25,8 @@ DESCRIPTIONS = {
     "gptq": "GPTQ: Hessian-based column-by-column error feedback (act-order, static groups)",
     "awq": "activation-aware per-input-channel scaling folded into the previous norm/linear, plus clipping",
     "hadamard": "random-sign block Hadamard rotation of input channels (inverse applied at run time)",
+    "smoothquant": "SmoothQuant: activation outliers migrated into the weights (s = max|x|^0.5 / max|w|^0.5, folded "
+    "into the previous norm/linear), plus static int8 activation scales for --act-quant static",
     "lowrank": "rank-r correction of the quantization error stored as two fp16 factors",
 }
 
@@ -33,15 +36,17 @@ class Method:
     rounding: str
     hadamard: bool = False
     awq: bool = False
+    smoothquant: bool = False
     lowrank: bool = False
 
     @property
     def calibrated(self) -> bool:
-        return self.rounding in CALIBRATED or self.hadamard or self.awq or self.lowrank
+        return self.rounding in CALIBRATED or self.hadamard or self.awq or self.smoothquant or self.lowrank
 
     @property
     def name(self) -> str:
-        steps = [s for s, on in (("hadamard", self.hadamard), ("awq", self.awq)) if on]
+        transforms = (("hadamard", self.hadamard), ("awq", self.awq), ("smoothquant", self.smoothquant))
+        steps = [s for s, on in transforms if on]
         steps.append(self.rounding)
         if self.lowrank:
             steps.append("lowrank")
@@ -63,9 +68,13 @@ def parse_method(text: str) -> Method:
         raise LowbitError(f"bad --method {text!r}: choose one of {', '.join(ROUNDING)}, not {' and '.join(rounding)}")
     if "hadamard" in steps and "awq" in steps:
         raise LowbitError("hadamard and awq both rescale the input channels; use one of them")
+    for other in ("awq", "hadamard"):
+        if "smoothquant" in steps and other in steps:
+            raise LowbitError(f"smoothquant and {other} both rescale the input channels; use one of them")
     return Method(
         rounding=rounding[0] if rounding else "search",
         hadamard="hadamard" in steps,
         awq="awq" in steps,
+        smoothquant="smoothquant" in steps,
         lowrank="lowrank" in steps,
     )

@@ -127,10 +127,10 @@ def _errors(model, store, tokens, ladders, seed: int, progress: bool) -> dict[st
     bar = tqdm(total=n_layers + 2, desc="sensitivity", unit="layer", disable=not progress, dynamic_ncols=True)
     try:
         for li in range(n_layers):
-            _record(model, rec, hidden, lambda h, li=li: model.block(h, model.layers[li], li, 0, cache))
+            # one pass records the layer's inputs and computes the next layer's (the float model does not change)
+            hidden = _record(model, rec, hidden, lambda h, li=li: model.block(h, model.layers[li], li, 0, cache))
             for n in [n for n in ladders if n.startswith(f"blk.{li}.")]:
                 errors[n] = _tensor_errors(store.arrays[n], rec.hessian(n), ladders[n])
-            hidden = [model.block(h, model.layers[li], li, 0, cache) for h in hidden]
             bar.update(1)
         _record(model, rec, hidden, model.head)
         head = model.lm_head.name
@@ -147,15 +147,18 @@ def _errors(model, store, tokens, ladders, seed: int, progress: bool) -> dict[st
     return errors
 
 
-def _record(model, rec: LayerRecorder, hidden, fn) -> None:
+def _record(model, rec: LayerRecorder, hidden, fn) -> list[np.ndarray]:
+    """Run ``fn`` on every hidden state while ``rec`` records the matrix inputs; the outputs."""
     rec.reset()
     undo = observe(model, rec)
+    out = []
     try:
         for h in hidden:
             rec.begin_call()
-            fn(h)
+            out.append(fn(h))
     finally:
         undo()
+    return out
 
 
 def _tensor_errors(w: np.ndarray, h: np.ndarray, ladder: list[QType]) -> list[float]:
@@ -178,16 +181,25 @@ def _row_errors(w: np.ndarray, freq: np.ndarray, ladder: list[QType]) -> list[fl
 def _kl_at_cheapest(model, store, tokens, ladders, progress: bool) -> dict[str, float]:
     """Mean KL(float ‖ model with only tensor t at its cheapest type) over the scored positions of ``tokens``."""
     cache = model.new_cache()
-    ref = [log_softmax(model.forward(t, 0, cache, all_logits=True).astype(np.float64)) for t in tokens]
+    n_layers = len(model.layers)
+    # inputs of every layer for the unquantized model: a tensor of layer i only changes what follows layer i
+    inputs = [[model.embed_tokens(t) for t in tokens]]
+    for li in range(n_layers):
+        inputs.append([model.block(h, model.layers[li], li, 0, cache) for h in inputs[-1]])
+    ref = [log_softmax(model.head(h).astype(np.float64)) for h in inputs[-1]]
     out = {}
     for n in tqdm(list(ladders), desc="sensitivity KL", unit="tensor", disable=not progress, dynamic_ncols=True):
         qt = ladders[n][0]
         w = store.arrays[n]
         st = StoredTensor(n, qt, tuple(w.shape), quantize(w, qt, "search"))
+        first = int(n.split(".")[1]) if n.startswith("blk.") else (0 if n == "token_embd.weight" else n_layers)
         with _swapped(model, n, st):
             kls = []
-            for t, lp in zip(tokens, ref):
-                q = log_softmax(model.forward(t, 0, cache, all_logits=True).astype(np.float64))
+            for k, lp in enumerate(ref):
+                h = model.embed_tokens(tokens[k]) if n == "token_embd.weight" else inputs[first][k]
+                for li in range(first, n_layers):
+                    h = model.block(h, model.layers[li], li, 0, cache)
+                q = log_softmax(model.head(h).astype(np.float64))
                 kls.append(np.sum(np.exp(lp) * (lp - q), axis=1))
         out[n] = float(np.mean(np.concatenate(kls)))
     return out

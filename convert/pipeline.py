@@ -26,7 +26,7 @@ from functools import partial
 import numpy as np
 from tqdm import tqdm
 
-from lowbit.convert import awq, lowrank, rotation
+from lowbit.convert import awq, lowrank, rotation, smoothquant
 from lowbit.convert.calibration import FloatStore, LayerRecorder, observe
 from lowbit.convert.gptq import gptq_quantize
 from lowbit.convert.methods import Method
@@ -65,6 +65,7 @@ class PipelineResult:
     encoded: dict[str, Encoded]  # canonical tensor name ("blk.0.attn_q.weight") -> encoding
     floats: dict[str, np.ndarray]  # float tensors the methods changed (AWQ-folded norms), canonical name -> array
     notes: dict  # what was done, for the container header
+    act_scales: dict[str, float] = field(default_factory=dict)  # smoothquant: weight name -> static int8 input scale
 
 
 class Pipeline:
@@ -81,13 +82,15 @@ class Pipeline:
         self.encoded: dict[str, Encoded] = {}
         self.floats: dict[str, np.ndarray] = {}
         self.awq_alphas: dict[str, float] = {}
+        self.act_scales: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------ driver
     def run(self, tokens: list[np.ndarray]) -> PipelineResult:
         model = self.model
         cache = model.new_cache()
         hidden = [model.embed_tokens(t) for t in tokens]
-        rec = LayerRecorder(self.opts.seed, len(tokens))
+        recorder = smoothquant.ChannelMaxRecorder if self.method.smoothquant else LayerRecorder
+        rec = recorder(self.opts.seed, len(tokens), full=self.method.rounding == "gptq" or self.method.hadamard)
         n = self.args.num_hidden_layers
         bar = tqdm(total=n + 1, desc="calibrate", unit="layer", disable=not self.progress, dynamic_ncols=True)
         try:
@@ -106,7 +109,9 @@ class Pipeline:
         notes = {"method": self.method.name}
         if self.awq_alphas:
             notes["awq_alpha"] = self.awq_alphas
-        return PipelineResult(self.encoded, self.floats, notes)
+        if self.method.smoothquant:
+            notes["smoothquant_alpha"] = smoothquant.ALPHA
+        return PipelineResult(self.encoded, self.floats, notes, self.act_scales)
 
     def _record(self, rec: LayerRecorder, hidden: list[np.ndarray], fn) -> None:
         rec.reset()
@@ -128,6 +133,8 @@ class Pipeline:
         scales: dict[str, np.ndarray] = {}  # linear -> input scale s (its input became x / s)
         if self.method.awq:
             scales = self._awq_layer(prefix, names, rec)
+        elif self.method.smoothquant:
+            scales = smoothquant.migrate_layer(self, prefix, names, rec, NORM_GROUPS)
         for short in names:
             self._encode(f"{prefix}{short}.weight", rec, scales.get(short))
 
@@ -197,17 +204,22 @@ class Pipeline:
         m = self.method
         h = imp = None
         if rec is not None and m.calibrated:
-            h = rec.hessian(name)
-            if awq_scale is not None:  # the input is now x / s
-                inv = 1.0 / awq_scale.astype(np.float64)
-                h = h * inv[:, None] * inv[None, :]
+            inv = None if awq_scale is None else 1.0 / awq_scale.astype(np.float64)  # the input is now x / s
+            if rec.full:
+                h = rec.hessian(name)
+                if inv is not None:
+                    h = h * inv[:, None] * inv[None, :]
+            else:
+                imp = rec.importance(name) * (1.0 if inv is None else inv * inv)
         extras: dict[str, np.ndarray] = {}
         if m.hadamard and h is not None:
             w, signs = rotation.rotate_weight(w, _tensor_seed(self.opts.seed, name))
             h = rotation.rotate_hessian(h, signs)
             extras["had"] = signs
         if h is not None:
-            imp = np.diag(h).astype(np.float32)
+            imp = np.diag(h)
+        if imp is not None:
+            imp = imp.astype(np.float32)
         if m.awq and awq_scale is not None and m.rounding != "gptq":
             w = awq.awq_clip(w, rec.rows(name) / awq_scale, qt, **AWQ_SEARCH)
         if m.rounding == "gptq" and h is not None:
@@ -216,9 +228,9 @@ class Pipeline:
             parts = quantize(w, qt, "search", importance=imp)
         else:
             parts = quantize(w, qt, "rtn" if m.rounding == "rtn" else "search")
-        if m.lowrank and h is not None and self.opts.lowrank_bpw > 0:
+        if m.lowrank and imp is not None and self.opts.lowrank_bpw > 0:
             w_hat = dequantize(parts, qt, w.shape)
-            act = np.sqrt(np.maximum(np.diag(h), 0.0)).astype(np.float32)
+            act = np.sqrt(np.maximum(imp, 0.0)).astype(np.float32)
             rank = lowrank.rank_for_budget(w.shape, self.opts.lowrank_bpw)
             if rank > 0:
                 a, b = lowrank.lowrank_correction(w, w_hat, rank=rank, act_scale=act)
@@ -238,6 +250,8 @@ class Pipeline:
             self.floats["output_norm.weight"] = self.store.arrays["output_norm.weight"] = new.astype(np.float32)
             self.store.arrays[name] = awq.scale_columns(self.store.arrays[name], s).astype(np.float32)
             scale = s
+        elif self.method.smoothquant:
+            scale = smoothquant.migrate_head(self, name, rec)
         self._encode(name, rec, scale)
 
     def _quantize_embedding(self) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.errors import LowbitError
-from lowbit.formats.layout import ALIGN, MAGIC, PREAMBLE, VERSION_MAJOR, VERSION_MINOR, align_up, data_start
+from lowbit.formats.layout import ALIGN, MAGIC, PREAMBLE, VERSION_MINOR, align_up, data_start, major_version_for
 from lowbit.formats.qtypes import QType
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class ContainerWriter:
         self.path = Path(path)
         self.meta = dict(meta)
         self._plans = {p.name: p for p in plans}
+        self._major = major_version_for(self._plans)
         if len(self._plans) != len(plans):
             raise LowbitError("duplicate tensor names in the conversion plan")
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
@@ -86,7 +87,7 @@ class ContainerWriter:
 
     def _header_bytes(self) -> bytes:
         header = dict(self.meta)
-        header["format"] = {"name": "lowbit", "version": [VERSION_MAJOR, VERSION_MINOR], "align": ALIGN}
+        header["format"] = {"name": "lowbit", "version": [self._major, VERSION_MINOR], "align": ALIGN}
         header["tensors"] = self._tensors
         header["blobs"] = self._blobs
         return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -120,7 +121,7 @@ class ContainerWriter:
             if len(header) > self._header_len:
                 raise LowbitError("container metadata grew past the reserved header space")
             header = header + b" " * (self._header_len - len(header))
-            pre = PREAMBLE.pack(MAGIC, VERSION_MAJOR, VERSION_MINOR, self._header_len, zlib.crc32(header), 0)
+            pre = PREAMBLE.pack(MAGIC, self._major, VERSION_MINOR, self._header_len, zlib.crc32(header), 0)
             self._f.seek(0)
             self._f.write(pre)
             self._f.write(header)

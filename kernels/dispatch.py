@@ -7,7 +7,7 @@ import numpy as np
 from lowbit.errors import FormatError
 from lowbit.formats.qtypes import PLANES
 from lowbit.formats.reader import StoredTensor
-from lowbit.kernels import blas, cpu, cpu_quant, hadamard
+from lowbit.kernels import act_quant, blas, cpu, cpu_quant, hadamard
 from lowbit.kernels.ref import dequantize
 from lowbit.kernels.timing import kernel_call
 
@@ -16,7 +16,8 @@ DECODE_CHUNK = 128  # one-token attention over more cached positions than this i
 SMALL_BATCH = 8  # up to this many tokens: fused dequantize-and-dot; beyond: dequantized tiles + BLAS
 TILE_ELEMS = 1 << 21  # elements of one dequantized prefill tile (8 MiB of float32)
 # optional tensors stored next to `<name>.weight` (formats/SPEC.md, "Extra tensors of a weight")
-EXTRA_SUFFIXES = ("had", "lr_a", "lr_b")
+EXTRA_SUFFIXES = ("had", "lr_a", "lr_b", "act_scale")
+EXTRA_KWARGS = ("had_signs", "lr_a", "lr_b", "act_scale")  # the Weight keyword each suffix is passed as
 
 
 class Weight:
@@ -25,7 +26,9 @@ class Weight:
     Optional extras (formats/SPEC.md): ``had_signs[cols]`` (±1) means the stored matrix is ``W' = W Rᵀ`` for the
     random-sign block Hadamard transform R of :mod:`lowbit.kernels.hadamard`, so products use ``x' = R x``;
     ``lr_a[r, cols]`` and ``lr_b[rows, r]`` add the rank-r correction ``lr_b @ lr_a`` to the stored matrix, in the
-    same (stored, i.e. rotated when ``had_signs`` is set) basis: ``y = Ŵ' x' + lr_b (lr_a x') (+ bias)``."""
+    same (stored, i.e. rotated when ``had_signs`` is set) basis: ``y = Ŵ' x' + lr_b (lr_a x') (+ bias)``.
+    ``act_scale[1]`` is the static int8 activation scale of the input (used only by ``--act-quant static``);
+    ``act_q`` is the instance's activation-quantization mode, set by :func:`lowbit.kernels.act_quant.apply`."""
 
     def __init__(
         self,
@@ -35,6 +38,7 @@ class Weight:
         had_signs: np.ndarray | None = None,
         lr_a: np.ndarray | None = None,
         lr_b: np.ndarray | None = None,
+        act_scale: np.ndarray | None = None,
     ):
         self.name = st.name
         self.qtype = st.qtype
@@ -44,6 +48,8 @@ class Weight:
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
         self.nbytes = st.nbytes
         self._set_extras(had_signs, lr_a, lr_b)
+        self.act_q = None  # activation quantization: None off, 0.0 dynamic per token, s > 0 static scale
+        self.act_scale = None if act_scale is None else _act_scale(act_scale, self.name)
         if st.qtype.is_float:
             self.f32 = np.ascontiguousarray(dequantize(st.parts, st.qtype, st.shape))
             return
@@ -90,6 +96,13 @@ class Weight:
         return self.planes, self.g, self.bits, self.asym, self.zp
 
 
+def _act_scale(a, name: str) -> np.float32:
+    a = np.asarray(a, dtype=np.float32).reshape(-1)
+    if a.size != 1 or not np.isfinite(a[0]) or a[0] <= 0:
+        raise FormatError(f"tensor {name.removesuffix('.weight')}.act_scale must be one finite positive number")
+    return np.float32(a[0])
+
+
 def float_tensor(st: StoredTensor) -> np.ndarray:
     """A small float tensor (norm weight, bias) as contiguous float32."""
     if not st.qtype.is_float:
@@ -98,10 +111,10 @@ def float_tensor(st: StoredTensor) -> np.ndarray:
 
 
 def weight_extras(container, name: str) -> dict[str, np.ndarray]:
-    """The optional extras of weight ``name`` (``<name>.had``, ``<name>.lr_a``, ``<name>.lr_b``) present in
-    ``container``, as keyword arguments for :class:`Weight`."""
+    """The optional extras of weight ``name`` (``<name>.had``, ``<name>.lr_a``, ``<name>.lr_b``,
+    ``<name>.act_scale``) present in ``container``, as keyword arguments for :class:`Weight`."""
     out = {}
-    for sfx, kw in zip(EXTRA_SUFFIXES, ("had_signs", "lr_a", "lr_b"), strict=True):
+    for sfx, kw in zip(EXTRA_SUFFIXES, EXTRA_KWARGS, strict=True):
         if f"{name}.{sfx}" in container:
             out[kw] = float_tensor(container.tensor(f"{name}.{sfx}"))
     return out
@@ -109,11 +122,14 @@ def weight_extras(container, name: str) -> dict[str, np.ndarray]:
 
 def linear(w: Weight, x: np.ndarray) -> np.ndarray:
     """y[T, rows] = x[T, cols] @ W.T (+ bias); with extras, x is first rotated (one float32 copy) and the low-rank
-    term ``(x' @ lr_a.T) @ lr_b.T`` is added."""
+    term ``(x' @ lr_a.T) @ lr_b.T`` is added. With an activation-quantization mode (``w.act_q``), the input the
+    product consumes (after any rotation) is first rounded to int8 levels (kernels/act_quant.py)."""
     if w.had_d is not None:
         xr = np.array(x, dtype=np.float32, order="C", copy=True)
         kernel_call(hadamard.fwht_rows, xr, w.had_d, w.had_block, False)
         x = xr
+    if w.act_q is not None:
+        x = act_quant.fake_quant(x, w.act_q)
     y = _product(w, x)
     if w.lr_a is not None:
         y += kernel_call(np.matmul, kernel_call(np.matmul, x, w.lr_a.T), w.lr_b.T)

@@ -90,9 +90,10 @@ def decode_bytes_per_token(c: Container, kv_positions: float) -> float:
     return total + kv
 
 
-def run_worker(path: Path, prompt: int, gen: int, threads: int | None, cache_dir: Path | None, startup_only: bool):
+def run_worker(path: Path, prompt: int, gen: int, threads: int | None, cache_dir: Path | None, startup_only: bool,
+               device: str = "cpu"):
     """Measure in a child process; ``cache_dir``: its NUMBA_CACHE_DIR (None: numba's default cache)."""
-    req = dict(path=str(path), prompt=prompt, gen=gen, threads=threads, startup_only=startup_only)
+    req = dict(path=str(path), prompt=prompt, gen=gen, threads=threads, startup_only=startup_only, device=device)
     env = dict(os.environ)
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = str(cache_dir)
@@ -122,19 +123,23 @@ def bench_one(path: Path, label: str, args) -> BenchRow:
     q = c.meta.get("quantization", {})
     qtype = f"{q.get('bits')}-bit g{q.get('group_size')}" if q else "?"
     shapes = matrix_shapes(c)
+    device = getattr(args, "device", "cpu")
     bw_before = read_bandwidth()
     if args.no_cold:  # numba's ordinary cache, whatever state it is in
         cold = None
-        warm = run_worker(path, args.prompt, args.gen, args.threads, None, startup_only=False)
+        warm = run_worker(path, args.prompt, args.gen, args.threads, None, startup_only=False, device=device)
     else:
         with tempfile.TemporaryDirectory(prefix="lowbit-numba-") as cache_dir:
-            cold = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), startup_only=True)
-            warm = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), startup_only=False)
+            cold = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), True, device)
+            warm = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), False, device)
     bw_after = read_bandwidth()
+    if device == "cuda":  # decode reads the weights from GPU memory: that is the roofline
+        bw_before, bw_after = warm["device_bandwidth_before"], warm["device_bandwidth_after"]
     bandwidth = max(bw_before, bw_after)
     gemm_s = numpy_gemm_seconds(shapes, args.prompt)
     layer_params = sum(r * k for r, k in shapes)
-    decode_tps = args.gen / warm["decode_seconds"]
+    decode_s = warm["decode_seconds"]
+    decode_tps = args.gen / decode_s
     bpt = decode_bytes_per_token(c, args.prompt + args.gen / 2)
     roofline_tps = bandwidth / bpt
     res = dict(
@@ -159,7 +164,9 @@ def bench_one(path: Path, label: str, args) -> BenchRow:
         decode_bytes_per_token=bpt,
         roofline_tps=roofline_tps,
         roofline_fraction=decode_tps / roofline_tps,
-        outside_kernels_fraction=1.0 - warm["decode_kernel_seconds"] / warm["decode_seconds"],
+        device=device,
+        # host-side kernel timing: meaningless for device kernels, which run asynchronously
+        outside_kernels_fraction=None if device == "cuda" else 1 - warm["decode_kernel_seconds"] / decode_s,
         peak_rss_bytes=warm["peak_rss"],  # while decoding when decode_peak_is_own, else over the whole run
         decode_peak_is_own=warm["decode_peak_is_own"],
         peak_rss_prefill_bytes=warm["peak_rss_prefill"],
@@ -202,6 +209,11 @@ def cmd_bench(args) -> int:
         raise LowbitError(f"unknown shape {args.shape!r}; choose one of {', '.join(SHAPES)}")
     if args.prompt < 1 or args.gen < 2:
         raise LowbitError("--prompt must be at least 1 and --gen at least 2")
+    from lowbit.runtime.device import is_simulator, resolve_device
+
+    args.device = resolve_device(args.device)
+    if args.device == "cuda" and is_simulator():
+        raise LowbitError("bench --device cuda needs a real GPU: the CUDA simulator says nothing about speed")
     targets = _targets(args)
     from lowbit.runtime.engine import set_threads
 
@@ -221,7 +233,8 @@ def format_table(rows: list[BenchRow], args) -> str:
     r0 = rows[0].result
     lines = [
         f"threads {r0['threads']}, prefill {args.prompt} tokens, decode {args.gen} tokens; read bandwidth: parallel "
-        "sum over 1 GiB just before and after each row's run, the roofline uses the higher reading",
+        f"sum over 1 GiB {'of GPU memory ' if r0.get('device') == 'cuda' else ''}just before and after each row's "
+        "decode, the roofline uses the higher reading",
         "",
         "| model | type | file | load | first token cold / warm | prefill tok/s | prefill vs numpy f32 GEMM "
         "| decode tok/s | bandwidth before / after | % of roofline | outside kernels | peak RSS decoding (limit) |",
@@ -236,7 +249,7 @@ def format_table(rows: list[BenchRow], args) -> str:
             f"| {r['prefill_vs_numpy_gemm']:.2f}x ({r['prefill_gflops']:.0f} vs {r['numpy_gemm_gflops']:.0f} GFLOP/s) "
             f"| {r['decode_tps']:.1f} | {r['bandwidth_before_gbs']:.0f} / {r['bandwidth_after_gbs']:.0f} GB/s "
             f"| {r['roofline_fraction']:.0%} of {r['roofline_tps']:.1f} "
-            f"| {r['outside_kernels_fraction']:.1%} "
+            f"| {'n/a' if r['outside_kernels_fraction'] is None else format(r['outside_kernels_fraction'], '.1%')} "
             f"| {r['peak_rss_bytes'] / MB:.0f} MB ({r['rss_limit_bytes'] / MB:.0f} MB) |"
         )
     warm_files = [row.result["warm_start_new_cache_files"] for row in rows]

@@ -44,7 +44,7 @@ def _cache_files() -> int:
     return sum(1 for p in Path(d).rglob("*") if p.suffix in (".nbi", ".nbc"))
 
 
-def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only: bool) -> dict:
+def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only: bool, device: str = "cpu") -> dict:
     from lowbit.formats.reader import Container
     from lowbit.kernels.dispatch import SMALL_BATCH
     from lowbit.kernels.timing import KernelTimer
@@ -60,7 +60,12 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
     _, family = family_for(arch["model_type"])
     args = family.ModelArgs.from_dict(arch["args"])
     ctx = prompt + gen + 1
-    model = family.Model(args, container, ctx)
+    if device == "cuda":
+        from lowbit.models.device_forward import cuda_model
+
+        model = cuda_model(arch.get("family", arch["model_type"]), family, args, container, ctx)
+    else:
+        model = family.Model(args, container, ctx)
     cache = model.new_cache()
     load_s = time.perf_counter() - t0
 
@@ -90,6 +95,10 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
         out["prefill_seconds"] = time.perf_counter() - t0
         tok = int(np.argmax(logits[0]))
         out["peak_rss_prefill"] = _peak_rss()
+        if device == "cuda":  # the roofline is the GPU's memory, read before and after decode like the host's
+            from lowbit.kernels.cuda.bandwidth import device_read_bandwidth
+
+            out["device_bandwidth_before"] = device_read_bandwidth()
         out["decode_peak_is_own"] = _reset_peak_rss()
         step_times = []
         timer = KernelTimer()
@@ -103,6 +112,8 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
         out["decode_step_median"] = float(np.median(step_times))
         out["decode_kernel_seconds"] = timer.seconds
         out["decode_kernel_calls"] = timer.calls
+        if device == "cuda":
+            out["device_bandwidth_after"] = device_read_bandwidth()
     out["peak_rss"] = _peak_rss()
     out["new_cache_files"] = _cache_files() - files0
     return out
@@ -110,7 +121,8 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
 
 def main() -> None:
     req = json.loads(sys.argv[1])
-    res = measure(req["path"], req["prompt"], req["gen"], req.get("threads"), req.get("startup_only", False))
+    res = measure(req["path"], req["prompt"], req["gen"], req.get("threads"), req.get("startup_only", False),
+                  req.get("device", "cpu"))
     sys.stdout.write(json.dumps(res) + "\n")
 
 

@@ -17,6 +17,9 @@ def _add_runtime_args(p: argparse.ArgumentParser, model_optional: bool = True) -
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: min(4096, model max))")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     _add_device_arg(p)
+    p.add_argument("--act-quant", choices=["none", "dynamic", "static"], default="none",
+                   help="int8 activations (quality measurement, not faster): dynamic per-token scales, or static "
+                   "calibrated scales (needs a --method smoothquant+... container); default none")
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -52,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="auto",
-        help="quantization method: steps joined by '+' from rtn, search, imatrix, gptq, awq, hadamard, lowrank "
-        "(e.g. gptq, awq+gptq, hadamard+gptq+lowrank); auto (default): search, or the best measured calibrated "
-        "method with --target-bpw/--max-size",
+        help="quantization method: steps joined by '+' from rtn, search, imatrix, gptq, awq, hadamard, smoothquant, "
+        "lowrank (e.g. gptq, awq+gptq, hadamard+gptq+lowrank, smoothquant+rtn); auto (default): search, or the "
+        "best measured calibrated method with --target-bpw/--max-size",
     )
     p.add_argument("--calib", default=None, help="calibration text file (default: text sampled from the model)")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
@@ -104,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen", type=int, default=128, help="decode tokens (default 128)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--no-cold", action="store_true", help="skip the cold-start (empty numba cache) measurement")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu (default) or cuda: decode against the GPU's memory bandwidth (needs a real GPU)")
     p.add_argument("--workdir", default="~/.cache/lowbit/bench", help="where random-weight containers are kept")
     p.add_argument("--json", action="store_true")
 
@@ -111,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="a .lowbit file (default: the bundled model)")
     p.add_argument("--verify", action="store_true", help="check every CRC32")
     p.add_argument("--tensors", action="store_true", help="list every tensor (default: a summary per kind)")
+    p.add_argument("--save-recipe", default=None, metavar="FILE",
+                   help="write the tensor -> quant type recipe as JSON (reuse with convert --recipe)")
 
     p = sub.add_parser("eval", help="perplexity on a text file; KL and top-1 agreement against a reference")
     _add_runtime_args(p)

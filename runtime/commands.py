@@ -53,7 +53,8 @@ def cmd_generate(args) -> int:
     from lowbit.runtime.engine import Engine
     from lowbit.runtime.sampling import SamplingParams
 
-    engine = Engine(_model_path(args.model), ctx=args.ctx, threads=args.threads, device=args.device)
+    engine = Engine(_model_path(args.model), ctx=args.ctx, threads=args.threads, device=args.device,
+                    act_quant=args.act_quant)
     params = SamplingParams.from_args(args)
     tok = engine.tokenizer
     plain = args.raw or not tok.has_chat_template
@@ -122,7 +123,18 @@ def summarize(c) -> dict:
     }
 
 
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LowbitError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def cmd_inspect(args) -> int:
+    from lowbit.formats.layout import EXTRA_SUFFIXES
     from lowbit.formats.reader import Container
 
     c = Container(_model_path(args.model))
@@ -167,6 +179,10 @@ def cmd_inspect(args) -> int:
         print(f"{'tensor kind':<24} {'type':<9} {'count':>5} {'params':>12} {'bytes':>12} {'bpw':>7}")
         for (kind, qt), (cnt, n, nbytes) in groups.items():
             print(f"{kind:<24} {qt:<9} {cnt:>5} {n:>12,} {nbytes:>12,} {nbytes * 8 / n:>7.3f}")
+    if args.save_recipe:
+        recipe = {n: c.tensor(n).qtype.name for n in c.tensor_names if n.rsplit(".", 1)[-1] not in EXTRA_SUFFIXES}
+        _write_json_atomic(Path(args.save_recipe), recipe)
+        print(f"wrote the recipe of {len(recipe)} tensors to {args.save_recipe}")
     if args.verify:
         bad = c.verify()
         if bad:
@@ -190,7 +206,8 @@ def cmd_eval(args) -> int:
     except (OSError, UnicodeDecodeError) as e:
         raise LowbitError(f"{path}: cannot read text ({e})") from None
     ctx = max(args.eval_ctx, args.ctx or 0)
-    engine = Engine(_model_path(args.model), ctx=ctx, threads=args.threads, device=args.device)
+    engine = Engine(_model_path(args.model), ctx=ctx, threads=args.threads, device=args.device,
+                    act_quant=args.act_quant)
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     bos = engine.tokenizer.bos_id
     if bos is None:
@@ -212,14 +229,16 @@ def cmd_eval(args) -> int:
         "ctx": args.eval_ctx,
         "bpw": s["bpw_all"],
         "file_bytes": engine.container.size,
+        "act_quant": args.act_quant,
         **({"reference": args.reference} if args.reference else {}),
         **res.to_dict(),
     }
     if args.json:
         print(json.dumps(out))
         return 0
+    act = f"; int8 activations ({args.act_quant})" if args.act_quant != "none" else ""
     print(f"perplexity {res.ppl:.4f} over {res.tokens} tokens ({res.windows} windows of {args.eval_ctx}); "
-          f"{s['bpw_all']:.3f} bits/weight; {engine.container.size / 1e6:.2f} MB")
+          f"{s['bpw_all']:.3f} bits/weight; {engine.container.size / 1e6:.2f} MB{act}")
     if ref is not None:
         print(f"reference perplexity {res.ref_ppl:.4f} (model {res.delta_ppl_pct:+.2f}%); "
               f"KL(reference || model) mean {res.kl_mean:.5f} p99 {res.kl_p99:.5f} nats; "

@@ -13,7 +13,8 @@ Configuration grammar (``--configs``, comma-separated)::
     f16 | 16                                    the unquantized model as a row of its own
 
 METHOD is the converter's "+"-joined step string; BITS 2|3|4|5|6|8|16; GROUP g32|g64|g128|pc (default g64);
-OPTION sym | asym | embed=B | lowrank=X (extra bits per weight for the lowrank step).
+OPTION sym | asym | embed=B | lowrank=X (extra bits per weight for the lowrank step) | act=dynamic|static (evaluate
+with int8 activations, ``--act-quant``; static needs the smoothquant step).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ DEFAULT_GROUP = 64
 UNQUANTIZED = ("f16", "16")
 _TARGET = re.compile(r"^(\d+(?:\.\d+)?)(bpw|kb|mb|gb)$", re.IGNORECASE)
 _SIZE_UNITS = {"kb": 1e3, "mb": 1e6, "gb": 1e9}
-_OPTION_FIELDS = {"embed": "embed_bits", "lowrank": "lowrank_bpw"}
+_OPTION_FIELDS = {"embed": "embed_bits", "lowrank": "lowrank_bpw", "act": "act"}
+ACT_MODES = ("dynamic", "static")
 GRAMMAR = "METHOD:BITS[:GROUP][:OPTION...], mixed:TARGET[:METHOD][:GROUP][:OPTION...] or f16"
 
 
@@ -62,6 +64,7 @@ class Config:
     group: str  # "g64", "pc", "" for f16
     opts: ConvertOptions
     extras: tuple[str, ...] = ()  # the options the item sets, as the label spells them: "sym", "embed=8"
+    act: str = "none"  # the runtime's --act-quant mode for this row
 
     @property
     def shown_method(self) -> str:
@@ -118,9 +121,10 @@ def _parse_item(item: str, shared: ConvertOptions) -> Config:
             raise LowbitError("16 bits keeps the weights unquantized: no group or options (write f16)")
         return _parse_item("f16", shared)
     group, fields, extras = _parse_options(rest, method)
+    act = fields.pop("act", "none")
     opts = dataclasses.replace(shared, bits=bits, group_size=group, method=method, **fields)
     label = ":".join((method, str(bits), GROUP_NAMES[group], *extras))
-    return Config(label, method, str(bits), GROUP_NAMES[group], opts, extras)
+    return Config(label, method, str(bits), GROUP_NAMES[group], opts, extras, act)
 
 
 def _parse_mixed(target: str, rest: list[str], shared: ConvertOptions) -> Config:
@@ -134,6 +138,7 @@ def _parse_mixed(target: str, rest: list[str], shared: ConvertOptions) -> Config
     if rest and rest[0].lower() not in GROUPS and not _is_option(rest[0]):
         method, rest = _parse_method(rest[0].lower()), rest[1:]
     group, fields, extras = _parse_options(rest, method)
+    act = fields.pop("act", "none")
     if unit == "bpw":
         fields["target_bpw"], shown = value, f"{value:g}bpw"
     else:
@@ -142,7 +147,7 @@ def _parse_mixed(target: str, rest: list[str], shared: ConvertOptions) -> Config
     # the converter's default method (for a size budget) is left out of the label and the method column
     named = () if method == shared.method else (method,)
     label = ":".join(("mixed", shown, *named, GROUP_NAMES[group], *extras))
-    return Config(label, f"mixed({method})" if named else "mixed", shown, GROUP_NAMES[group], opts, extras)
+    return Config(label, f"mixed({method})" if named else "mixed", shown, GROUP_NAMES[group], opts, extras, act)
 
 
 def _parse_method(text: str) -> str:
@@ -186,13 +191,20 @@ def _parse_options(parts: Sequence[str], method: str) -> tuple[int, dict, tuple[
                 if "lowrank" not in method.split("+"):
                     raise LowbitError(f"lowrank={val} needs the lowrank method step (e.g. gptq+lowrank)")
                 fields["lowrank_bpw"] = _positive_float(val, "lowrank")
+            elif key == "act":
+                if val not in ACT_MODES:
+                    raise LowbitError(f"act={val}: choose {' or '.join(ACT_MODES)}")
+                if val == "static" and "smoothquant" not in method.split("+"):
+                    raise LowbitError("act=static needs the smoothquant method step (e.g. smoothquant+rtn)")
+                fields["act"] = val
             else:
-                raise LowbitError(f"unknown option {key!r}; options are sym, asym, embed=BITS, lowrank=BPW")
+                raise LowbitError(f"unknown option {key!r}; options are sym, asym, embed=BITS, lowrank=BPW, "
+                                  "act=dynamic|static")
         elif low.startswith("g") and low[1:].isdigit():
             raise LowbitError(f"unknown group {p!r}; use {', '.join(GROUPS)}")
         else:
             raise LowbitError(f"unknown group or option {p!r}; groups {', '.join(GROUPS)}, options sym, asym, "
-                              "embed=BITS, lowrank=BPW")
+                              "embed=BITS, lowrank=BPW, act=dynamic|static")
     group = DEFAULT_GROUP if group is None else group
     return group, fields, tuple(_option_labels(fields))
 
@@ -205,6 +217,8 @@ def _option_labels(fields: dict) -> list[str]:
         out.append(f"embed={fields['embed_bits']}")
     if "lowrank_bpw" in fields:
         out.append(f"lowrank={fields['lowrank_bpw']:g}")
+    if "act" in fields:
+        out.append(f"act={fields['act']}")
     return out
 
 
@@ -259,7 +273,7 @@ class Row:
             "status": "ok" if self.ok else "failed", "error": self.error,
             "bpw": self.bpw, "bpw_matrices": self.bpw_matrices, "file_bytes": self.file_bytes,
             "convert_seconds": self.convert_seconds, "eval_seconds": round(self.eval_seconds, 3),
-            "decode_tps": self.decode_tps,
+            "decode_tps": self.decode_tps, "act_quant": c.act,
         }
         res = self.result.to_dict() if self.result is not None else {}
         for k in ("ppl", "delta_ppl_pct", "kl_mean", "kl_p99", "kl_max", "top1", "nll", "tokens", "windows"):
@@ -365,7 +379,7 @@ def run(args) -> int:
         for i, row in enumerate(rows):
             if row.ok:
                 try:
-                    engines[i] = Engine(row.path, ctx=ctx, threads=args.threads)
+                    engines[i] = Engine(row.path, ctx=ctx, threads=args.threads, act_quant=row.config.act)
                 except Exception as e:  # noqa: BLE001 - a container the runtime cannot load is a failed row
                     row.fail("loading", e)
         log.info("evaluating %d models against the reference over %d windows", len(engines), n_win)

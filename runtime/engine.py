@@ -15,6 +15,7 @@ import numpy as np
 
 from lowbit.errors import ContextOverflowError, FormatError, LowbitError
 from lowbit.formats.reader import Container
+from lowbit.kernels import act_quant as act_quant_mode
 from lowbit.models import family_for
 from lowbit.runtime.device import resolve_device
 from lowbit.runtime.sampling import Sampler, SamplingParams, StopMatcher
@@ -90,9 +91,13 @@ class Engine:
         ctx: int | None = None,
         threads: int | None = None,
         device: str | None = "cpu",
+        act_quant: str | None = "none",
     ):
         self.path = Path(path) if path is not None else default_model_path()
         self.device = resolve_device(device)  # "cpu" or "cuda"; nothing CUDA is imported for "cpu"
+        self.act_quant = act_quant_mode.check_mode(act_quant)  # int8 activations: none | dynamic | static
+        if self.act_quant != "none" and self.device == "cuda":
+            raise LowbitError("--act-quant is a CPU compute mode; use --device cpu")
         self.threads = set_threads(threads)
         t0 = time.perf_counter()
         self.container = Container(self.path)
@@ -116,6 +121,7 @@ class Engine:
             self.model = cuda_model(fam_name, self.family, self.args, self.container, self.ctx)
         else:
             self.model = self.family.Model(self.args, self.container, self.ctx)
+            act_quant_mode.apply(self.model, self.act_quant)
         gen = meta.get("generation", {})
         self.eos_ids = set(gen.get("eos_token_ids") or []) | set(self.tokenizer.eos_ids)
         self.generation_defaults = gen.get("defaults", {})

@@ -83,7 +83,7 @@ def _flip_header_byte(d):
 
 
 def _newer_major(d):
-    struct.pack_into("<H", d, 8, 2)
+    struct.pack_into("<H", d, 8, 3)
     return d
 
 

@@ -93,3 +93,17 @@ def test_cli_device_auto_falls_back_to_cpu_with_a_notice():
     assert res.returncode == 0, res.stderr
     assert "--device auto: using the CPU, because" in res.stderr
     assert "decode:" in res.stderr
+
+
+@pytest.mark.skipif(gpu_present(), reason="a usable GPU is present: the no-GPU error cannot happen here")
+def test_bench_device_cuda_without_gpu_is_one_clear_line():
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        pytest.skip("NUMBA_ENABLE_CUDASIM=1 in the environment: the simulator stands in for a GPU")
+    assert_clean_error(run_cli("bench", "--device", "cuda", "--no-cold"), "--device cuda:")
+
+
+def test_bench_refuses_the_simulator():
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "lowbit.runtime.cli", "bench", "--device", "cuda", "--no-cold"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert_clean_error(res, "needs a real GPU")

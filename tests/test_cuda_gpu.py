@@ -53,3 +53,20 @@ def test_bundled_model_on_gpu_matches_cpu():
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
     tok = int(np.argmax(want))
     np.testing.assert_allclose(gpu.step(tok), cpu.step(tok), rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_device_bandwidth_and_bench_row(tmp_path):
+    from types import SimpleNamespace
+
+    from numba import cuda
+
+    from lowbit.kernels.cuda.bandwidth import device_read_bandwidth, device_sum
+    from lowbit.runtime.bench import bench_one
+    from lowbit.runtime.engine import default_model_path
+
+    a = np.random.default_rng(0).random(100_003).astype(np.float32)
+    assert device_sum(cuda.to_device(a)) == pytest.approx(float(a.astype(np.float64).sum()), rel=1e-5)
+    assert device_read_bandwidth(gib=0.25, repeats=2) > 1e9
+    args = SimpleNamespace(prompt=16, gen=4, threads=1, no_cold=True, device="cuda")
+    row = bench_one(default_model_path(), "bundled", args).result
+    assert row["device"] == "cuda" and 0 < row["roofline_fraction"] and row["outside_kernels_fraction"] is None

@@ -132,3 +132,11 @@ def test_elementwise():
     d = dev(a)
     cd.scale_inplace(d, 2.5)
     close(d.copy_to_host(), a * 2.5, 1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 5, 1000, 4099])
+def test_device_sum_for_the_bandwidth_measurement(n):
+    from lowbit.kernels.cuda.bandwidth import device_sum
+
+    a = np.random.default_rng(n).random(n).astype(np.float32)
+    assert device_sum(dev(a)) == pytest.approx(float(a.astype(np.float64).sum()), rel=1e-5)
