@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen", type=int, default=128, help="decode tokens (default 128)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--no-cold", action="store_true", help="skip the cold-start (empty numba cache) measurement")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cpu (default) or cuda: decode against the GPU's memory bandwidth (needs a real GPU)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                   help="cpu (default), cuda (decode against the GPU's memory bandwidth; needs a real GPU) or auto")
     p.add_argument("--workdir", default="~/.cache/lowbit/bench", help="where random-weight containers are kept")
     p.add_argument("--json", action="store_true")
 

@@ -46,6 +46,14 @@ def cmd_convert(args) -> int:
     s = summarize(c)
     print(f"wrote {out}: {c.size / 1e6:.2f} MB, {s['bpw_all']:.3f} bits/weight overall, "
           f"{s['bpw_matrices']:.3f} in the quantized matrices")
+    q = c.meta.get("quantization", {})
+    cal = q.get("calibration")
+    if cal:
+        where = f"{cal['source']} (seed {cal['seed']})" if "seed" in cal else f"from {cal['source']}"
+        print(f"method {q.get('method')}; calibration: {cal['samples']} sequences of {cal['length']} tokens {where}")
+    if q.get("mixed"):
+        print(f"mixed precision: {q['mixed']['bpw']:.3f} bits/weight for a budget of "
+              f"{q['mixed']['budget_bytes'] / 1e6:.2f} MB")
     return 0
 
 

@@ -115,6 +115,17 @@ def test_target_bpw_is_met_and_recipe_reproduces_it(tiny, tmp_path, prompt):
     np.testing.assert_allclose(logits(again, prompt), logits(out, prompt), rtol=1e-5, atol=1e-5)
 
 
+def test_cli_says_which_calibration_text(tiny, tmp_path):
+    res = run_cli("convert", tiny, "-o", tmp_path / "c.lowbit", "--no-progress", "--method", "imatrix",
+                  "--calib", CALIB, "--calib-samples", "3", "--calib-len", "32")
+    assert res.returncode == 0, res.stderr
+    assert "method imatrix; calibration: 3 sequences of 32 tokens from calib.txt" in res.stdout
+    res = run_cli("convert", tiny, "-o", tmp_path / "s.lowbit", "--no-progress", "--method", "imatrix",
+                  "--calib-samples", "2", "--calib-len", "16", "--seed", "7")
+    assert res.returncode == 0, res.stderr
+    assert "2 sequences of 16 tokens sampled from the unquantized model (seed 7)" in res.stdout
+
+
 def test_sampled_calibration_is_seeded(tiny, tmp_path):
     opts = dict(bits=4, method="imatrix", calib_samples=2, calib_len=24)
     a = convert(str(tiny), tmp_path / "a.lowbit", ConvertOptions(seed=3, **opts), progress=False)
