@@ -389,3 +389,18 @@ def test_older_config_keys_give_same_args(oracles):
     new = phi3.args_from_hf(cfg | {"rope_parameters": params})
     assert phi3.args_from_hf(old) == new
     assert new.rotary_dim == 8 and new.rope_scaling["attention_factor"] == pytest.approx(np.sqrt(2.0))
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma", "gemma2", "gemma3", "phi3"])
+def test_calibrated_transforms_are_exact_in_every_family(kind, oracles, prompt):
+    """AWQ folds scales into each family's norms ((1 + w) for gemma) and previous linears, and the Hadamard rotation is
+    undone at run time; at 8 bits both must stay as close to transformers as plain 8-bit does."""
+    from lbtest import CALIB
+
+    o = oracles(kind)
+    plain = rel_err(Engine(o.container(8), ctx=CTX).logits_all(prompt), o.logits)
+    for method in ("awq", "hadamard+gptq"):
+        opts = ConvertOptions(bits=8, method=method, calib=str(CALIB), calib_samples=4, calib_len=48)
+        out = convert(str(o.folder), o.root / f"{method}.lowbit", opts, progress=False)
+        got = rel_err(Engine(out, ctx=CTX).logits_all(prompt), o.logits)
+        assert got < max(3 * plain, 1e-2), (method, got, plain)
