@@ -1,13 +1,16 @@
-"""The forward pass on a CUDA device: the llama family's hooks with every primitive routed to
+"""The forward pass on a CUDA device: every family's hooks with every primitive routed to
 ``lowbit.kernels.cuda.dispatch``.
 
-:class:`CudaModelMixin` overrides the primitive hooks of ``lowbit.models.llama.Model`` (weight loading, rmsnorm,
-linear, embedding, RoPE, attention with the device KV cache, activation, residual adds, head); the structural hooks
-(``project_qkv``, ``mlp_block``, the layer loop) are the family's own. Weights are uploaded once at load; per forward
-call the token ids go in and the logits come back, everything else stays on the device.
+The families (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, phi3) compute only through the primitive methods
+of ``lowbit.models.llama.Model`` (norms, q/k head norms, linear, embedding rows, column slices of fused projections,
+RoPE, KV-cache writes, attention, activations, residual adds, scaling, soft-capping, and ``resident`` for the tables
+they keep). :class:`CudaModelMixin` overrides exactly those, plus weight loading, the cache and the head; the
+structural hooks (``project_qkv``, ``mlp_block``, ``block``, ``rope_for``, the layer loop, ...) stay the family's
+own. :func:`cuda_model` puts the mixin in front of a family's ``Model``. Weights are uploaded once at load; per
+forward call the token ids go in and the logits come back, everything else stays on the device.
 
-Families whose hooks call the CPU dispatch directly (qwen3's q/k norms, gemma's scaled embeddings, ...) are not
-supported yet and are refused by :func:`cuda_model` with a message naming the family."""
+Weights carrying low-rank/rotation/activation-scale extras (``.had``, ``.lr_a``, ``.lr_b``, ``.act_scale``) have no
+device kernels yet and are refused with a message naming the tensor."""
 
 from __future__ import annotations
 
@@ -19,8 +22,6 @@ from lowbit.kernels.cuda import dispatch as cd
 from lowbit.kernels.dispatch import float_tensor
 from lowbit.models import llama
 
-# family name -> device model class; families missing here are refused
-SUPPORTED = ("llama", "qwen2")
 WEIGHT_PARTS = ("weight", "bias")
 
 
@@ -40,12 +41,8 @@ class CudaModelMixin:
         b = float_tensor(self.c.tensor(bias)) if bias in self.c else None
         return cd.Weight(self.c.tensor(f"{name}.weight"), b)
 
-    def norm_weight(self, name: str):
-        return cd.to_device(super().norm_weight(name))
-
-    def setup_rope(self) -> None:
-        super().setup_rope()
-        self.cos, self.sin = cd.to_device(self.cos), cd.to_device(self.sin)
+    def resident(self, a: np.ndarray):
+        return cd.to_device(a)
 
     def new_cache(self) -> cd.KVCache:
         a = self.args
@@ -55,40 +52,50 @@ class CudaModelMixin:
     def rmsnorm(self, x, w):
         return cd.rmsnorm(x, w, self.args.rms_norm_eps)
 
+    def head_rmsnorm(self, x, w):
+        return cd.head_rmsnorm(x, w, self.args.rms_norm_eps)
+
     def linear(self, w: cd.Weight, x):
         return cd.linear(w, x)
 
-    def embed_tokens(self, tokens: np.ndarray):
-        return cd.embed(self.embed, cuda.to_device(np.ascontiguousarray(tokens, dtype=np.int64)))
+    def embedding(self, w: cd.Weight, tokens: np.ndarray):
+        return cd.embed(w, cuda.to_device(np.ascontiguousarray(tokens, dtype=np.int64)))
+
+    def columns(self, x, lo: int, hi: int, contiguous: bool = True):
+        return cd.columns(x, lo, hi)
 
     def apply_rope(self, x, li: int, start: int) -> None:
         cos, sin = self.rope_for(li)
         cd.rope_inplace(x, cos, sin, start, self.rot)
 
+    def cache_write(self, cache: cd.KVCache, li: int, k, v, start: int) -> None:
+        cd.kv_write(cache.k[li], k, start)
+        cd.kv_write(cache.v[li], v, start)
+
     def attend(self, q, li: int, start: int, cache: cd.KVCache):
         w = self.args.window(li)
         return cd.attention(q, cache.k[li], cache.v[li], start, self.scale, w, self.attn_softcap)
 
-    def attention_block(self, h, layer: dict, li: int, start: int, cache: cd.KVCache):
-        t = h.shape[0]
-        q, k, v = self.project_qkv(h, layer)
-        self.apply_rope(q, li, start)
-        self.apply_rope(k, li, start)
-        cd.kv_write(cache.k[li], k, start)
-        cd.kv_write(cache.v[li], v, start)
-        o = self.attend(q, li, start, cache)
-        return self.linear(layer["attn_output"], o.reshape(t, o.size // t))
-
-    def act_mul(self, gate, up):
+    def silu_mul(self, gate, up):
         return cd.silu_mul(gate, up)
 
-    def block(self, x, layer: dict, li: int, start: int, cache: cd.KVCache):
-        x = cd.add(x, self.attention_block(self.rmsnorm(x, layer["attn_norm"]), layer, li, start, cache))
-        return cd.add(x, self.mlp_block(self.rmsnorm(x, layer["ffn_norm"]), layer))
+    def gelu_tanh_mul(self, gate, up):
+        return cd.gelu_tanh_mul(gate, up)
 
+    def add(self, a, b):
+        return cd.add(a, b)
+
+    def scale_by(self, x, s: float):
+        cd.scale_inplace(x, s)
+        return x
+
+    def softcap(self, x, cap: float):
+        return cd.softcap(x, cap)
+
+    # ------------------------------------------------------------------------------------------ head, forward
     def head(self, x):
         logits = self.linear(self.lm_head, self.rmsnorm(x, self.out_norm))
-        return cd.softcap(logits, self.final_softcap) if self.final_softcap > 0 else logits
+        return self.softcap(logits, self.final_softcap) if self.final_softcap > 0 else logits
 
     def forward(self, tokens: np.ndarray, start: int, cache: cd.KVCache, all_logits: bool = False) -> np.ndarray:
         """Host logits [T, vocab] (all_logits) or [1, vocab]; the only host<->device traffic is ids in, logits out."""
@@ -100,15 +107,15 @@ class CudaModelMixin:
         return self.head(x).copy_to_host()
 
 
-class CudaLlamaModel(CudaModelMixin, llama.Model):
-    """llama, mistral and qwen2 (qkv bias) on the device."""
-
-
 def cuda_model(family_name: str, family, args, container, ctx: int):
-    """The device model for a family, or LowbitError naming the family when it has no device forward yet."""
-    if family_name not in SUPPORTED or family.Model is not llama.Model:
+    """The device model of a family: :class:`CudaModelMixin` in front of the family's ``Model``. LowbitError naming
+    the family when its Model is not built on ``llama.Model`` (so its hooks may compute outside the primitives), or
+    naming the tensor when a weight carries extras."""
+    base = getattr(family, "Model", None)
+    if not (isinstance(base, type) and issubclass(base, llama.Model)):
         raise LowbitError(
-            f"the {family_name} model family is not supported on --device cuda yet (supported: llama, mistral, "
-            "qwen2); use --device cpu"
+            f"the {family_name} model family has no device forward (its model is not built on the llama blocks); "
+            "use --device cpu"
         )
-    return CudaLlamaModel(args, container, ctx)
+    cls = type(f"Cuda{family_name.capitalize()}Model", (CudaModelMixin, base), {"__module__": __name__})
+    return cls(args, container, ctx)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lowbit.kernels import dispatch
 from lowbit.models import llama
 
 __all__ = ["Model", "ModelArgs", "expected_tensors", "sanitize", "args_from_hf", "adapt_to_checkpoint"]
@@ -68,10 +67,10 @@ class GemmaMixin:
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
         scale = self.args.embed_scale or math.sqrt(self.args.hidden_size)
-        return super().embed_tokens(tokens) * np.float32(scale)
+        return self.scale_by(super().embed_tokens(tokens), scale)
 
     def act_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        return dispatch.gelu_tanh_mul(gate, up)
+        return self.gelu_tanh_mul(gate, up)
 
 
 class Model(GemmaMixin, llama.Model):

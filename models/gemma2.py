@@ -76,9 +76,9 @@ class SandwichMixin:
 
     def block(self, x: np.ndarray, layer: dict, li: int, start: int, cache) -> np.ndarray:
         h = self.attention_block(self.rmsnorm(x, layer["attn_norm"]), layer, li, start, cache)
-        x = x + self.rmsnorm(h, layer["attn_post_norm"])
+        x = self.add(x, self.rmsnorm(h, layer["attn_post_norm"]))
         h = self.mlp_block(self.rmsnorm(x, layer["ffn_norm"]), layer)
-        return x + self.rmsnorm(h, layer["ffn_post_norm"])
+        return self.add(x, self.rmsnorm(h, layer["ffn_post_norm"]))
 
 
 class Model(SandwichMixin, gemma.GemmaMixin, llama.Model):

@@ -117,7 +117,8 @@ class Model(QKNormMixin, gemma2.SandwichMixin, gemma.GemmaMixin, llama.Model):
         super().setup_rope()  # global layers: self.cos, self.sin
         a = self.args
         inv = rope_inv_freq(self.rot, a.rope_local_theta, a.rope_local_scaling, self.ctx)
-        self.cos_local, self.sin_local = rope_tables(inv, self.ctx, rope_attention_factor(a.rope_local_scaling))
+        cos, sin = rope_tables(inv, self.ctx, rope_attention_factor(a.rope_local_scaling))
+        self.cos_local, self.sin_local = self.resident(cos), self.resident(sin)
 
     def rope_for(self, li: int) -> tuple[np.ndarray, np.ndarray]:
         types = self.args.layer_types

@@ -2,7 +2,11 @@
 other families reuse.
 
 Other families subclass ``ModelArgs`` (extra config fields through ``hf_fields``) and ``Model`` (overriding the
-hooks ``load_layer``, ``embed_tokens``, ``project_qkv``, ``attend``, ``mlp_block``, ``block``, ``head``)."""
+structural hooks ``load_layer``, ``setup_rope``, ``rope_for``, ``configure``, ``embed_tokens``, ``project_qkv``,
+``act_mul``, ``mlp_block``, ``block``). Hooks compute only through the primitive methods of ``Model`` (``rmsnorm``,
+``head_rmsnorm``, ``linear``, ``embedding``, ``columns``, ``apply_rope``, ``cache_write``, ``attend``, ``silu_mul``,
+``gelu_tanh_mul``, ``add``, ``scale_by``, ``softcap``, ``resident``), never on the arrays directly, so that
+``lowbit.models.device_forward`` runs every family on a GPU by overriding the primitives alone."""
 
 from __future__ import annotations
 
@@ -212,9 +216,13 @@ class Model:
         b = dispatch.float_tensor(self.c.tensor(bias)) if bias in self.c else None
         return dispatch.Weight(self.c.tensor(f"{name}.weight"), b, **dispatch.weight_extras(self.c, name))
 
+    def resident(self, a: np.ndarray) -> np.ndarray:
+        """A float32 table the forward pass reads (norm weight, RoPE cos/sin) where the compute runs: ``a`` itself."""
+        return a
+
     def norm_weight(self, name: str) -> np.ndarray:
         w = dispatch.float_tensor(self.c.tensor(f"{name}.weight"))
-        return (w + np.float32(self.NORM_OFFSET)).astype(np.float32) if self.NORM_OFFSET else w
+        return self.resident((w + np.float32(self.NORM_OFFSET)).astype(np.float32) if self.NORM_OFFSET else w)
 
     def load_layer(self, p: str) -> dict:
         return {
@@ -228,7 +236,8 @@ class Model:
         a = self.args
         self.rot = a.rotary_dim or a.head_dim
         inv = rope_inv_freq(self.rot, a.rope_theta, a.rope_scaling, self.ctx)
-        self.cos, self.sin = rope_tables(inv, self.ctx, rope_attention_factor(a.rope_scaling))
+        cos, sin = rope_tables(inv, self.ctx, rope_attention_factor(a.rope_scaling))
+        self.cos, self.sin = self.resident(cos), self.resident(sin)
 
     def configure(self) -> None:
         """Family-specific settings once the weights are loaded (attention scale, soft-caps, ...)."""
@@ -240,16 +249,63 @@ class Model:
         a = self.args
         return KVCache(a.num_hidden_layers, a.num_key_value_heads, self.ctx, a.head_dim)
 
-    # ------------------------------------------------------------------------------------------ blocks
+    # ------------------------------------------------------------------------------------------ primitives
     def rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return dispatch.rmsnorm(x, w, self.args.rms_norm_eps)
+
+    def head_rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """RMSNorm of each head of x[T, n_heads, head_dim] with one weight[head_dim] (q/k norms)."""
+        return dispatch.head_rmsnorm(x, w, self.args.rms_norm_eps)
 
     def linear(self, w: dispatch.Weight, x: np.ndarray) -> np.ndarray:
         """Every matrix product of the forward pass goes through here (calibration observes the inputs)."""
         return dispatch.linear(w, x)
 
+    def embedding(self, w: dispatch.Weight, tokens: np.ndarray) -> np.ndarray:
+        """Rows ``tokens`` of an embedding table: [T, cols]."""
+        return dispatch.embed(w, np.asarray(tokens, dtype=np.int64))
+
+    def columns(self, x: np.ndarray, lo: int, hi: int, contiguous: bool = True) -> np.ndarray:
+        """x[:, lo:hi] of x[T, n] (a part of a fused projection), a contiguous array unless ``contiguous`` is False
+        (then the CPU returns a view; a device always returns a new array)."""
+        part = x[:, lo:hi]
+        return np.ascontiguousarray(part) if contiguous else part
+
+    def apply_rope(self, x: np.ndarray, li: int, start: int) -> None:
+        cos, sin = self.rope_for(li)
+        cos, sin = cos[start : start + x.shape[0]], sin[start : start + x.shape[0]]
+        dispatch.rope_inplace(x if self.rot == x.shape[2] else x[:, :, : self.rot], cos, sin)
+
+    def cache_write(self, cache: KVCache, li: int, k: np.ndarray, v: np.ndarray, start: int) -> None:
+        """Keys and values [T, n_kv, hd] of positions start.. into layer li of the cache."""
+        t = k.shape[0]
+        cache.k[li][:, start : start + t, :] = k.transpose(1, 0, 2)
+        cache.v[li][:, start : start + t, :] = v.transpose(1, 0, 2)
+
+    def attend(self, q: np.ndarray, li: int, start: int, cache: KVCache) -> np.ndarray:
+        w = self.args.window(li)
+        return dispatch.attention(q, cache.k[li], cache.v[li], start, self.scale, w, self.attn_softcap)
+
+    def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return dispatch.silu_mul(gate, up)
+
+    def gelu_tanh_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return dispatch.gelu_tanh_mul(gate, up)
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """a + b (the residual adds), a new array."""
+        return a + b
+
+    def scale_by(self, x: np.ndarray, s: float) -> np.ndarray:
+        """x * s in float32; a device may scale x in place, so x must be an array nothing else uses."""
+        return x * np.float32(s)
+
+    def softcap(self, x: np.ndarray, cap: float) -> np.ndarray:
+        return dispatch.softcap(x, cap)
+
+    # ------------------------------------------------------------------------------------------ blocks
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        return dispatch.embed(self.embed, np.asarray(tokens, dtype=np.int64))
+        return self.embedding(self.embed, tokens)
 
     def project_qkv(self, h: np.ndarray, layer: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """q [T, n_heads, hd], k and v [T, n_kv, hd] before RoPE."""
@@ -260,28 +316,18 @@ class Model:
         v = self.linear(layer["attn_v"], h).reshape(t, a.num_key_value_heads, a.head_dim)
         return q, k, v
 
-    def apply_rope(self, x: np.ndarray, li: int, start: int) -> None:
-        cos, sin = self.rope_for(li)
-        cos, sin = cos[start : start + x.shape[0]], sin[start : start + x.shape[0]]
-        dispatch.rope_inplace(x if self.rot == x.shape[2] else x[:, :, : self.rot], cos, sin)
-
-    def attend(self, q: np.ndarray, li: int, start: int, cache: KVCache) -> np.ndarray:
-        w = self.args.window(li)
-        return dispatch.attention(q, cache.k[li], cache.v[li], start, self.scale, w, self.attn_softcap)
-
     def attention_block(self, h: np.ndarray, layer: dict, li: int, start: int, cache: KVCache) -> np.ndarray:
         """Attention on the already-normed input h [T, hidden]: projections, RoPE, cache write, attend, output."""
         t = h.shape[0]
         q, k, v = self.project_qkv(h, layer)
         self.apply_rope(q, li, start)
         self.apply_rope(k, li, start)
-        cache.k[li][:, start : start + t, :] = k.transpose(1, 0, 2)
-        cache.v[li][:, start : start + t, :] = v.transpose(1, 0, 2)
+        self.cache_write(cache, li, k, v, start)
         o = self.attend(q, li, start, cache)
-        return self.linear(layer["attn_output"], o.reshape(t, -1))
+        return self.linear(layer["attn_output"], o.reshape(t, o.size // t))
 
     def act_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        return dispatch.silu_mul(gate, up)
+        return self.silu_mul(gate, up)
 
     def mlp_block(self, h: np.ndarray, layer: dict) -> np.ndarray:
         """Gated MLP on the already-normed input h [T, hidden]."""
@@ -289,13 +335,13 @@ class Model:
         return self.linear(layer["ffn_down"], act)
 
     def block(self, x: np.ndarray, layer: dict, li: int, start: int, cache: KVCache) -> np.ndarray:
-        x = x + self.attention_block(self.rmsnorm(x, layer["attn_norm"]), layer, li, start, cache)
-        return x + self.mlp_block(self.rmsnorm(x, layer["ffn_norm"]), layer)
+        x = self.add(x, self.attention_block(self.rmsnorm(x, layer["attn_norm"]), layer, li, start, cache))
+        return self.add(x, self.mlp_block(self.rmsnorm(x, layer["ffn_norm"]), layer))
 
     def head(self, x: np.ndarray) -> np.ndarray:
         """Final norm, lm_head and (if the family has one) logit soft-capping: [T, hidden] -> [T, vocab]."""
         logits = self.linear(self.lm_head, self.rmsnorm(np.ascontiguousarray(x), self.out_norm))
-        return dispatch.softcap(logits, self.final_softcap) if self.final_softcap > 0 else logits
+        return self.softcap(logits, self.final_softcap) if self.final_softcap > 0 else logits
 
     def forward(self, tokens: np.ndarray, start: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Logits [T, vocab] (all_logits) or [1, vocab] for the last position, for tokens at start..start+T-1."""

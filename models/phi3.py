@@ -51,13 +51,14 @@ class Model(llama.Model):
         t = h.shape[0]
         nq, nkv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
         qkv = self.linear(layer["attn_qkv"], h)
-        q = np.ascontiguousarray(qkv[:, :nq]).reshape(t, a.num_attention_heads, a.head_dim)
-        k = np.ascontiguousarray(qkv[:, nq : nq + nkv]).reshape(t, a.num_key_value_heads, a.head_dim)
-        v = qkv[:, nq + nkv :].reshape(t, a.num_key_value_heads, a.head_dim)
+        q = self.columns(qkv, 0, nq).reshape(t, a.num_attention_heads, a.head_dim)
+        k = self.columns(qkv, nq, nq + nkv).reshape(t, a.num_key_value_heads, a.head_dim)
+        # v is only copied into the cache: a view is enough on the CPU
+        v = self.columns(qkv, nq + nkv, qkv.shape[1], contiguous=False).reshape(t, a.num_key_value_heads, a.head_dim)
         return q, k, v
 
     def mlp_block(self, h: np.ndarray, layer: dict) -> np.ndarray:
         gate_up = self.linear(layer["ffn_gate_up"], h)
         n = gate_up.shape[1] // 2
-        act = self.act_mul(np.ascontiguousarray(gate_up[:, :n]), np.ascontiguousarray(gate_up[:, n:]))
+        act = self.act_mul(self.columns(gate_up, 0, n), self.columns(gate_up, n, 2 * n))
         return self.linear(layer["ffn_down"], act)

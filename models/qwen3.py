@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.kernels import dispatch
 from lowbit.models import llama
 from lowbit.models.llama import ModelArgs
 
@@ -31,12 +30,7 @@ class QKNormMixin:
 
     def project_qkv(self, h: np.ndarray, layer: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         q, k, v = super().project_qkv(h, layer)
-        eps = self.args.rms_norm_eps
-        return (
-            dispatch.head_rmsnorm(q, layer["attn_q_norm"], eps),
-            dispatch.head_rmsnorm(k, layer["attn_k_norm"], eps),
-            v,
-        )
+        return self.head_rmsnorm(q, layer["attn_q_norm"]), self.head_rmsnorm(k, layer["attn_k_norm"]), v
 
 
 class Model(QKNormMixin, llama.Model):

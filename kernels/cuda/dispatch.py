@@ -9,7 +9,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from lowbit.errors import FormatError
+from lowbit.errors import FormatError, LowbitError
 from lowbit.formats.reader import StoredTensor
 from lowbit.kernels.cuda import ops
 from lowbit.kernels.cuda.quant import GRID_CAP, THREADS, blocks, kernels_for, matmul_grid
@@ -111,6 +111,16 @@ def attention(q, k_cache, v_cache, start: int, scale: float, window: int = 0, so
         items = min(per, t - t0) * nh
         ops.attention[blocks(items), THREADS](out, q, k_cache, v_cache, start, t0, items, np.float32(scale), window,
                                               np.float32(softcap), scores)
+    return out
+
+
+def columns(x, lo: int, hi: int):
+    """x[:, lo:hi] of x[T, n] as a new contiguous [T, hi - lo] array (the parts of a fused projection)."""
+    if not 0 <= lo <= hi <= x.shape[1]:
+        raise LowbitError(f"columns {lo}:{hi} out of range for {x.shape[1]} columns")
+    out = cuda.device_array((x.shape[0], hi - lo), dtype=np.float32)
+    if out.size:
+        ops.copy_columns[_grid(out.size), THREADS](out, x, lo)
     return out
 
 

@@ -1,5 +1,6 @@
 """Device kernels of the forward pass other than the weight products: RMSNorm, RoPE, KV-cache writes, causal GQA
-attention (scores, softmax and the value sum in one kernel), activations, residual adds and soft-capping.
+attention (scores, softmax and the value sum in one kernel), column copies (the parts of a fused projection),
+activations, residual adds, scaling and soft-capping.
 
 Elementwise kernels are grid-stride loops (any grid size works). Each kernel writes into an output passed first (or
 updates its first argument in place); launches live in ``lowbit.kernels.cuda.dispatch``. Semantics match
@@ -121,6 +122,16 @@ def attention(out, q, k_cache, v_cache, start, t0, n_items, scale, window, cap, 
             for s in range(lo, pos + 1):
                 acc += scores[b, s] * v_cache[kv, s, d]
             out[t, h, d] = acc / tot
+
+
+@cuda.jit
+def copy_columns(out, x, lo):
+    """out = x[:, lo:lo + n]; out: f32[T, n], x: f32[T, >= lo + n]. Grid-stride over out."""
+    n = out.shape[1]
+    for i in range(cuda.grid(1), out.shape[0] * n, cuda.gridsize(1)):
+        r = i // n
+        j = i % n
+        out[r, j] = x[r, lo + j]
 
 
 @cuda.jit

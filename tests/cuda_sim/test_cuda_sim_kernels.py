@@ -5,6 +5,7 @@ import pytest
 from numba import cuda
 from simhelp import random_parts
 
+from lowbit.errors import LowbitError
 from lowbit.formats.qtypes import REGISTRY, QType
 from lowbit.formats.reader import StoredTensor
 from lowbit.kernels import ref
@@ -132,6 +133,17 @@ def test_elementwise():
     d = dev(a)
     cd.scale_inplace(d, 2.5)
     close(d.copy_to_host(), a * 2.5, 1e-6)
+
+
+def test_columns_of_a_fused_projection():
+    a = np.random.default_rng(4).standard_normal((3, 20)).astype(np.float32)
+    d = dev(a)
+    for lo, hi in ((0, 8), (8, 12), (12, 20), (5, 5)):
+        got = cd.columns(d, lo, hi)
+        assert got.shape == (3, hi - lo) and got.is_c_contiguous()
+        np.testing.assert_array_equal(got.copy_to_host(), a[:, lo:hi])
+    with pytest.raises(LowbitError, match="columns 12:21 out of range for 20 columns"):
+        cd.columns(d, 12, 21)
 
 
 @pytest.mark.parametrize("n", [1, 5, 1000, 4099])
