@@ -14,9 +14,9 @@ exact: only the rounding of weights and activations sees it.
 
 Static scales: for every linear the converter stores ``<name>.act_scale = max|x| / 127`` over all calibration
 inputs after migration (computed exactly from the per-channel maxima: ``max_j max|X_j| / s_j``). The maximum, not a
-percentile: it never clips, and clipping the few large values (which sit on few tokens and channels, e.g. the
-attention-sink first token) costs more than the coarser step on the rest once SmoothQuant has flattened the
-channels; the measured comparison is in the README.
+percentile: it needs no row store, never clips the rare large values (LLM activations have a few, often on the
+first token, that the model depends on), and SmoothQuant has already flattened the channels that made the range wide.
+Measured on refsmall (README, "Int8 activations"): static KL 0.0062 with migration, 0.028 without.
 """
 
 from __future__ import annotations
