@@ -30,7 +30,7 @@ from lowbit.convert import awq, lowrank, rotation, smoothquant
 from lowbit.convert.calibration import FloatStore, LayerRecorder, observe
 from lowbit.convert.gptq import gptq_quantize
 from lowbit.convert.methods import Method
-from lowbit.convert.quantize import quantize, rtn_dequantized
+from lowbit.convert.quantize import quantize
 from lowbit.formats.qtypes import QType
 from lowbit.formats.reader import StoredTensor
 from lowbit.kernels import dispatch
@@ -43,8 +43,10 @@ NORM_GROUPS = (("attn_norm", ("attn_q", "attn_k", "attn_v")), ("attn_norm", ("at
                ("ffn_norm", ("ffn_gate", "ffn_up")), ("ffn_norm", ("ffn_gate_up",)))
 
 
-# AWQ's searches score candidates with round-to-nearest (as the AWQ reference does) on at most 2048 input rows
-AWQ_SEARCH = {"quantizer": rtn_dequantized, "max_rows": 2048}
+# AWQ's searches score candidates on at most 2048 input rows, quantized the way they will be stored (the weighted
+# search). Measured on refsmall, 4-bit g128: KL 0.00349 (70 s) against 0.00408 (30 s) when scored with
+# round-to-nearest as the AWQ reference does
+AWQ_SEARCH = {"max_rows": 2048}
 
 
 @dataclass

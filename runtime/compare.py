@@ -146,8 +146,10 @@ def _parse_mixed(target: str, rest: list[str], shared: ConvertOptions) -> Config
     opts = dataclasses.replace(shared, group_size=group, method=method, **fields)
     # the converter's default method (for a size budget) is left out of the label and the method column
     named = () if method == shared.method else (method,)
-    label = ":".join(("mixed", shown, *named, GROUP_NAMES[group], *extras))
-    return Config(label, f"mixed({method})" if named else "mixed", shown, GROUP_NAMES[group], opts, extras, act)
+    # the allocation picks each tensor's group from its ladder: a group only shows when it was given
+    given = tuple(GROUP_NAMES[group] for r in rest[:1] if r.lower() in GROUPS)
+    label = ":".join(("mixed", shown, *named, *given, *extras))
+    return Config(label, f"mixed({method})" if named else "mixed", shown, given[0] if given else "", opts, extras, act)
 
 
 def _parse_method(text: str) -> str:

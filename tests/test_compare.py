@@ -45,13 +45,13 @@ def test_parse_configs_labels_and_options():
         "rtn:4, gptq:3:g128:sym:embed=4, hadamard+gptq+lowrank:2:pc:lowrank=0.1, mixed:2.5bpw, mixed:12MB:rtn:g32, 16",
         converter.ConvertOptions(calib="c.txt", seed=7))}
     assert list(got) == ["rtn:4:g64", "gptq:3:g128:sym:embed=4", "hadamard+gptq+lowrank:2:pc:lowrank=0.1",
-                         "mixed:2.5bpw:g64", "mixed:12MB:rtn:g32", "f16"]
+                         "mixed:2.5bpw", "mixed:12MB:rtn:g32", "f16"]
     o = got["gptq:3:g128:sym:embed=4"].opts
     assert (o.bits, o.group_size, o.asym, o.embed_bits, o.method, o.calib, o.seed) == (3, 128, False, 4, "gptq",
                                                                                        "c.txt", 7)
     assert got["hadamard+gptq+lowrank:2:pc:lowrank=0.1"].opts.group_size == 0
     assert got["hadamard+gptq+lowrank:2:pc:lowrank=0.1"].opts.lowrank_bpw == 0.1
-    assert got["mixed:2.5bpw:g64"].opts.target_bpw == 2.5 and got["mixed:2.5bpw:g64"].method == "mixed"
+    assert got["mixed:2.5bpw"].opts.target_bpw == 2.5 and got["mixed:2.5bpw"].method == "mixed"
     assert got["mixed:12MB:rtn:g32"].opts.max_size == 12_000_000 and got["mixed:12MB:rtn:g32"].method == "mixed(rtn)"
     assert got["f16"].opts.bits == 16 and got["f16"].opts.calib == "c.txt"
     assert got["gptq:3:g128:sym:embed=4"].shown_method == "gptq (sym, embed=4)"
