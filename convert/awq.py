@@ -111,7 +111,7 @@ def _default_quantizer(w: np.ndarray, qt: QType) -> dict:
 
 def _roundtrip(quantizer: Quantizer, w: np.ndarray, qt: QType) -> np.ndarray:
     """Quantize then dequantize ``w`` exactly as the runtime will see it. A quantizer may return the stored parts
-    or, to skip packing, the dequantized weight itself (e.g. :func:`lowbit.convert.quantize.rtn_dequantized`)."""
+    or, to skip packing, the dequantized weight itself."""
     out = quantizer(w, qt)
     return out if isinstance(out, np.ndarray) else dequantize(out, qt, w.shape)
 

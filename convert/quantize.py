@@ -171,14 +171,6 @@ def quantize_rtn(w: np.ndarray, qt: QType) -> dict[str, np.ndarray]:
     return _run(w, qt, g, lambda x, r0, r1: _encode(x, *_rtn_params(x, qt), qt)[:3])
 
 
-def rtn_dequantized(w: np.ndarray, qt: QType) -> np.ndarray:
-    """What :func:`quantize_rtn` stores, dequantized (bit-identical to ``ref.dequantize`` of its parts), without
-    packing codes: for searches that score many candidate weights."""
-    w, g = _prepare(w, qt)
-    x = w.reshape(-1, g)
-    return _encode(x, *_rtn_params(x, qt), qt)[3].reshape(w.shape)
-
-
 # ------------------------------------------------------------------------------------------------ search
 
 

@@ -197,11 +197,3 @@ def test_dispatcher_and_input_errors():
     with pytest.raises(LowbitError, match="n_candidates"):
         quantize_search(w, qt, n_candidates=0)
 
-
-@pytest.mark.parametrize("name", ["q4a_g128", "q3_g64", "q2a_g32", "q8_pc", "q6a_g64"])
-def test_rtn_dequantized_is_what_rtn_stores(name):
-    from lowbit.convert.quantize import rtn_dequantized
-
-    qt = get_qtype(name)
-    w = np.random.default_rng(1).standard_normal((24, 256)).astype(np.float32)
-    np.testing.assert_array_equal(rtn_dequantized(w, qt), dequantize(quantize(w, qt, "rtn"), qt, w.shape))
