@@ -169,3 +169,20 @@ def observe(model, recorder: LayerRecorder):
         del model.linear
 
     return undo
+
+
+def record(model, rec: LayerRecorder, hidden: list[np.ndarray], fn, keep: bool = False) -> list[np.ndarray]:
+    """Run ``fn`` on every hidden state while ``rec`` (reset first) records the matrix inputs; ``fn``'s outputs when
+    ``keep`` (else an empty list: e.g. a head's logits need not be held)."""
+    rec.reset()
+    undo = observe(model, rec)
+    out = []
+    try:
+        for h in hidden:
+            rec.begin_call()
+            y = fn(h)
+            if keep:
+                out.append(y)
+    finally:
+        undo()
+    return out

@@ -38,8 +38,8 @@ import logging
 import numba as nb
 import numpy as np
 
-from lowbit.convert.quantize import F16_MAX, quantize_rtn, quantize_search
-from lowbit.errors import FormatError, LowbitError
+from lowbit.convert.quantize import F16_MAX, _prepare, quantize_rtn, quantize_search
+from lowbit.errors import LowbitError
 from lowbit.formats.qtypes import QType, pack_codes, unpack_codes
 
 log = logging.getLogger(__name__)
@@ -128,14 +128,7 @@ def _quantize_block(w1, err1, codes1, u1, d, m, gidx, max_code, fill):
 
 
 def _check_inputs(w, hessian, qt, damp, block, importance):
-    if not isinstance(qt, QType):
-        raise LowbitError(f"expected a QType, got {type(qt).__name__}")
-    if qt.is_float:
-        raise LowbitError(f"{qt.name} is a float type; there is nothing to quantize")
-    w = np.ascontiguousarray(w, dtype=np.float32)
-    qt.part_shapes(w.shape)  # raises FormatError when the shape does not fit the type
-    if not np.isfinite(w).all():
-        raise FormatError(f"cannot quantize to {qt.name}: the tensor contains NaN or infinite values")
+    w, _ = _prepare(w, qt)  # the same checks as every quantizer: a quant type, a fitting shape, finite values
     cols = w.shape[1]
     h = np.asarray(hessian, dtype=np.float64)
     if h.shape != (cols, cols):

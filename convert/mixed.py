@@ -23,7 +23,7 @@ import logging
 import numpy as np
 from tqdm import tqdm
 
-from lowbit.convert.calibration import LayerRecorder, observe
+from lowbit.convert.calibration import LayerRecorder, record
 from lowbit.convert.quantize import quantize
 from lowbit.errors import LowbitError
 from lowbit.formats.qtypes import PER_CHANNEL, QType, get_qtype, quant_type
@@ -128,11 +128,11 @@ def _errors(model, store, tokens, ladders, seed: int, progress: bool) -> dict[st
     try:
         for li in range(n_layers):
             # one pass records the layer's inputs and computes the next layer's (the float model does not change)
-            hidden = _record(model, rec, hidden, lambda h, li=li: model.block(h, model.layers[li], li, 0, cache))
+            hidden = record(model, rec, hidden, lambda h, li=li: model.block(h, model.layers[li], li, 0, cache), True)
             for n in [n for n in ladders if n.startswith(f"blk.{li}.")]:
                 errors[n] = _tensor_errors(store.arrays[n], rec.hessian(n), ladders[n])
             bar.update(1)
-        _record(model, rec, hidden, model.head)
+        record(model, rec, hidden, model.head)
         head = model.lm_head.name
         if head in ladders:
             errors[head] = _tensor_errors(store.arrays[head], rec.hessian(head), ladders[head])
@@ -145,20 +145,6 @@ def _errors(model, store, tokens, ladders, seed: int, progress: bool) -> dict[st
     finally:
         bar.close()
     return errors
-
-
-def _record(model, rec: LayerRecorder, hidden, fn) -> list[np.ndarray]:
-    """Run ``fn`` on every hidden state while ``rec`` records the matrix inputs; the outputs."""
-    rec.reset()
-    undo = observe(model, rec)
-    out = []
-    try:
-        for h in hidden:
-            rec.begin_call()
-            out.append(fn(h))
-    finally:
-        undo()
-    return out
 
 
 def _tensor_errors(w: np.ndarray, h: np.ndarray, ladder: list[QType]) -> list[float]:

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lowbit.convert import awq, lowrank, rotation, smoothquant
-from lowbit.convert.calibration import FloatStore, LayerRecorder, observe
+from lowbit.convert.calibration import FloatStore, LayerRecorder, record
 from lowbit.convert.gptq import gptq_quantize
 from lowbit.convert.methods import Method
 from lowbit.convert.quantize import quantize
@@ -94,7 +94,7 @@ class Pipeline:
         try:
             for li in range(n):
                 prefix = f"blk.{li}."
-                self._record(rec, hidden, lambda h, li=li: model.block(h, model.layers[li], li, 0, cache))
+                record(model, rec, hidden, lambda h, li=li: model.block(h, model.layers[li], li, 0, cache))
                 self._quantize_layer(prefix, rec)
                 model.layers[li] = self._runtime_layer(prefix)
                 hidden = [model.block(h, model.layers[li], li, 0, cache) for h in hidden]
@@ -110,16 +110,6 @@ class Pipeline:
         if self.method.smoothquant:
             notes["smoothquant_alpha"] = smoothquant.ALPHA
         return PipelineResult(self.encoded, self.floats, notes, self.act_scales)
-
-    def _record(self, rec: LayerRecorder, hidden: list[np.ndarray], fn) -> None:
-        rec.reset()
-        undo = observe(self.model, rec)
-        try:
-            for h in hidden:
-                rec.begin_call()
-                fn(h)
-        finally:
-            undo()
 
     # ------------------------------------------------------------------------------------------ layers
     def _linear_names(self, prefix: str) -> list[str]:
@@ -239,7 +229,7 @@ class Pipeline:
     def _quantize_head(self, rec: LayerRecorder, hidden: list[np.ndarray]) -> None:
         model = self.model
         name = "output.weight" if "output.weight" in self.store else "token_embd.weight"
-        self._record(rec, hidden, model.head)
+        record(model, rec, hidden, model.head)
         scale = None
         if self.method.awq and name == "output.weight" and not self.qtypes[name].is_float:
             s, alpha, _ = awq.awq_scales([self.store.arrays[name]], rec.rows(name), self.qtypes[name], **AWQ_SEARCH)

@@ -45,3 +45,20 @@ TINY = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+
+
+def hf_logits(folder, ids):
+    """transformers' float32 logits [T, vocab] for token ids (the numerics oracle)."""
+    import torch
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def rel_err(got, want) -> float:
+    """Largest absolute difference relative to the largest reference value."""
+    import numpy as np
+
+    return float(np.abs(got - want).max() / np.abs(want).max())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from lbtest import CALIB, assert_clean_error, run_cli
+from lbtest import CALIB, assert_clean_error, hf_logits, rel_err, run_cli
 
 from lowbit.convert import smoothquant
 from lowbit.convert.converter import ConvertOptions, convert
@@ -30,19 +30,6 @@ def prompt():
 @pytest.fixture(scope="module")
 def tiny(tiny_models):
     return tiny_models["llama"]
-
-
-def hf_logits(folder, ids):
-    import torch
-    import transformers as tf
-
-    model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
-
-
-def rel_err(got, want):
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def logits(path, ids, act="none"):

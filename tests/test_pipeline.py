@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from lbtest import CALIB, assert_clean_error, run_cli
+from lbtest import CALIB, assert_clean_error, hf_logits, rel_err, run_cli
 
 from lowbit.convert.converter import ConvertOptions, convert
 from lowbit.convert.methods import parse_method
@@ -29,19 +29,6 @@ def prompt():
 @pytest.fixture(scope="module")
 def tiny(tiny_models):
     return tiny_models["llama"]
-
-
-def hf_logits(folder, ids):
-    import torch
-    import transformers as tf
-
-    model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
-
-
-def rel_err(got, want):
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def logits(path, ids):
