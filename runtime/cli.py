@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", required=True, help="UTF-8 text file")
     p.add_argument("--eval-ctx", type=int, default=256, help="window length incl. BOS (default 256)")
     p.add_argument("--max-tokens", type=int, default=None, help="only the first N tokens of the text")
+    p.add_argument("--stride", type=int, default=None,
+                   help="start a window every N tokens, scoring only tokens not scored before (default: ctx-1, "
+                   "non-overlapping windows)")
     p.add_argument("--reference", default=None, metavar="SRC", help="also compare with this model (a .lowbit file, "
                    "or a Hugging Face checkpoint run unquantized): KL divergence and top-1 agreement")
     p.add_argument("--json", action="store_true")

@@ -220,7 +220,7 @@ def cmd_eval(args) -> int:
     bos = engine.tokenizer.bos_id
     if bos is None:
         raise LowbitError("this model has no BOS token; perplexity by the project convention needs one")
-    n_win = count_windows(len(ids), args.eval_ctx, args.max_tokens)
+    n_win = count_windows(len(ids), args.eval_ctx, args.max_tokens, args.stride)
     if n_win == 0:  # before converting a reference for nothing
         raise LowbitError(f"{path}: {too_short_message(len(ids), args.eval_ctx, args.max_tokens)}")
     with ExitStack() as stack:
@@ -230,11 +230,13 @@ def cmd_eval(args) -> int:
             check_same_tokens(engine, ref, text, ids)
         bar = stack.enter_context(tqdm(total=n_win, desc="eval", unit="window", disable=args.json))
         res = evaluate(engine.logits_all, ids, args.eval_ctx, bos, args.max_tokens,
-                       ref_logits_fn=ref.logits_all if ref else None, on_window=lambda _: bar.update())
+                       ref_logits_fn=ref.logits_all if ref else None, on_window=lambda _: bar.update(),
+                       stride=args.stride)
     s = summarize(Container(engine.path))
     out = {
         "model": str(engine.path),
         "ctx": args.eval_ctx,
+        **({"stride": args.stride} if args.stride else {}),
         "bpw": s["bpw_all"],
         "file_bytes": engine.container.size,
         "act_quant": args.act_quant,

@@ -63,18 +63,37 @@ class EvalResult:
         return {k: v for k, v in d.items() if v is not None}
 
 
-def count_windows(n_ids: int, ctx: int, max_tokens: int | None = None) -> int:
+def _stride(ctx: int, stride: int | None) -> int:
     if ctx < 2:
         raise LowbitError("context must be at least 2 tokens")
+    if stride is None:
+        return ctx - 1
+    if not 1 <= stride <= ctx - 1:
+        raise LowbitError(f"--stride {stride}: expected 1 to ctx-1 = {ctx - 1} tokens")
+    return stride
+
+
+def count_windows(n_ids: int, ctx: int, max_tokens: int | None = None, stride: int | None = None) -> int:
+    step = _stride(ctx, stride)
     n = min(n_ids, max_tokens) if max_tokens else n_ids
-    return n // (ctx - 1)
+    return 0 if n < ctx - 1 else (n - (ctx - 1)) // step + 1
+
+
+def scored_windows(ids: list[int], ctx: int, bos: int, max_tokens: int | None = None,
+                   stride: int | None = None) -> Iterator[tuple[list[int], int]]:
+    """(window, skip): [BOS] + ctx-1 tokens starting every ``stride`` tokens (default ctx-1: non-overlapping) over
+    the first ``max_tokens`` tokens, partial windows dropped; the first ``skip`` predictions of a window were scored
+    by an earlier one (with more context there), so every token is scored once, by the window that sees the most of
+    what precedes it."""
+    step = _stride(ctx, stride)
+    for w in range(count_windows(len(ids), ctx, max_tokens, stride)):
+        yield [bos, *ids[w * step : w * step + ctx - 1]], (0 if w == 0 else ctx - 1 - step)
 
 
 def windows(ids: list[int], ctx: int, bos: int, max_tokens: int | None = None) -> Iterator[list[int]]:
     """[BOS] + ctx-1 tokens, non-overlapping, over the first ``max_tokens`` tokens (partial windows dropped)."""
-    step = ctx - 1
-    for w in range(count_windows(len(ids), ctx, max_tokens)):
-        yield [bos, *ids[w * step : (w + 1) * step]]
+    for win, _ in scored_windows(ids, ctx, bos, max_tokens):
+        yield win
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -95,15 +114,20 @@ class Accumulator:
         self.windows = 0
         self.kl: list[np.ndarray] = []
 
-    def add(self, window: Sequence[int], logits: np.ndarray, ref_logits: np.ndarray | None = None) -> None:
-        """Score one window: ``logits[i]`` (and ``ref_logits[i]``) predict ``window[i + 1]``."""
-        targets = np.asarray(window[1:], dtype=np.int64)
+    def add(self, window: Sequence[int], logits: np.ndarray, ref_logits: np.ndarray | None = None,
+            skip: int = 0) -> None:
+        """Score one window: ``logits[i]`` (and ``ref_logits[i]``) predict ``window[i + 1]``; the first ``skip``
+        predictions are left out (scored by an earlier, overlapping window)."""
+        targets = np.asarray(window[1 + skip :], dtype=np.int64)
         n = len(targets)
-        _check_logits(logits, n, "model")
+        _check_logits(logits, n + skip, "model")
+        logits = logits[skip:]
+        if ref_logits is not None:
+            _check_logits(ref_logits, n + skip, "reference")
+            ref_logits = ref_logits[skip:]
         if self.reference:
             if ref_logits is None:
                 raise ValueError("this accumulator compares against a reference: pass ref_logits")
-            _check_logits(ref_logits, n, "reference")
             if ref_logits.shape[1] != logits.shape[1]:
                 raise LowbitError(f"reference scores {ref_logits.shape[1]} tokens, the model {logits.shape[1]}")
         step = max(1, CHUNK_ELEMENTS // logits.shape[1])
@@ -149,16 +173,18 @@ def evaluate_many(
     max_tokens: int | None = None,
     ref_logits_fn: LogitsFn | None = None,
     on_window: Callable[[int], None] | None = None,
+    stride: int | None = None,
 ) -> list[EvalResult]:
     """Evaluate several models over the same windows, running the reference (if any) once per window.
-    Each ``logits_fn(window) -> [len(window), vocab]`` logits from an empty context."""
-    if count_windows(len(ids), ctx, max_tokens) == 0:
+    Each ``logits_fn(window) -> [len(window), vocab]`` logits from an empty context. ``stride``: see
+    :func:`scored_windows`."""
+    if count_windows(len(ids), ctx, max_tokens, stride) == 0:
         raise LowbitError(too_short_message(len(ids), ctx, max_tokens))
     accs = [Accumulator(reference=ref_logits_fn is not None) for _ in logits_fns]
-    for w, win in enumerate(windows(ids, ctx, bos, max_tokens), 1):
+    for w, (win, skip) in enumerate(scored_windows(ids, ctx, bos, max_tokens, stride), 1):
         ref = ref_logits_fn(win) if ref_logits_fn is not None else None
         for fn, acc in zip(logits_fns, accs):
-            acc.add(win, fn(win), ref)
+            acc.add(win, fn(win), ref, skip)
         if on_window:
             on_window(w)
     return [acc.result() for acc in accs]
@@ -172,9 +198,10 @@ def evaluate(
     max_tokens: int | None = None,
     ref_logits_fn: LogitsFn | None = None,
     on_window: Callable[[int], None] | None = None,
+    stride: int | None = None,
 ) -> EvalResult:
     """Perplexity of ``logits_fn``; with ``ref_logits_fn`` also reference perplexity, KL and top-1 agreement."""
-    return evaluate_many([logits_fn], ids, ctx, bos, max_tokens, ref_logits_fn, on_window)[0]
+    return evaluate_many([logits_fn], ids, ctx, bos, max_tokens, ref_logits_fn, on_window, stride)[0]
 
 
 def perplexity(
