@@ -60,3 +60,17 @@ def refsmall_containers(tmp_path_factory) -> dict[str, Path]:
     for bits in (16, 8, 4, 3, 2):
         out[bits] = convert(str(REFSMALL), root / f"refsmall-{bits}.lowbit", ConvertOptions(bits=bits), progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="module")
+def llama_prompt() -> list[int]:
+    """BOS and 40 random token ids of the tiny models' vocabulary."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    return [1, *rng.integers(3, 4000, size=40).tolist()]

@@ -9,6 +9,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 REFSMALL = SHARED / "models" / "refsmall"
 DEV_EVAL = SHARED / "data" / "dev-eval.txt"
 CALIB = SHARED / "data" / "calib.txt"
+# a small calibration run for the tests of calibrated methods
+CAL = dict(calib=str(CALIB), calib_samples=6, calib_len=64)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 
 

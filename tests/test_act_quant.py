@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from lbtest import CALIB, assert_clean_error, hf_logits, rel_err, run_cli
+from lbtest import CAL, CALIB, assert_clean_error, hf_logits, rel_err, run_cli
 
 from lowbit.convert import smoothquant
 from lowbit.convert.converter import ConvertOptions, convert
@@ -17,19 +17,7 @@ from lowbit.runtime.commands import summarize
 from lowbit.runtime.compare import parse_configs
 from lowbit.runtime.engine import Engine
 
-CAL = dict(calib=str(CALIB), calib_samples=6, calib_len=64)
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-
-
-@pytest.fixture(scope="module")
-def prompt():
-    rng = np.random.default_rng(5)
-    return [1, *rng.integers(3, 4000, size=40).tolist()]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_models):
-    return tiny_models["llama"]
 
 
 def logits(path, ids, act="none"):
@@ -47,12 +35,13 @@ def kl(ref, got):
 
 
 @pytest.fixture(scope="module")
-def eight_bit(tiny, tmp_path_factory):
+def eight_bit(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("act8")
     return {
-        "plain": convert(str(tiny), root / "plain.lowbit", ConvertOptions(bits=8), progress=False),
-        "sq": convert(str(tiny), root / "sq.lowbit", ConvertOptions(bits=8, method="smoothquant+rtn", **CAL),
-                      progress=False),
+        "plain": convert(str(tiny_llama), root / "plain.lowbit", ConvertOptions(bits=8), progress=False),
+        "sq": convert(
+            str(tiny_llama), root / "sq.lowbit", ConvertOptions(bits=8, method="smoothquant+rtn", **CAL), progress=False
+        ),
     }
 
 
@@ -85,26 +74,26 @@ def test_kernel_takes_views():
 
 
 # ------------------------------------------------------------------------------------------------ dynamic mode
-def test_dynamic_changes_logits_a_little(tiny, eight_bit, prompt):
+def test_dynamic_changes_logits_a_little(tiny_llama, eight_bit, llama_prompt):
     """W8A8: int8 activations add a small, nonzero error. Measured on this model (max logit error relative to the
     largest logit, against transformers): 8-bit weights 0.020, plus dynamic int8 activations 0.027; KL against the
     float model 6e-5 -> 1.1e-4. Tolerances: 0.05 and 5e-4."""
-    want = hf_logits(tiny, prompt)
-    none = logits(eight_bit["plain"], prompt)
-    dyn = logits(eight_bit["plain"], prompt, "dynamic")
+    want = hf_logits(tiny_llama, llama_prompt)
+    none = logits(eight_bit["plain"], llama_prompt)
+    dyn = logits(eight_bit["plain"], llama_prompt, "dynamic")
     assert 0 < rel_err(dyn, none) < 0.05
     assert rel_err(none, want) < 0.05
     assert rel_err(dyn, want) < 0.05
     assert kl(want, none) < kl(want, dyn) < 5e-4
     # one token (decode kernels) and a few (the fused small-batch kernels) are rounded too
     for n in (1, 3):
-        a = logits(eight_bit["plain"], prompt[:n])
-        b = logits(eight_bit["plain"], prompt[:n], "dynamic")
+        a = logits(eight_bit["plain"], llama_prompt[:n])
+        b = logits(eight_bit["plain"], llama_prompt[:n], "dynamic")
         assert 0 < rel_err(b, a) < 0.05
 
 
-def test_mode_belongs_to_the_engine(eight_bit, prompt):
-    ids = prompt[:9]
+def test_mode_belongs_to_the_engine(eight_bit, llama_prompt):
+    ids = llama_prompt[:9]
     before = logits(eight_bit["plain"], ids)
     dyn = Engine(eight_bit["plain"], ctx=64, threads=1, act_quant="dynamic")
     plain = Engine(eight_bit["plain"], ctx=64, threads=1)
@@ -127,12 +116,12 @@ def test_parse_smoothquant():
             parse_method(bad)
 
 
-def test_smoothquant_is_exact_at_eight_bits_and_stores_scales(tiny, eight_bit, prompt):
+def test_smoothquant_is_exact_at_eight_bits_and_stores_scales(tiny_llama, eight_bit, llama_prompt):
     """The migration is exact in float: with act-quant none the 8-bit smoothquant container is as close to
     transformers as plain 8-bit (a wrong fold would show as a large error)."""
-    want = hf_logits(tiny, prompt)
-    plain = logits(eight_bit["plain"], prompt)
-    got = logits(eight_bit["sq"], prompt)
+    want = hf_logits(tiny_llama, llama_prompt)
+    plain = logits(eight_bit["plain"], llama_prompt)
+    got = logits(eight_bit["sq"], llama_prompt)
     assert rel_err(got, want) < max(3 * rel_err(plain, want), 1e-2)
     c = Container(eight_bit["sq"])
     names = set(c.tensor_names)
@@ -145,13 +134,13 @@ def test_smoothquant_is_exact_at_eight_bits_and_stores_scales(tiny, eight_bit, p
     assert summarize(c)["params"] == summarize(Container(eight_bit["plain"]))["params"]
 
 
-def test_static_mode_runs_and_stays_close(tiny, eight_bit, prompt):
+def test_static_mode_runs_and_stays_close(tiny_llama, eight_bit, llama_prompt):
     """One calibrated scale per tensor is coarser than per-token scales on this random model (measured KL against
     transformers: 9e-4 static, 1.1e-4 dynamic); what is proven here is that it runs, changes the logits, and stays
     within a small KL (tolerance 3e-3)."""
-    want = hf_logits(tiny, prompt)
-    static = logits(eight_bit["sq"], prompt, "static")
-    none = logits(eight_bit["sq"], prompt)
+    want = hf_logits(tiny_llama, llama_prompt)
+    static = logits(eight_bit["sq"], llama_prompt, "static")
+    none = logits(eight_bit["sq"], llama_prompt)
     assert rel_err(static, none) > 0
     assert kl(want, static) < 3e-3
 
@@ -167,8 +156,10 @@ def outlier_model(src, dst, factor=40.0, channels=(3, 17, 50)):
     idx = list(channels)
     with torch.no_grad():
         for layer in model.model.layers:
-            for norm, lins in ((layer.input_layernorm, ("q_proj", "k_proj", "v_proj")),
-                               (layer.post_attention_layernorm, ("gate_proj", "up_proj"))):
+            for norm, lins in (
+                (layer.input_layernorm, ("q_proj", "k_proj", "v_proj")),
+                (layer.post_attention_layernorm, ("gate_proj", "up_proj")),
+            ):
                 norm.weight[idx] *= factor
                 for name in lins:
                     mod = getattr(layer.self_attn if name[0] in "qkv" else layer.mlp, name)
@@ -181,22 +172,22 @@ def outlier_model(src, dst, factor=40.0, channels=(3, 17, 50)):
     return dst
 
 
-def test_smoothquant_beats_no_migration_with_outliers(tiny, tmp_path, prompt, monkeypatch):
+def test_smoothquant_beats_no_migration_with_outliers(tiny_llama, tmp_path, llama_prompt, monkeypatch):
     """On a model with outlier input channels, static int8 activations with migration lose much less (KL against
     the float model) than the same static scales without it, and dynamic per-token scales too gain from it."""
-    src = outlier_model(tiny, tmp_path / "outliers")
-    ref = logits(convert(str(src), tmp_path / "f.lowbit", ConvertOptions(bits=16), progress=False), prompt)
+    src = outlier_model(tiny_llama, tmp_path / "outliers")
+    ref = logits(convert(str(src), tmp_path / "f.lowbit", ConvertOptions(bits=16), progress=False), llama_prompt)
     opts = ConvertOptions(bits=8, method="smoothquant+rtn", **CAL)
     sq = convert(str(src), tmp_path / "sq.lowbit", opts, progress=False)
     monkeypatch.setattr(smoothquant, "smoothing_scales", lambda x_max, ws, alpha=0.5: np.ones_like(x_max))
     flat = convert(str(src), tmp_path / "flat.lowbit", opts, progress=False)  # scales only, no migration
     monkeypatch.undo()
     kls = {
-        "static_sq": kl(ref, logits(sq, prompt, "static")),
-        "static_flat": kl(ref, logits(flat, prompt, "static")),
-        "dynamic_sq": kl(ref, logits(sq, prompt, "dynamic")),
-        "dynamic_flat": kl(ref, logits(flat, prompt, "dynamic")),
-        "none_flat": kl(ref, logits(flat, prompt)),
+        "static_sq": kl(ref, logits(sq, llama_prompt, "static")),
+        "static_flat": kl(ref, logits(flat, llama_prompt, "static")),
+        "dynamic_sq": kl(ref, logits(sq, llama_prompt, "dynamic")),
+        "dynamic_flat": kl(ref, logits(flat, llama_prompt, "dynamic")),
+        "none_flat": kl(ref, logits(flat, llama_prompt)),
     }
     assert kls["static_sq"] < 0.5 * kls["static_flat"], kls
     assert kls["dynamic_sq"] < kls["dynamic_flat"], kls
@@ -205,8 +196,9 @@ def test_smoothquant_beats_no_migration_with_outliers(tiny, tmp_path, prompt, mo
 
 # ------------------------------------------------------------------------------------------------ errors, options
 def test_static_without_scales_is_a_clean_error(eight_bit):
-    res = run_cli("eval", eight_bit["plain"], "--text", CALIB, "--eval-ctx", "32", "--max-tokens", "64",
-                  "--act-quant", "static")
+    res = run_cli(
+        "eval", eight_bit["plain"], "--text", CALIB, "--eval-ctx", "32", "--max-tokens", "64", "--act-quant", "static"
+    )
     assert_clean_error(res, "no static activation scales")
     res = run_cli("generate", eight_bit["plain"], "-p", "hi", "-n", "2", "--act-quant", "static")
     assert_clean_error(res, "--act-quant dynamic")
@@ -215,8 +207,19 @@ def test_static_without_scales_is_a_clean_error(eight_bit):
 
 
 def test_eval_cli_reports_the_mode(eight_bit):
-    res = run_cli("eval", eight_bit["sq"], "--text", CALIB, "--eval-ctx", "32", "--max-tokens", "64",
-                  "--act-quant", "static", "--json")
+    res = run_cli(
+        "eval",
+        eight_bit["sq"],
+        "--text",
+        CALIB,
+        "--eval-ctx",
+        "32",
+        "--max-tokens",
+        "64",
+        "--act-quant",
+        "static",
+        "--json",
+    )
     assert res.returncode == 0, res.stderr
     assert '"act_quant": "static"' in res.stdout
 

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from lbtest import CALIB, assert_clean_error, hf_logits, rel_err, run_cli
+from lbtest import CAL, CALIB, assert_clean_error, hf_logits, rel_err, run_cli
 
 from lowbit.convert.converter import ConvertOptions, convert
 from lowbit.convert.methods import parse_method
@@ -16,19 +16,6 @@ from lowbit.errors import LowbitError
 from lowbit.formats.reader import Container
 from lowbit.runtime.commands import summarize
 from lowbit.runtime.engine import Engine
-
-CAL = dict(calib=str(CALIB), calib_samples=6, calib_len=64)
-
-
-@pytest.fixture(scope="module")
-def prompt():
-    rng = np.random.default_rng(5)
-    return [1, *rng.integers(3, 4000, size=40).tolist()]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_models):
-    return tiny_models["llama"]
 
 
 def logits(path, ids):
@@ -41,21 +28,32 @@ def test_parse_method():
     assert (m.rounding, m.hadamard, m.lowrank, m.name) == ("gptq", True, True, "hadamard+gptq+lowrank")
     assert parse_method("awq").rounding == "search" and parse_method("awq").calibrated
     assert not parse_method("search").calibrated
-    for bad, needle in [("gptq+rtn", "choose one"), ("foo", "unknown method step"), ("gptq+", "steps joined"),
-                        ("awq+hadamard", "use one"), ("gptq+gptq", "repeated")]:
+    for bad, needle in [
+        ("gptq+rtn", "choose one"),
+        ("foo", "unknown method step"),
+        ("gptq+", "steps joined"),
+        ("awq+hadamard", "use one"),
+        ("gptq+gptq", "repeated"),
+    ]:
         with pytest.raises(LowbitError, match=needle):
             parse_method(bad)
 
 
 @pytest.mark.parametrize("method", ["awq", "hadamard+gptq", "awq+gptq+lowrank"])
-def test_exact_transforms_keep_eight_bit_close_to_transformers(method, tiny, tmp_path, prompt):
-    """At 8 bits the rounding error is tiny, so any mistake in folding AWQ scales, rotating weights (and applying
+def test_exact_transforms_keep_eight_bit_close_to_transformers(method, tiny_llama, tmp_path, llama_prompt):
+    """At 8 bits the rounding error is tiny_llama, so any mistake in folding AWQ scales, rotating weights (and applying
     the inverse at run time) or adding the low-rank term would show as a large logit error."""
-    want = hf_logits(tiny, prompt)
-    plain = logits(convert(str(tiny), tmp_path / "plain.lowbit", ConvertOptions(bits=8), progress=False), prompt)
-    out = convert(str(tiny), tmp_path / "m.lowbit", ConvertOptions(bits=8, method=method, lowrank_bpw=0.5, **CAL),
-                  progress=False)
-    got = logits(out, prompt)
+    want = hf_logits(tiny_llama, llama_prompt)
+    plain = logits(
+        convert(str(tiny_llama), tmp_path / "plain.lowbit", ConvertOptions(bits=8), progress=False), llama_prompt
+    )
+    out = convert(
+        str(tiny_llama),
+        tmp_path / "m.lowbit",
+        ConvertOptions(bits=8, method=method, lowrank_bpw=0.5, **CAL),
+        progress=False,
+    )
+    got = logits(out, llama_prompt)
     assert rel_err(got, want) < max(3 * rel_err(plain, want), 1e-2)
     c = Container(out)
     q = c.meta["quantization"]
@@ -72,19 +70,29 @@ def test_exact_transforms_keep_eight_bit_close_to_transformers(method, tiny, tmp
     assert c.meta["format"]["version"][0] == (2 if has_extras else 1)
 
 
-def test_gptq_beats_rtn_at_two_bits_on_calibration_text(tiny, tmp_path, prompt):
-    want = logits(convert(str(tiny), tmp_path / "f.lowbit", ConvertOptions(bits=16), progress=False), prompt)
+def test_gptq_beats_rtn_at_two_bits_on_calibration_text(tiny_llama, tmp_path, llama_prompt):
+    want = logits(
+        convert(str(tiny_llama), tmp_path / "f.lowbit", ConvertOptions(bits=16), progress=False), llama_prompt
+    )
     errs = {}
     for method in ("rtn", "gptq"):
-        out = convert(str(tiny), tmp_path / f"{method}.lowbit",
-                      ConvertOptions(bits=2, group_size=32, method=method, **CAL), progress=False)
-        errs[method] = float(np.mean((logits(out, prompt) - want) ** 2))
+        out = convert(
+            str(tiny_llama),
+            tmp_path / f"{method}.lowbit",
+            ConvertOptions(bits=2, group_size=32, method=method, **CAL),
+            progress=False,
+        )
+        errs[method] = float(np.mean((logits(out, llama_prompt) - want) ** 2))
     assert errs["gptq"] < errs["rtn"], errs
 
 
-def test_target_bpw_is_met_and_recipe_reproduces_it(tiny, tmp_path, prompt):
-    out = convert(str(tiny), tmp_path / "mix.lowbit", ConvertOptions(target_bpw=4.0, method="imatrix", **CAL),
-                  progress=False)
+def test_target_bpw_is_met_and_recipe_reproduces_it(tiny_llama, tmp_path, llama_prompt):
+    out = convert(
+        str(tiny_llama),
+        tmp_path / "mix.lowbit",
+        ConvertOptions(target_bpw=4.0, method="imatrix", **CAL),
+        progress=False,
+    )
     c = Container(out)
     s = summarize(c)
     assert s["bpw_all"] <= 4.0 + 1e-9
@@ -96,27 +104,57 @@ def test_target_bpw_is_met_and_recipe_reproduces_it(tiny, tmp_path, prompt):
     res = run_cli("inspect", out, "--save-recipe", rfile)
     assert res.returncode == 0, res.stderr
     assert json.loads(rfile.read_text()) == recipe
-    again = convert(str(tiny), tmp_path / "again.lowbit", ConvertOptions(method="imatrix", recipe=str(rfile), **CAL),
-                    progress=False)
+    again = convert(
+        str(tiny_llama),
+        tmp_path / "again.lowbit",
+        ConvertOptions(method="imatrix", recipe=str(rfile), **CAL),
+        progress=False,
+    )
     assert Container(again).meta["quantization"]["recipe"] == recipe
-    np.testing.assert_allclose(logits(again, prompt), logits(out, prompt), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits(again, llama_prompt), logits(out, llama_prompt), rtol=1e-5, atol=1e-5)
 
 
-def test_cli_says_which_calibration_text(tiny, tmp_path):
-    res = run_cli("convert", tiny, "-o", tmp_path / "c.lowbit", "--no-progress", "--method", "imatrix",
-                  "--calib", CALIB, "--calib-samples", "3", "--calib-len", "32")
+def test_cli_says_which_calibration_text(tiny_llama, tmp_path):
+    res = run_cli(
+        "convert",
+        tiny_llama,
+        "-o",
+        tmp_path / "c.lowbit",
+        "--no-progress",
+        "--method",
+        "imatrix",
+        "--calib",
+        CALIB,
+        "--calib-samples",
+        "3",
+        "--calib-len",
+        "32",
+    )
     assert res.returncode == 0, res.stderr
     assert "method imatrix; calibration: 3 sequences of 32 tokens from calib.txt" in res.stdout
-    res = run_cli("convert", tiny, "-o", tmp_path / "s.lowbit", "--no-progress", "--method", "imatrix",
-                  "--calib-samples", "2", "--calib-len", "16", "--seed", "7")
+    res = run_cli(
+        "convert",
+        tiny_llama,
+        "-o",
+        tmp_path / "s.lowbit",
+        "--no-progress",
+        "--method",
+        "imatrix",
+        "--calib-samples",
+        "2",
+        "--calib-len",
+        "16",
+        "--seed",
+        "7",
+    )
     assert res.returncode == 0, res.stderr
     assert "2 sequences of 16 tokens sampled from the unquantized model (seed 7)" in res.stdout
 
 
-def test_sampled_calibration_is_seeded(tiny, tmp_path):
+def test_sampled_calibration_is_seeded(tiny_llama, tmp_path):
     opts = dict(bits=4, method="imatrix", calib_samples=2, calib_len=24)
-    a = convert(str(tiny), tmp_path / "a.lowbit", ConvertOptions(seed=3, **opts), progress=False)
-    b = convert(str(tiny), tmp_path / "b.lowbit", ConvertOptions(seed=3, **opts), progress=False)
+    a = convert(str(tiny_llama), tmp_path / "a.lowbit", ConvertOptions(seed=3, **opts), progress=False)
+    b = convert(str(tiny_llama), tmp_path / "b.lowbit", ConvertOptions(seed=3, **opts), progress=False)
     info = Container(a).meta["quantization"]["calibration"]
     assert info["seed"] == 3 and "sampled" in info["source"]
     ca, cb = Container(a), Container(b)
@@ -136,17 +174,21 @@ def test_sampled_calibration_is_seeded(tiny, tmp_path):
         (["--bits", "16", "--method", "gptq"], "need --bits below 16"),
     ],
 )
-def test_cli_errors(tiny, tmp_path, extra, needle):
+def test_cli_errors(tiny_llama, tmp_path, extra, needle):
     out = tmp_path / "x.lowbit"
-    res = run_cli("convert", tiny, "-o", out, "--no-progress", *extra)
+    res = run_cli("convert", tiny_llama, "-o", out, "--no-progress", *extra)
     assert_clean_error(res, needle)
     assert not out.exists() and not list(tmp_path.glob(".x.lowbit*"))
 
 
-def test_recipe_errors(tiny, tmp_path):
+def test_recipe_errors(tiny_llama, tmp_path):
     bad = tmp_path / "r.json"
-    for content, needle in [("{", "not a JSON"), ('{"nope.weight": "q4_g64"}', "does not have"),
-                            ('{"blk.0.attn_q.weight": "q9_g64"}', "blk.0.attn_q.weight"), ("[1]", "expected a JSON")]:
+    for content, needle in [
+        ("{", "not a JSON"),
+        ('{"nope.weight": "q4_g64"}', "does not have"),
+        ('{"blk.0.attn_q.weight": "q9_g64"}', "blk.0.attn_q.weight"),
+        ("[1]", "expected a JSON"),
+    ]:
         bad.write_text(content)
         with pytest.raises(LowbitError, match=needle):
-            convert(str(tiny), tmp_path / "x.lowbit", ConvertOptions(recipe=str(bad)), progress=False)
+            convert(str(tiny_llama), tmp_path / "x.lowbit", ConvertOptions(recipe=str(bad)), progress=False)
