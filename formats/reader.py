@@ -162,6 +162,10 @@ class Container:
     def blobs(self) -> dict[str, bytes]:
         return {n: self.blob(n) for n in self._blobs}
 
+    def file_bytes(self) -> np.ndarray:
+        """The whole file as a read-only uint8 array over the mapping (no copy)."""
+        return np.frombuffer(self._mm, dtype=np.uint8)
+
     @property
     def data_bytes(self) -> int:
         """Bytes of tensor data (no header, no tokenizer blobs)."""

@@ -13,7 +13,8 @@ from lowbit.kernels.timing import kernel_call
 
 BLAS_ATTENTION = 16  # from this many query tokens on, attention is computed with BLAS products
 DECODE_CHUNK = 128  # one-token attention over more cached positions than this is split into chunks of this many
-SMALL_BATCH = 8  # up to this many tokens: fused dequantize-and-dot; beyond: dequantized tiles + BLAS
+SMALL_BATCH = 8  # up to this many tokens: fused dequantize-and-dot; beyond: the integer GEMM where the CPU has
+# the byte dot product (kernels/gemm_vnni.py), else dequantized tiles + BLAS
 TILE_ELEMS = 1 << 21  # elements of one dequantized prefill tile (8 MiB of float32)
 # optional tensors stored next to `<name>.weight` (formats/SPEC.md, "Extra tensors of a weight")
 EXTRA_SUFFIXES = ("had", "lr_a", "lr_b", "act_scale")
@@ -63,7 +64,11 @@ class Weight:
         self.bits = qt.bits
         self.asym = qt.asym
         self.zp = np.float32(qt.zero_point)
-        self.int_kernels = cpu_quant.make_kernels(qt.bits, self.g) if cpu_quant.specialised(qt.bits, self.g) else None
+        self.int_kernels = None  # (matvec, small-batch matmul) on integer activations of mode act_mode
+        self.act_mode = None
+        if cpu_quant.specialised(qt.bits, self.g):
+            self.act_mode = cpu_quant.activation_mode(qt.bits)
+            self.int_kernels = cpu_quant.make_kernels(qt.bits, self.g, self.act_mode)
 
     def _set_extras(self, had_signs, lr_a, lr_b) -> None:
         base = self.name.removesuffix(".weight")
@@ -147,6 +152,9 @@ def _product(w: Weight, x: np.ndarray) -> np.ndarray:
         y = np.empty((t, w.rows), dtype=np.float32)
         kernel = w.int_kernels[0 if t == 1 else 1]
         kernel_call(kernel, y[0] if t == 1 else y, *w._qargs(), np.ascontiguousarray(x), w.asym)
+    elif w.int_kernels is not None and w.int_kernels[2] is not None:  # a prompt: the integer GEMM
+        y = np.empty((t, w.rows), dtype=np.float32)
+        kernel_call(w.int_kernels[2], y, *w._qargs(), np.ascontiguousarray(x), w.asym)
     elif t == 1:
         y = np.empty((1, w.rows), dtype=np.float32)
         kernel_call(cpu.qmatvec, y[0], *w._qargs(), x[0], *w._rest())

@@ -17,38 +17,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numba as nb
 import numpy as np
 
 from lowbit.convert.converter import ConvertOptions
 from lowbit.errors import LowbitError
 from lowbit.formats.reader import Container
 from lowbit.runtime.bench_model import SHAPES, build_random_container
+from lowbit.runtime.membw import read_bandwidth
 
 log = logging.getLogger(__name__)
 
 MB = 1e6
-
-
-@nb.njit(parallel=True, cache=True, nogil=True, fastmath=True)
-def _parallel_sum(a):
-    """sum of a: f32[n], read once by all threads."""
-    s = np.float32(0.0)
-    for i in nb.prange(a.shape[0]):
-        s += a[i]
-    return s
-
-
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes per second of a parallel sum over ``gib`` GiB (best of ``repeats``)."""
-    a = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
-    _parallel_sum(a[:1024])
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        _parallel_sum(a)
-        best = min(best, time.perf_counter() - t0)
-    return a.nbytes / best
 
 
 def matrix_shapes(c: Container) -> list[tuple[int, int]]:
@@ -117,8 +96,10 @@ class BenchRow:
 
 
 def bench_one(path: Path, label: str, args) -> BenchRow:
-    """Measure one container; the read bandwidth is measured just before and just after the decode measurement and
-    the higher reading is the roofline (the host's bandwidth drifts; the higher one gives the conservative fraction)."""
+    """Measure one container. The read bandwidth is measured just before and just after the measuring process (a
+    sum over a fresh 1 GiB array) and, inside it, between every 16 decode steps (a sum over the container's own file
+    mapping, the bytes decode reads); the highest reading is the roofline (the host's bandwidth drifts between two
+    levels; the highest reading gives the conservative fraction)."""
     c = Container(path)
     q = c.meta.get("quantization", {})
     qtype = f"{q.get('bits')}-bit g{q.get('group_size')}" if q else "?"
@@ -135,7 +116,9 @@ def bench_one(path: Path, label: str, args) -> BenchRow:
     bw_after = read_bandwidth()
     if device == "cuda":  # decode reads the weights from GPU memory: that is the roofline
         bw_before, bw_after = warm["device_bandwidth_before"], warm["device_bandwidth_after"]
-    bandwidth = max(bw_before, bw_after)
+    probes = warm.get("mapped_bandwidth_probes") or []
+    bw_during = max(probes) if probes else None
+    bandwidth = max(bw_before, bw_after, bw_during or 0.0)
     gemm_s = numpy_gemm_seconds(shapes, args.prompt)
     layer_params = sum(r * k for r, k in shapes)
     decode_s = warm["decode_seconds"]
@@ -161,6 +144,7 @@ def bench_one(path: Path, label: str, args) -> BenchRow:
         bandwidth_gbs=bandwidth / 1e9,
         bandwidth_before_gbs=bw_before / 1e9,
         bandwidth_after_gbs=bw_after / 1e9,
+        bandwidth_during_gbs=None if bw_during is None else bw_during / 1e9,
         decode_bytes_per_token=bpt,
         roofline_tps=roofline_tps,
         roofline_fraction=decode_tps / roofline_tps,
@@ -234,20 +218,24 @@ def format_table(rows: list[BenchRow], args) -> str:
     lines = [
         f"threads {r0['threads']}, prefill {args.prompt} tokens, decode {args.gen} tokens; read bandwidth: parallel "
         f"sum over 1 GiB {'of GPU memory ' if r0.get('device') == 'cuda' else ''}just before and after each row's "
-        "decode, the roofline uses the higher reading",
+        "measurement, and over the model file between every 16 decode steps (during); the roofline uses the highest "
+        "reading",
         "",
         "| model | type | file | load | first token cold / warm | prefill tok/s | prefill vs numpy f32 GEMM "
-        "| decode tok/s | bandwidth before / after | % of roofline | outside kernels | peak RSS decoding (limit) |",
+        "| decode tok/s | bandwidth before / during / after | % of roofline | outside kernels "
+        "| peak RSS decoding (limit) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         r = row.result
         cold = f"{r['first_token_cold_seconds']:.2f} s" if r["first_token_cold_seconds"] is not None else "—"
+        during = "—" if r.get("bandwidth_during_gbs") is None else f"{r['bandwidth_during_gbs']:.0f}"
         lines.append(
             f"| {row.label} | {row.qtype} | {row.file_bytes / MB:.0f} MB | {r['load_seconds']:.2f} s "
             f"| {cold} / {r['first_token_warm_seconds']:.2f} s | {r['prefill_tps']:.1f} "
             f"| {r['prefill_vs_numpy_gemm']:.2f}x ({r['prefill_gflops']:.0f} vs {r['numpy_gemm_gflops']:.0f} GFLOP/s) "
-            f"| {r['decode_tps']:.1f} | {r['bandwidth_before_gbs']:.0f} / {r['bandwidth_after_gbs']:.0f} GB/s "
+            f"| {r['decode_tps']:.1f} "
+            f"| {r['bandwidth_before_gbs']:.0f} / {during} / {r['bandwidth_after_gbs']:.0f} GB/s "
             f"| {r['roofline_fraction']:.0%} of {r['roofline_tps']:.1f} "
             f"| {'n/a' if r['outside_kernels_fraction'] is None else format(r['outside_kernels_fraction'], '.1%')} "
             f"| {r['peak_rss_bytes'] / MB:.0f} MB ({r['rss_limit_bytes'] / MB:.0f} MB) |"

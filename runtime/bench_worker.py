@@ -15,6 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from lowbit.runtime.membw import mapped_read_bandwidth
+
+PROBE_EVERY = 16  # decode steps between two bandwidth probes
+
 
 def _peak_rss() -> int:
     """Peak resident set of this process image, in bytes. VmHWM starts afresh at exec; getrusage's ru_maxrss
@@ -51,6 +55,7 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
     from lowbit.models import family_for
     from lowbit.runtime.engine import set_threads
 
+    mapped_read_bandwidth(np.zeros(4096, dtype=np.uint8))  # the probe's own kernel: compiled (or loaded) now
     files0 = _cache_files()
     rss0 = _peak_rss()
     n_threads = set_threads(threads)
@@ -101,13 +106,20 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
             out["device_bandwidth_before"] = device_read_bandwidth()
         out["decode_peak_is_own"] = _reset_peak_rss()
         step_times = []
+        probes = []  # read bandwidth of the file mapping, probed between blocks of decode steps (untimed)
+        file_bytes = container.file_bytes()
         timer = KernelTimer()
-        with timer:
-            for i in range(gen):
+        for i in range(gen):
+            if device == "cpu" and i % PROBE_EVERY == 0:
+                probes.append(mapped_read_bandwidth(file_bytes))
+            with timer:
                 t0 = time.perf_counter()
                 logits = model.forward(np.array([tok]), prompt + i, cache)
                 tok = int(np.argmax(logits[0]))
                 step_times.append(time.perf_counter() - t0)
+        if device == "cpu":
+            probes.append(mapped_read_bandwidth(file_bytes))
+        out["mapped_bandwidth_probes"] = probes
         out["decode_seconds"] = float(sum(step_times))
         out["decode_step_median"] = float(np.median(step_times))
         out["decode_kernel_seconds"] = timer.seconds

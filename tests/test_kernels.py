@@ -5,7 +5,7 @@ import pytest
 
 from lowbit.formats.qtypes import REGISTRY, QType, pack_codes
 from lowbit.formats.reader import StoredTensor
-from lowbit.kernels import dispatch, ref
+from lowbit.kernels import cpu_quant, dispatch, ref
 
 QUANT = [q for q in REGISTRY.values() if not q.is_float]
 
@@ -34,7 +34,10 @@ def test_linear_matches_reference(qt, t):
     parts = random_parts(qt, rows, cols, rng)
     w = dispatch.Weight(StoredTensor("w", qt, (rows, cols), parts))
     x = rng.standard_normal((t, cols)).astype(np.float32)
-    want = ref.matvec(parts, qt, (rows, cols), x)
+    xr = x
+    if w.act_mode == "int8":  # what the integer kernels multiply by (see the mode tests)
+        xr = ref.round_activations(x, w.g, cpu_quant.XQ_MAX_INT8)
+    want = ref.matvec(parts, qt, (rows, cols), xr)
     got = dispatch.linear(w, x)
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
 
@@ -114,6 +117,69 @@ def test_integer_kernels_cover_every_grouped_type():
         assert (w.int_kernels is not None) == (qt.group_size != 0) == specialised(qt.bits, w.g), qt.name
 
 
+MODES = ["int16", "split", "int8"] if cpu_quant.HAS_VNNI else ["int16"]
+QMAX = {"int16": cpu_quant.XQ_MAX, "split": cpu_quant.XQ_MAX_SPLIT, "int8": cpu_quant.XQ_MAX_INT8}
+GROUPED = [q for q in QUANT if q.group_size]
+
+
+# (mode, tokens): one token (matvec), a few (small-batch matmul), a prompt (the GEMM, which int16 does not have)
+MODE_CASES = [(m, t) for m in MODES for t in (1, 3, 19) if not (m == "int16" and t == 19)]
+
+
+@pytest.mark.parametrize("mode,t", MODE_CASES)
+@pytest.mark.parametrize("qt", GROUPED, ids=lambda q: q.name)
+def test_integer_kernels_match_reference_in_every_activation_mode(qt, mode, t):
+    """Each activation mode against the reference product with activations rounded as that mode rounds them
+    (int16 and split: to 1e-5, i.e. the float product; int8: the product llama.cpp's Q8 activations give).
+    t = 19 is the prompt GEMM: 21 rows by 19 tokens leave edge rows and tokens outside the tiles."""
+    rng = np.random.default_rng(qt.id * 7 + t)
+    rows, cols = 21, 5 * qt.group_size  # 5 groups: one block of four and one more
+    parts = random_parts(qt, rows, cols, rng)
+    x = rng.standard_normal((t, cols)).astype(np.float32)
+    x[:, : qt.group_size] *= 40.0  # groups of very different scales
+    want = ref.matvec(parts, qt, (rows, cols), ref.round_activations(x, qt.group_size, QMAX[mode]))
+    matvec, matmul, gemm = cpu_quant.make_kernels(qt.bits, qt.group_size, mode)
+    mins = parts["mins"].view(np.uint16) if qt.asym else np.zeros((1, 1), dtype=np.uint16)
+    y = np.full((t, rows), np.nan, dtype=np.float32)
+    args = (parts["codes"], parts["scales"].view(np.uint16), mins, x, qt.asym)
+    if t == 1:
+        matvec(y[0], *args)
+    elif t <= dispatch.SMALL_BATCH:
+        matmul(y, *args)
+    else:
+        gemm(y, *args)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    if mode == "int8":  # and it is a real rounding: far from the float product's 1e-5
+        exact = ref.matvec(parts, qt, (rows, cols), x)
+        assert np.abs(y - exact).max() > 1e-4 * np.abs(exact).max()
+
+
+def test_default_activation_mode():
+    for bits in (2, 3, 4, 5, 6, 8):
+        mode = cpu_quant.activation_mode(bits)
+        assert mode == ("int16" if not cpu_quant.HAS_VNNI else "split" if bits == 8 else "int8")
+    with pytest.raises(ValueError, match="unknown activation mode"):
+        cpu_quant.make_kernels(4, 64, "fp8")
+    assert cpu_quant.make_kernels(4, 64, "int16")[2] is None  # int16: prompts take dequantized tiles + BLAS
+
+
+def test_split_activations_carry_int16_exactly():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2, 128)) * 5).astype(np.float32)
+    xh = np.empty(x.shape, dtype=np.int8)
+    xl = np.empty(x.shape, dtype=np.int8)
+    dx = np.empty((2, 2), dtype=np.float32)
+    xs = np.empty((2, 2), dtype=np.float32)
+    cpu_quant.quantize_activations8(xh, xl, dx, xs, x, 64, True)
+    q = xh.astype(np.int32) * 256 + xl
+    assert np.abs(q).max() == cpu_quant.XQ_MAX_SPLIT
+    back = (q.reshape(2, 2, 64) * dx[:, :, None]).reshape(2, 128)
+    # the same levels (a rare tie may round the other way under fastmath: at most one step)
+    want = ref.round_activations(x, 64, cpu_quant.XQ_MAX_SPLIT)
+    np.testing.assert_allclose(back, want, rtol=0, atol=1.01 * float(dx.max()))
+    assert np.mean(np.abs(back - want) < 0.05 * float(dx.min())) > 0.99
+
+
 def test_activation_quantization_is_near_lossless():
     from lowbit.kernels.cpu_quant import quantize_activations
 
@@ -126,5 +192,5 @@ def test_activation_quantization_is_near_lossless():
     quantize_activations(xq, dx, xs, x, 64)
     back = xq.reshape(3, 3, 64) * dx[:, :, None]
     np.testing.assert_allclose(back.reshape(3, 192), x, rtol=0, atol=float(np.abs(x).max()) / 32767)
-    np.testing.assert_allclose(xs, x.reshape(3, 3, 64).sum(-1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(xs, back.sum(-1), rtol=1e-5, atol=1e-9)  # the sums of the rounded values
     assert np.abs(xq).max() == 32767 and (xq[1, 64:128] == 0).all()
