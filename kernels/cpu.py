@@ -261,24 +261,78 @@ def attention(out, q, k_cache, v_cache, start, scale, window, cap):
                 dst[r, j] *= inv
 
 
+@nb.njit(inline="always", **_JIT)
+def _silu_mul_row(out, gate, up, t):
+    for j in range(gate.shape[1]):
+        a = gate[t, j]
+        out[t, j] = a / (np.float32(1.0) + np.float32(math.exp(-a))) * up[t, j]
+
+
+@nb.njit(inline="always", **_JIT)
+def _gelu_tanh_mul_row(out, gate, up, t):
+    c = math.sqrt(2.0 / math.pi)
+    for j in range(gate.shape[1]):
+        a = np.float64(gate[t, j])
+        g = 0.5 * a * (1.0 + math.tanh(c * (a + 0.044715 * a * a * a)))
+        out[t, j] = np.float32(g) * up[t, j]
+
+
 @nb.njit(**_JIT)
 def silu_mul(out, gate, up):
     """out = silu(gate) * up. All f32[T, n]."""
     for t in range(gate.shape[0]):
-        for j in range(gate.shape[1]):
-            a = gate[t, j]
-            out[t, j] = a / (np.float32(1.0) + np.float32(math.exp(-a))) * up[t, j]
+        _silu_mul_row(out, gate, up, t)
+
+
+@nb.njit(parallel=True, **_JIT)
+def silu_mul_par(out, gate, up):
+    """silu_mul with the rows in parallel (prompts)."""
+    for t in nb.prange(gate.shape[0]):
+        _silu_mul_row(out, gate, up, t)
 
 
 @nb.njit(**_JIT)
 def gelu_tanh_mul(out, gate, up):
     """out = gelu_tanh(gate) * up (GeGLU with the tanh-approximate GELU). All f32[T, n]."""
-    c = math.sqrt(2.0 / math.pi)
     for t in range(gate.shape[0]):
-        for j in range(gate.shape[1]):
-            a = np.float64(gate[t, j])
-            g = 0.5 * a * (1.0 + math.tanh(c * (a + 0.044715 * a * a * a)))
-            out[t, j] = np.float32(g) * up[t, j]
+        _gelu_tanh_mul_row(out, gate, up, t)
+
+
+@nb.njit(parallel=True, **_JIT)
+def gelu_tanh_mul_par(out, gate, up):
+    """gelu_tanh_mul with the rows in parallel (prompts)."""
+    for t in nb.prange(gate.shape[0]):
+        _gelu_tanh_mul_row(out, gate, up, t)
+
+
+@nb.njit(parallel=True, **_JIT)
+def causal_softmax(s, t_n, start, lo, scale, window, cap):
+    """In place, for prompt attention: s[rows, n] holds q·k for query rows i (token t = i % t_n at position
+    start + t) against keys lo..lo+n-1; each row becomes softmax(scale · s) (soft-capped when cap > 0) over the keys
+    the query may see (causal, and within ``window`` when > 0), zero elsewhere."""
+    n = s.shape[1]
+    for i in nb.prange(s.shape[0]):
+        pos = start + i % t_n
+        k0 = 0
+        if window > 0 and pos - window + 1 > lo:
+            k0 = pos - window + 1 - lo
+        k1 = min(pos - lo + 1, n)
+        top = np.float32(-np.inf)
+        for k in range(k0, k1):
+            v = s[i, k] * scale
+            if cap > 0:
+                v = np.float32(cap * math.tanh(v / cap))
+            s[i, k] = v
+            if v > top:
+                top = v
+        tot = np.float32(0.0)
+        for k in range(k0, k1):
+            e = np.float32(math.exp(s[i, k] - top))
+            s[i, k] = e
+            tot += e
+        inv = np.float32(1.0) / tot
+        for k in range(n):
+            s[i, k] = s[i, k] * inv if k0 <= k < k1 else np.float32(0.0)
 
 
 @nb.njit(**_JIT)

@@ -144,60 +144,65 @@ def make_kernels(bits: int, g: int, mode: str | None = None):
     return _int16_kernels(bits, g) if mode == "int16" else _vnni_kernels(bits, g, mode == "split")
 
 
+@nb.njit(inline="always", **_JIT)
+def _row_dot8(codes, scales, mins, r, xh, xl, dx, xs, asym, bits, g, split):
+    """Row r of W times one token's activations (xh, xl: i8[cols]; dx, xs: f32[ng]) on the byte dot product.
+    bits, g and split arrive as literals (the kernels below pass their closure constants), as the intrinsics need.
+    Module level, not a closure variable: numba keys a closure's cache entry by a pickle of its captured values,
+    and a captured jitted function pickles differently in every process (nothing would ever load from cache)."""
+    ng = scales.shape[1]
+    nq = ng // 4 * 4
+    gbytes = g * bits // 8
+    crow = codes[r]
+    acc = np.float32(0.0)
+    for gi in range(0, nq, 4):
+        if asym:
+            acc += quad_fdot8(crow, scales, mins, r, gi, xh, xl, dx, xs, bits, g, True, split)
+        else:
+            acc += quad_fdot8(crow, scales, mins, r, gi, xh, xl, dx, xs, bits, g, False, split)
+    for gi in range(nq, ng):
+        d = h2f(scales[r, gi])
+        m = h2f(mins[r, gi]) if asym else d * np.float32(1 << (bits - 1))
+        s = group_idot8(crow, gi * gbytes, xh, xl, gi * g, bits, g, split)
+        acc += d * dx[gi] * np.float32(s) - m * xs[gi]
+    return acc
+
+
+@nb.njit(**_JIT)
+def _quantize8(x, g, split):
+    """(xh, xl, dx, xs) of quantize_activations8 for x: f32[T, cols], freshly allocated (xl is [T, 1] unless split)."""
+    t_n, cols = x.shape
+    ng = cols // g
+    xh = np.empty(x.shape, dtype=np.int8)
+    xl = np.empty((t_n, cols if split else 1), dtype=np.int8)
+    dx = np.empty((t_n, ng), dtype=np.float32)
+    xs = np.empty((t_n, ng), dtype=np.float32)
+    quantize_activations8(xh, xl, dx, xs, x, g, split)
+    return xh, xl, dx, xs
+
+
 def _vnni_kernels(bits: int, g: int, split: bool):
     tile = TILES["split" if split else "int8"]
-    gbytes = g * bits // 8
-    zp = np.float32(1 << (bits - 1))
     deps = _DEPS
-
-    @nb.njit(inline="always", **_JIT)
-    def one(codes, scales, mins, r, xh, xl, dx, xs, asym):
-        """Row r of W times one token's activations (xh, xl: i8[cols]; dx, xs: f32[ng])."""
-        ng = scales.shape[1]
-        nq = ng // 4 * 4
-        crow = codes[r]
-        acc = np.float32(0.0)
-        for gi in range(0, nq, 4):
-            if asym:
-                acc += quad_fdot8(crow, scales, mins, r, gi, xh, xl, dx, xs, bits, g, True, split)
-            else:
-                acc += quad_fdot8(crow, scales, mins, r, gi, xh, xl, dx, xs, bits, g, False, split)
-        for gi in range(nq, ng):
-            d = h2f(scales[r, gi])
-            m = h2f(mins[r, gi]) if asym else d * zp
-            s = group_idot8(crow, gi * gbytes, xh, xl, gi * g, bits, g, split)
-            acc += d * dx[gi] * np.float32(s) - m * xs[gi]
-        return acc
-
-    @nb.njit(**_JIT)
-    def quantize(x):
-        t_n, cols = x.shape
-        ng = cols // g
-        xh = np.empty(x.shape, dtype=np.int8)
-        xl = np.empty(x.shape if split else (t_n, 1), dtype=np.int8)
-        dx = np.empty((t_n, ng), dtype=np.float32)
-        xs = np.empty((t_n, ng), dtype=np.float32)
-        quantize_activations8(xh, xl, dx, xs, x, g, split)
-        return xh, xl, dx, xs
 
     @nb.njit(parallel=True, **_JIT)
     def qmatvec(y, codes, scales, mins, x, asym):
         """y[rows] = W @ x for one token; arguments as in the int16 qmatvec."""
-        xh, xl, dx, xs = quantize(x)
+        xh, xl, dx, xs = _quantize8(x, g, split)
         if deps == 0:  # never true; ties the compiled code to the dependency key (see _dependency_key)
             return
         for r in nb.prange(codes.shape[0]):
-            y[r] = one(codes, scales, mins, r, xh[0], xl[0], dx[0], xs[0], asym)
+            y[r] = _row_dot8(codes, scales, mins, r, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
 
     @nb.njit(parallel=True, **_JIT)
     def qmatmul_small(y, codes, scales, mins, x, asym):
         """y[T, rows] = x @ W.T for a few tokens; arguments as in the int16 qmatmul_small."""
-        xh, xl, dx, xs = quantize(x)
+        xh, xl, dx, xs = _quantize8(x, g, split)
         if deps == 0:  # never true; see _dependency_key
             return
         for r in nb.prange(codes.shape[0]):
             for t in range(x.shape[0]):
-                y[t, r] = one(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym)
+                y[t, r] = _row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
 
     @nb.njit(parallel=True, **_JIT)
     def qgemm(y, codes, scales, mins, x, asym):
@@ -205,7 +210,7 @@ def _vnni_kernels(bits: int, g: int, split: bool):
         one (row, token) at a time. Arguments as in qmatmul_small."""
         rows = codes.shape[0]
         t_n = x.shape[0]
-        xh, xl, dx, xs = quantize(x)
+        xh, xl, dx, xs = _quantize8(x, g, split)
         dxT = np.ascontiguousarray(dx.T)
         xsT = np.ascontiguousarray(xs.T)
         if deps == 0:  # never true; see _dependency_key
@@ -223,11 +228,11 @@ def _vnni_kernels(bits: int, g: int, split: bool):
                         tile_gemm(y, codes, scales, mins, xh, xl, dxT, xsT, r0, t0, bits, g, False, split, tr, tt)
                 for r in range(r0, r0 + tr):
                     for t in range(nt, t_n):
-                        y[t, r] = one(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym)
+                        y[t, r] = _row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
             else:
                 r = nrt * tr + (i - nrt)
                 for t in range(t_n):
-                    y[t, r] = one(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym)
+                    y[t, r] = _row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
 
     return qmatvec, qmatmul_small, qgemm
 

@@ -15,6 +15,7 @@ BLAS_ATTENTION = 16  # from this many query tokens on, attention is computed wit
 DECODE_CHUNK = 128  # one-token attention over more cached positions than this is split into chunks of this many
 SMALL_BATCH = 8  # up to this many tokens: fused dequantize-and-dot; beyond: the integer GEMM where the CPU has
 # the byte dot product (kernels/gemm_vnni.py), else dequantized tiles + BLAS
+PARALLEL_ROWS = 16  # element-wise kernels run their rows in parallel from this many tokens on (prompts)
 TILE_ELEMS = 1 << 21  # elements of one dequantized prefill tile (8 MiB of float32)
 # optional tensors stored next to `<name>.weight` (formats/SPEC.md, "Extra tensors of a weight")
 EXTRA_SUFFIXES = ("had", "lr_a", "lr_b", "act_scale")
@@ -226,13 +227,13 @@ def head_rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     out = np.empty_like(gate)
-    kernel_call(cpu.silu_mul, out, gate, up)
+    kernel_call(cpu.silu_mul_par if gate.shape[0] >= PARALLEL_ROWS else cpu.silu_mul, out, gate, up)
     return out
 
 
 def gelu_tanh_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     out = np.empty_like(gate)
-    kernel_call(cpu.gelu_tanh_mul, out, gate, up)
+    kernel_call(cpu.gelu_tanh_mul_par if gate.shape[0] >= PARALLEL_ROWS else cpu.gelu_tanh_mul, out, gate, up)
     return out
 
 

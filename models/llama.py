@@ -10,12 +10,13 @@ structural hooks ``load_layer``, ``setup_rope``, ``rope_for``, ``configure``, ``
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
 from lowbit.errors import SourceError
-from lowbit.kernels import dispatch
+from lowbit.kernels import blas, dispatch
 from lowbit.models.common import (
     KVCache,
     check_rope,
@@ -204,6 +205,9 @@ class Model:
         self.lm_head = self.embed if tied else self.weight("output")
         self.out_norm = self.norm_weight("output_norm")
         self.layers = [self.load_layer(f"blk.{i}.") for i in range(args.num_hidden_layers)]
+        # quantized layers compute on numba's threads; BLAS (prompt attention) then runs on one thread, since
+        # OpenBLAS's own threads spin between calls and would take the cores from numba's
+        self.one_thread_blas = any(isinstance(w, dispatch.Weight) and w.f32 is None for w in self.layers[0].values())
         self.scale = 1.0 / float(np.sqrt(args.head_dim))
         self.attn_softcap = 0.0  # 0: none
         self.final_softcap = 0.0
@@ -345,7 +349,8 @@ class Model:
 
     def forward(self, tokens: np.ndarray, start: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Logits [T, vocab] (all_logits) or [1, vocab] for the last position, for tokens at start..start+T-1."""
-        x = self.embed_tokens(tokens)
-        for li, layer in enumerate(self.layers):
-            x = self.block(x, layer, li, start, cache)
-        return self.head(x if all_logits else x[-1:])
+        with blas.one_thread() if self.one_thread_blas else contextlib.nullcontext():
+            x = self.embed_tokens(tokens)
+            for li, layer in enumerate(self.layers):
+                x = self.block(x, layer, li, start, cache)
+            return self.head(x if all_logits else x[-1:])

@@ -55,7 +55,9 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
     from lowbit.models import family_for
     from lowbit.runtime.engine import set_threads
 
-    mapped_read_bandwidth(np.zeros(4096, dtype=np.uint8))  # the probe's own kernel: compiled (or loaded) now
+    probe = np.zeros(4096, dtype=np.uint8)
+    probe.flags.writeable = False  # typed like the read-only file mapping it will sum
+    mapped_read_bandwidth(probe)  # the probe's own kernel: compiled (or loaded from cache) before counting files
     files0 = _cache_files()
     rss0 = _peak_rss()
     n_threads = set_threads(threads)
