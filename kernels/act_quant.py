@@ -115,3 +115,14 @@ def apply(model, mode: str | None) -> str:
     for w in weights:
         w.act_q = None if mode == "none" else np.float32(w.act_scale) if mode == "static" else np.float32(0.0)
     return mode
+
+
+def set_kernel_precision(model, exact: bool) -> None:
+    """``--exact-activations``: every linear of ``model`` (a CPU model) multiplies int16-precision activations
+    (relative error ~1e-5, the float product's quality) instead of the default int8 ones below 8 bits
+    (kernels/cpu_quant.py)."""
+    from lowbit.kernels import cpu_quant
+
+    for w in linear_weights(model):
+        if w.int_kernels is not None:
+            w.set_activation_mode(cpu_quant.activation_mode(w.bits, exact))

@@ -66,11 +66,12 @@ def specialised(bits: int, g: int) -> bool:
     return g in GROUP_SIZES
 
 
-def activation_mode(bits: int) -> str:
-    """The default activation mode for ``bits``-bit weights on this CPU (module docstring)."""
+def activation_mode(bits: int, exact: bool = False) -> str:
+    """The activation mode for ``bits``-bit weights on this CPU: the default (module docstring), or with ``exact``
+    the int16-precision mode (split where the CPU has the byte dot product, else int16)."""
     if not HAS_VNNI:
         return "int16"
-    return "split" if bits >= 8 else "int8"
+    return "split" if bits >= 8 or exact else "int8"
 
 
 @nb.njit(**_JIT)

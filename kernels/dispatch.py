@@ -52,6 +52,8 @@ class Weight:
         self._set_extras(had_signs, lr_a, lr_b)
         self.act_q = None  # activation quantization: None off, 0.0 dynamic per token, s > 0 static scale
         self.act_scale = None if act_scale is None else _act_scale(act_scale, self.name)
+        self.int_kernels = None  # (matvec, small-batch matmul, prompt GEMM or None) on integer activations
+        self.act_mode = None  # their activation mode (kernels/cpu_quant.py ACT_MODES)
         if st.qtype.is_float:
             self.f32 = np.ascontiguousarray(dequantize(st.parts, st.qtype, st.shape))
             return
@@ -65,11 +67,17 @@ class Weight:
         self.bits = qt.bits
         self.asym = qt.asym
         self.zp = np.float32(qt.zero_point)
-        self.int_kernels = None  # (matvec, small-batch matmul) on integer activations of mode act_mode
-        self.act_mode = None
         if cpu_quant.specialised(qt.bits, self.g):
             self.act_mode = cpu_quant.activation_mode(qt.bits)
             self.int_kernels = cpu_quant.make_kernels(qt.bits, self.g, self.act_mode)
+
+    def set_activation_mode(self, mode: str | None) -> None:
+        """Activation mode of this weight's integer kernels (``cpu_quant.ACT_MODES``; None: the default for its
+        bit-width). No effect on weights without integer kernels (float, per-channel)."""
+        if self.int_kernels is None:
+            return
+        self.act_mode = cpu_quant.activation_mode(self.bits) if mode is None else mode
+        self.int_kernels = cpu_quant.make_kernels(self.bits, self.g, self.act_mode)
 
     def _set_extras(self, had_signs, lr_a, lr_b) -> None:
         base = self.name.removesuffix(".weight")

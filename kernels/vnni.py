@@ -60,6 +60,8 @@ def _codes_ir(builder, cptr, bits: int, g: int):
                 ir.Constant(ir.VectorType(_I8, g), [0] * g),
             )
             plane = builder.zext(hit, ir.VectorType(_I8, g))
+        elif nbytes < WIDE and g >= WIDE:
+            plane = _concat(builder, [_narrow_chunk(builder, c, p, nbytes, k0) for k0 in range(0, n, WIDE // nbytes)])
         else:
             slots = []
             for k in range(n):
@@ -74,6 +76,19 @@ def _codes_ir(builder, cptr, bits: int, g: int):
         offset += nbytes
         shift += p
     return out
+
+
+def _narrow_chunk(builder, c, p: int, nbytes: int, k0: int):
+    """<WIDE x i8>: slots k0, k0+1, ... of a plane whose slots are ``nbytes`` < WIDE bytes (slot k = bits k·p of
+    each byte), in element order. The plane's bytes are repeated across the vector (one broadcast) and each 16-bit
+    word is shifted by its own slot's amount (one variable shift, ``vpsrlvw``), then masked: three instructions
+    where shifting each slot and concatenating them takes about twice as many."""
+    bc = builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(_I32, WIDE), [j % nbytes for j in range(WIDE)]))
+    wty = ir.VectorType(_I16, WIDE // 2)
+    shifts = [((k0 + (2 * w) // nbytes) * p) for w in range(WIDE // 2)]
+    if any(shifts):
+        bc = builder.bitcast(builder.lshr(builder.bitcast(bc, wty), ir.Constant(wty, shifts)), bc.type)
+    return builder.and_(bc, ir.Constant(bc.type, [(1 << p) - 1] * WIDE))
 
 
 def _dpbusd(builder, acc, u, x):

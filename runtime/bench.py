@@ -70,9 +70,10 @@ def decode_bytes_per_token(c: Container, kv_positions: float) -> float:
 
 
 def run_worker(path: Path, prompt: int, gen: int, threads: int | None, cache_dir: Path | None, startup_only: bool,
-               device: str = "cpu"):
+               device: str = "cpu", exact: bool = False):
     """Measure in a child process; ``cache_dir``: its NUMBA_CACHE_DIR (None: numba's default cache)."""
-    req = dict(path=str(path), prompt=prompt, gen=gen, threads=threads, startup_only=startup_only, device=device)
+    req = dict(path=str(path), prompt=prompt, gen=gen, threads=threads, startup_only=startup_only, device=device,
+               exact=exact)
     env = dict(os.environ)
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = str(cache_dir)
@@ -103,16 +104,19 @@ def bench_one(path: Path, label: str, args) -> BenchRow:
     c = Container(path)
     q = c.meta.get("quantization", {})
     qtype = f"{q.get('bits')}-bit g{q.get('group_size')}" if q else "?"
+    if getattr(args, "exact_activations", False):
+        qtype += ", exact activations"
     shapes = matrix_shapes(c)
     device = getattr(args, "device", "cpu")
+    exact = getattr(args, "exact_activations", False)
     bw_before = read_bandwidth()
     if args.no_cold:  # numba's ordinary cache, whatever state it is in
         cold = None
-        warm = run_worker(path, args.prompt, args.gen, args.threads, None, startup_only=False, device=device)
+        warm = run_worker(path, args.prompt, args.gen, args.threads, None, False, device, exact)
     else:
         with tempfile.TemporaryDirectory(prefix="lowbit-numba-") as cache_dir:
-            cold = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), True, device)
-            warm = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), False, device)
+            cold = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), True, device, exact)
+            warm = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), False, device, exact)
     bw_after = read_bandwidth()
     if device == "cuda":  # decode reads the weights from GPU memory: that is the roofline
         bw_before, bw_after = warm["device_bandwidth_before"], warm["device_bandwidth_after"]

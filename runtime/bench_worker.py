@@ -48,7 +48,8 @@ def _cache_files() -> int:
     return sum(1 for p in Path(d).rglob("*") if p.suffix in (".nbi", ".nbc"))
 
 
-def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only: bool, device: str = "cpu") -> dict:
+def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only: bool, device: str = "cpu",
+            exact: bool = False) -> dict:
     from lowbit.formats.reader import Container
     from lowbit.kernels.dispatch import SMALL_BATCH
     from lowbit.kernels.timing import KernelTimer
@@ -73,6 +74,10 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
         model = cuda_model(arch.get("family", arch["model_type"]), family, args, container, ctx)
     else:
         model = family.Model(args, container, ctx)
+        if exact:
+            from lowbit.kernels.act_quant import set_kernel_precision
+
+            set_kernel_precision(model, True)
     cache = model.new_cache()
     load_s = time.perf_counter() - t0
 
@@ -136,7 +141,7 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
 def main() -> None:
     req = json.loads(sys.argv[1])
     res = measure(req["path"], req["prompt"], req["gen"], req.get("threads"), req.get("startup_only", False),
-                  req.get("device", "cpu"))
+                  req.get("device", "cpu"), req.get("exact", False))
     sys.stdout.write(json.dumps(res) + "\n")
 
 

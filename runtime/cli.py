@@ -20,6 +20,13 @@ def _add_runtime_args(p: argparse.ArgumentParser, model_optional: bool = True) -
     p.add_argument("--act-quant", choices=["none", "dynamic", "static"], default="none",
                    help="int8 activations (quality measurement, not faster): dynamic per-token scales, or static "
                    "calibrated scales (needs a --method smoothquant+... container); default none")
+    _add_exact_arg(p)
+
+
+def _add_exact_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--exact-activations", action="store_true",
+                   help="quantized products take int16-precision activations (the float product's quality, ~25%% "
+                   "slower) instead of int8 ones below 8 bits")
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -107,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen", type=int, default=128, help="decode tokens (default 128)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--no-cold", action="store_true", help="skip the cold-start (empty numba cache) measurement")
+    _add_exact_arg(p)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                    help="cpu (default), cuda (decode against the GPU's memory bandwidth; needs a real GPU) or auto")
     p.add_argument("--workdir", default="~/.cache/lowbit/bench", help="where random-weight containers are kept")
@@ -145,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, help="containers and results (default ./compare-<source name>)")
     p.add_argument("--keep-models", action="store_true", help="keep the converted containers in --out-dir")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens for decode tok/s; 0 skips it (default 32)")
+    _add_exact_arg(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     return ap

@@ -62,7 +62,8 @@ def cmd_generate(args) -> int:
     from lowbit.runtime.sampling import SamplingParams
 
     engine = Engine(_model_path(args.model), ctx=args.ctx, threads=args.threads, device=args.device,
-                    act_quant=args.act_quant)
+                    act_quant=args.act_quant,
+                    exact_activations=args.exact_activations)
     params = SamplingParams.from_args(args)
     tok = engine.tokenizer
     plain = args.raw or not tok.has_chat_template
@@ -215,7 +216,8 @@ def cmd_eval(args) -> int:
         raise LowbitError(f"{path}: cannot read text ({e})") from None
     ctx = max(args.eval_ctx, args.ctx or 0)
     engine = Engine(_model_path(args.model), ctx=ctx, threads=args.threads, device=args.device,
-                    act_quant=args.act_quant)
+                    act_quant=args.act_quant,
+                    exact_activations=args.exact_activations)
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     bos = engine.tokenizer.bos_id
     if bos is None:

@@ -92,6 +92,7 @@ class Engine:
         threads: int | None = None,
         device: str | None = "cpu",
         act_quant: str | None = "none",
+        exact_activations: bool = False,
     ):
         self.path = Path(path) if path is not None else default_model_path()
         self.device = resolve_device(device)  # "cpu" or "cuda"; nothing CUDA is imported for "cpu"
@@ -122,6 +123,9 @@ class Engine:
         else:
             self.model = self.family.Model(self.args, self.container, self.ctx)
             act_quant_mode.apply(self.model, self.act_quant)
+            if exact_activations:
+                act_quant_mode.set_kernel_precision(self.model, True)
+        self.exact_activations = exact_activations
         gen = meta.get("generation", {})
         self.eos_ids = set(gen.get("eos_token_ids") or []) | set(self.tokenizer.eos_ids)
         self.generation_defaults = gen.get("defaults", {})

@@ -366,7 +366,8 @@ def run_command(args) -> int:
     from lowbit.runtime.engine import Engine, default_model_path  # after the cheap checks: errors come fast
 
     engine = Engine(Path(args.model) if args.model else default_model_path(), ctx=args.ctx, threads=args.threads,
-                    device=getattr(args, "device", "cpu"), act_quant=getattr(args, "act_quant", "none"))
+                    device=getattr(args, "device", "cpu"), act_quant=getattr(args, "act_quant", "none"),
+                    exact_activations=getattr(args, "exact_activations", False))
     settings = settings_from_args(args, engine.ctx)
     if prompt is not None:
         return answer_once(engine, settings, args.system, prompt, sys.stdout)

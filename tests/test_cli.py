@@ -91,7 +91,9 @@ def test_eval_matches_direct_numpy_computation(tmp_path):
         nll -= lp[np.arange(len(win) - 1), win[1:]].sum()
         n += len(win) - 1
     assert got["tokens"] == n == (len(ids) // 63) * 63
-    assert abs(got["ppl"] - np.exp(nll / n)) / got["ppl"] < 1e-4
+    # 1e-3, not float rounding: the two paths round activations to int8 independently, and a last-bit difference
+    # upstream can move one element to the neighbouring level (a 1/127 step of its group's largest value)
+    assert abs(got["ppl"] - np.exp(nll / n)) / got["ppl"] < 1e-3
     assert perplexity(eng.logits_all, ids, 64, eng.tokenizer.bos_id).tokens == n
 
 

@@ -9,6 +9,7 @@ from simhelp import MemoryContainer, stored
 
 from lowbit.errors import LowbitError
 from lowbit.formats.qtypes import REGISTRY
+from lowbit.kernels import act_quant
 from lowbit.models import family_for
 from lowbit.models.device_forward import cuda_model
 from lowbit.models.llama import ModelArgs
@@ -68,6 +69,7 @@ def test_device_forward_matches_cpu(family, layer_qtype, embed_qtype, extra):
     args, c = tiny(layer_qtype, embed_qtype, **extra)
     _, module = family_for(family)
     cpu = module.Model(args, c, 16)
+    act_quant.set_kernel_precision(cpu, True)  # the device multiplies float activations
     gpu = cuda_model(family, module, args, c, 16)
     prompt = [5, 17, 90, 3, 64, 41]
     want, got = run(cpu, prompt, STEPS), run(gpu, prompt, STEPS)
@@ -136,6 +138,7 @@ def test_family_on_device_matches_cpu(case):
     name, module, args, c = tiny_family(*FAMILY_CASES[case])
     assert name == case
     cpu = module.Model(args, c, 16)
+    act_quant.set_kernel_precision(cpu, True)  # the device multiplies float activations
     gpu = cuda_model(name, module, args, c, 16)
     assert isinstance(gpu, module.Model) and type(gpu).__name__ == f"Cuda{case.capitalize()}Model"
     prompt = [5, 17, 90, 3, 64, 41]

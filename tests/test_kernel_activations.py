@@ -1,0 +1,56 @@
+"""The kernels' activation precision on whole models: int8 activations below 8 bits by default (llama.cpp's Q8
+activations), ``--exact-activations`` for int16 precision; both against the portable int16 path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from lbtest import rel_err, run_cli
+
+from lowbit.convert.converter import ConvertOptions, convert
+from lowbit.kernels import act_quant, cpu_quant
+from lowbit.runtime.engine import Engine
+
+
+@pytest.fixture(scope="module")
+def four_bit(tiny_llama, tmp_path_factory):
+    return convert(str(tiny_llama), tmp_path_factory.mktemp("ka") / "q4.lowbit", ConvertOptions(bits=4),
+                   progress=False)
+
+
+def _modes(engine, bits=None) -> set:
+    return {w.act_mode for w in act_quant.linear_weights(engine.model)
+            if w.int_kernels is not None and (bits is None or w.bits == bits)}
+
+
+def _int16_logits(path, ids):
+    eng = Engine(path, ctx=128, threads=1)
+    for w in act_quant.linear_weights(eng.model):
+        w.set_activation_mode("int16")
+    return eng.logits_all(ids), eng
+
+
+def test_exact_activations_match_the_int16_path_and_int8_stays_close(four_bit, llama_prompt):
+    ids = llama_prompt
+    ref, eng16 = _int16_logits(four_bit, ids)
+    assert _modes(eng16) == {"int16"}
+    exact = Engine(four_bit, ctx=128, threads=1, exact_activations=True)
+    default = Engine(four_bit, ctx=128, threads=1)
+    got_exact, got_default = exact.logits_all(ids), default.logits_all(ids)
+    assert rel_err(got_exact, ref) < 1e-4  # split == int16 up to summation order
+    if cpu_quant.HAS_VNNI:
+        assert _modes(exact) == {"split"} and _modes(default, 4) == {"int8"} and _modes(default, 8) == {"split"}
+        err = rel_err(got_default, ref)
+        assert 1e-4 < err < 3e-2  # int8 activations really round, and stay close
+    # decode (one token at a time) agrees with the prompt path in each mode
+    for eng, full in ((exact, got_exact), (default, got_default)):
+        eng.reset()
+        rows = [eng.prefill(ids[:1])] + [eng.step(t) for t in ids[1:]]
+        assert rel_err(np.stack([np.reshape(r, -1) for r in rows]), full) < 3e-2
+
+
+def test_cli_takes_exact_activations(four_bit, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+    res = run_cli("eval", str(four_bit), "--text", str(text), "--eval-ctx", "32", "--exact-activations", "--json")
+    assert res.returncode == 0, res.stderr
