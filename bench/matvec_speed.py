@@ -1,4 +1,6 @@
-"""Decode matvec throughput per quant type: the generic plane-loop kernel against the integer kernel dispatch uses.
+"""Decode matvec throughput per quant type: the generic plane-loop kernel against the integer kernels in each
+activation mode (int16: portable SIMD; split: the same numbers on the byte dot product; int8: the default below
+8 bits on CPUs with the byte dot product; kernels/cpu_quant.py).
 
     python bench/matvec_speed.py [--rows 8192 --cols 2048 --threads 1,2]
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from lowbit.formats.qtypes import PLANES, quant_type
 from lowbit.kernels import cpu
-from lowbit.kernels.cpu_quant import make_kernels
+from lowbit.kernels.cpu_quant import HAS_VNNI, make_kernels
 from lowbit.runtime.bench_model import random_parts
 
 
@@ -37,8 +39,9 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    print("| threads | type | generic plane loop | integer kernel |")
-    print("|---|---|---|---|")
+    modes = ["int16", "split", "int8"] if HAS_VNNI else ["int16"]
+    print("| threads | type | generic plane loop | " + " | ".join(f"integer, {m} activations" for m in modes) + " |")
+    print("|---|---|---|" + "---|" * len(modes))
     for threads in (int(t) for t in args.threads.split(",")):
         numba.set_num_threads(threads)
         for bits, g in ((4, 32), (4, 64), (4, 128), (8, 64), (3, 64), (2, 64)):
@@ -49,12 +52,13 @@ def main() -> None:
             x = rng.standard_normal((1, args.cols), dtype=np.float32)
             y = np.empty(args.rows, dtype=np.float32)
             planes = np.array(PLANES[bits], dtype=np.int32)
-            matvec, _ = make_kernels(bits, g)
             zp = np.float32(qt.zero_point)
-            t_generic = best_seconds(cpu.qmatvec, y, codes, scales, mins, x[0], planes, g, bits, qt.asym, zp)
-            t_int = best_seconds(matvec, y, codes, scales, mins, x, qt.asym)
             n = args.rows * args.cols
-            print(f"| {threads} | {qt.name} | {n / t_generic / 1e9:.1f} Gw/s | {n / t_int / 1e9:.1f} Gw/s |")
+            t_generic = best_seconds(cpu.qmatvec, y, codes, scales, mins, x[0], planes, g, bits, qt.asym, zp)
+            rates = [n / best_seconds(make_kernels(bits, g, m)[0], y, codes, scales, mins, x, qt.asym) / 1e9
+                     for m in modes]
+            print(f"| {threads} | {qt.name} | {n / t_generic / 1e9:.1f} Gw/s | "
+                  + " | ".join(f"{r:.1f} Gw/s" for r in rates) + " |")
 
 
 if __name__ == "__main__":
