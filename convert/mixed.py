@@ -202,7 +202,7 @@ class _swapped:
         for holder, key, w in _weight_slots(self.model):
             if w.name == self.name:
                 self.saved.append((holder, key, w))
-                new = dispatch.Weight(self.st, w.bias)
+                new = dispatch.exact_activations(dispatch.Weight(self.st, w.bias))  # host-independent choice
                 if isinstance(holder, dict):
                     holder[key] = new
                 else:

@@ -181,7 +181,8 @@ class Pipeline:
     def _runtime_weight(self, name: str, bias: np.ndarray | None) -> dispatch.Weight:
         enc = self.encoded[name]
         shape = tuple(self.store.arrays[name].shape)
-        return dispatch.Weight(StoredTensor(name, enc.qtype, shape, enc.parts), bias, **_weight_extras(enc.extras))
+        w = dispatch.Weight(StoredTensor(name, enc.qtype, shape, enc.parts), bias, **_weight_extras(enc.extras))
+        return dispatch.exact_activations(w)  # the same file from every CPU
 
     # ------------------------------------------------------------------------------------------ one matrix
     def _encode(self, name: str, rec: LayerRecorder | None, awq_scale: np.ndarray | None) -> None:

@@ -110,6 +110,15 @@ class Weight:
         return self.planes, self.g, self.bits, self.asym, self.zp
 
 
+def exact_activations(w: Weight) -> Weight:
+    """``w`` with int16-precision kernel activations: the float product's numbers on every CPU (int8 activations
+    are the default only where the CPU has the byte dot product). For conversion, whose output must not depend on
+    the host. Returns ``w``."""
+    if w.int_kernels is not None:
+        w.set_activation_mode(cpu_quant.activation_mode(w.bits, exact=True))
+    return w
+
+
 def _act_scale(a, name: str) -> np.float32:
     a = np.asarray(a, dtype=np.float32).reshape(-1)
     if a.size != 1 or not np.isfinite(a[0]) or a[0] <= 0:

@@ -248,6 +248,21 @@ def half_to_float(typingctx, h):
     return types.float32(h), codegen
 
 
+@intrinsic
+def bits_to_float(typingctx, i):
+    """float32 whose bit pattern is the low 32 bits of integer i (a free bitcast; LLVM vectorizes it)."""
+    if not isinstance(i, types.Integer):
+        raise errors.TypingError("bits_to_float needs an integer")
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if v.type.width != 32:
+            v = builder.trunc(v, _I32)
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(i), codegen
+
+
 def host_has_f16c() -> bool:
     """Whether LLVM can convert float16 in hardware here (else it would need a runtime library call)."""
     import llvmlite.binding as llvm

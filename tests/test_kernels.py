@@ -194,3 +194,23 @@ def test_activation_quantization_is_near_lossless():
     np.testing.assert_allclose(back.reshape(3, 192), x, rtol=0, atol=float(np.abs(x).max()) / 32767)
     np.testing.assert_allclose(xs, back.sum(-1), rtol=1e-5, atol=1e-9)  # the sums of the rounded values
     assert np.abs(xq).max() == 32767 and (xq[1, 64:128] == 0).all()
+
+
+def test_fast_exp_matches_numpy_over_the_float32_range():
+    import numba as nb
+
+    from lowbit.kernels.cpu import fast_exp
+
+    @nb.njit
+    def run(out, x):
+        for i in range(x.shape[0]):
+            out[i] = fast_exp(x[i])
+
+    x = np.concatenate([np.linspace(-87, 88, 400_001), [0.0, -1e-30, 1e-30, -0.3465, 0.3466]]).astype(np.float32)
+    got = np.empty_like(x)
+    run(got, x)
+    want = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / want) < 4e-7
+    out = np.empty(2, dtype=np.float32)
+    run(out, np.array([-1e4, 1e4], dtype=np.float32))  # clamped: tiny and huge, never 0/inf/nan surprises
+    assert 0 < out[0] < 1e-37 and np.isfinite(out[1]) and out[1] > 1e38
