@@ -26,6 +26,7 @@ import inspect
 import math
 import zlib
 from functools import lru_cache
+from typing import Callable, NamedTuple
 
 import numba as nb
 import numpy as np
@@ -131,10 +132,22 @@ def quantize_activations8(xh, xl, dx, xs, x, g, split):
             xs[t, gi] = d * np.float32(qsum)
 
 
+class Kernels(NamedTuple):
+    """The integer kernels of one (bits, group, activation mode): ``matvec`` (one token), ``matmul_small`` (up to
+    dispatch.SMALL_BATCH tokens), ``gemm`` (prompts) and ``matvec3`` (one token times up to three matrices of the
+    same type sharing the input, as q/k/v or gate/up: one call, the activations quantized once); the last two are
+    None in mode int16."""
+
+    matvec: Callable
+    matmul_small: Callable
+    gemm: Callable | None
+    matvec3: Callable | None
+
+
 @lru_cache(maxsize=None)
-def make_kernels(bits: int, g: int, mode: str | None = None):
-    """(qmatvec, qmatmul_small, qgemm) for ``bits``-bit groups of ``g`` with activation ``mode`` (default:
-    :func:`activation_mode`), compiled with all three as constants; qgemm (prompts) is None in mode int16."""
+def make_kernels(bits: int, g: int, mode: str | None = None) -> Kernels:
+    """:class:`Kernels` for ``bits``-bit groups of ``g`` with activation ``mode`` (default:
+    :func:`activation_mode`), compiled with all three as constants."""
     if not specialised(bits, g):
         raise ValueError(f"no integer kernels for {bits}-bit groups of {g}")
     mode = activation_mode(bits) if mode is None else mode
@@ -142,7 +155,7 @@ def make_kernels(bits: int, g: int, mode: str | None = None):
         raise ValueError(f"unknown activation mode {mode!r}; choose one of {', '.join(ACT_MODES)}")
     if mode != "int16" and not HAS_VNNI:
         raise ValueError(f"activation mode {mode!r} needs a CPU with AVX-512 VNNI or AVX-VNNI")
-    return _int16_kernels(bits, g) if mode == "int16" else _vnni_kernels(bits, g, mode == "split")
+    return Kernels(*(_int16_kernels(bits, g) if mode == "int16" else _vnni_kernels(bits, g, mode == "split")))
 
 
 @nb.njit(inline="always", **_JIT)
@@ -235,7 +248,24 @@ def _vnni_kernels(bits: int, g: int, split: bool):
                 for t in range(t_n):
                     y[t, r] = _row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
 
-    return qmatvec, qmatmul_small, qgemm
+    @nb.njit(parallel=True, **_JIT)
+    def qmatvec3(y1, c1, s1, m1, y2, c2, s2, m2, y3, c3, s3, m3, x, asym):
+        """y_i[rows_i] = W_i @ x for one token and three matrices (a 0-row third for two), one parallel loop over
+        all their rows; arguments per matrix as in qmatvec."""
+        xh, xl, dx, xs = _quantize8(x, g, split)
+        if deps == 0:  # never true; see _dependency_key
+            return
+        r1 = c1.shape[0]
+        r2 = c2.shape[0]
+        for i in nb.prange(r1 + r2 + c3.shape[0]):
+            if i < r1:
+                y1[i] = _row_dot8(c1, s1, m1, i, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
+            elif i < r1 + r2:
+                y2[i - r1] = _row_dot8(c2, s2, m2, i - r1, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
+            else:
+                y3[i - r1 - r2] = _row_dot8(c3, s3, m3, i - r1 - r2, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
+
+    return qmatvec, qmatmul_small, qgemm, qmatvec3
 
 
 def _int16_kernels(bits: int, g: int):
@@ -300,4 +330,4 @@ def _int16_kernels(bits: int, g: int):
                     s = group_idot(crow, gi * gbytes, xq, t * cols + gi * g, bits, g)
                     y[t, r] += d * dx[t, gi] * np.float32(s) - m * xs[t, gi]
 
-    return qmatvec, qmatmul_small, None  # no prefill GEMM: prompts use dequantized tiles + BLAS
+    return qmatvec, qmatmul_small, None, None  # prompts use dequantized tiles + BLAS; no fused matvec

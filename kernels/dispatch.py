@@ -161,6 +161,32 @@ def linear(w: Weight, x: np.ndarray) -> np.ndarray:
     return y
 
 
+def linear_many(ws: list[Weight], x: np.ndarray) -> list[np.ndarray]:
+    """[linear(w, x) for w in ws] for two or three weights sharing the input (q/k/v, gate/up). One token through
+    weights of one quant type without extras or an activation-quantization mode takes one fused kernel call
+    (``Kernels.matvec3``): the activations are quantized once and the dispatch cost is paid once."""
+    k = ws[0].int_kernels
+    if (x.shape[0] != 1 or k is None or k.matvec3 is None or not 2 <= len(ws) <= 3
+            or any(w.int_kernels is not k or w.had_d is not None or w.lr_a is not None or w.act_q is not None
+                   for w in ws)):
+        return [linear(w, x) for w in ws]
+    ys = [np.empty((1, w.rows), dtype=np.float32) for w in ws]
+    args = [a for w, y in zip(ws, ys) for a in (y[0], *w._qargs())]
+    if len(ws) == 2:
+        args += [_NO_ROWS_Y, _NO_ROWS_CODES, _NO_ROWS_SCALES, _NO_ROWS_SCALES]
+    kernel_call(k.matvec3, *args, np.ascontiguousarray(x), ws[0].asym)
+    for w, y in zip(ws, ys):
+        if w.bias is not None:
+            y += w.bias
+    return ys
+
+
+# the empty third matrix of a two-matrix fused call (read-only: nothing is ever written to 0 rows)
+_NO_ROWS_Y = np.empty(0, dtype=np.float32)
+_NO_ROWS_CODES = np.empty((0, 1), dtype=np.uint8)
+_NO_ROWS_SCALES = np.empty((0, 1), dtype=np.uint16)
+
+
 def _product(w: Weight, x: np.ndarray) -> np.ndarray:
     """x[T, cols] @ W.T for the stored matrix alone."""
     t = x.shape[0]
@@ -168,11 +194,11 @@ def _product(w: Weight, x: np.ndarray) -> np.ndarray:
         y = kernel_call(np.matmul, x, w.f32.T)
     elif t <= SMALL_BATCH and w.int_kernels is not None:
         y = np.empty((t, w.rows), dtype=np.float32)
-        kernel = w.int_kernels[0 if t == 1 else 1]
+        kernel = w.int_kernels.matvec if t == 1 else w.int_kernels.matmul_small
         kernel_call(kernel, y[0] if t == 1 else y, *w._qargs(), np.ascontiguousarray(x), w.asym)
-    elif w.int_kernels is not None and w.int_kernels[2] is not None:  # a prompt: the integer GEMM
+    elif w.int_kernels is not None and w.int_kernels.gemm is not None:  # a prompt: the integer GEMM
         y = np.empty((t, w.rows), dtype=np.float32)
-        kernel_call(w.int_kernels[2], y, *w._qargs(), np.ascontiguousarray(x), w.asym)
+        kernel_call(w.int_kernels.gemm, y, *w._qargs(), np.ascontiguousarray(x), w.asym)
     elif t == 1:
         y = np.empty((1, w.rows), dtype=np.float32)
         kernel_call(cpu.qmatvec, y[0], *w._qargs(), x[0], *w._rest())

@@ -265,6 +265,14 @@ class Model:
         """Every matrix product of the forward pass goes through here (calibration observes the inputs)."""
         return dispatch.linear(w, x)
 
+    def linears(self, ws: list, x: np.ndarray) -> list[np.ndarray]:
+        """Products of one input with several weights (q/k/v, gate/up): fused into one kernel call where the
+        weights allow (dispatch.linear_many), unless ``linear`` is replaced (calibration observes each product, a
+        device computes its own), when each goes through ``linear``."""
+        if getattr(self.linear, "__func__", None) is not Model.linear:
+            return [self.linear(w, x) for w in ws]
+        return dispatch.linear_many(ws, x)
+
     def embedding(self, w: dispatch.Weight, tokens: np.ndarray) -> np.ndarray:
         """Rows ``tokens`` of an embedding table: [T, cols]."""
         return dispatch.embed(w, np.asarray(tokens, dtype=np.int64))
@@ -315,10 +323,9 @@ class Model:
         """q [T, n_heads, hd], k and v [T, n_kv, hd] before RoPE."""
         a = self.args
         t = h.shape[0]
-        q = self.linear(layer["attn_q"], h).reshape(t, a.num_attention_heads, a.head_dim)
-        k = self.linear(layer["attn_k"], h).reshape(t, a.num_key_value_heads, a.head_dim)
-        v = self.linear(layer["attn_v"], h).reshape(t, a.num_key_value_heads, a.head_dim)
-        return q, k, v
+        q, k, v = self.linears([layer["attn_q"], layer["attn_k"], layer["attn_v"]], h)
+        q = q.reshape(t, a.num_attention_heads, a.head_dim)
+        return q, k.reshape(t, a.num_key_value_heads, a.head_dim), v.reshape(t, a.num_key_value_heads, a.head_dim)
 
     def attention_block(self, h: np.ndarray, layer: dict, li: int, start: int, cache: KVCache) -> np.ndarray:
         """Attention on the already-normed input h [T, hidden]: projections, RoPE, cache write, attend, output."""
@@ -335,8 +342,8 @@ class Model:
 
     def mlp_block(self, h: np.ndarray, layer: dict) -> np.ndarray:
         """Gated MLP on the already-normed input h [T, hidden]."""
-        act = self.act_mul(self.linear(layer["ffn_gate"], h), self.linear(layer["ffn_up"], h))
-        return self.linear(layer["ffn_down"], act)
+        gate, up = self.linears([layer["ffn_gate"], layer["ffn_up"]], h)
+        return self.linear(layer["ffn_down"], self.act_mul(gate, up))
 
     def block(self, x: np.ndarray, layer: dict, li: int, start: int, cache: KVCache) -> np.ndarray:
         x = self.add(x, self.attention_block(self.rmsnorm(x, layer["attn_norm"]), layer, li, start, cache))

@@ -138,7 +138,7 @@ def test_integer_kernels_match_reference_in_every_activation_mode(qt, mode, t):
     x = rng.standard_normal((t, cols)).astype(np.float32)
     x[:, : qt.group_size] *= 40.0  # groups of very different scales
     want = ref.matvec(parts, qt, (rows, cols), ref.round_activations(x, qt.group_size, QMAX[mode]))
-    matvec, matmul, gemm = cpu_quant.make_kernels(qt.bits, qt.group_size, mode)
+    matvec, matmul, gemm, _ = cpu_quant.make_kernels(qt.bits, qt.group_size, mode)
     mins = parts["mins"].view(np.uint16) if qt.asym else np.zeros((1, 1), dtype=np.uint16)
     y = np.full((t, rows), np.nan, dtype=np.float32)
     args = (parts["codes"], parts["scales"].view(np.uint16), mins, x, qt.asym)
@@ -160,7 +160,7 @@ def test_default_activation_mode():
         assert mode == ("int16" if not cpu_quant.HAS_VNNI else "split" if bits == 8 else "int8")
     with pytest.raises(ValueError, match="unknown activation mode"):
         cpu_quant.make_kernels(4, 64, "fp8")
-    assert cpu_quant.make_kernels(4, 64, "int16")[2] is None  # int16: prompts take dequantized tiles + BLAS
+    assert cpu_quant.make_kernels(4, 64, "int16").gemm is None  # int16: prompts take dequantized tiles + BLAS
 
 
 def test_split_activations_carry_int16_exactly():
@@ -214,3 +214,28 @@ def test_fast_exp_matches_numpy_over_the_float32_range():
     out = np.empty(2, dtype=np.float32)
     run(out, np.array([-1e4, 1e4], dtype=np.float32))  # clamped: tiny and huge, never 0/inf/nan surprises
     assert 0 < out[0] < 1e-37 and np.isfinite(out[1]) and out[1] > 1e38
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("name", ["q4a_g64", "q8_g32", "q3_g128"])
+def test_linear_many_fuses_same_type_products_and_matches_linear(name, n):
+    qt = REGISTRY[name]
+    rng = np.random.default_rng(n)
+    cols = 4 * qt.group_size
+    ws = []
+    for i, rows in enumerate((24, 8, 8)[:n]):
+        b = rng.standard_normal(rows).astype(np.float32) if i == 1 else None
+        ws.append(dispatch.Weight(StoredTensor(f"w{i}", qt, (rows, cols), random_parts(qt, rows, cols, rng)), b))
+    for t in (1, 3):
+        x = rng.standard_normal((t, cols)).astype(np.float32)
+        got = dispatch.linear_many(ws, x)
+        want = [dispatch.linear(w, x) for w in ws]
+        assert [g.shape for g in got] == [(t, w.rows) for w in ws]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6 * np.abs(w).max())
+    if cpu_quant.HAS_VNNI:  # one token really takes the fused kernel: one call for all n products
+        from lowbit.kernels.timing import KernelTimer
+
+        with KernelTimer() as timer:
+            dispatch.linear_many(ws, rng.standard_normal((1, cols)).astype(np.float32))
+        assert timer.calls == 1
