@@ -194,6 +194,16 @@ def rmsnorm(out, x, w, eps):
 
 
 @nb.njit(**_JIT)
+def kv_write(k_cache, v_cache, k, v, start):
+    """k_cache[:, start + t, :] = k[t] and the same for v. Caches: f32[n_kv, ctx, hd]; k, v: f32[T, n_kv, hd]."""
+    for t in range(k.shape[0]):
+        for h in range(k.shape[1]):
+            for j in range(k.shape[2]):
+                k_cache[h, start + t, j] = k[t, h, j]
+                v_cache[h, start + t, j] = v[t, h, j]
+
+
+@nb.njit(**_JIT)
 def rope_inplace(x, cos, sin):
     """Rotate-half RoPE in place. x: f32[T, n_heads, hd]; cos, sin: f32[T, hd/2]."""
     half = x.shape[2] // 2

@@ -166,15 +166,24 @@ def linear_many(ws: list[Weight], x: np.ndarray) -> list[np.ndarray]:
     weights of one quant type without extras or an activation-quantization mode takes one fused kernel call
     (``Kernels.matvec3``): the activations are quantized once and the dispatch cost is paid once."""
     k = ws[0].int_kernels
-    if (x.shape[0] != 1 or k is None or k.matvec3 is None or not 2 <= len(ws) <= 3
-            or any(w.int_kernels is not k or w.had_d is not None or w.lr_a is not None or w.act_q is not None
-                   for w in ws)):
+    if x.shape[0] != 1 or k is None or k.matvec3 is None or not 2 <= len(ws) <= 3:
         return [linear(w, x) for w in ws]
-    ys = [np.empty((1, w.rows), dtype=np.float32) for w in ws]
-    args = [a for w, y in zip(ws, ys) for a in (y[0], *w._qargs())]
-    if len(ws) == 2:
-        args += [_NO_ROWS_Y, _NO_ROWS_CODES, _NO_ROWS_SCALES, _NO_ROWS_SCALES]
-    kernel_call(k.matvec3, *args, np.ascontiguousarray(x), ws[0].asym)
+    for w in ws:
+        if w.int_kernels is not k or w.had_d is not None or w.lr_a is not None or w.act_q is not None:
+            return [linear(w, x) for w in ws]
+    w1, w2 = ws[0], ws[1]
+    y1 = np.empty((1, w1.rows), dtype=np.float32)
+    y2 = np.empty((1, w2.rows), dtype=np.float32)
+    if len(ws) == 3:
+        w3 = ws[2]
+        y3 = np.empty((1, w3.rows), dtype=np.float32)
+        ys = [y1, y2, y3]
+        third = (y3[0], w3.codes, w3.scales, w3.mins)
+    else:
+        ys = [y1, y2]
+        third = (_NO_ROWS_Y, _NO_ROWS_CODES, _NO_ROWS_SCALES, _NO_ROWS_SCALES)
+    kernel_call(k.matvec3, y1[0], w1.codes, w1.scales, w1.mins, y2[0], w2.codes, w2.scales, w2.mins, *third,
+                np.ascontiguousarray(x), w1.asym)
     for w, y in zip(ws, ys):
         if w.bias is not None:
             y += w.bias
@@ -236,6 +245,11 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     out = np.empty_like(x)
     kernel_call(cpu.rmsnorm, out, x, w, np.float32(eps))
     return out
+
+
+def kv_write(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> None:
+    """Keys and values k, v [T, n_kv, hd] into positions start.. of one layer's caches [n_kv, ctx, hd]."""
+    kernel_call(cpu.kv_write, k_cache, v_cache, k, v, start)
 
 
 def rope_inplace(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:

@@ -290,9 +290,7 @@ class Model:
 
     def cache_write(self, cache: KVCache, li: int, k: np.ndarray, v: np.ndarray, start: int) -> None:
         """Keys and values [T, n_kv, hd] of positions start.. into layer li of the cache."""
-        t = k.shape[0]
-        cache.k[li][:, start : start + t, :] = k.transpose(1, 0, 2)
-        cache.v[li][:, start : start + t, :] = v.transpose(1, 0, 2)
+        dispatch.kv_write(cache.k[li], cache.v[li], k, v, start)
 
     def attend(self, q: np.ndarray, li: int, start: int, cache: KVCache) -> np.ndarray:
         w = self.args.window(li)
