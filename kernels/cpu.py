@@ -204,6 +204,29 @@ def kv_write(k_cache, v_cache, k, v, start):
 
 
 @nb.njit(**_JIT)
+def add_rmsnorm(xo, ho, x, a, w, eps):
+    """xo = x + a and ho = rmsnorm(xo) * w in one pass per row (the residual add and the next norm). All f32[T, n]
+    but w: f32[n]."""
+    n = x.shape[1]
+    for t in range(x.shape[0]):
+        s = np.float32(0.0)
+        for j in range(n):
+            v = x[t, j] + a[t, j]
+            xo[t, j] = v
+            s += v * v
+        inv = np.float32(1.0 / math.sqrt(s / n + eps))
+        for j in range(n):
+            ho[t, j] = xo[t, j] * inv * w[j]
+
+
+@nb.njit(**_JIT)
+def rope2_inplace(q, k, cos, sin):
+    """rope_inplace of q and k (same positions) in one call."""
+    rope_inplace(q, cos, sin)
+    rope_inplace(k, cos, sin)
+
+
+@nb.njit(**_JIT)
 def rope_inplace(x, cos, sin):
     """Rotate-half RoPE in place. x: f32[T, n_heads, hd]; cos, sin: f32[T, hd/2]."""
     half = x.shape[2] // 2

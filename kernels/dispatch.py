@@ -252,6 +252,18 @@ def kv_write(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndar
     kernel_call(cpu.kv_write, k_cache, v_cache, k, v, start)
 
 
+def add_rmsnorm(x: np.ndarray, a: np.ndarray, w: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """(x + a, rmsnorm(x + a) * w) in one kernel call."""
+    xo = np.empty_like(x)
+    ho = np.empty_like(x)
+    kernel_call(cpu.add_rmsnorm, xo, ho, x, a, w, np.float32(eps))
+    return xo, ho
+
+
+def rope_qk_inplace(q: np.ndarray, k: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    kernel_call(cpu.rope2_inplace, q, k, cos, sin)
+
+
 def rope_inplace(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
     kernel_call(cpu.rope_inplace, x, cos, sin)
 

@@ -288,6 +288,26 @@ class Model:
         cos, sin = cos[start : start + x.shape[0]], sin[start : start + x.shape[0]]
         dispatch.rope_inplace(x if self.rot == x.shape[2] else x[:, :, : self.rot], cos, sin)
 
+    def apply_rope_qk(self, q: np.ndarray, k: np.ndarray, li: int, start: int) -> None:
+        """apply_rope to q and k: one kernel call, unless apply_rope is replaced (a device)."""
+        if type(self).apply_rope is not Model.apply_rope:
+            self.apply_rope(q, li, start)
+            self.apply_rope(k, li, start)
+            return
+        cos, sin = self.rope_for(li)
+        cos, sin = cos[start : start + q.shape[0]], sin[start : start + q.shape[0]]
+        if self.rot == q.shape[2]:
+            dispatch.rope_qk_inplace(q, k, cos, sin)
+        else:
+            dispatch.rope_qk_inplace(q[:, :, : self.rot], k[:, :, : self.rot], cos, sin)
+
+    def add_norm(self, x: np.ndarray, a: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(x + a, rmsnorm(x + a, w)): one kernel call, unless add or rmsnorm is replaced (a device)."""
+        if type(self).add is not Model.add or type(self).rmsnorm is not Model.rmsnorm:
+            x = self.add(x, a)
+            return x, self.rmsnorm(x, w)
+        return dispatch.add_rmsnorm(x, a, w, self.args.rms_norm_eps)
+
     def cache_write(self, cache: KVCache, li: int, k: np.ndarray, v: np.ndarray, start: int) -> None:
         """Keys and values [T, n_kv, hd] of positions start.. into layer li of the cache."""
         dispatch.kv_write(cache.k[li], cache.v[li], k, v, start)
@@ -329,8 +349,7 @@ class Model:
         """Attention on the already-normed input h [T, hidden]: projections, RoPE, cache write, attend, output."""
         t = h.shape[0]
         q, k, v = self.project_qkv(h, layer)
-        self.apply_rope(q, li, start)
-        self.apply_rope(k, li, start)
+        self.apply_rope_qk(q, k, li, start)
         self.cache_write(cache, li, k, v, start)
         o = self.attend(q, li, start, cache)
         return self.linear(layer["attn_output"], o.reshape(t, o.size // t))
@@ -344,8 +363,9 @@ class Model:
         return self.linear(layer["ffn_down"], self.act_mul(gate, up))
 
     def block(self, x: np.ndarray, layer: dict, li: int, start: int, cache: KVCache) -> np.ndarray:
-        x = self.add(x, self.attention_block(self.rmsnorm(x, layer["attn_norm"]), layer, li, start, cache))
-        return self.add(x, self.mlp_block(self.rmsnorm(x, layer["ffn_norm"]), layer))
+        a = self.attention_block(self.rmsnorm(x, layer["attn_norm"]), layer, li, start, cache)
+        x, h = self.add_norm(x, a, layer["ffn_norm"])
+        return self.add(x, self.mlp_block(h, layer))
 
     def head(self, x: np.ndarray) -> np.ndarray:
         """Final norm, lm_head and (if the family has one) logit soft-capping: [T, hidden] -> [T, vocab]."""
