@@ -75,6 +75,18 @@ def activation_mode(bits: int, exact: bool = False) -> str:
     return "split" if bits >= 8 or exact else "int8"
 
 
+@nb.njit(inline="always", **_JIT)
+def _group_scale(x, t, j0, g, qmax):
+    """(d, 1/d) for x[t, j0:j0+g]: d = absmax / qmax (1/d = 0 for an all-zero group)."""
+    amax = np.float32(0.0)
+    for j in range(g):
+        a = abs(x[t, j0 + j])
+        if a > amax:
+            amax = a
+    d = amax / qmax
+    return d, (np.float32(1.0) / d if d > 0 else np.float32(0.0))
+
+
 @nb.njit(**_JIT)
 def quantize_activations(xq, dx, xs, x, g):
     """xq: i16[T, cols] = round(x / dx); dx, xs: f32[T, ng] scale and sum of the rounded activations (dx · Σxq,
@@ -83,13 +95,7 @@ def quantize_activations(xq, dx, xs, x, g):
     ng = cols // g
     for t in range(t_n):
         for gi in range(ng):
-            amax = np.float32(0.0)
-            for j in range(g):
-                a = abs(x[t, gi * g + j])
-                if a > amax:
-                    amax = a
-            d = amax / np.float32(XQ_MAX)
-            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            d, inv = _group_scale(x, t, gi * g, g, np.float32(XQ_MAX))
             qsum = 0
             for j in range(g):
                 q = np.int32(math.floor(x[t, gi * g + j] * inv + np.float32(0.5)))
@@ -111,13 +117,7 @@ def quantize_activations8(xh, xl, dx, xs, x, g, split):
     qmax = np.float32(XQ_MAX_SPLIT) if split else np.float32(XQ_MAX_INT8)
     for t in range(t_n):
         for gi in range(ng):
-            amax = np.float32(0.0)
-            for j in range(g):
-                a = abs(x[t, gi * g + j])
-                if a > amax:
-                    amax = a
-            d = amax / qmax
-            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            d, inv = _group_scale(x, t, gi * g, g, qmax)
             qsum = 0
             for j in range(g):
                 q = np.int32(math.floor(x[t, gi * g + j] * inv + np.float32(0.5)))

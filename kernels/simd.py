@@ -193,9 +193,6 @@ def quad_fdot(typingctx, crow, scales, mins, r, gi, xq, dx, xs, bits, g, asym):
 
     def codegen(context, builder, signature, args):
         i64 = ir.IntType(64)
-        f32 = ir.FloatType()
-        v4f = ir.VectorType(f32, QUAD_LANES)
-
         def arr(i):
             return context.make_array(signature.args[i])(context, builder, value=args[i])
 
@@ -212,28 +209,36 @@ def quad_fdot(typingctx, crow, scales, mins, r, gi, xq, dx, xs, bits, g, asym):
             cptr = builder.gep(cbase, [ir.Constant(i64, q * gbytes)])
             xptr = builder.gep(xbase, [ir.Constant(i64, q * glen)])
             parts.append(_dot_ir(builder, cptr, xptr, nbits, glen, lanes=QUAD_LANES))
-        isum = builder.sitofp(_sum4(builder, parts), v4f)
         soff = builder.add(builder.mul(row, ng), g0)
-
-        def load4(ptr, ty):
-            return builder.load(builder.bitcast(ptr, ir.VectorType(ty, QUAD_LANES).as_pointer()), align=2)
-
-        half4 = ir.VectorType(ir.HalfType(), QUAD_LANES)
-        d = builder.fpext(builder.bitcast(load4(builder.gep(sc.data, [soff]), ir.IntType(16)), half4), v4f)
-        if is_asym:
-            mraw = load4(builder.gep(arr(2).data, [soff]), ir.IntType(16))
-            m = builder.fpext(builder.bitcast(mraw, half4), v4f)
-        else:
-            m = builder.fmul(d, ir.Constant(v4f, [float(1 << (nbits - 1))] * QUAD_LANES))
-        dxv = load4(builder.gep(arr(6).data, [g0]), f32)
-        xsv = load4(builder.gep(arr(7).data, [g0]), f32)
-        terms = builder.fsub(builder.fmul(builder.fmul(d, dxv), isum), builder.fmul(m, xsv))
-        rfn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(f32, [f32, v4f]), f"llvm.vector.reduce.fadd.v{QUAD_LANES}f32"
-        )
-        return builder.call(rfn, [ir.Constant(f32, 0.0), terms])
+        return quad_epilogue(builder, _sum4(builder, parts), sc.data, arr(2).data, soff, arr(6).data, arr(7).data,
+                             g0, nbits, is_asym)
 
     return sig, codegen
+
+
+def quad_epilogue(builder, isum, sptr, mptr, soff, dxptr, xsptr, g0, nbits: int, asym: bool):
+    """float32 Σ_q d_q · dx_q · isum_q − m_q · xs_q over four groups: isum <4 x i32> their integer dot products;
+    d, m: four float16 (bits) from sptr / mptr at soff (m = d · 2**(nbits-1) unless asym); dx, xs: four float32
+    from dxptr / xsptr at g0. The scale arithmetic of quad_fdot and vnni.quad_fdot8, on one 4-lane vector."""
+    f32 = ir.FloatType()
+    v4f = ir.VectorType(f32, QUAD_LANES)
+    half4 = ir.VectorType(ir.HalfType(), QUAD_LANES)
+
+    def load4(ptr, ty):
+        return builder.load(builder.bitcast(ptr, ir.VectorType(ty, QUAD_LANES).as_pointer()), align=2)
+
+    d = builder.fpext(builder.bitcast(load4(builder.gep(sptr, [soff]), ir.IntType(16)), half4), v4f)
+    if asym:
+        m = builder.fpext(builder.bitcast(load4(builder.gep(mptr, [soff]), ir.IntType(16)), half4), v4f)
+    else:
+        m = builder.fmul(d, ir.Constant(v4f, [float(1 << (nbits - 1))] * QUAD_LANES))
+    dxv = load4(builder.gep(dxptr, [g0]), f32)
+    xsv = load4(builder.gep(xsptr, [g0]), f32)
+    terms = builder.fsub(builder.fmul(builder.fmul(d, dxv), builder.sitofp(isum, v4f)), builder.fmul(m, xsv))
+    rfn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(f32, [f32, v4f]), f"llvm.vector.reduce.fadd.v{QUAD_LANES}f32"
+    )
+    return builder.call(rfn, [ir.Constant(f32, 0.0), terms])
 
 
 @intrinsic

@@ -25,7 +25,7 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 from lowbit.formats.qtypes import PLANES
-from lowbit.kernels.simd import QUAD_LANES, _concat, _sum4
+from lowbit.kernels.simd import QUAD_LANES, _concat, _sum4, quad_epilogue
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -179,9 +179,6 @@ def quad_fdot8(typingctx, crow, scales, mins, r, gi, xh, xl, dx, xs, bits, g, as
     gbytes = glen * nbits // 8
 
     def codegen(context, builder, signature, args):
-        f32 = ir.FloatType()
-        v4f = ir.VectorType(f32, QUAD_LANES)
-
         def arr(i):
             return context.make_array(signature.args[i])(context, builder, value=args[i])
 
@@ -201,24 +198,8 @@ def quad_fdot8(typingctx, crow, scales, mins, r, gi, xh, xl, dx, xs, bits, g, as
             hp = builder.gep(hbase, [ir.Constant(_I64, q * glen)])
             lp = builder.gep(lbase, [ir.Constant(_I64, q * glen)])
             parts.append(_halves(builder, _group_acc(builder, u, hp, lp, glen, is_split)))
-        isum = builder.sitofp(_sum4(builder, parts), v4f)
         soff = builder.add(builder.mul(row, ng), g0)
-
-        def load4(ptr, ty):
-            return builder.load(builder.bitcast(ptr, ir.VectorType(ty, QUAD_LANES).as_pointer()), align=2)
-
-        half4 = ir.VectorType(ir.HalfType(), QUAD_LANES)
-        d = builder.fpext(builder.bitcast(load4(builder.gep(sc.data, [soff]), _I16), half4), v4f)
-        if is_asym:
-            m = builder.fpext(builder.bitcast(load4(builder.gep(arr(2).data, [soff]), _I16), half4), v4f)
-        else:
-            m = builder.fmul(d, ir.Constant(v4f, [float(1 << (nbits - 1))] * QUAD_LANES))
-        dxv = load4(builder.gep(arr(7).data, [g0]), f32)
-        xsv = load4(builder.gep(arr(8).data, [g0]), f32)
-        terms = builder.fsub(builder.fmul(builder.fmul(d, dxv), isum), builder.fmul(m, xsv))
-        rfn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(f32, [f32, v4f]), f"llvm.vector.reduce.fadd.v{QUAD_LANES}f32"
-        )
-        return builder.call(rfn, [ir.Constant(f32, 0.0), terms])
+        return quad_epilogue(builder, _sum4(builder, parts), sc.data, arr(2).data, soff, arr(7).data, arr(8).data,
+                             g0, nbits, is_asym)
 
     return sig, codegen
