@@ -25,7 +25,7 @@ def _add_runtime_args(p: argparse.ArgumentParser, model_optional: bool = True) -
 
 def _add_exact_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exact-activations", action="store_true",
-                   help="quantized products take int16-precision activations (the float product's quality, ~25%% "
+                   help="quantized products take int16-precision activations (the float product's quality, up to ~30%% "
                    "slower) instead of int8 ones below 8 bits")
 
 
