@@ -70,6 +70,30 @@ def _fold(builder, v, lanes: int):
     return v
 
 
+def bit_plane(builder, c, nbytes: int, g: int):
+    """<g x i8> 0/1 values of a 1-bit plane c (<nbytes x i8>) in element order: element e is bit e // nbytes of
+    byte e % nbytes, so the bytes are spread with one shuffle and each lane tests its own bit."""
+    spread = builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(_I32, g), [e % nbytes for e in range(g)]))
+    masks = [(1 << (e // nbytes)) if e // nbytes < 7 else -128 for e in range(g)]  # i8: bit 7 is -128
+    bit = ir.Constant(ir.VectorType(_I8, g), masks)
+    hit = builder.icmp_unsigned("!=", builder.and_(spread, bit), ir.Constant(ir.VectorType(_I8, g), [0] * g))
+    return builder.zext(hit, ir.VectorType(_I8, g))
+
+
+def plane_slots(builder, c, p: int) -> list:
+    """The 8/p shift-and-mask slots of a p-bit plane c (<nbytes x i8>): slot k holds bits k·p of every byte, the
+    elements k·nbytes .. (k+1)·nbytes - 1 of the group."""
+    vty = c.type
+    nbytes = vty.count
+    slots = []
+    for k in range(8 // p):
+        slot = c if k == 0 else builder.lshr(c, ir.Constant(vty, [k * p] * nbytes))
+        if k < 8 // p - 1:
+            slot = builder.and_(slot, ir.Constant(vty, [(1 << p) - 1] * nbytes))
+        slots.append(slot)
+    return slots
+
+
 def _dot_ir(builder, cptr, xptr, bits: int, g: int, lanes: int = 1):
     """i32 sum over one group. Each shift-and-mask slot of a plane holds a contiguous run of the group's elements.
     Wide planes (4 or 8 bits: one or two slots) multiply each slot with its own run of activations directly; narrow
@@ -86,24 +110,15 @@ def _dot_ir(builder, cptr, xptr, bits: int, g: int, lanes: int = 1):
         nbytes = g // n
         vty = ir.VectorType(_I8, nbytes)
         c = builder.load(builder.bitcast(builder.gep(cptr, [ir.Constant(i64, offset)]), vty.as_pointer()), align=1)
-        if p == 1:  # element e is bit e // nbytes of byte e % nbytes: spread the bytes, test one bit per lane
-            spread = builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(_I32, g), [e % nbytes for e in range(g)]))
-            masks = [(1 << (e // nbytes)) if e // nbytes < 7 else -128 for e in range(g)]  # i8: bit 7 is -128
-            bit = ir.Constant(ir.VectorType(_I8, g), masks)
-            hit = builder.icmp_unsigned("!=", builder.and_(spread, bit), ir.Constant(ir.VectorType(_I8, g), [0] * g))
-            plane = builder.zext(hit, ir.VectorType(_I8, g))
+        if p == 1:
+            plane = bit_plane(builder, c, nbytes, g)
             if shift:
                 plane = builder.shl(plane, ir.Constant(plane.type, [shift] * g))
             narrow = plane if narrow is None else builder.or_(narrow, plane)
             offset += nbytes
             shift += p
             continue
-        slots = []
-        for k in range(n):
-            slot = c if k == 0 else builder.lshr(c, ir.Constant(vty, [k * p] * nbytes))
-            if k < n - 1:
-                slot = builder.and_(slot, ir.Constant(vty, [(1 << p) - 1] * nbytes))
-            slots.append(slot)
+        slots = plane_slots(builder, c, p)
         if p >= 4:
             acc = None
             for k, slot in enumerate(slots):

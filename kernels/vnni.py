@@ -25,7 +25,7 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 from lowbit.formats.qtypes import PLANES
-from lowbit.kernels.simd import QUAD_LANES, _concat, _sum4, quad_epilogue
+from lowbit.kernels.simd import QUAD_LANES, _concat, _sum4, bit_plane, plane_slots, quad_epilogue
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -52,24 +52,12 @@ def _codes_ir(builder, cptr, bits: int, g: int):
         nbytes = g // n
         vty = ir.VectorType(_I8, nbytes)
         c = builder.load(builder.bitcast(builder.gep(cptr, [ir.Constant(_I64, offset)]), vty.as_pointer()), align=1)
-        if p == 1:  # element e is bit e // nbytes of byte e % nbytes: spread the bytes, test one bit per lane
-            spread = builder.shuffle_vector(c, c, ir.Constant(ir.VectorType(_I32, g), [e % nbytes for e in range(g)]))
-            masks = [(1 << (e // nbytes)) if e // nbytes < 7 else -128 for e in range(g)]  # i8: bit 7 is -128
-            hit = builder.icmp_unsigned(
-                "!=", builder.and_(spread, ir.Constant(ir.VectorType(_I8, g), masks)),
-                ir.Constant(ir.VectorType(_I8, g), [0] * g),
-            )
-            plane = builder.zext(hit, ir.VectorType(_I8, g))
+        if p == 1:
+            plane = bit_plane(builder, c, nbytes, g)
         elif nbytes < WIDE and g >= WIDE:
             plane = _concat(builder, [_narrow_chunk(builder, c, p, nbytes, k0) for k0 in range(0, n, WIDE // nbytes)])
         else:
-            slots = []
-            for k in range(n):
-                slot = c if k == 0 else builder.lshr(c, ir.Constant(vty, [k * p] * nbytes))
-                if k < n - 1:
-                    slot = builder.and_(slot, ir.Constant(vty, [(1 << p) - 1] * nbytes))
-                slots.append(slot)
-            plane = _concat(builder, slots)
+            plane = _concat(builder, plane_slots(builder, c, p))
         if shift:
             plane = builder.shl(plane, ir.Constant(plane.type, [shift] * g))
         out = plane if out is None else builder.or_(out, plane)

@@ -56,6 +56,23 @@ def run(model, prompt, steps):
     return out
 
 
+def assert_device_matches_cpu(family, module, args, c):
+    """The same tiny model on the CPU (int16-precision activations: the device multiplies float ones) and on the
+    device, prefill then STEPS greedy decode steps: the logits agree to RTOL of their range and greedy decode
+    chose the same tokens on both (each run fed its own argmax). Returns the device model, the prompt and the
+    device's logits."""
+    cpu = module.Model(args, c, 16)
+    act_quant.set_kernel_precision(cpu, True)
+    gpu = cuda_model(family, module, args, c, 16)
+    prompt = [5, 17, 90, 3, 64, 41]
+    want, got = run(cpu, prompt, STEPS), run(gpu, prompt, STEPS)
+    assert [g.shape for g in got] == [w.shape for w in want] == [(6, VOCAB)] + [(1, VOCAB)] * STEPS
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, rtol=RTOL, atol=RTOL * np.abs(w).max())
+    assert [int(np.argmax(w[-1])) for w in want] == [int(np.argmax(g[-1])) for g in got]
+    return gpu, prompt, got
+
+
 @pytest.mark.parametrize(
     "family,layer_qtype,embed_qtype,extra",
     [
@@ -68,16 +85,7 @@ def run(model, prompt, steps):
 def test_device_forward_matches_cpu(family, layer_qtype, embed_qtype, extra):
     args, c = tiny(layer_qtype, embed_qtype, **extra)
     _, module = family_for(family)
-    cpu = module.Model(args, c, 16)
-    act_quant.set_kernel_precision(cpu, True)  # the device multiplies float activations
-    gpu = cuda_model(family, module, args, c, 16)
-    prompt = [5, 17, 90, 3, 64, 41]
-    want, got = run(cpu, prompt, STEPS), run(gpu, prompt, STEPS)
-    assert [g.shape for g in got] == [w.shape for w in want] == [(6, VOCAB)] + [(1, VOCAB)] * STEPS
-    for w, g in zip(want, got):
-        np.testing.assert_allclose(g, w, rtol=RTOL, atol=RTOL * np.abs(w).max())
-    # greedy decode chose the same tokens on both (the runs above fed each its own argmax)
-    assert [int(np.argmax(w[-1])) for w in want] == [int(np.argmax(g[-1])) for g in got]
+    gpu, prompt, got = assert_device_matches_cpu(family, module, args, c)
     if args.num_hidden_layers == 1:  # the last-position default gives the last row of all_logits
         last = gpu.forward(np.array(prompt), 0, gpu.new_cache())
         np.testing.assert_allclose(last[0], got[0][-1], rtol=1e-6, atol=1e-6)
@@ -137,16 +145,8 @@ def tiny_family(model_type: str, cfg: dict, layer_qtype: str, embed_qtype: str):
 def test_family_on_device_matches_cpu(case):
     name, module, args, c = tiny_family(*FAMILY_CASES[case])
     assert name == case
-    cpu = module.Model(args, c, 16)
-    act_quant.set_kernel_precision(cpu, True)  # the device multiplies float activations
-    gpu = cuda_model(name, module, args, c, 16)
+    gpu, _, _ = assert_device_matches_cpu(name, module, args, c)
     assert isinstance(gpu, module.Model) and type(gpu).__name__ == f"Cuda{case.capitalize()}Model"
-    prompt = [5, 17, 90, 3, 64, 41]
-    want, got = run(cpu, prompt, STEPS), run(gpu, prompt, STEPS)
-    assert [g.shape for g in got] == [w.shape for w in want] == [(6, VOCAB)] + [(1, VOCAB)] * STEPS
-    for w, g in zip(want, got):
-        np.testing.assert_allclose(g, w, rtol=RTOL, atol=RTOL * np.abs(w).max())
-    assert [int(np.argmax(w[-1])) for w in want] == [int(np.argmax(g[-1])) for g in got]
 
 
 def test_family_not_built_on_the_llama_blocks_is_named():
