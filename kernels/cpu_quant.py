@@ -23,7 +23,6 @@ Per-channel types (group = a whole row) use the plane-loop kernels of ``kernels.
 from __future__ import annotations
 
 import inspect
-import math
 import zlib
 from functools import lru_cache
 from typing import Callable, NamedTuple
@@ -35,7 +34,7 @@ from lowbit.formats.qtypes import GROUP_SIZES
 from lowbit.kernels.cpu import _JIT, _h2f
 from lowbit.kernels.gemm_vnni import tile_gemm
 from lowbit.kernels.simd import group_idot, half_to_float, host_has_f16c, quad_fdot
-from lowbit.kernels.vnni import group_idot8, host_has_vnni, quad_fdot8
+from lowbit.kernels.vnni import host_has_vnni, row_fdot8
 
 XQ_MAX = 32767.0
 XQ_MAX_SPLIT = 32639.0  # 127 * 256 + 127: the high byte of round(x / dx) + 128 stays a signed byte
@@ -50,12 +49,16 @@ def _dependency_key() -> int:
     """CRC of the modules these kernels inline code from. numba's on-disk cache checks only the kernel's own source
     file; the factory's kernels capture this value, and numba keys closures by their captured values, so an edit to
     the intrinsic or the fp16 decoder invalidates the cached kernels too."""
-    from lowbit.kernels import cpu, simd, vnni
+    from lowbit.kernels import cpu, gemm_vnni, simd, vnni
 
-    return zlib.crc32("".join(inspect.getsource(m) for m in (cpu, simd, vnni)).encode())
+    return zlib.crc32("".join(inspect.getsource(m) for m in (cpu, simd, vnni, gemm_vnni)).encode())
 
 
 _DEPS = _dependency_key()
+# activation rounding without fast math: q = rint(x · (1/dx)) then rounds the same in every caller and in
+# kernels.ref.round_activations (fast math lets LLVM rewrite 1/(amax/qmax) differently per call site, which moves
+# near-ties to the next level)
+_ROUND_JIT = dict(_JIT, fastmath=False)
 # scale/min decoding: one hardware conversion where the CPU has it, the table-based decoder elsewhere
 HAS_F16C = host_has_f16c()
 h2f = half_to_float if HAS_F16C else _h2f
@@ -75,19 +78,25 @@ def activation_mode(bits: int, exact: bool = False) -> str:
     return "split" if bits >= 8 or exact else "int8"
 
 
-@nb.njit(inline="always", **_JIT)
-def _group_scale(x, t, j0, g, qmax):
-    """(d, 1/d) for x[t, j0:j0+g]: d = absmax / qmax (1/d = 0 for an all-zero group)."""
+@nb.njit(**_JIT)
+def _absmax(x, t, j0, g):
+    """max |x[t, j0:j0+g]| (exact in any order, so fast math may vectorize it)."""
     amax = np.float32(0.0)
     for j in range(g):
         a = abs(x[t, j0 + j])
         if a > amax:
             amax = a
-    d = amax / qmax
+    return amax
+
+
+@nb.njit(inline="always", **_ROUND_JIT)
+def _group_scale(x, t, j0, g, qmax):
+    """(d, 1/d) for x[t, j0:j0+g]: d = absmax / qmax (1/d = 0 for an all-zero group)."""
+    d = _absmax(x, t, j0, g) / qmax
     return d, (np.float32(1.0) / d if d > 0 else np.float32(0.0))
 
 
-@nb.njit(**_JIT)
+@nb.njit(**_ROUND_JIT)
 def quantize_activations(xq, dx, xs, x, g):
     """xq: i16[T, cols] = round(x / dx); dx, xs: f32[T, ng] scale and sum of the rounded activations (dx · Σxq,
     see quantize_activations8) per group; x: f32[T, cols]."""
@@ -98,14 +107,14 @@ def quantize_activations(xq, dx, xs, x, g):
             d, inv = _group_scale(x, t, gi * g, g, np.float32(XQ_MAX))
             qsum = 0
             for j in range(g):
-                q = np.int32(math.floor(x[t, gi * g + j] * inv + np.float32(0.5)))
+                q = np.int32(np.rint(x[t, gi * g + j] * inv))
                 qsum += q
                 xq[t, gi * g + j] = np.int16(q)
             dx[t, gi] = d
             xs[t, gi] = d * np.float32(qsum)
 
 
-@nb.njit(**_JIT)
+@nb.njit(**_ROUND_JIT)
 def quantize_activations8(xh, xl, dx, xs, x, g, split):
     """Activations for the byte dot product. Not split: xh: i8[T, cols] = round(x / dx) with dx = absmax / 127.
     Split: q = round(x / dx) with dx = absmax / 32639, stored as xh = (q + 128) >> 8 and xl = q - 256 * xh (both
@@ -120,7 +129,7 @@ def quantize_activations8(xh, xl, dx, xs, x, g, split):
             d, inv = _group_scale(x, t, gi * g, g, qmax)
             qsum = 0
             for j in range(g):
-                q = np.int32(math.floor(x[t, gi * g + j] * inv + np.float32(0.5)))
+                q = np.int32(np.rint(x[t, gi * g + j] * inv))
                 qsum += q
                 if split:
                     h = (q + 128) >> 8
@@ -161,25 +170,12 @@ def make_kernels(bits: int, g: int, mode: str | None = None) -> Kernels:
 @nb.njit(inline="always", **_JIT)
 def _row_dot8(codes, scales, mins, r, xh, xl, dx, xs, asym, bits, g, split):
     """Row r of W times one token's activations (xh, xl: i8[cols]; dx, xs: f32[ng]) on the byte dot product.
-    bits, g and split arrive as literals (the kernels below pass their closure constants), as the intrinsics need.
+    bits, g and split arrive as literals (the kernels below pass their closure constants), as the intrinsic needs.
     Module level, not a closure variable: numba keys a closure's cache entry by a pickle of its captured values,
     and a captured jitted function pickles differently in every process (nothing would ever load from cache)."""
-    ng = scales.shape[1]
-    nq = ng // 4 * 4
-    gbytes = g * bits // 8
-    crow = codes[r]
-    acc = np.float32(0.0)
-    for gi in range(0, nq, 4):
-        if asym:
-            acc += quad_fdot8(crow, scales, mins, r, gi, xh, xl, dx, xs, bits, g, True, split)
-        else:
-            acc += quad_fdot8(crow, scales, mins, r, gi, xh, xl, dx, xs, bits, g, False, split)
-    for gi in range(nq, ng):
-        d = h2f(scales[r, gi])
-        m = h2f(mins[r, gi]) if asym else d * np.float32(1 << (bits - 1))
-        s = group_idot8(crow, gi * gbytes, xh, xl, gi * g, bits, g, split)
-        acc += d * dx[gi] * np.float32(s) - m * xs[gi]
-    return acc
+    if asym:
+        return row_fdot8(codes[r], scales, mins, r, xh, xl, dx, xs, bits, g, True, split)
+    return row_fdot8(codes[r], scales, mins, r, xh, xl, dx, xs, bits, g, False, split)
 
 
 @nb.njit(**_JIT)

@@ -32,12 +32,13 @@ def matvec(parts: dict[str, np.ndarray], qt: QType, shape: tuple[int, ...], x: n
 
 def round_activations(x: np.ndarray, g: int, qmax: float) -> np.ndarray:
     """x[T, cols] rounded to ``qmax`` integer levels per group of ``g`` (scale = group absmax / qmax), returned
-    dequantized: what the integer kernels' activation modes multiply by (kernels/cpu_quant.py)."""
+    dequantized: what the integer kernels' activation modes multiply by (kernels/cpu_quant.py). Round half to
+    even of one rounded product, as the kernels: no add after the multiply that a fused multiply-add could change."""
     t, cols = x.shape
     xg = x.astype(np.float32).reshape(t, cols // g, g)
     d = np.abs(xg).max(axis=-1, keepdims=True) / np.float32(qmax)
     inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d > 0)
-    return (np.floor(xg * inv + np.float32(0.5)) * d).reshape(t, cols)
+    return (np.rint(xg * inv) * d).reshape(t, cols)
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

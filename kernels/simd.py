@@ -234,7 +234,7 @@ def quad_fdot(typingctx, crow, scales, mins, r, gi, xq, dx, xs, bits, g, asym):
 def quad_epilogue(builder, isum, sptr, mptr, soff, dxptr, xsptr, g0, nbits: int, asym: bool):
     """float32 Σ_q d_q · dx_q · isum_q − m_q · xs_q over four groups: isum <4 x i32> their integer dot products;
     d, m: four float16 (bits) from sptr / mptr at soff (m = d · 2**(nbits-1) unless asym); dx, xs: four float32
-    from dxptr / xsptr at g0. The scale arithmetic of quad_fdot and vnni.quad_fdot8, on one 4-lane vector."""
+    from dxptr / xsptr at g0. The scale arithmetic of quad_fdot, on one 4-lane vector."""
     f32 = ir.FloatType()
     v4f = ir.VectorType(f32, QUAD_LANES)
     half4 = ir.VectorType(ir.HalfType(), QUAD_LANES)

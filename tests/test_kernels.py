@@ -23,7 +23,9 @@ def random_parts(qt: QType, rows: int, cols: int, rng) -> dict[str, np.ndarray]:
 
 
 def shape_for(qt: QType) -> tuple[int, int]:
-    return (13, 96) if qt.group_size == 0 else (13, 5 * qt.group_size)  # 5 groups: one block of four and one more
+    # 13 groups: the byte kernels' block of eight plus five one by one; the int16 kernels' three blocks of four
+    # plus one
+    return (13, 96) if qt.group_size == 0 else (13, 13 * qt.group_size)
 
 
 @pytest.mark.parametrize("qt", QUANT, ids=lambda q: q.name)
