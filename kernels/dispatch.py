@@ -7,7 +7,7 @@ import numpy as np
 from lowbit.errors import FormatError
 from lowbit.formats.qtypes import PLANES
 from lowbit.formats.reader import StoredTensor
-from lowbit.kernels import act_quant, blas, cpu, cpu_quant, hadamard
+from lowbit.kernels import act_quant, blas, cpu, cpu_attention, cpu_quant, hadamard
 from lowbit.kernels.ref import dequantize
 from lowbit.kernels.timing import kernel_call
 
@@ -279,12 +279,13 @@ def attention(
 ) -> np.ndarray:
     """Causal GQA attention over the cache; window > 0 limits each query to the last ``window`` keys, softcap > 0
     soft-caps the scaled scores (cap * tanh(s / cap))."""
+    q = np.ascontiguousarray(q, dtype=np.float32)  # the kernels' SIMD loads need C-contiguous rows
     out = np.empty_like(q)
     args = (out, q, k_cache, v_cache, start, np.float32(scale), window, np.float32(softcap))
     if q.shape[0] == 1 and start + 1 > DECODE_CHUNK:
-        kernel_call(cpu.attention_decode, *args, DECODE_CHUNK)
+        kernel_call(cpu_attention.attention_decode, *args, DECODE_CHUNK)
     else:
-        kernel_call(blas.attention if q.shape[0] >= BLAS_ATTENTION else cpu.attention, *args)
+        kernel_call(blas.attention if q.shape[0] >= BLAS_ATTENTION else cpu_attention.attention, *args)
     return out
 
 

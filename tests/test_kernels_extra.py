@@ -99,7 +99,7 @@ def test_blas_prefill_attention_matches_reference(t, start, window, cap):
 
 @pytest.mark.parametrize("start,window,cap,chunk", [(0, 0, 0.0, 4), (37, 0, 0.0, 8), (37, 0, 2.0, 5), (50, 9, 0.0, 4)])
 def test_split_decode_attention_matches_reference(start, window, cap, chunk):
-    from lowbit.kernels import cpu
+    from lowbit.kernels import cpu_attention
 
     rng = np.random.default_rng(start + chunk)
     nh, nkv, hd, ctx = 6, 2, 8, 64
@@ -107,6 +107,33 @@ def test_split_decode_attention_matches_reference(start, window, cap, chunk):
     k = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
     v = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
     got = np.empty_like(q)
-    cpu.attention_decode(got, q, k, v, start, np.float32(0.3), window, np.float32(cap), chunk)
+    cpu_attention.attention_decode(got, q, k, v, start, np.float32(0.3), window, np.float32(cap), chunk)
     want = ref.attention(q, k, v, start, scale=0.3, window=window, softcap=cap)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("hd", [8, 20, 64])
+@pytest.mark.parametrize("t,start,chunk", [(1, 70, 19), (1, 70, 128), (1, 5, 128), (3, 17, 0)])
+def test_attention_head_dims_and_key_blocks_match_reference(hd, t, start, chunk):
+    """Keys and values go eight at a time through the SIMD intrinsics when the head dim is a multiple of 8 (64),
+    one by one otherwise (20); chunk/position counts that are not multiples of 8 leave a tail each way."""
+    from lowbit.kernels import cpu_attention
+
+    rng = np.random.default_rng(hd + start + chunk)
+    nh, nkv, ctx = 6, 2, 80
+    q = (rng.standard_normal((t, nh, hd)) * 2).astype(np.float32)
+    k = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
+    v = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
+    for cap in (0.0, 3.0):
+        want = ref.attention(q, k, v, start, scale=0.3, window=0, softcap=cap)
+        got = np.empty_like(q)
+        if chunk:
+            cpu_attention.attention_decode(got, q, k, v, start, np.float32(0.3), 0, np.float32(cap), chunk)
+        else:
+            cpu_attention.attention(got, q, k, v, start, np.float32(0.3), 0, np.float32(cap))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # a strided query (a view of a wider buffer) gives the same result through dispatch
+    wide = np.zeros((t, nh, hd + 4), dtype=np.float32)
+    wide[:, :, :hd] = q
+    np.testing.assert_allclose(dispatch.attention(wide[:, :, :hd], k, v, start, 0.3), ref.attention(q, k, v, start,
+                               scale=0.3), rtol=1e-4, atol=1e-5)
