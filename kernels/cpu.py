@@ -285,36 +285,6 @@ def gelu_tanh_mul_par(out, gate, up):
         _gelu_tanh_mul_row(out, gate, up, t)
 
 
-@nb.njit(parallel=True, **_JIT)
-def causal_softmax(s, t_n, start, lo, scale, window, cap):
-    """In place, for prompt attention: s[rows, n] holds q·k for query rows i (token t = i % t_n at position
-    start + t) against keys lo..lo+n-1; each row becomes softmax(scale · s) (soft-capped when cap > 0) over the keys
-    the query may see (causal, and within ``window`` when > 0), zero elsewhere."""
-    n = s.shape[1]
-    for i in nb.prange(s.shape[0]):
-        pos = start + i % t_n
-        k0 = 0
-        if window > 0 and pos - window + 1 > lo:
-            k0 = pos - window + 1 - lo
-        k1 = min(pos - lo + 1, n)
-        top = np.float32(-np.inf)
-        for k in range(k0, k1):
-            v = s[i, k] * scale
-            if cap > 0:
-                v = np.float32(cap * math.tanh(v / cap))
-            s[i, k] = v
-            if v > top:
-                top = v
-        for k in range(k0, k1):  # two passes: each vectorizes, the fused loop does not
-            s[i, k] = fast_exp(s[i, k] - top)
-        tot = np.float32(0.0)
-        for k in range(k0, k1):
-            tot += s[i, k]
-        inv = np.float32(1.0) / tot
-        for k in range(n):
-            s[i, k] = s[i, k] * inv if k0 <= k < k1 else np.float32(0.0)
-
-
 @nb.njit(**_JIT)
 def softcap(out, x, cap):
     """out = cap * tanh(x / cap) (logit soft-capping). out, x: f32[T, n]; cap: f32 > 0."""

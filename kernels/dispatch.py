@@ -7,11 +7,10 @@ import numpy as np
 from lowbit.errors import FormatError
 from lowbit.formats.qtypes import PLANES
 from lowbit.formats.reader import StoredTensor
-from lowbit.kernels import act_quant, blas, cpu, cpu_attention, cpu_quant, hadamard
+from lowbit.kernels import act_quant, cpu, cpu_attention, cpu_quant, hadamard
 from lowbit.kernels.ref import dequantize
 from lowbit.kernels.timing import kernel_call
 
-BLAS_ATTENTION = 16  # from this many query tokens on, attention is computed with BLAS products
 DECODE_CHUNK = 128  # one-token attention over more cached positions than this is split into chunks of this many
 SMALL_BATCH = 8  # up to this many tokens: fused dequantize-and-dot; beyond: the integer GEMM where the CPU has
 # the byte dot product (kernels/gemm_vnni.py), else dequantized tiles + BLAS
@@ -285,7 +284,7 @@ def attention(
     if q.shape[0] == 1 and start + 1 > DECODE_CHUNK:
         kernel_call(cpu_attention.attention_decode, *args, DECODE_CHUNK)
     else:
-        kernel_call(blas.attention if q.shape[0] >= BLAS_ATTENTION else cpu_attention.attention, *args)
+        kernel_call(cpu_attention.attention, *args)
     return out
 
 

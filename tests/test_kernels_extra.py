@@ -81,20 +81,17 @@ def test_partial_rope_on_a_view_matches_reference():
     np.testing.assert_allclose(x, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("hd", [8, 64])
 @pytest.mark.parametrize("t,start,window,cap", [(16, 0, 0, 0.0), (20, 7, 0, 0.0), (17, 3, 5, 0.0), (24, 0, 4, 2.0)])
-def test_blas_prefill_attention_matches_reference(t, start, window, cap):
-    from lowbit.kernels import blas
-
-    rng = np.random.default_rng(t + start)
-    nh, nkv, hd, ctx = 6, 2, 8, 48
+def test_prompt_attention_matches_reference(t, start, window, cap, hd):
+    rng = np.random.default_rng(t + start + hd)
+    nh, nkv, ctx = 6, 2, 48
     q = (rng.standard_normal((t, nh, hd)) * 2).astype(np.float32)
     k = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
     v = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
-    got = np.empty_like(q)
-    blas.attention(got, q, k, v, start, 0.3, window, cap)
+    got = dispatch.attention(q, k, v, start, 0.3, window, cap)
     want = ref.attention(q, k, v, start, scale=0.3, window=window, softcap=cap)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    assert t >= dispatch.BLAS_ATTENTION  # the path dispatch takes for prompts this long
 
 
 @pytest.mark.parametrize("start,window,cap,chunk", [(0, 0, 0.0, 4), (37, 0, 0.0, 8), (37, 0, 2.0, 5), (50, 9, 0.0, 4)])
