@@ -48,6 +48,14 @@ def _data(context, builder, aty, aval, off):
     return builder.gep(arr.data, [off if off.type.width == 64 else builder.sext(off, _I64)])
 
 
+def _operands(context, builder, signature, args):
+    """(pointer, pointer, pointer, row length as i64) of the intrinsics' (array, offset) × 3 + n arguments."""
+    a = signature.args
+    ptrs = [_data(context, builder, a[i], args[i], args[i + 1]) for i in (0, 2, 4)]
+    width = args[6] if args[6].type.width == 64 else builder.sext(args[6], _I64)
+    return (*ptrs, width)
+
+
 def _load8(builder, ptr, off):
     return builder.load(builder.bitcast(builder.gep(ptr, [off]), _V8.as_pointer()), align=4)
 
@@ -76,11 +84,7 @@ def scores8(typingctx, out, ooff, q, qoff, k, koff, n, scale):
     sig = types.void(out, ooff, q, qoff, k, koff, n, scale)
 
     def codegen(context, builder, signature, args):
-        a = signature.args
-        optr = _data(context, builder, a[0], args[0], args[1])
-        qptr = _data(context, builder, a[2], args[2], args[3])
-        kptr = _data(context, builder, a[4], args[4], args[5])
-        width = args[6] if args[6].type.width == 64 else builder.sext(args[6], _I64)
+        optr, qptr, kptr, width = _operands(context, builder, signature, args)
         fma = _fma(builder)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8, [0.0] * 8)) for _ in range(KEYS)]
         with cgutils.for_range(builder, builder.udiv(width, ir.Constant(_I64, 8))) as loop:
@@ -105,11 +109,7 @@ def values8(typingctx, out, ooff, p, poff, v, voff, n):
     sig = types.void(out, ooff, p, poff, v, voff, n)
 
     def codegen(context, builder, signature, args):
-        a = signature.args
-        optr = _data(context, builder, a[0], args[0], args[1])
-        pptr = _data(context, builder, a[2], args[2], args[3])
-        vptr = _data(context, builder, a[4], args[4], args[5])
-        width = args[6] if args[6].type.width == 64 else builder.sext(args[6], _I64)
+        optr, pptr, vptr, width = _operands(context, builder, signature, args)
         fma = _fma(builder)
         pv = _load8(builder, pptr, ir.Constant(_I64, 0))
         splats = [builder.shuffle_vector(pv, pv, ir.Constant(ir.VectorType(_I32, 8), [i] * 8)) for i in range(KEYS)]

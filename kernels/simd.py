@@ -94,29 +94,34 @@ def plane_slots(builder, c, p: int) -> list:
     return slots
 
 
+def load_planes(builder, cptr, bits: int, g: int):
+    """The bit planes of one group at cptr, in order: (plane width p, its bytes nbytes = g·p/8, those bytes as an
+    <nbytes x i8> vector, the shift that puts the plane's values in place in the code)."""
+    shift = 0
+    offset = 0
+    for p in PLANES[bits]:
+        nbytes = g * p // 8
+        vty = ir.VectorType(_I8, nbytes)
+        ptr = builder.gep(cptr, [ir.Constant(ir.IntType(64), offset)])
+        yield p, nbytes, builder.load(builder.bitcast(ptr, vty.as_pointer()), align=1), shift
+        offset += nbytes
+        shift += p
+
+
 def _dot_ir(builder, cptr, xptr, bits: int, g: int, lanes: int = 1):
     """i32 sum over one group. Each shift-and-mask slot of a plane holds a contiguous run of the group's elements.
     Wide planes (4 or 8 bits: one or two slots) multiply each slot with its own run of activations directly; narrow
     planes (1 or 2 bits: four or eight short slots) are first put in element order and combined into one <g x i8>
     code vector, so the multiply runs on full-width registers: 2-bit slots are concatenated with shuffles; a 1-bit
     plane is spread with one shuffle (lane e gets byte e % nbytes) and each lane tests its own bit."""
-    i64 = ir.IntType(64)
     total = None
     narrow = None  # <g x i8> codes of the narrow planes, in element order, already shifted into place
-    shift = 0
-    offset = 0
-    for p in PLANES[bits]:
-        n = 8 // p
-        nbytes = g // n
-        vty = ir.VectorType(_I8, nbytes)
-        c = builder.load(builder.bitcast(builder.gep(cptr, [ir.Constant(i64, offset)]), vty.as_pointer()), align=1)
+    for p, nbytes, c, shift in load_planes(builder, cptr, bits, g):
         if p == 1:
             plane = bit_plane(builder, c, nbytes, g)
             if shift:
                 plane = builder.shl(plane, ir.Constant(plane.type, [shift] * g))
             narrow = plane if narrow is None else builder.or_(narrow, plane)
-            offset += nbytes
-            shift += p
             continue
         slots = plane_slots(builder, c, p)
         if p >= 4:
@@ -135,8 +140,6 @@ def _dot_ir(builder, cptr, xptr, bits: int, g: int, lanes: int = 1):
             if shift:
                 plane = builder.shl(plane, ir.Constant(plane.type, [shift] * g))
             narrow = plane if narrow is None else builder.or_(narrow, plane)
-        offset += nbytes
-        shift += p
     if narrow is not None:
         prod = _widen_mul(builder, narrow, xptr, 0)
         part = _reduce(builder, prod) if lanes == 1 else _fold(builder, prod, lanes)

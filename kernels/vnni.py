@@ -25,7 +25,7 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 from lowbit.formats.qtypes import PLANES
-from lowbit.kernels.simd import _concat, bit_plane, plane_slots
+from lowbit.kernels.simd import _concat, bit_plane, load_planes, plane_slots
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -46,24 +46,17 @@ def host_has_vnni() -> bool:
 def _codes_ir(builder, cptr, bits: int, g: int):
     """<g x i8> unsigned codes of one group in element order (planes shifted into place and or-ed together)."""
     out = None
-    shift = 0
-    offset = 0
-    for p in PLANES[bits]:
-        n = 8 // p
-        nbytes = g // n
-        vty = ir.VectorType(_I8, nbytes)
-        c = builder.load(builder.bitcast(builder.gep(cptr, [ir.Constant(_I64, offset)]), vty.as_pointer()), align=1)
+    for p, nbytes, c, shift in load_planes(builder, cptr, bits, g):
         if p == 1:
             plane = bit_plane(builder, c, nbytes, g)
         elif nbytes < WIDE and g >= WIDE:
-            plane = _concat(builder, [_narrow_chunk(builder, c, p, nbytes, k0) for k0 in range(0, n, WIDE // nbytes)])
+            slots = range(0, 8 // p, WIDE // nbytes)
+            plane = _concat(builder, [_narrow_chunk(builder, c, p, nbytes, k0) for k0 in slots])
         else:
             plane = _concat(builder, plane_slots(builder, c, p))
         if shift:
             plane = builder.shl(plane, ir.Constant(plane.type, [shift] * g))
         out = plane if out is None else builder.or_(out, plane)
-        offset += nbytes
-        shift += p
     return out
 
 
