@@ -205,8 +205,8 @@ class Model:
         self.lm_head = self.embed if tied else self.weight("output")
         self.out_norm = self.norm_weight("output_norm")
         self.layers = [self.load_layer(f"blk.{i}.") for i in range(args.num_hidden_layers)]
-        # quantized layers compute on numba's threads; BLAS (prompt attention) then runs on one thread, since
-        # OpenBLAS's own threads spin between calls and would take the cores from numba's
+        # quantized layers compute on numba's threads; BLAS (low-rank terms, per-channel types' dequantized tiles)
+        # then runs on one thread, since OpenBLAS's own threads spin between calls and would take numba's cores
         self.one_thread_blas = any(isinstance(w, dispatch.Weight) and w.f32 is None for w in self.layers[0].values())
         self.scale = 1.0 / float(np.sqrt(args.head_dim))
         self.attn_softcap = 0.0  # 0: none
