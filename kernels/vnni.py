@@ -123,11 +123,6 @@ def _check(bits, g, *flags):
     return nbits, glen
 
 
-def _ptr(context, builder, aty, aval, off):
-    arr = context.make_array(aty)(context, builder, value=aval)
-    return builder.gep(arr.data, [off if off.type.width == 64 else builder.sext(off, _I64)])
-
-
 @intrinsic
 def row_fdot8(typingctx, crow, scales, mins, r, xh, xl, dx, xs, bits, g, asym, split):
     """float32 row r of W times one token, all groups in one call: Σ_g d_g · dx_g · (u_g · x_g) − m_g · xs_g, with
