@@ -32,17 +32,17 @@ import numpy as np
 
 from lowbit.formats.qtypes import GROUP_SIZES
 from lowbit.kernels.cpu import _JIT, _h2f
-from lowbit.kernels.gemm_vnni import tile_gemm
+from lowbit.kernels.gemm_vnni import tile_gemm, unpack_row
 from lowbit.kernels.simd import group_idot, half_to_float, host_has_f16c, quad_fdot
-from lowbit.kernels.vnni import host_has_vnni, row_fdot8
+from lowbit.kernels.vnni import host_has_avx512_vnni, host_has_vnni, row_fdot8
 
 XQ_MAX = 32767.0
 XQ_MAX_SPLIT = 32639.0  # 127 * 256 + 127: the high byte of round(x / dx) + 128 stays a signed byte
 XQ_MAX_INT8 = 127.0
 ACT_MODES = ("int16", "split", "int8")
-# prefill GEMM tile, weight rows by tokens (kernels.gemm_vnni), per activation mode: the best measured on Zen 4
-# (split needs two accumulating instructions per chunk, so fewer tokens per tile keep it in registers)
-TILES = {"split": (4, 4), "int8": (4, 8)}
+# prefill GEMM tile (kernels.gemm_vnni): tokens per tile, per activation mode (split needs two integer accumulators
+# per token, so fewer tokens keep a tile in registers)
+TILE_TOKENS = {"split": 4, "int8": 8}
 
 
 def _dependency_key() -> int:
@@ -63,6 +63,8 @@ _ROUND_JIT = dict(_JIT, fastmath=False)
 HAS_F16C = host_has_f16c()
 h2f = half_to_float if HAS_F16C else _h2f
 HAS_VNNI = HAS_F16C and host_has_vnni()
+# weight rows per prefill GEMM block: one 32-bit lane each of a 512-bit vpdpbusd with AVX-512, of a 256-bit one else
+GEMM_ROWS = 16 if host_has_avx512_vnni() else 8
 
 
 def specialised(bits: int, g: int) -> bool:
@@ -191,8 +193,35 @@ def _quantize8(x, g, split):
     return xh, xl, dx, xs
 
 
+@nb.njit(**_JIT)
+def _pack_block(codes, scales, mins, r0, asym, bits, g, br):
+    """Rows r0..r0+br of W for kernels.gemm_vnni.tile_gemm: the codes interleaved as u8[group][chunk of 4][row][4],
+    d and −m (m = d · 2**(bits-1) unless asym) as f32[group, row]. bits, g and br arrive as literals."""
+    cols = codes.shape[1] * 8 // bits
+    ng = cols // g
+    wb = np.empty(cols * br, dtype=np.uint8)
+    dsc = np.empty((ng, br), dtype=np.float32)
+    nmc = np.empty((ng, br), dtype=np.float32)
+    row = np.empty(cols, dtype=np.uint8)
+    zp = np.float32(1 << (bits - 1))
+    for r in range(br):
+        unpack_row(row, codes[r0 + r], bits, g)
+        for j in range(0, cols, 4):
+            o = ((j >> 2) * br + r) * 4
+            wb[o] = row[j]
+            wb[o + 1] = row[j + 1]
+            wb[o + 2] = row[j + 2]
+            wb[o + 3] = row[j + 3]
+        for gi in range(ng):
+            d = h2f(scales[r0 + r, gi])
+            dsc[gi, r] = d
+            nmc[gi, r] = -h2f(mins[r0 + r, gi]) if asym else -d * zp
+    return wb, dsc, nmc
+
+
 def _vnni_kernels(bits: int, g: int, split: bool):
-    tile = TILES["split" if split else "int8"]
+    tt = TILE_TOKENS["split" if split else "int8"]
+    br = GEMM_ROWS
     deps = _DEPS
 
     @nb.njit(parallel=True, **_JIT)
@@ -216,31 +245,30 @@ def _vnni_kernels(bits: int, g: int, split: bool):
 
     @nb.njit(parallel=True, **_JIT)
     def qgemm(y, codes, scales, mins, x, asym):
-        """y[T, rows] = x @ W.T for a prompt: tiles of rows by tokens (TILES, kernels.gemm_vnni), the edges
-        one (row, token) at a time. Arguments as in qmatmul_small."""
+        """y[T, rows] = x @ W.T for a prompt: blocks of GEMM_ROWS rows, each unpacked once into an interleaved
+        buffer and multiplied with tiles of tokens (kernels.gemm_vnni); the last rows % GEMM_ROWS rows one
+        (row, token) at a time. Arguments as in qmatmul_small."""
         rows = codes.shape[0]
-        t_n = x.shape[0]
+        t_n, cols = x.shape
         xh, xl, dx, xs = _quantize8(x, g, split)
         dxT = np.ascontiguousarray(dx.T)
         xsT = np.ascontiguousarray(xs.T)
         if deps == 0:  # never true; see _dependency_key
             return
-        tr, tt = tile
-        nrt = rows // tr
-        nt = t_n // tt * tt
-        for i in nb.prange(nrt + (rows - nrt * tr)):
-            if i < nrt:
-                r0 = i * tr
-                for t0 in range(0, nt, tt):
-                    if asym:
-                        tile_gemm(y, codes, scales, mins, xh, xl, dxT, xsT, r0, t0, bits, g, True, split, tr, tt)
-                    else:
-                        tile_gemm(y, codes, scales, mins, xh, xl, dxT, xsT, r0, t0, bits, g, False, split, tr, tt)
-                for r in range(r0, r0 + tr):
-                    for t in range(nt, t_n):
-                        y[t, r] = _row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
+        nblk = rows // br
+        for i in nb.prange(nblk + (rows - nblk * br)):
+            if i < nblk:
+                r0 = i * br
+                wb, dsc, nmc = _pack_block(codes, scales, mins, r0, asym, bits, g, br)
+                t0 = 0
+                while t0 + tt <= t_n:
+                    tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, br, tt)
+                    t0 += tt
+                while t0 < t_n:
+                    tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, br, 1)
+                    t0 += 1
             else:
-                r = nrt * tr + (i - nrt)
+                r = nblk * br + (i - nblk)
                 for t in range(t_n):
                     y[t, r] = _row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
 

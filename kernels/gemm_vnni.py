@@ -1,15 +1,18 @@
-"""The prefill microkernel: a register-blocked quantized GEMM tile on the byte dot product of ``kernels.vnni``.
+"""The prefill GEMM on the byte dot product, weight rows interleaved so that each 32-bit lane of ``vpdpbusd`` is one
+row's dot product (no horizontal sums anywhere).
 
-``tile_gemm`` computes ``y[t0:t0+T, r0:r0+R]`` (R weight rows by T tokens) over every group of the rows in one call:
-each group's codes are unpacked once per row and multiplied with the T tokens' 8-bit activations (``vpdpbusd``,
-split or int8 as in ``kernels.vnni``); each (row, token) pair keeps an 8-lane float accumulator that takes the
-group's integer sums times ``d · dx`` (one convert and one fused multiply-add per group), so the horizontal sums
-run once per tile, not once per group. The min term ``m · xs`` is accumulated on T-lane vectors per row.
-The accumulators are stack slots that LLVM promotes to registers; R and T are compile-time constants.
+A block of R weight rows (R = 16 with AVX-512, 8 with AVX-VNNI only) is first unpacked into a buffer laid out
+``[group][chunk of 4 elements][row][4 bytes]`` (``unpack_row`` + the caller's interleave, kernels/cpu_quant.py), and
+its scales and negated mins into ``[group][row]`` floats. ``tile_gemm`` then multiplies the block with T tokens:
+per chunk, one vector load of the R rows' four codes each and, per token, one broadcast of that token's four
+activation bytes and one ``vpdpbusd`` into an R-lane integer accumulator. After each group the integer lanes become
+floats and enter the token's float accumulator by two fused multiply-adds (``d · dx`` and the min term
+``−m · xs``); ``y[t, r0:r0+R]`` is one vector store. The block buffer is unpacked once and reused for every token
+tile, so unpacking costs ~1/T of what it did when each (row, token) tile unpacked its own codes.
 
-Layouts: codes u8[rows, cols*bits/8]; scales, mins u16[rows, ng] (float16 bits; mins unread unless asym);
-xh, xl i8[tokens, cols] (xl unread unless split); dxT, xsT f32[ng, tokens] (transposed, so the T tokens of a
-group are one vector load); y f32[tokens, rows]. Callers guarantee r0 + R <= rows and t0 + T <= tokens.
+Layouts: wb u8[ng·g·R] (the interleaved block); dsc, nmc f32[ng, R] (d and −m per group and row); xh, xl
+i8[tokens, cols] (xl unread unless split; x = 256·xh + xl when split); dxT, xsT f32[ng, tokens]; y f32[tokens, rows].
+Callers guarantee r0 + R <= rows and t0 + T <= tokens.
 """
 
 from __future__ import annotations
@@ -19,24 +22,52 @@ from numba import types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
-from lowbit.kernels.vnni import _check, _codes_ir, _group_acc
+from lowbit.kernels.vnni import _check, _codes_ir
 
-_I16 = ir.IntType(16)
+_I8 = ir.IntType(8)
+_I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _F32 = ir.FloatType()
 
 
+def _literal(v, name: str) -> int:
+    if not isinstance(v, types.IntegerLiteral):
+        raise errors.RequireLiteralValue(f"gemm_vnni: {name} must be a literal")
+    return v.literal_value
+
+
 @intrinsic
-def tile_gemm(typingctx, y, codes, scales, mins, xh, xl, dxT, xsT, r0, t0, bits, g, asym, split, R, T):
-    """See the module docstring."""
-    nbits, glen = _check(bits, g, asym, split, R, T)
-    is_asym, is_split = asym.literal_value, split.literal_value
-    nr, nt = R.literal_value, T.literal_value
-    if not (1 <= nr <= 8 and nt in (1, 2, 4, 8)):
-        raise errors.TypingError(f"tile_gemm: unsupported tile {nr}x{nt}")
-    sig = types.void(y, codes, scales, mins, xh, xl, dxT, xsT, r0, t0, bits, g, asym, split, R, T)
+def unpack_row(typingctx, dst, crow, bits, g):
+    """dst[0:cols] = the unsigned codes of one packed row crow (u8[cols·bits/8]), in element order."""
+    nbits, glen = _check(bits, g)
+    sig = types.void(dst, crow, bits, g)
     gbytes = glen * nbits // 8
-    zp = float(1 << (nbits - 1))
+
+    def codegen(context, builder, signature, args):
+        da = context.make_array(signature.args[0])(context, builder, value=args[0])
+        ca = context.make_array(signature.args[1])(context, builder, value=args[1])
+        ng = builder.udiv(builder.extract_value(da.shape, 0), ir.Constant(_I64, glen))
+        vty = ir.VectorType(_I8, glen).as_pointer()
+        with cgutils.for_range(builder, ng) as loop:
+            gi = loop.index
+            u = _codes_ir(builder, builder.gep(ca.data, [builder.mul(gi, ir.Constant(_I64, gbytes))]), nbits, glen)
+            out = builder.gep(da.data, [builder.mul(gi, ir.Constant(_I64, glen))])
+            builder.store(u, builder.bitcast(out, vty), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def tile_gemm(typingctx, y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, R, T):
+    """See the module docstring: y[t0:t0+T, r0:r0+R] from one interleaved block and T tokens."""
+    _, glen = _check(types.literal(8), g, split)
+    is_split = split.literal_value
+    nr, nt = _literal(R, "R"), _literal(T, "T")
+    if nr not in (8, 16) or not 1 <= nt <= 12:
+        raise errors.TypingError(f"tile_gemm: unsupported tile of {nr} rows by {nt} tokens")
+    sig = types.void(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, R, T)
+    chunks = glen // 4
 
     def codegen(context, builder, signature, args):
         def arr(i):
@@ -48,62 +79,59 @@ def tile_gemm(typingctx, y, codes, scales, mins, xh, xl, dxT, xsT, r0, t0, bits,
         def c64(v):
             return ir.Constant(_I64, v)
 
-        ya, ca, sa, ma, ha, la, da, xa = (arr(i) for i in range(8))
+        ya, wa, da, ma, ha, la, xda, xsa = (arr(i) for i in range(8))
         row0, tok0 = as64(args[8]), as64(args[9])
         n_rows = builder.extract_value(ya.shape, 1)
-        rowbytes = builder.extract_value(ca.shape, 1)
-        ng = builder.extract_value(sa.shape, 1)
+        ng = builder.extract_value(da.shape, 0)
         cols = builder.extract_value(ha.shape, 1)
-        n_tok = builder.extract_value(da.shape, 1)
-        v8f = ir.VectorType(_F32, 8)
-        vtf = ir.VectorType(_F32, nt)
-        fma8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f] * 3), "llvm.fma.v8f32")
-        facc = [[cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(nt)]
-                for _ in range(nr)]
-        macc = [cgutils.alloca_once_value(builder, ir.Constant(vtf, [0.0] * nt)) for _ in range(nr)]
+        n_tok = builder.extract_value(xda.shape, 1)
+        vi = ir.VectorType(_I32, nr)
+        vf = ir.VectorType(_F32, nr)
+        splat_mask = ir.Constant(ir.VectorType(_I32, nr), [0] * nr)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf] * 3), f"llvm.fma.v{nr}f32")
+        dpb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [vi] * 3),
+                                             f"llvm.x86.avx512.vpdpbusd.{nr * 32}")
+        facc = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * nr)) for _ in range(nt)]
 
+        def splat(v):
+            one = builder.insert_element(ir.Constant(ir.VectorType(v.type, nr), ir.Undefined), v,
+                                         ir.Constant(_I32, 0))
+            return builder.shuffle_vector(one, one, splat_mask)
+
+        def load_vec(ptr, off, ty, align):
+            return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=align)
+
+        xrow = [builder.mul(builder.add(tok0, c64(t)), cols) for t in range(nt)]
         with cgutils.for_range(builder, ng) as loop:
             gi = loop.index
-            # the T tokens' activation scales and sums of this group: one vector load each
-            goff = builder.add(builder.mul(gi, n_tok), tok0)
-            dxv = builder.load(builder.bitcast(builder.gep(da.data, [goff]), vtf.as_pointer()), align=4)
-            xsv = builder.load(builder.bitcast(builder.gep(xa.data, [goff]), vtf.as_pointer()), align=4)
-            us, sds = [], []
-            for r in range(nr):
-                row = builder.add(row0, c64(r))
-                cptr = builder.gep(ca.data, [builder.add(builder.mul(row, rowbytes), builder.mul(gi, c64(gbytes)))])
-                us.append(_codes_ir(builder, cptr, nbits, glen))
-                soff = builder.add(builder.mul(row, ng), gi)
-                d = builder.fpext(builder.bitcast(builder.load(builder.gep(sa.data, [soff])), ir.HalfType()), _F32)
-                if is_asym:
-                    m = builder.fpext(builder.bitcast(builder.load(builder.gep(ma.data, [soff])), ir.HalfType()), _F32)
-                else:
-                    m = builder.fmul(d, ir.Constant(_F32, zp))
-                mv = builder.insert_element(ir.Constant(vtf, ir.Undefined), m, ir.Constant(ir.IntType(32), 0))
-                mv = builder.shuffle_vector(mv, mv, ir.Constant(ir.VectorType(ir.IntType(32), nt), [0] * nt))
-                builder.store(builder.fadd(builder.load(macc[r]), builder.fmul(mv, xsv)), macc[r])
-                dv = builder.insert_element(ir.Constant(vtf, ir.Undefined), d, ir.Constant(ir.IntType(32), 0))
-                dv = builder.shuffle_vector(dv, dv, ir.Constant(ir.VectorType(ir.IntType(32), nt), [0] * nt))
-                sds.append(builder.fmul(dv, dxv))
+            goff = builder.mul(gi, c64(nr))
+            dv = load_vec(da.data, goff, vf, 4)
+            mv = load_vec(ma.data, goff, vf, 4)
+            zero = ir.Constant(vi, [0] * nr)
+            hi = [zero] * nt
+            lo = [zero] * nt
+            wbase = builder.mul(gi, c64(chunks * nr * 4))
+            xbase = builder.mul(gi, c64(glen))
+            for c in range(chunks):
+                w = load_vec(wa.data, builder.add(wbase, c64(c * nr * 4)), vi, 4)
+                for t in range(nt):
+                    xoff = builder.add(xrow[t], builder.add(xbase, c64(4 * c)))
+                    hi[t] = builder.call(dpb, [hi[t], w, splat(load_vec(ha.data, xoff, _I32, 1))])
+                    if is_split:
+                        lo[t] = builder.call(dpb, [lo[t], w, splat(load_vec(la.data, xoff, _I32, 1))])
             for t in range(nt):
-                xoff = builder.add(builder.mul(builder.add(tok0, c64(t)), cols), builder.mul(gi, c64(glen)))
-                hp = builder.gep(ha.data, [xoff])
-                lp = builder.gep(la.data, [xoff])
-                for r in range(nr):
-                    iacc = _group_acc(builder, us[r], hp, lp, glen, is_split)
-                    s = builder.shuffle_vector(sds[r], sds[r], ir.Constant(ir.VectorType(ir.IntType(32), 8), [t] * 8))
-                    f = builder.call(fma8, [builder.sitofp(iacc, v8f), s, builder.load(facc[r][t])])
-                    builder.store(f, facc[r][t])
-
-        rfn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, v8f]),
-                                             "llvm.vector.reduce.fadd.v8f32")
-        for r in range(nr):
-            mvals = builder.load(macc[r])
-            for t in range(nt):
-                tot = builder.call(rfn, [ir.Constant(_F32, 0.0), builder.load(facc[r][t])])
-                tot = builder.fsub(tot, builder.extract_element(mvals, ir.Constant(ir.IntType(32), t)))
-                yoff = builder.add(builder.mul(builder.add(tok0, c64(t)), n_rows), builder.add(row0, c64(r)))
-                builder.store(tot, builder.gep(ya.data, [yoff]))
+                acc = hi[t]
+                if is_split:
+                    acc = builder.add(builder.shl(acc, ir.Constant(vi, [8] * nr)), lo[t])
+                soff = builder.add(builder.mul(gi, n_tok), builder.add(tok0, c64(t)))
+                dx = splat(builder.load(builder.gep(xda.data, [soff])))
+                xs = splat(builder.load(builder.gep(xsa.data, [soff])))
+                f = builder.call(fma, [builder.sitofp(acc, vf), builder.fmul(dv, dx), builder.load(facc[t])])
+                builder.store(builder.call(fma, [mv, xs, f]), facc[t])
+        for t in range(nt):
+            yoff = builder.add(builder.mul(builder.add(tok0, c64(t)), n_rows), row0)
+            builder.store(builder.load(facc[t]), builder.bitcast(builder.gep(ya.data, [yoff]), vf.as_pointer()),
+                          align=4)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -43,6 +43,14 @@ def host_has_vnni() -> bool:
     return bool(f.get("avxvnni")) or bool(f.get("avx512vnni") and f.get("avx512vl"))
 
 
+def host_has_avx512_vnni() -> bool:
+    """Whether this CPU has the 512-bit byte dot product (AVX-512 VNNI)."""
+    import llvmlite.binding as llvm
+
+    f = llvm.get_host_cpu_features()
+    return bool(f.get("avx512vnni") and f.get("avx512f"))
+
+
 def _codes_ir(builder, cptr, bits: int, g: int):
     """<g x i8> unsigned codes of one group in element order (planes shifted into place and or-ed together)."""
     out = None

@@ -133,9 +133,10 @@ MODE_CASES = [(m, t) for m in MODES for t in (1, 3, 19) if not (m == "int16" and
 def test_integer_kernels_match_reference_in_every_activation_mode(qt, mode, t):
     """Each activation mode against the reference product with activations rounded as that mode rounds them
     (int16 and split: to 1e-5, i.e. the float product; int8: the product llama.cpp's Q8 activations give).
-    t = 19 is the prompt GEMM: 21 rows by 19 tokens leave edge rows and tokens outside the tiles."""
+    t = 19 is the prompt GEMM: 37 rows by 19 tokens are two row blocks of 16 (four of 8 without AVX-512) and leave
+    edge rows and tokens outside the tiles."""
     rng = np.random.default_rng(qt.id * 7 + t)
-    rows, cols = 21, 5 * qt.group_size  # 5 groups: one block of four and one more
+    rows, cols = 37, 5 * qt.group_size  # 5 groups: one block of four and one more
     parts = random_parts(qt, rows, cols, rng)
     x = rng.standard_normal((t, cols)).astype(np.float32)
     x[:, : qt.group_size] *= 40.0  # groups of very different scales
