@@ -17,6 +17,7 @@ import numpy as np
 
 from lowbit.errors import SourceError
 from lowbit.kernels import blas, dispatch
+from lowbit.kernels.heap import release_free_heap
 from lowbit.models.common import (
     KVCache,
     check_rope,
@@ -381,7 +382,11 @@ class Model:
             else:
                 for li, layer in enumerate(self.layers):
                     x = self.block(x, layer, li, start, cache)
-            return self.head(x if all_logits else x[-1:])
+            logits = self.head(x if all_logits else x[-1:])
+        if len(tokens) > dispatch.SMALL_BATCH:  # a prompt's activations are freed: keep them from staying resident
+            del x
+            release_free_heap()
+        return logits
 
     def fused_blocks(self, x: np.ndarray, start: int, cache: KVCache) -> np.ndarray:
         """The layers of :meth:`block`, with each residual add fused into the RMSNorm that follows it (the next

@@ -1,0 +1,53 @@
+"""Freed prefill memory goes back to the system: malloc_trim after a prompt-sized forward pass."""
+
+import ctypes
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from lowbit.kernels import heap
+
+glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or heap._malloc_trim() is None, reason="glibc only")
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@glibc
+def test_release_free_heap_returns_freed_pages():
+    """64 KiB blocks come from the heap (below the mmap threshold); with the last one still allocated the heap top
+    cannot shrink, so free() alone keeps the other 63 MiB resident and only the trim returns them."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size, n = 64 * 1024, 1024
+    blocks = [libc.malloc(size) for _ in range(n)]
+    assert all(blocks)
+    for b in blocks:
+        ctypes.memset(b, 1, size)
+    for b in blocks[:-1]:
+        libc.free(b)
+    before = _resident_bytes()
+    assert heap.release_free_heap() is True
+    after = _resident_bytes()
+    libc.free(blocks[-1])
+    assert before - after > 0.75 * size * (n - 1), (before, after)
+
+
+def test_prompt_forward_releases_heap_and_decode_does_not(refsmall_containers, monkeypatch):
+    from lowbit.models import llama
+    from lowbit.runtime.engine import Engine
+
+    calls = []
+    monkeypatch.setattr(llama, "release_free_heap", lambda: calls.append(1) or True)
+    eng = Engine(refsmall_containers[4], ctx=64)
+    eng.prefill(list(range(1, 33)))
+    assert len(calls) == 1
+    eng.step(5)
+    assert len(calls) == 1
+    assert np.isfinite(eng.step(6)).all()
