@@ -246,6 +246,9 @@ def format_table(rows: list[BenchRow], args) -> str:
         )
     warm_files = [row.result["warm_start_new_cache_files"] for row in rows]
     lines.append("")
-    files = ", ".join(map(str, warm_files))
-    lines.append(f"numba cache files written by the warm start: {files} (0 = compiled nothing)")
+    if any(f is None for f in warm_files):  # --no-cold: numba's default cache, where files are not counted
+        lines.append("numba cache files written: not counted (--no-cold runs on numba's default cache)")
+    else:
+        files = ", ".join(map(str, warm_files))
+        lines.append(f"numba cache files written by the warm start: {files} (0 = compiled nothing)")
     return "\n".join(lines)

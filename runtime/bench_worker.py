@@ -41,9 +41,13 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _cache_files() -> int:
+def _cache_files() -> int | None:
+    """Index and data files in the numba cache this process writes to; None for numba's default cache (files
+    beside each module, which a compile may overwrite rather than add to, so a count would say nothing)."""
     d = os.environ.get("NUMBA_CACHE_DIR")
-    if not d or not Path(d).is_dir():
+    if not d:
+        return None
+    if not Path(d).is_dir():
         return 0
     return sum(1 for p in Path(d).rglob("*") if p.suffix in (".nbi", ".nbc"))
 
@@ -134,7 +138,8 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
         if device == "cuda":
             out["device_bandwidth_after"] = device_read_bandwidth()
     out["peak_rss"] = _peak_rss()
-    out["new_cache_files"] = _cache_files() - files0
+    files1 = _cache_files()
+    out["new_cache_files"] = None if files0 is None or files1 is None else files1 - files0
     return out
 
 

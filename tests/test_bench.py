@@ -81,6 +81,7 @@ def test_bench_command_json_on_bundled_model():
         assert row[key] > 0, key
     assert 0 < row["roofline_fraction"] < 1.5
     assert 0 <= row["outside_kernels_fraction"] < 1
+    assert row["warm_start_new_cache_files"] is None  # numba's default cache: not counted, never a false 0
 
 
 def test_bench_bad_input():
