@@ -286,9 +286,15 @@ def bits_to_float(typingctx, i):
     return types.float32(i), codegen
 
 
+def host_cpu_features() -> dict:
+    """LLVM's feature flags of this CPU (name -> bool), the one place the kernels ask what the host has."""
+    import llvmlite.binding as llvm
+
+    return dict(llvm.get_host_cpu_features())
+
+
 def host_has_f16c() -> bool:
     """Whether LLVM can convert float16 in hardware here (else it would need a runtime library call)."""
     import llvmlite.binding as llvm
 
-    feats = llvm.get_host_cpu_features()
-    return bool(feats.get("f16c")) or llvm.get_process_triple().startswith(("aarch64", "arm64"))
+    return bool(host_cpu_features().get("f16c")) or llvm.get_process_triple().startswith(("aarch64", "arm64"))

@@ -25,7 +25,7 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 from lowbit.formats.qtypes import PLANES
-from lowbit.kernels.simd import _concat, bit_plane, load_planes, plane_slots
+from lowbit.kernels.simd import _concat, bit_plane, host_cpu_features, load_planes, plane_slots
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -37,17 +37,13 @@ WIDE = 32  # bytes per vpdpbusd: the 256-bit form (the 512-bit one measured ~25%
 
 def host_has_vnni() -> bool:
     """Whether this CPU has the 256-bit byte dot product LLVM's ``llvm.x86.avx512.vpdpbusd.256`` lowers to."""
-    import llvmlite.binding as llvm
-
-    f = llvm.get_host_cpu_features()
+    f = host_cpu_features()
     return bool(f.get("avxvnni")) or bool(f.get("avx512vnni") and f.get("avx512vl"))
 
 
 def host_has_avx512_vnni() -> bool:
     """Whether this CPU has the 512-bit byte dot product (AVX-512 VNNI)."""
-    import llvmlite.binding as llvm
-
-    f = llvm.get_host_cpu_features()
+    f = host_cpu_features()
     return bool(f.get("avx512vnni") and f.get("avx512f"))
 
 
