@@ -70,10 +70,10 @@ def decode_bytes_per_token(c: Container, kv_positions: float) -> float:
 
 
 def run_worker(path: Path, prompt: int, gen: int, threads: int | None, cache_dir: Path | None, startup_only: bool,
-               device: str = "cpu", exact: bool = False):
+               device: str = "cpu", exact: bool = False, mmap: bool = False):
     """Measure in a child process; ``cache_dir``: its NUMBA_CACHE_DIR (None: numba's default cache)."""
     req = dict(path=str(path), prompt=prompt, gen=gen, threads=threads, startup_only=startup_only, device=device,
-               exact=exact)
+               exact=exact, mmap=mmap)
     env = dict(os.environ)
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = str(cache_dir)
@@ -98,25 +98,29 @@ class BenchRow:
 
 def bench_one(path: Path, label: str, args) -> BenchRow:
     """Measure one container. The read bandwidth is measured just before and just after the measuring process (a
-    sum over a fresh 1 GiB array) and, inside it, between every 16 decode steps (a sum over the container's own file
-    mapping, the bytes decode reads); the highest reading is the roofline (the host's bandwidth drifts between two
-    levels; the highest reading gives the conservative fraction)."""
+    sum over a fresh 1 GiB array) and, inside it, between every 16 decode steps (a sum over the container's own
+    bytes, the memory decode reads: the in-memory copy, or the file mapping with --mmap); the highest reading is
+    the roofline (the host's bandwidth drifts between two levels; the highest reading gives the conservative
+    fraction)."""
     c = Container(path)
     q = c.meta.get("quantization", {})
     qtype = f"{q.get('bits')}-bit g{q.get('group_size')}" if q else "?"
     if getattr(args, "exact_activations", False):
         qtype += ", exact activations"
+    mmap = getattr(args, "mmap", False)
+    if mmap:
+        qtype += ", mmap"
     shapes = matrix_shapes(c)
     device = getattr(args, "device", "cpu")
     exact = getattr(args, "exact_activations", False)
     bw_before = read_bandwidth()
     if args.no_cold:  # numba's ordinary cache, whatever state it is in
         cold = None
-        warm = run_worker(path, args.prompt, args.gen, args.threads, None, False, device, exact)
+        warm = run_worker(path, args.prompt, args.gen, args.threads, None, False, device, exact, mmap)
     else:
         with tempfile.TemporaryDirectory(prefix="lowbit-numba-") as cache_dir:
-            cold = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), True, device, exact)
-            warm = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), False, device, exact)
+            cold = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), True, device, exact, mmap)
+            warm = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), False, device, exact, mmap)
     bw_after = read_bandwidth()
     if device == "cuda":  # decode reads the weights from GPU memory: that is the roofline
         bw_before, bw_after = warm["device_bandwidth_before"], warm["device_bandwidth_after"]

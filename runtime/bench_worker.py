@@ -53,7 +53,7 @@ def _cache_files() -> int | None:
 
 
 def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only: bool, device: str = "cpu",
-            exact: bool = False) -> dict:
+            exact: bool = False, mmap: bool = False) -> dict:
     from lowbit.formats.reader import Container
     from lowbit.kernels.dispatch import SMALL_BATCH
     from lowbit.kernels.timing import KernelTimer
@@ -61,13 +61,15 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
     from lowbit.runtime.engine import set_threads
 
     probe = np.zeros(4096, dtype=np.uint8)
-    probe.flags.writeable = False  # typed like the read-only file mapping it will sum
+    probe.flags.writeable = False  # typed like the read-only container bytes it will sum
     mapped_read_bandwidth(probe)  # the probe's own kernel: compiled (or loaded from cache) before counting files
     files0 = _cache_files()
     rss0 = _peak_rss()
     n_threads = set_threads(threads)
     t0 = time.perf_counter()
     container = Container(path)
+    if device == "cpu" and not mmap:  # as the Engine loads it
+        container.load_into_memory(n_threads)
     arch = container.meta["architecture"]
     _, family = family_for(arch["model_type"])
     args = family.ModelArgs.from_dict(arch["args"])
@@ -117,7 +119,8 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
             out["device_bandwidth_before"] = device_read_bandwidth()
         out["decode_peak_is_own"] = _reset_peak_rss()
         step_times = []
-        probes = []  # read bandwidth of the file mapping, probed between blocks of decode steps (untimed)
+        probes = []  # read bandwidth of the bytes decode reads (container.file_bytes()), probed between blocks of
+        # decode steps (untimed)
         file_bytes = container.file_bytes()
         timer = KernelTimer()
         for i in range(gen):
@@ -146,7 +149,7 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
 def main() -> None:
     req = json.loads(sys.argv[1])
     res = measure(req["path"], req["prompt"], req["gen"], req.get("threads"), req.get("startup_only", False),
-                  req.get("device", "cpu"), req.get("exact", False))
+                  req.get("device", "cpu"), req.get("exact", False), req.get("mmap", False))
     sys.stdout.write(json.dumps(res) + "\n")
 
 

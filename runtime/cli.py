@@ -17,6 +17,7 @@ def _add_runtime_args(p: argparse.ArgumentParser, model_optional: bool = True) -
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: min(4096, model max))")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     _add_device_arg(p)
+    _add_mmap_arg(p)
     p.add_argument("--act-quant", choices=["none", "dynamic", "static"], default="none",
                    help="int8 activations (quality measurement, not faster): dynamic per-token scales, or static "
                    "calibrated scales (needs a --method smoothquant+... container); default none")
@@ -27,6 +28,13 @@ def _add_exact_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exact-activations", action="store_true",
                    help="quantized products take int16-precision activations (the float product's quality, up to ~30%% "
                    "slower) instead of int8 ones below 8 bits")
+
+
+def _add_mmap_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mmap", action="store_true",
+                   help="compute from the file's mapping instead of reading it into memory (huge pages) at load: "
+                   "less memory when several processes share one model, slower decode where the page cache maps the "
+                   "file in small pages")
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -114,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen", type=int, default=128, help="decode tokens (default 128)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--no-cold", action="store_true", help="skip the cold-start (empty numba cache) measurement")
+    _add_mmap_arg(p)
     _add_exact_arg(p)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                    help="cpu (default), cuda (decode against the GPU's memory bandwidth; needs a real GPU) or auto")

@@ -63,7 +63,7 @@ def cmd_generate(args) -> int:
 
     engine = Engine(_model_path(args.model), ctx=args.ctx, threads=args.threads, device=args.device,
                     act_quant=args.act_quant,
-                    exact_activations=args.exact_activations)
+                    exact_activations=args.exact_activations, mmap=args.mmap)
     params = SamplingParams.from_args(args)
     tok = engine.tokenizer
     plain = args.raw or not tok.has_chat_template
@@ -217,7 +217,7 @@ def cmd_eval(args) -> int:
     ctx = max(args.eval_ctx, args.ctx or 0)
     engine = Engine(_model_path(args.model), ctx=ctx, threads=args.threads, device=args.device,
                     act_quant=args.act_quant,
-                    exact_activations=args.exact_activations)
+                    exact_activations=args.exact_activations, mmap=args.mmap)
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     bos = engine.tokenizer.bos_id
     if bos is None:

@@ -1,4 +1,5 @@
-"""The engine: load a container (mmap), keep a KV cache, prefill with prefix reuse, decode one token at a time."""
+"""The engine: load a container (read into memory, or mmap), keep a KV cache, prefill with prefix reuse, decode
+one token at a time."""
 
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ class Engine:
         device: str | None = "cpu",
         act_quant: str | None = "none",
         exact_activations: bool = False,
+        mmap: bool = False,
     ):
         self.path = Path(path) if path is not None else default_model_path()
         self.device = resolve_device(device)  # "cpu" or "cuda"; nothing CUDA is imported for "cpu"
@@ -102,6 +104,8 @@ class Engine:
         self.threads = set_threads(threads)
         t0 = time.perf_counter()
         self.container = Container(self.path)
+        if self.device == "cpu" and not mmap:  # decode streams the weights from huge pages (formats/reader.py)
+            self.container.load_into_memory(self.threads)
         meta = self.container.meta
         try:
             arch = meta["architecture"]
