@@ -38,6 +38,17 @@ def test_generate_raw_and_seeded_sampling_reproducible():
     assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
 
 
+def test_cpu_engine_reads_the_model_into_memory_unless_mmap():
+    mem, mapped = Engine(ctx=64), Engine(ctx=64, mmap=True)
+    assert mem.container.resident and not mapped.container.resident
+    ids = mem.tokenizer.encode("The os module", add_special_tokens=True)
+    np.testing.assert_array_equal(mem.logits_all(ids), mapped.logits_all(ids))
+    a = lowbit("generate", "-p", "The os module", "--raw", "-n", "12")
+    b = lowbit("generate", "-p", "The os module", "--raw", "-n", "12", "--mmap")
+    assert a.returncode == 0 and b.returncode == 0, b.stderr
+    assert a.stdout == b.stdout and a.stdout.strip()
+
+
 def test_generate_stop_string():
     eng = Engine(ctx=256)
     ids = eng.tokenizer.encode("The os module", add_special_tokens=True)

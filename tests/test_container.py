@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +134,49 @@ def test_flipped_data_byte_found_by_verify(tmp_path):
     d[at + 3] ^= 0xFF
     p.write_bytes(bytes(d))
     assert Container(p).verify() != []
+
+
+def _mapped(path) -> bool:
+    return str(path) in open("/proc/self/maps").read()
+
+
+def test_load_into_memory_serves_the_same_bytes(tmp_path, monkeypatch):
+    import lowbit.formats.reader as reader
+
+    p = tmp_path / "m.lowbit"
+    parts = write_sample(p)
+    c = Container(p)
+    earlier = c.tensor("w.weight").parts["codes"]
+    monkeypatch.setattr(reader, "READ_CHUNK", 100)  # many chunks, the last one short, over several readers
+    c.load_into_memory(threads=3)
+    assert c.resident
+    assert c.file_bytes().tobytes() == p.read_bytes()
+    t = c.tensor("w.weight")
+    for k, v in parts.items():
+        np.testing.assert_array_equal(t.parts[k], v)
+        assert not t.parts[k].flags.writeable
+        assert t.parts[k].ctypes.data % 64 == 0
+    np.testing.assert_array_equal(earlier, parts["codes"])  # views handed out before stay valid
+    assert c.blob("tokenizer.json") == b"{}"
+    assert c.verify() == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_load_into_memory_unmaps_the_file(tmp_path):
+    p = tmp_path / "u.lowbit"
+    write_sample(p)
+    c = Container(p)
+    assert _mapped(p)
+    c.load_into_memory()
+    assert not _mapped(p)
+    np.testing.assert_array_equal(c.tensor("norm.weight").parts["data"], np.arange(8))
+
+
+def test_load_into_memory_of_a_shrunk_file_is_one_clear_error(tmp_path):
+    p = tmp_path / "s.lowbit"
+    write_sample(p)
+    c = Container(p)
+    os.truncate(p, c.size // 2)  # another process cut the file after it was opened
+    with pytest.raises(FormatError, match="cannot read into memory: file shrank"):
+        c.load_into_memory(threads=2)
+    assert not c.resident
