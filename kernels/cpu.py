@@ -35,7 +35,7 @@ def fast_exp(x):
     x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial, 2^n built in the exponent bits. x is
     clamped to [-87, 88] (the normal float32 range of the result)."""
     x = min(max(x, np.float32(-87.0)), np.float32(88.0))
-    n = math.floor(x * _LOG2E + np.float32(0.5))
+    n = np.floor(x * _LOG2E + np.float32(0.5))  # float32 (math.floor gives an int64, and float64 arithmetic after)
     r = x - n * _LN2_HI - n * _LN2_LO
     p = np.float32(1.0 / 720)
     p = p * r + np.float32(1.0 / 120)
@@ -44,7 +44,7 @@ def fast_exp(x):
     p = p * r + np.float32(0.5)
     p = p * r + np.float32(1.0)
     p = p * r + np.float32(1.0)
-    return p * bits_to_float((np.int64(n) + 127) << 23)
+    return p * bits_to_float((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
 @nb.njit(inline="always", **_JIT)

@@ -35,6 +35,7 @@ _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _V8 = ir.VectorType(_F32, 8)
 KEYS = 8  # rows per call
+PREFETCH_AHEAD = 512  # floats (2 KiB) of cached keys/values ahead of the block being read that the kernels prefetch
 
 
 def _check_arrays(*arrs):
@@ -75,6 +76,22 @@ def _transpose_sum(builder, accs):
           for i in range(4)]
     l2 = [pair(l1[2 * i], l1[2 * i + 1], [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]) for i in range(2)]
     return pair(l2[0], l2[1], [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])
+
+
+@intrinsic
+def prefetch(typingctx, a, off):
+    """Ask the cache for the line holding a.flat[off] (a hint: never faults, whatever the address)."""
+    _check_arrays(a)
+    sig = types.void(a, off)
+
+    def codegen(context, builder, signature, args):
+        ptr = builder.bitcast(_data(context, builder, signature.args[0], args[0], args[1]), ir.IntType(8).as_pointer())
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [
+            ir.IntType(8).as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0i8")
+        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @intrinsic
@@ -134,6 +151,8 @@ def _scores(sc, q, t, h0, k_cache, kv, s0, m, scale, cap):
     m8 = m // KEYS * KEYS if hd % 8 == 0 else 0
     kf = k_cache[kv]
     for s in range(0, m8, KEYS):
+        for f in range(0, KEYS * hd, 64):  # every fourth line of the block 2 KiB ahead (more cost more than they
+            prefetch(kf, (s0 + s) * hd + PREFETCH_AHEAD + f)  # save: the hardware follows on within a page)
         for r in range(rep):
             scores8(sc[r], s, q[t, h0 + r], 0, kf, (s0 + s) * hd, hd, scale)
     for s in range(m8, m):
@@ -152,16 +171,27 @@ def _scores(sc, q, t, h0, k_cache, kv, s0, m, scale, cap):
 @nb.njit(inline="always", **_JIT)
 def _exp_rows(sc, m, mx, tot):
     """sc[r, :m] = exp(sc[r, :m] - mx[r]) with mx[r] the row's max; tot[r] = the row's sum."""
+    lanes = np.empty(KEYS, dtype=np.float32)
     for r in range(sc.shape[0]):
+        row = sc[r]
         top = np.float32(-np.inf)
-        for s in range(m):
-            if sc[r, s] > top:
-                top = sc[r, s]
-        for s in range(m):  # two passes: each vectorizes, the fused loop does not
-            sc[r, s] = fast_exp(sc[r, s] - top)
+        m8 = m // KEYS * KEYS
+        if m8 > 0:  # eight running maxima: LLVM does not vectorize a float max reduction written as one
+            for j in range(KEYS):
+                lanes[j] = row[j]
+            for s in range(KEYS, m8, KEYS):
+                for j in range(KEYS):
+                    v = row[s + j]
+                    lanes[j] = lanes[j] if lanes[j] > v else v
+            for j in range(KEYS):
+                top = top if top > lanes[j] else lanes[j]
+        for s in range(m8, m):
+            top = top if top > row[s] else row[s]
         acc = np.float32(0.0)
         for s in range(m):
-            acc += sc[r, s]
+            e = fast_exp(row[s] - top)
+            row[s] = e
+            acc += e
         mx[r] = top
         tot[r] = acc
 
@@ -174,6 +204,8 @@ def _weighted_values(dst, sc, v_cache, kv, s0, m):
     m8 = m // KEYS * KEYS if hd % 8 == 0 else 0
     vf = v_cache[kv]
     for s in range(0, m8, KEYS):
+        for f in range(0, KEYS * hd, 64):  # as in _scores
+            prefetch(vf, (s0 + s) * hd + PREFETCH_AHEAD + f)
         for r in range(dst.shape[0]):
             values8(dst[r], 0, sc[r], s, vf, (s0 + s) * hd, hd)
     for s in range(m8, m):
