@@ -226,8 +226,8 @@ def format_table(rows: list[BenchRow], args) -> str:
     lines = [
         f"threads {r0['threads']}, prefill {args.prompt} tokens, decode {args.gen} tokens; read bandwidth: parallel "
         f"sum over 1 GiB {'of GPU memory ' if r0.get('device') == 'cuda' else ''}just before and after each row's "
-        "measurement, and over the model file between every 16 decode steps (during); the roofline uses the highest "
-        "reading",
+        "measurement, and over the model's bytes decode reads (in memory, or the file mapping with --mmap) between "
+        "every 16 decode steps (during); the roofline uses the highest reading",
         "",
         "| model | type | file | load | first token cold / warm | prefill tok/s | prefill vs numpy f32 GEMM "
         "| decode tok/s | bandwidth before / during / after | % of roofline | outside kernels "
