@@ -2,10 +2,14 @@
 activation mode (int16: portable SIMD; split: the same numbers on the byte dot product; int8: the default below
 8 bits on CPUs with the byte dot product; kernels/cpu_quant.py).
 
-    python bench/matvec_speed.py [--rows 8192 --cols 2048 --threads 1,2]
+    python bench/matvec_speed.py [--rows 8192 --cols 2048 --threads 1,2] [--stream MB]
 
 Prints G weights/s (best of 30) for one W[rows, cols] @ x, per type and thread count, measured in one run. The
 matrix (a few MB) stays in cache, so this is the kernels' compute rate, not memory bandwidth.
+
+With ``--stream MB`` it measures memory-bound decode instead: one pass of the default kernel over distinct copies of
+the matrix totalling MB megabytes (codes and scales; best of 3 passes), against a parallel sum over a fresh 1 GiB
+array in the same process (lowbit.runtime.membw, the roofline `lowbit bench` uses), per type and thread count.
 """
 
 from __future__ import annotations
@@ -37,7 +41,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--cols", type=int, default=2048)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--stream", type=float, default=None, metavar="MB",
+                    help="stream over this many MB of weights instead (memory-bound rate vs read bandwidth)")
     args = ap.parse_args()
+    if args.stream:
+        stream(args)
+        return
     rng = np.random.default_rng(0)
     modes = ["int16", "split", "int8"] if HAS_VNNI else ["int16"]
     print("| threads | type | generic plane loop | " + " | ".join(f"integer, {m} activations" for m in modes) + " |")
@@ -59,6 +68,35 @@ def main() -> None:
                      for m in modes]
             print(f"| {threads} | {qt.name} | {n / t_generic / 1e9:.1f} Gw/s | "
                   + " | ".join(f"{r:.1f} Gw/s" for r in rates) + " |")
+
+
+def stream(args) -> None:
+    from lowbit.runtime.membw import read_bandwidth
+
+    rng = np.random.default_rng(0)
+    print("| threads | type | matvec streaming | parallel sum (1 GiB) | ratio |")
+    print("|---|---|---|---|---|")
+    for threads in (int(t) for t in args.threads.split(",")):
+        numba.set_num_threads(threads)
+        for bits in (4, 8, 3, 2):
+            qt = quant_type(bits, 64, bits < 8)
+            p = random_parts(qt, (args.rows, args.cols), rng)
+            codes, scales = p["codes"], p["scales"].view(np.uint16)
+            mins = p["mins"].view(np.uint16) if qt.asym else np.zeros((1, 1), dtype=np.uint16)
+            per = codes.nbytes + scales.nbytes + (mins.nbytes if qt.asym else 0)
+            mats = [(codes.copy(), scales.copy(), mins.copy()) for _ in range(max(1, int(args.stream * 1e6 / per)))]
+            x = rng.standard_normal((1, args.cols), dtype=np.float32)
+            y = np.empty(args.rows, dtype=np.float32)
+            rate = len(mats) * per / best_seconds(_one_pass, make_kernels(bits, 64)[0], y, mats, x, qt.asym,
+                                                  repeats=3)
+            bw = read_bandwidth(1.0, 3)
+            print(f"| {threads} | {qt.name} | {rate / 1e9:.1f} GB/s | {bw / 1e9:.1f} GB/s | {rate / bw:.0%} |")
+            del mats
+
+
+def _one_pass(kernel, y, mats, x, asym) -> None:
+    for codes, scales, mins in mats:
+        kernel(y, codes, scales, mins, x, asym)
 
 
 if __name__ == "__main__":
