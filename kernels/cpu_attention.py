@@ -29,6 +29,7 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 from lowbit.kernels.cpu import _JIT, fast_exp
+from lowbit.kernels.simd import prefetch_line
 
 _F32 = ir.FloatType()
 _I32 = ir.IntType(32)
@@ -85,10 +86,7 @@ def prefetch(typingctx, a, off):
     sig = types.void(a, off)
 
     def codegen(context, builder, signature, args):
-        ptr = builder.bitcast(_data(context, builder, signature.args[0], args[0], args[1]), ir.IntType(8).as_pointer())
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [
-            ir.IntType(8).as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0i8")
-        builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        prefetch_line(builder, _data(context, builder, signature.args[0], args[0], args[1]))
         return context.get_dummy_value()
 
     return sig, codegen

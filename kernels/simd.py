@@ -286,6 +286,15 @@ def bits_to_float(typingctx, i):
     return types.float32(i), codegen
 
 
+def prefetch_line(builder, ptr) -> None:
+    """Emit a read prefetch (into all cache levels) of the line holding ``ptr``: a hint that never faults."""
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                        "llvm.prefetch.p0i8")
+    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+
 def host_cpu_features() -> dict:
     """LLVM's feature flags of this CPU (name -> bool), the one place the kernels ask what the host has."""
     import llvmlite.binding as llvm

@@ -25,7 +25,7 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 from lowbit.formats.qtypes import PLANES
-from lowbit.kernels.simd import _concat, bit_plane, host_cpu_features, load_planes, plane_slots
+from lowbit.kernels.simd import _concat, bit_plane, host_cpu_features, load_planes, plane_slots, prefetch_line
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -177,12 +177,8 @@ def row_fdot8(typingctx, crow, scales, mins, r, xh, xl, dx, xs, bits, g, asym, s
                               builder.gep(la.data, [xoff]), glen, is_split)
             builder.store(builder.call(fma8, [builder.sitofp(iacc, v8f), scale, builder.load(facc[k])]), facc[k])
 
-        pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [
-            ir.IntType(8).as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0i8")
-
         def prefetch(ptr, off):
-            p = builder.bitcast(builder.gep(ptr, [off]), ir.IntType(8).as_pointer())
-            builder.call(pf, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+            prefetch_line(builder, builder.gep(ptr, [off]))
 
         n8 = builder.udiv(ng, ir.Constant(_I64, 8))
         with cgutils.for_range(builder, n8) as loop:
@@ -190,7 +186,7 @@ def row_fdot8(typingctx, crow, scales, mins, r, xh, xl, dx, xs, bits, g, asym, s
             cbase = builder.mul(g0, ir.Constant(_I64, gbytes))
             for off in range(0, 8 * gbytes, 64):
                 prefetch(ca.data, builder.add(cbase, ir.Constant(_I64, off + PREFETCH_AHEAD)))
-            sahead = ir.Constant(_I64, PREFETCH_AHEAD * 2 // gbytes // 2)  # the same rows ahead, in scales
+            sahead = ir.Constant(_I64, PREFETCH_AHEAD // gbytes)  # the same rows ahead, in scales (one per group)
             prefetch(sa.data, builder.add(builder.add(srow, g0), sahead))
             if is_asym:
                 prefetch(ma.data, builder.add(builder.add(srow, g0), sahead))

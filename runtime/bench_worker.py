@@ -54,11 +54,10 @@ def _cache_files() -> int | None:
 
 def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only: bool, device: str = "cpu",
             exact: bool = False, mmap: bool = False) -> dict:
-    from lowbit.formats.reader import Container
     from lowbit.kernels.dispatch import SMALL_BATCH
     from lowbit.kernels.timing import KernelTimer
     from lowbit.models import family_for
-    from lowbit.runtime.engine import set_threads
+    from lowbit.runtime.engine import open_container, set_threads
 
     probe = np.zeros(4096, dtype=np.uint8)
     probe.flags.writeable = False  # typed like the read-only container bytes it will sum
@@ -67,9 +66,7 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
     rss0 = _peak_rss()
     n_threads = set_threads(threads)
     t0 = time.perf_counter()
-    container = Container(path)
-    if device == "cpu" and not mmap:  # as the Engine loads it
-        container.load_into_memory(n_threads)
+    container = open_container(path, device, n_threads, mmap)
     arch = container.meta["architecture"]
     _, family = family_for(arch["model_type"])
     args = family.ModelArgs.from_dict(arch["args"])

@@ -56,6 +56,15 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
+def open_container(path: str | os.PathLike, device: str, threads: int, mmap: bool = False) -> Container:
+    """The container as the runtime computes from it: on the CPU read into memory by ``threads`` readers (decode
+    streams the weights from huge pages, formats/reader.py) unless ``mmap``; on a GPU mapped (weights are uploaded)."""
+    c = Container(path)
+    if device == "cpu" and not mmap:
+        c.load_into_memory(threads)
+    return c
+
+
 @dataclass
 class Stats:
     prompt_tokens: int = 0
@@ -103,9 +112,7 @@ class Engine:
             raise LowbitError("--act-quant is a CPU compute mode; use --device cpu")
         self.threads = set_threads(threads)
         t0 = time.perf_counter()
-        self.container = Container(self.path)
-        if self.device == "cpu" and not mmap:  # decode streams the weights from huge pages (formats/reader.py)
-            self.container.load_into_memory(self.threads)
+        self.container = open_container(self.path, self.device, self.threads, mmap)
         meta = self.container.meta
         try:
             arch = meta["architecture"]
