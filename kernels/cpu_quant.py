@@ -31,6 +31,7 @@ import numba as nb
 import numpy as np
 
 from lowbit.formats.qtypes import GROUP_SIZES
+from lowbit.kernels.amx import TILE, amx_block, host_has_amx, pack_tokens
 from lowbit.kernels.cpu import _JIT, _h2f
 from lowbit.kernels.gemm_vnni import tile_gemm, unpack_row
 from lowbit.kernels.simd import group_idot, half_to_float, host_has_f16c, quad_fdot
@@ -49,9 +50,9 @@ def _dependency_key() -> int:
     """CRC of the modules these kernels inline code from. numba's on-disk cache checks only the kernel's own source
     file; the factory's kernels capture this value, and numba keys closures by their captured values, so an edit to
     the intrinsic or the fp16 decoder invalidates the cached kernels too."""
-    from lowbit.kernels import cpu, gemm_vnni, simd, vnni
+    from lowbit.kernels import amx, cpu, gemm_vnni, simd, vnni
 
-    return zlib.crc32("".join(inspect.getsource(m) for m in (cpu, simd, vnni, gemm_vnni)).encode())
+    return zlib.crc32("".join(inspect.getsource(m) for m in (cpu, simd, vnni, gemm_vnni, amx)).encode())
 
 
 _DEPS = _dependency_key()
@@ -65,6 +66,7 @@ h2f = half_to_float if HAS_F16C else _h2f
 HAS_VNNI = HAS_F16C and host_has_vnni()
 # weight rows per prefill GEMM block: one 32-bit lane each of a 512-bit vpdpbusd with AVX-512, of a 256-bit one else
 GEMM_ROWS = 16 if host_has_avx512_vnni() else 8
+AMX_BLOCKS = 4  # 16-row blocks per parallel work item of the AMX GEMM (their buffers are allocated once per item)
 
 
 def specialised(bits: int, g: int) -> bool:
@@ -155,18 +157,29 @@ class Kernels(NamedTuple):
     matvec3: Callable | None
 
 
-@lru_cache(maxsize=None)
-def make_kernels(bits: int, g: int, mode: str | None = None) -> Kernels:
+def make_kernels(bits: int, g: int, mode: str | None = None, amx: bool | None = None) -> Kernels:
     """:class:`Kernels` for ``bits``-bit groups of ``g`` with activation ``mode`` (default:
-    :func:`activation_mode`), compiled with all three as constants."""
+    :func:`activation_mode`), compiled with all three as constants. ``amx``: whether the prompt GEMM runs on AMX
+    tiles (kernels/amx.py; default: where this process may use them)."""
+    mode = activation_mode(bits) if mode is None else mode
+    if amx is None:
+        amx = mode != "int16" and HAS_VNNI and host_has_amx()
+    elif amx and not host_has_amx():
+        raise ValueError("this process may not use AMX (see kernels/amx.py host_has_amx)")
+    return _make_kernels(bits, g, mode, bool(amx))
+
+
+@lru_cache(maxsize=None)
+def _make_kernels(bits: int, g: int, mode: str, amx: bool) -> Kernels:
     if not specialised(bits, g):
         raise ValueError(f"no integer kernels for {bits}-bit groups of {g}")
-    mode = activation_mode(bits) if mode is None else mode
     if mode not in ACT_MODES:
         raise ValueError(f"unknown activation mode {mode!r}; choose one of {', '.join(ACT_MODES)}")
     if mode != "int16" and not HAS_VNNI:
         raise ValueError(f"activation mode {mode!r} needs a CPU with AVX-512 VNNI or AVX-VNNI")
-    return Kernels(*(_int16_kernels(bits, g) if mode == "int16" else _vnni_kernels(bits, g, mode == "split")))
+    if amx and mode == "int16":
+        raise ValueError("the AMX GEMM takes int8 or split activations")
+    return Kernels(*(_int16_kernels(bits, g) if mode == "int16" else _vnni_kernels(bits, g, mode == "split", amx)))
 
 
 @nb.njit(inline="always", **_JIT)
@@ -219,7 +232,7 @@ def _pack_block(codes, scales, mins, r0, asym, bits, g, br):
     return wb, dsc, nmc
 
 
-def _vnni_kernels(bits: int, g: int, split: bool):
+def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
     tt = TILE_TOKENS["split" if split else "int8"]
     br = GEMM_ROWS
     deps = _DEPS
@@ -289,7 +302,54 @@ def _vnni_kernels(bits: int, g: int, split: bool):
             else:
                 y3[i - r1 - r2] = _row_dot8(c3, s3, m3, i - r1 - r2, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
 
-    return qmatvec, qmatmul_small, qgemm, qmatvec3
+    @nb.njit(parallel=True, **_JIT)
+    def qgemm_amx(y, codes, scales, mins, x, asym):
+        """qgemm on AMX tiles (kernels/amx.py): the activations packed once into B tiles, then blocks of 16 rows,
+        each unpacked once into row-major codes and multiplied with every 16-token block."""
+        rows = codes.shape[0]
+        t_n, cols = x.shape
+        ng = cols // g
+        xh, xl, dx, xs = _quantize8(x, g, split)
+        nbt = (t_n + TILE - 1) // TILE
+        xb = np.empty(nbt * TILE * cols, dtype=np.int8)
+        pack_tokens(xb, xh)
+        xbl = np.empty(nbt * TILE * cols if split else 1, dtype=np.int8)
+        if split:
+            pack_tokens(xbl, xl)
+        dxT = np.zeros((ng, nbt * TILE), dtype=np.float32)
+        xsT = np.zeros((ng, nbt * TILE), dtype=np.float32)
+        dxT[:, :t_n] = dx.T
+        xsT[:, :t_n] = xs.T
+        if deps == 0:  # never true; see _dependency_key
+            return
+        nblk = (rows + TILE - 1) // TILE
+        zp = np.float32(1 << (bits - 1))
+        for w in nb.prange((nblk + AMX_BLOCKS - 1) // AMX_BLOCKS):
+            abuf = np.zeros(TILE * cols, dtype=np.uint8)
+            dsc = np.zeros(ng * TILE, dtype=np.float32)
+            nmc = np.zeros(ng * TILE, dtype=np.float32)
+            obuf = np.empty(TILE * TILE, dtype=np.float32)
+            for blk in range(w * AMX_BLOCKS, min(nblk, (w + 1) * AMX_BLOCKS)):
+                r0 = blk * TILE
+                nr = min(TILE, rows - r0)
+                for r in range(nr):
+                    unpack_row(abuf[r * cols : (r + 1) * cols], codes[r0 + r], bits, g)
+                    for gi in range(ng):
+                        d = h2f(scales[r0 + r, gi])
+                        dsc[gi * TILE + r] = d
+                        nmc[gi * TILE + r] = -h2f(mins[r0 + r, gi]) if asym else -d * zp
+                for r in range(nr, TILE):  # rows past the matrix: zero codes and scales, never copied out
+                    abuf[r * cols : (r + 1) * cols] = 0
+                    for gi in range(ng):
+                        dsc[gi * TILE + r] = 0.0
+                        nmc[gi * TILE + r] = 0.0
+                for tb in range(nbt):
+                    amx_block(obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, tb, g, split)
+                    for n in range(min(TILE, t_n - tb * TILE)):
+                        for r in range(nr):
+                            y[tb * TILE + n, r0 + r] = obuf[r * TILE + n]
+
+    return qmatvec, qmatmul_small, qgemm_amx if amx else qgemm, qmatvec3
 
 
 def _int16_kernels(bits: int, g: int):

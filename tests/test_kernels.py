@@ -5,7 +5,7 @@ import pytest
 
 from lowbit.formats.qtypes import REGISTRY, QType, pack_codes
 from lowbit.formats.reader import StoredTensor
-from lowbit.kernels import cpu_quant, dispatch, ref
+from lowbit.kernels import amx, cpu_quant, dispatch, ref
 
 QUANT = [q for q in REGISTRY.values() if not q.is_float]
 
@@ -126,6 +126,9 @@ GROUPED = [q for q in QUANT if q.group_size]
 
 # (mode, tokens): one token (matvec), a few (small-batch matmul), a prompt (the GEMM, which int16 does not have)
 MODE_CASES = [(m, t) for m in MODES for t in (1, 3, 19) if not (m == "int16" and t == 19)]
+HAS_AMX = cpu_quant.HAS_VNNI and amx.host_has_amx()
+AMX_CASES = [("q2a_g32", "int8"), ("q3_g64", "int8"), ("q4_g128", "int8"), ("q4a_g64", "split"), ("q5a_g128", "int8"),
+             ("q6_g32", "int8"), ("q8_g64", "split"), ("q8a_g32", "split"), ("q8_g128", "int8")]
 
 
 @pytest.mark.parametrize("mode,t", MODE_CASES)
@@ -155,6 +158,41 @@ def test_integer_kernels_match_reference_in_every_activation_mode(qt, mode, t):
     if mode == "int8":  # and it is a real rounding: far from the float product's 1e-5
         exact = ref.matvec(parts, qt, (rows, cols), x)
         assert np.abs(y - exact).max() > 1e-4 * np.abs(exact).max()
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="needs AMX-INT8 and the kernel's permission for the tile state")
+@pytest.mark.parametrize("rows,t", [(37, 33), (16, 16), (5, 9)])
+@pytest.mark.parametrize("name,mode", AMX_CASES)
+def test_amx_gemm_matches_the_vnni_gemm(name, mode, rows, t):
+    """The AMX prompt GEMM against the AVX-512 one (the same integer sums, so to float rounding) and the reference,
+    on partial row and token blocks (37 rows = 2 blocks + 5, 33 tokens = 2 blocks + 1) and exact tiles. (Every type
+    and mode runs the default GEMM, AMX where the CPU has it, in the test above; this compares the two kernels on
+    every bit-width, group size and min layout, not on all 72 combinations, to keep compile time down.)"""
+    qt = REGISTRY[name]
+    rng = np.random.default_rng(qt.id * 13 + rows + t)
+    cols = 3 * qt.group_size
+    parts = random_parts(qt, rows, cols, rng)
+    x = rng.standard_normal((t, cols)).astype(np.float32)
+    x[: t // 2] *= 30.0  # tokens of very different scales
+    mins = parts["mins"].view(np.uint16) if qt.asym else np.zeros((1, 1), dtype=np.uint16)
+    args = (parts["codes"], parts["scales"].view(np.uint16), mins, x, qt.asym)
+    got, base = (np.full((t, rows), np.nan, dtype=np.float32) for _ in range(2))
+    cpu_quant.make_kernels(qt.bits, qt.group_size, mode, amx=True).gemm(got, *args)
+    cpu_quant.make_kernels(qt.bits, qt.group_size, mode, amx=False).gemm(base, *args)
+    scale = np.abs(base).max()
+    np.testing.assert_allclose(got, base, rtol=1e-5, atol=1e-6 * scale)
+    want = ref.matvec(parts, qt, (rows, cols), ref.round_activations(x, qt.group_size, QMAX[mode]))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_amx_is_refused_where_it_cannot_run(monkeypatch):
+    """make_kernels(amx=True) fails with a message where the process may not use AMX, instead of running an
+    instruction that would kill it."""
+    monkeypatch.setattr(cpu_quant, "host_has_amx", lambda: False)
+    with pytest.raises(ValueError, match="may not use AMX"):
+        cpu_quant.make_kernels(4, 64, "int8", amx=True)
+    if cpu_quant.HAS_VNNI:
+        assert cpu_quant.make_kernels(4, 64, "int8").gemm is cpu_quant.make_kernels(4, 64, "int8", amx=False).gemm
 
 
 def test_default_activation_mode():
