@@ -2,7 +2,7 @@
 activation mode (int16: portable SIMD; split: the same numbers on the byte dot product; int8: the default below
 8 bits on CPUs with the byte dot product; kernels/cpu_quant.py).
 
-    python bench/matvec_speed.py [--rows 8192 --cols 2048 --threads 1,2] [--stream MB]
+    python bench/matvec_speed.py [--rows 8192 --cols 2048 --threads 1,2] [--stream MB] [--gemm TOKENS]
 
 Prints G weights/s (best of 30) for one W[rows, cols] @ x, per type and thread count, measured in one run. The
 matrix (a few MB) stays in cache, so this is the kernels' compute rate, not memory bandwidth.
@@ -10,6 +10,10 @@ matrix (a few MB) stays in cache, so this is the kernels' compute rate, not memo
 With ``--stream MB`` it measures memory-bound decode instead: one pass of the default kernel over distinct copies of
 the matrix totalling MB megabytes (codes and scales; best of 3 passes), against a parallel sum over a fresh 1 GiB
 array in the same process (lowbit.runtime.membw, the roofline `lowbit bench` uses), per type and thread count.
+
+With ``--gemm TOKENS`` it measures the prompt GEMM instead: x[TOKENS, cols] @ W.T in GFLOP/s (best of 5) for the
+AVX-512 VNNI kernel and, where this process may use AMX, the AMX one, against numpy's float32 GEMM of the same
+shape in the same process.
 """
 
 from __future__ import annotations
@@ -43,9 +47,14 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--stream", type=float, default=None, metavar="MB",
                     help="stream over this many MB of weights instead (memory-bound rate vs read bandwidth)")
+    ap.add_argument("--gemm", type=int, default=None, metavar="TOKENS",
+                    help="time the prompt GEMM for this many tokens instead (GFLOP/s vs numpy float32)")
     args = ap.parse_args()
     if args.stream:
         stream(args)
+        return
+    if args.gemm:
+        gemm(args)
         return
     rng = np.random.default_rng(0)
     modes = ["int16", "split", "int8"] if HAS_VNNI else ["int16"]
@@ -92,6 +101,36 @@ def stream(args) -> None:
             bw = read_bandwidth(1.0, 3)
             print(f"| {threads} | {qt.name} | {rate / 1e9:.1f} GB/s | {bw / 1e9:.1f} GB/s | {rate / bw:.0%} |")
             del mats
+
+
+def gemm(args) -> None:
+    from lowbit.kernels.amx import host_has_amx
+
+    if not HAS_VNNI:
+        raise SystemExit("the integer prompt GEMM needs AVX-512 VNNI or AVX-VNNI")
+    rng = np.random.default_rng(0)
+    kinds = ["vnni"] + (["amx"] if host_has_amx() else [])
+    print("| threads | type | " + " | ".join(f"{k} GEMM" for k in kinds) + " | numpy f32 GEMM | best / numpy |")
+    print("|---|---|" + "---|" * (len(kinds) + 2))
+    t, flops = args.gemm, 2.0 * args.gemm * args.rows * args.cols
+    x = rng.standard_normal((t, args.cols), dtype=np.float32)
+    wf = rng.standard_normal((args.rows, args.cols), dtype=np.float32)
+    y = np.empty((t, args.rows), dtype=np.float32)
+    for threads in (int(n) for n in args.threads.split(",")):
+        numba.set_num_threads(threads)
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(threads, user_api="blas"):
+            numpy_rate = flops / best_seconds(np.matmul, x, wf.T, y, repeats=5)
+        for bits in (4, 8, 3, 2):
+            qt = quant_type(bits, 64, bits < 8)
+            p = random_parts(qt, (args.rows, args.cols), rng)
+            codes, scales = p["codes"], p["scales"].view(np.uint16)
+            mins = p["mins"].view(np.uint16) if qt.asym else np.zeros((1, 1), dtype=np.uint16)
+            rates = [flops / best_seconds(make_kernels(bits, 64, amx=k == "amx").gemm, y, codes, scales, mins, x,
+                                          qt.asym, repeats=5) for k in kinds]
+            print(f"| {threads} | {qt.name} | " + " | ".join(f"{r / 1e9:.0f} GFLOP/s" for r in rates)
+                  + f" | {numpy_rate / 1e9:.0f} GFLOP/s | {max(rates) / numpy_rate:.2f}x |")
 
 
 def _one_pass(kernel, y, mats, x, asym) -> None:

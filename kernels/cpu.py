@@ -227,6 +227,15 @@ def rope2_inplace(q, k, cos, sin):
 
 
 @nb.njit(**_JIT)
+def rope2_kv_write(q, k, v, cos, sin, k_cache, v_cache, start):
+    """rope2_inplace(q, k[..., :rot]) then kv_write(k_cache, v_cache, k, v, start), in one call: q: f32[T, n_heads,
+    rot] (a view when RoPE rotates part of each head), k, v: f32[T, n_kv, hd], cos, sin: f32[T, rot/2]."""
+    rope_inplace(q, cos, sin)
+    rope_inplace(k[:, :, : q.shape[2]], cos, sin)
+    kv_write(k_cache, v_cache, k, v, start)
+
+
+@nb.njit(**_JIT)
 def rope_inplace(x, cos, sin):
     """Rotate-half RoPE in place. x: f32[T, n_heads, hd]; cos, sin: f32[T, hd/2]."""
     half = x.shape[2] // 2

@@ -302,6 +302,18 @@ class Model:
         else:
             dispatch.rope_qk_inplace(q[:, :, : self.rot], k[:, :, : self.rot], cos, sin)
 
+    def rope_and_cache(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, li: int, start: int, cache: KVCache) -> None:
+        """apply_rope_qk then cache_write: one kernel call, unless apply_rope or cache_write is replaced (a
+        device)."""
+        if type(self).apply_rope is not Model.apply_rope or type(self).cache_write is not Model.cache_write:
+            self.apply_rope_qk(q, k, li, start)
+            self.cache_write(cache, li, k, v, start)
+            return
+        cos, sin = self.rope_for(li)
+        cos, sin = cos[start : start + q.shape[0]], sin[start : start + q.shape[0]]
+        qr = q if self.rot == q.shape[2] else q[:, :, : self.rot]
+        dispatch.rope_qk_kv_write(qr, k, v, cos, sin, cache.k[li], cache.v[li], start)
+
     def add_norm(self, x: np.ndarray, a: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(x + a, rmsnorm(x + a, w)): one kernel call, unless add or rmsnorm is replaced (a device)."""
         if type(self).add is not Model.add or type(self).rmsnorm is not Model.rmsnorm:
@@ -350,8 +362,7 @@ class Model:
         """Attention on the already-normed input h [T, hidden]: projections, RoPE, cache write, attend, output."""
         t = h.shape[0]
         q, k, v = self.project_qkv(h, layer)
-        self.apply_rope_qk(q, k, li, start)
-        self.cache_write(cache, li, k, v, start)
+        self.rope_and_cache(q, k, v, li, start, cache)
         o = self.attend(q, li, start, cache)
         return self.linear(layer["attn_output"], o.reshape(t, o.size // t))
 

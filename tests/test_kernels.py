@@ -98,6 +98,33 @@ def test_rmsnorm_rope_silu_match_reference():
     np.testing.assert_allclose(dispatch.silu_mul(g, u), ref.silu(g) * u, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rot", [16, 8])
+def test_rope_and_cache_write_in_one_call(rot):
+    """The fused RoPE + cache write: q and k rotated (only the first ``rot`` dims of each head when RoPE is
+    partial), k and v written to positions start.. of the caches, the rest of the caches untouched."""
+    rng = np.random.default_rng(rot)
+    t, nh, nkv, hd, ctx, start = 3, 4, 2, 16, 12, 5
+    q = rng.standard_normal((t, nh, hd)).astype(np.float32)
+    k = rng.standard_normal((t, nkv, hd)).astype(np.float32)
+    v = rng.standard_normal((t, nkv, hd)).astype(np.float32)
+    inv = (1.0 / 10000 ** (np.arange(0, rot, 2) / rot)).astype(np.float32)
+    pos = np.arange(start, start + t)
+    ang = pos[:, None].astype(np.float32) * inv[None, :]
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    kc, vc = (rng.standard_normal((nkv, ctx, hd)).astype(np.float32) for _ in range(2))
+    kc0, vc0 = kc.copy(), vc.copy()
+    want_q, want_k = q.copy(), k.copy()
+    want_q[..., :rot] = ref.rope(q[..., :rot], pos, inv)
+    want_k[..., :rot] = ref.rope(k[..., :rot], pos, inv)
+    dispatch.rope_qk_kv_write(q[:, :, :rot], k, v, cos, sin, kc, vc, start)
+    np.testing.assert_allclose(q, want_q, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(kc[:, start : start + t], want_k.transpose(1, 0, 2), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(vc[:, start : start + t], v.transpose(1, 0, 2))
+    for new, old in ((kc, kc0), (vc, vc0)):
+        np.testing.assert_array_equal(new[:, :start], old[:, :start])
+        np.testing.assert_array_equal(new[:, start + t :], old[:, start + t :])
+
+
 @pytest.mark.parametrize("t,start", [(1, 0), (1, 9), (6, 0), (4, 5)])
 def test_attention_matches_reference(t, start):
     rng = np.random.default_rng(t * 10 + start)
