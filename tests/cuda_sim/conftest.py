@@ -2,7 +2,7 @@
 
 They only run in a process started with NUMBA_ENABLE_CUDASIM=1 (numba reads it when numba.cuda is first imported, so
 it cannot be switched on inside the main test process): tests/test_cuda.py runs this folder in such a child process;
-by hand: ``NUMBA_ENABLE_CUDASIM=1 NUMBA_NUM_THREADS=1 python -m pytest tests/cuda_sim``."""
+by hand: ``NUMBA_ENABLE_CUDASIM=1 NUMBA_NUM_THREADS=1 pytest tests/cuda_sim``."""
 
 import os
 import sys
