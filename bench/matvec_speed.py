@@ -23,11 +23,20 @@ import time
 
 import numba
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from lowbit.formats.qtypes import PLANES, quant_type
 from lowbit.kernels import cpu
 from lowbit.kernels.cpu_quant import HAS_VNNI, make_kernels
 from lowbit.runtime.bench_model import random_parts
+
+
+def _weights(qt, rows: int, cols: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random codes, scales and mins (a 1×1 placeholder for symmetric types) of W[rows, cols], as the kernels take
+    them."""
+    p = random_parts(qt, (rows, cols), rng)
+    mins = p["mins"].view(np.uint16) if qt.asym else np.zeros((1, 1), dtype=np.uint16)
+    return p["codes"], p["scales"].view(np.uint16), mins
 
 
 def best_seconds(fn, *args, repeats: int = 30) -> float:
@@ -50,6 +59,8 @@ def main() -> None:
     ap.add_argument("--gemm", type=int, default=None, metavar="TOKENS",
                     help="time the prompt GEMM for this many tokens instead (GFLOP/s vs numpy float32)")
     args = ap.parse_args()
+    if args.gemm is not None and args.gemm < 1:
+        ap.error("--gemm needs a positive number of tokens")
     if args.stream:
         stream(args)
         return
@@ -64,9 +75,7 @@ def main() -> None:
         numba.set_num_threads(threads)
         for bits, g in ((4, 32), (4, 64), (4, 128), (8, 64), (3, 64), (2, 64)):
             qt = quant_type(bits, g, bits < 8)
-            p = random_parts(qt, (args.rows, args.cols), rng)
-            codes, scales = p["codes"], p["scales"].view(np.uint16)
-            mins = p["mins"].view(np.uint16) if qt.asym else np.zeros((1, 1), dtype=np.uint16)
+            codes, scales, mins = _weights(qt, args.rows, args.cols, rng)
             x = rng.standard_normal((1, args.cols), dtype=np.float32)
             y = np.empty(args.rows, dtype=np.float32)
             planes = np.array(PLANES[bits], dtype=np.int32)
@@ -89,9 +98,7 @@ def stream(args) -> None:
         numba.set_num_threads(threads)
         for bits in (4, 8, 3, 2):
             qt = quant_type(bits, 64, bits < 8)
-            p = random_parts(qt, (args.rows, args.cols), rng)
-            codes, scales = p["codes"], p["scales"].view(np.uint16)
-            mins = p["mins"].view(np.uint16) if qt.asym else np.zeros((1, 1), dtype=np.uint16)
+            codes, scales, mins = _weights(qt, args.rows, args.cols, rng)
             per = codes.nbytes + scales.nbytes + (mins.nbytes if qt.asym else 0)
             mats = [(codes.copy(), scales.copy(), mins.copy()) for _ in range(max(1, int(args.stream * 1e6 / per)))]
             x = rng.standard_normal((1, args.cols), dtype=np.float32)
@@ -118,15 +125,11 @@ def gemm(args) -> None:
     y = np.empty((t, args.rows), dtype=np.float32)
     for threads in (int(n) for n in args.threads.split(",")):
         numba.set_num_threads(threads)
-        from threadpoolctl import threadpool_limits
-
         with threadpool_limits(threads, user_api="blas"):
             numpy_rate = flops / best_seconds(np.matmul, x, wf.T, y, repeats=5)
         for bits in (4, 8, 3, 2):
             qt = quant_type(bits, 64, bits < 8)
-            p = random_parts(qt, (args.rows, args.cols), rng)
-            codes, scales = p["codes"], p["scales"].view(np.uint16)
-            mins = p["mins"].view(np.uint16) if qt.asym else np.zeros((1, 1), dtype=np.uint16)
+            codes, scales, mins = _weights(qt, args.rows, args.cols, rng)
             rates = [flops / best_seconds(make_kernels(bits, 64, amx=k == "amx").gemm, y, codes, scales, mins, x,
                                           qt.asym, repeats=5) for k in kinds]
             print(f"| {threads} | {qt.name} | " + " | ".join(f"{r / 1e9:.0f} GFLOP/s" for r in rates)

@@ -222,8 +222,3 @@ def pack_tokens(xb, xh):
                 o = base + j4 * 64 + n * 4
                 for i in range(4):
                     xb[o + i] = xh[t, j4 * 4 + i] if t < t_n else 0
-
-
-def padded_tokens(t_n: int) -> int:
-    return (t_n + TILE - 1) // TILE * TILE
-

@@ -220,16 +220,10 @@ def add_rmsnorm(xo, ho, x, a, w, eps):
 
 
 @nb.njit(**_JIT)
-def rope2_inplace(q, k, cos, sin):
-    """rope_inplace of q and k (same positions) in one call."""
-    rope_inplace(q, cos, sin)
-    rope_inplace(k, cos, sin)
-
-
-@nb.njit(**_JIT)
 def rope2_kv_write(q, k, v, cos, sin, k_cache, v_cache, start):
-    """rope2_inplace(q, k[..., :rot]) then kv_write(k_cache, v_cache, k, v, start), in one call: q: f32[T, n_heads,
-    rot] (a view when RoPE rotates part of each head), k, v: f32[T, n_kv, hd], cos, sin: f32[T, rot/2]."""
+    """rope_inplace of q and of k[..., :rot], then kv_write(k_cache, v_cache, k, v, start), in one call.
+    q: f32[T, n_heads, rot] (a view when RoPE rotates part of each head); k, v: f32[T, n_kv, hd]; cos, sin:
+    f32[T, rot/2]."""
     rope_inplace(q, cos, sin)
     rope_inplace(k[:, :, : q.shape[2]], cos, sin)
     kv_write(k_cache, v_cache, k, v, start)

@@ -86,7 +86,6 @@ class Weight:
             self.had_d = hadamard.scaled_signs(self.had_signs)
             self.had_block = hadamard.block_size(self.cols)
         self.lr_a = self.lr_b = None
-        self.plain = had_signs is None  # no rotation and (below) no low-rank term: the fused products apply
         if (lr_a is None) != (lr_b is None):
             have, miss = ("lr_a", "lr_b") if lr_b is None else ("lr_b", "lr_a")
             raise FormatError(f"tensor {base}.{have} has no matching {base}.{miss}")
@@ -97,7 +96,6 @@ class Weight:
             raise FormatError(f"tensor {base}.lr_a: expected shape [rank, {self.cols}], got {list(a.shape)}")
         if b.shape != (self.rows, a.shape[0]):
             raise FormatError(f"tensor {base}.lr_b: expected shape [{self.rows}, {a.shape[0]}], got {list(b.shape)}")
-        self.plain = False
         self.lr_a = np.ascontiguousarray(a, dtype=np.float32)
         self.lr_b = np.ascontiguousarray(b, dtype=np.float32)
         if not (np.isfinite(self.lr_a).all() and np.isfinite(self.lr_b).all()):
@@ -167,30 +165,27 @@ def linear_many(ws: list[Weight], x: np.ndarray) -> list[np.ndarray]:
     weights of one quant type without extras or an activation-quantization mode takes one fused kernel call
     (``Kernels.matvec3``): the activations are quantized once and the dispatch cost is paid once."""
     k = ws[0].int_kernels
-    n = len(ws)
-    if x.shape[0] != 1 or k is None or k.matvec3 is None or not 2 <= n <= 3:
+    if x.shape[0] != 1 or k is None or k.matvec3 is None or not 2 <= len(ws) <= 3:
         return [linear(w, x) for w in ws]
     for w in ws:
-        if w.int_kernels is not k or not w.plain or w.act_q is not None:
+        if w.int_kernels is not k or w.had_d is not None or w.lr_a is not None or w.act_q is not None:
             return [linear(w, x) for w in ws]
     w1, w2 = ws[0], ws[1]
     y1 = np.empty((1, w1.rows), dtype=np.float32)
     y2 = np.empty((1, w2.rows), dtype=np.float32)
-    if n == 3:
+    if len(ws) == 3:
         w3 = ws[2]
         y3 = np.empty((1, w3.rows), dtype=np.float32)
-        kernel_call(k.matvec3, y1[0], w1.codes, w1.scales, w1.mins, y2[0], w2.codes, w2.scales, w2.mins, y3[0],
-                    w3.codes, w3.scales, w3.mins, x if x.flags.c_contiguous else np.ascontiguousarray(x), w1.asym)
         ys = [y1, y2, y3]
+        third = (y3[0], w3.codes, w3.scales, w3.mins)
     else:
-        kernel_call(k.matvec3, y1[0], w1.codes, w1.scales, w1.mins, y2[0], w2.codes, w2.scales, w2.mins, _NO_ROWS_Y,
-                    _NO_ROWS_CODES, _NO_ROWS_SCALES, _NO_ROWS_SCALES,
-                    x if x.flags.c_contiguous else np.ascontiguousarray(x), w1.asym)
         ys = [y1, y2]
-    if w1.bias is not None or w2.bias is not None or (n == 3 and ws[2].bias is not None):
-        for w, y in zip(ws, ys):
-            if w.bias is not None:
-                y += w.bias
+        third = (_NO_ROWS_Y, _NO_ROWS_CODES, _NO_ROWS_SCALES, _NO_ROWS_SCALES)
+    kernel_call(k.matvec3, y1[0], w1.codes, w1.scales, w1.mins, y2[0], w2.codes, w2.scales, w2.mins, *third,
+                np.ascontiguousarray(x), w1.asym)
+    for w, y in zip(ws, ys):
+        if w.bias is not None:
+            y += w.bias
     return ys
 
 
@@ -264,14 +259,10 @@ def add_rmsnorm(x: np.ndarray, a: np.ndarray, w: np.ndarray, eps: float) -> tupl
     return xo, ho
 
 
-def rope_qk_inplace(q: np.ndarray, k: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
-    kernel_call(cpu.rope2_inplace, q, k, cos, sin)
-
-
 def rope_qk_kv_write(q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray,
                      k_cache: np.ndarray, v_cache: np.ndarray, start: int) -> None:
-    """rope_qk_inplace(q, k[..., :rot]) (rot = q.shape[2]; q may be the rotated part of each head) and kv_write of
-    k, v into positions start.. of one layer's caches, in one kernel call."""
+    """RoPE of q and of k[..., :rot] (rot = q.shape[2]; q may be the rotated part of each head) and kv_write of k, v
+    into positions start.. of one layer's caches, in one kernel call."""
     kernel_call(cpu.rope2_kv_write, q, k, v, cos, sin, k_cache, v_cache, start)
 
 

@@ -284,33 +284,24 @@ class Model:
         part = x[:, lo:hi]
         return np.ascontiguousarray(part) if contiguous else part
 
-    def apply_rope(self, x: np.ndarray, li: int, start: int) -> None:
+    def rope_rows(self, li: int, start: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin rows of positions start..start+t-1 for layer li."""
         cos, sin = self.rope_for(li)
-        cos, sin = cos[start : start + x.shape[0]], sin[start : start + x.shape[0]]
+        return cos[start : start + t], sin[start : start + t]
+
+    def apply_rope(self, x: np.ndarray, li: int, start: int) -> None:
+        cos, sin = self.rope_rows(li, start, x.shape[0])
         dispatch.rope_inplace(x if self.rot == x.shape[2] else x[:, :, : self.rot], cos, sin)
 
-    def apply_rope_qk(self, q: np.ndarray, k: np.ndarray, li: int, start: int) -> None:
-        """apply_rope to q and k: one kernel call, unless apply_rope is replaced (a device)."""
-        if type(self).apply_rope is not Model.apply_rope:
+    def rope_and_cache(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, li: int, start: int, cache: KVCache) -> None:
+        """apply_rope to q and k, then cache_write: one kernel call, unless apply_rope or cache_write is replaced
+        (a device)."""
+        if type(self).apply_rope is not Model.apply_rope or type(self).cache_write is not Model.cache_write:
             self.apply_rope(q, li, start)
             self.apply_rope(k, li, start)
-            return
-        cos, sin = self.rope_for(li)
-        cos, sin = cos[start : start + q.shape[0]], sin[start : start + q.shape[0]]
-        if self.rot == q.shape[2]:
-            dispatch.rope_qk_inplace(q, k, cos, sin)
-        else:
-            dispatch.rope_qk_inplace(q[:, :, : self.rot], k[:, :, : self.rot], cos, sin)
-
-    def rope_and_cache(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, li: int, start: int, cache: KVCache) -> None:
-        """apply_rope_qk then cache_write: one kernel call, unless apply_rope or cache_write is replaced (a
-        device)."""
-        if type(self).apply_rope is not Model.apply_rope or type(self).cache_write is not Model.cache_write:
-            self.apply_rope_qk(q, k, li, start)
             self.cache_write(cache, li, k, v, start)
             return
-        cos, sin = self.rope_for(li)
-        cos, sin = cos[start : start + q.shape[0]], sin[start : start + q.shape[0]]
+        cos, sin = self.rope_rows(li, start, q.shape[0])
         qr = q if self.rot == q.shape[2] else q[:, :, : self.rot]
         dispatch.rope_qk_kv_write(qr, k, v, cos, sin, cache.k[li], cache.v[li], start)
 
