@@ -6,13 +6,16 @@ import datetime
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 import lowbit
+from lowbit.convert.gguf_plan import plan_gguf
+from lowbit.convert.gguf_source import GGUFSource, is_gguf
+from lowbit.convert.gguf_tokenizer import gguf_tokenizer
 from lowbit.convert.methods import Method, parse_method
 from lowbit.convert.quantize import quantize
 from lowbit.convert.source import Checkpoint, read_json, resolve_source, to_f32
@@ -48,6 +51,9 @@ class ConvertOptions:
     target_bpw: float | None = None  # mixed precision: choose per-tensor types to fit this many bits per weight
     max_size: int | None = None  # mixed precision: ... or this many bytes of tensors
     recipe: str | None = None  # a saved recipe (JSON: tensor name -> quant type) to reuse
+    # GGUF sources: False keeps every GGUF type lowbit has (convert/gguf_plan.py); True re-quantizes every matrix
+    # with the options above (the CLI sets it when any quantization option is given)
+    requantize: bool = False
 
     @property
     def budget(self) -> bool:
@@ -142,22 +148,37 @@ def plan_conversion(ckpt: Checkpoint, family, args, opts: ConvertOptions) -> tup
 
 
 def convert(src: str, out: str | Path, opts: ConvertOptions, progress: bool = True) -> Path:
-    """Convert ``src`` (HF folder or hub repo id) into the container ``out``. Returns the written path."""
+    """Convert ``src`` (HF folder, hub repo id or GGUF file) into the container ``out``. Returns the written path."""
     opts.validate()
     out = Path(out)
     if out.exists() and out.is_dir():
         raise LowbitError(f"{out}: is a directory; give a file name such as model.lowbit")
-    folder = resolve_source(src)
-    cfg = read_json(folder / "config.json")
-    fam_name, family = family_for(cfg.get("model_type"))
-    args = family.args_from_hf(cfg)
-    tok_meta, tok_blobs = read_tokenizer_source(folder)
-    gen_cfg = read_json(folder / "generation_config.json", required=False) or {}
-    ckpt = Checkpoint(folder)
+    gguf, notes = None, None
+    if is_gguf(Path(src).expanduser()):
+        if opts.budget or opts.recipe or opts.resolved_method().calibrated:
+            opts = replace(opts, requantize=True)  # these choose every matrix's type themselves
+        gguf = GGUFSource(Path(src).expanduser())
+        cfg, gen_cfg, ckpt = gguf.config, {}, gguf
+        try:
+            tok_meta, tok_blobs = gguf_tokenizer(gguf.fields, str(src))
+        except BaseException:
+            gguf.close()
+            raise
+    else:
+        folder = resolve_source(src)
+        cfg = read_json(folder / "config.json")
+        tok_meta, tok_blobs = read_tokenizer_source(folder)
+        gen_cfg = read_json(folder / "generation_config.json", required=False) or {}
+        ckpt = Checkpoint(folder)
     try:
-        if "output.weight" not in {family.sanitize(n) for n in ckpt.names()} and not args.tie_word_embeddings:
-            args.tie_word_embeddings = True  # no lm_head stored: the checkpoint ties it
-        plans, hf_of = plan_conversion(ckpt, family, args, opts)
+        fam_name, family = family_for(cfg.get("model_type"))
+        args = family.args_from_hf(cfg)
+        if gguf is not None:
+            plans, hf_of, notes = plan_gguf(gguf, family, args, opts, choose_qtype)
+        else:
+            if "output.weight" not in {family.sanitize(n) for n in ckpt.names()} and not args.tie_word_embeddings:
+                args.tie_word_embeddings = True  # no lm_head stored: the checkpoint ties it
+            plans, hf_of = plan_conversion(ckpt, family, args, opts)
         adapt = getattr(family, "adapt_to_checkpoint", None)
         if adapt is not None:  # e.g. gemma's embedding normalizer follows the stored embedding dtype
             adapt(args, {canon: ckpt.dtype(hf) for canon, hf in hf_of.items()})
@@ -167,12 +188,13 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, progress: bool = Tr
             "tokenizer": tok_meta,
             "generation": _generation_meta(gen_cfg, tok_meta),
             "quantization": {
-                "method": opts.resolved_method().name if opts.bits != FLOAT_BITS else "none",
+                "method": _method_name(opts, gguf),
                 "bits": opts.bits,
                 "group_size": opts.group_size,
                 "asym": opts.is_asym(opts.bits),
                 "embed_bits": opts.embedding_bits,
                 "recipe": {p.name: p.qtype.name for p in plans},
+                **({"import": notes} if notes is not None else {}),
             },
             "provenance": {
                 "source": str(src),
@@ -194,6 +216,12 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, progress: bool = Tr
             bar = tqdm(plans, desc="convert", unit="tensor", disable=not progress, dynamic_ncols=True)
             for plan in bar:
                 bar.set_postfix_str(f"{plan.name} -> {plan.qtype.name}", refresh=False)
+                if notes is not None and len(plan.shape) == 2 and not notes[plan.name].startswith("re-quantized"):
+                    qt, parts, _ = gguf.exact(plan.name)  # the GGUF's own codes and scales
+                    if qt is not plan.qtype:
+                        raise LowbitError(f"{plan.name}: GGUF import produced {qt.name}, planned {plan.qtype.name}")
+                    writer.write_tensor(plan.name, parts)
+                    continue
                 dtype, arr = ckpt.raw(hf_of[plan.name])
                 writer.write_tensor(plan.name, encode_tensor(arr, dtype, plan.qtype, method.rounding))
             writer.meta["provenance"]["convert_seconds"] = round(time.perf_counter() - t0, 2)
@@ -254,6 +282,12 @@ def apply_recipe(plans: list[TensorPlan], recipe: dict[str, str]) -> list[Tensor
             raise LowbitError(f"recipe entry {p.name}: {why or 'only matrices can be quantized'}")
         out.append(TensorPlan(p.name, qt, p.shape))
     return out
+
+
+def _method_name(opts: ConvertOptions, gguf) -> str:
+    if gguf is not None and not opts.requantize:
+        return "gguf-import"
+    return opts.resolved_method().name if opts.bits != FLOAT_BITS else "none"
 
 
 def _generation_meta(gen_cfg: dict, tok_meta: dict) -> dict:

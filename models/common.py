@@ -54,7 +54,7 @@ def longrope_params(scaling: dict, cfg: dict) -> dict:
     }
 
 
-SUPPORTED_ROPE = ("linear", "llama3", "longrope")
+SUPPORTED_ROPE = ("linear", "llama3", "longrope", "freq_factors")
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, ctx: int = 0) -> np.ndarray:
@@ -82,6 +82,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, ctx: int = 
         smoothed = (1 - smooth) * out / factor + smooth * out
         medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
         return np.where(medium, smoothed, out).astype(np.float32)
+    if kind == "freq_factors":  # llama.cpp's rope_freqs tensor (llama3 scaling precomputed): divisors per frequency
+        factors = np.asarray(scaling["factors"], dtype=np.float32)
+        if factors.shape != inv.shape:
+            raise SourceError(f"rope frequency factors have {factors.size} entries, expected {inv.size}")
+        return (inv / factors).astype(np.float32)
     if kind == "longrope":
         long = ctx > int(scaling["original_max_position_embeddings"])
         ext = np.asarray(scaling["long_factor" if long else "short_factor"], dtype=np.float32)

@@ -56,11 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="show diagnostic logging")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint into a .lowbit container")
-    p.add_argument("source", help="local checkpoint folder or hub repo id (org/name)")
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint or a GGUF file into a .lowbit container")
+    p.add_argument("source", help="local checkpoint folder, hub repo id (org/name), or a .gguf file")
     p.add_argument("-o", "--output", required=True, help="output .lowbit file")
-    p.add_argument("--bits", type=int, default=4, help="2, 3, 4, 5, 6, 8; 16 keeps weights unquantized (default 4)")
-    p.add_argument("--group-size", type=int, default=64, help="32, 64, 128, or 0 for per-channel (default 64)")
+    p.add_argument("--bits", type=int, default=None,
+                   help="2, 3, 4, 5, 6, 8; 16 keeps weights unquantized (default 4; a GGUF keeps its own types unless "
+                   "a quantization option is given)")
+    p.add_argument("--group-size", type=int, default=None, help="32, 64, 128, or 0 for per-channel (default 64)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--sym", dest="asym", action="store_false", default=None, help="symmetric groups (no min)")
     g.add_argument("--asym", dest="asym", action="store_true", help="asymmetric groups (fp16 min per group)")

@@ -24,9 +24,11 @@ def _model_path(value: str | None) -> Path:
 def cmd_convert(args) -> int:
     from lowbit.convert.converter import ConvertOptions, convert
 
+    given = [args.bits, args.group_size, args.asym, args.embed_bits, args.target_bpw, args.max_size, args.recipe]
     opts = ConvertOptions(
-        bits=args.bits,
-        group_size=args.group_size,
+        bits=4 if args.bits is None else args.bits,
+        group_size=64 if args.group_size is None else args.group_size,
+        requantize=any(v is not None for v in given) or args.method != "auto",
         asym=args.asym,
         embed_bits=args.embed_bits,
         method=args.method,

@@ -91,9 +91,30 @@ def read_tokenizer_source(src_dir: Path) -> tuple[dict, dict[str, bytes]]:
     if not blobs:
         raise SourceError(f"{src_dir} has no tokenizer: expected tokenizer.json or tokenizer.model")
     cfg = _read_json(src_dir / "tokenizer_config.json")
-    model_cfg = _read_json(src_dir / "config.json")
-    gen_cfg = _read_json(src_dir / "generation_config.json")
-    special_map = _read_json(src_dir / "special_tokens_map.json")
+    return tokenizer_meta(
+        blobs,
+        cfg,
+        model_cfg=_read_json(src_dir / "config.json"),
+        gen_cfg=_read_json(src_dir / "generation_config.json"),
+        special_map=_read_json(src_dir / "special_tokens_map.json"),
+        chat_template=find_chat_template(src_dir, cfg),
+        origin=src_dir,
+    )
+
+
+def tokenizer_meta(
+    blobs: dict[str, bytes],
+    cfg: dict,
+    model_cfg: dict,
+    gen_cfg: dict,
+    special_map: dict,
+    chat_template: str | None,
+    origin,
+) -> tuple[dict, dict[str, bytes]]:
+    """The container's tokenizer meta from the tokenizer data and the checkpoint's configs (tokenizer_config.json
+    as ``cfg``, config.json, generation_config.json, special_tokens_map.json); ``origin`` names the source in
+    errors. Used for HF folders and for the configs a GGUF import synthesises."""
+    src_dir = Path(origin)
     tok_json = None
     if "tokenizer.json" in blobs:
         try:
@@ -135,7 +156,7 @@ def read_tokenizer_source(src_dir: Path) -> tuple[dict, dict[str, bytes]]:
     meta["add_prefix_space"] = cfg.get("add_prefix_space")
     meta["clean_up_tokenization_spaces"] = bool(cfg.get("clean_up_tokenization_spaces", False))
     meta["split_special_tokens"] = bool(cfg.get("split_special_tokens", False))
-    meta["chat_template"] = find_chat_template(src_dir, cfg)
+    meta["chat_template"] = chat_template
 
     try:
         tok = Tokenizer(meta, blobs)
