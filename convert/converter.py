@@ -54,6 +54,7 @@ class ConvertOptions:
     # GGUF sources: False keeps every GGUF type lowbit has (convert/gguf_plan.py); True re-quantizes every matrix
     # with the options above (the CLI sets it when any quantization option is given)
     requantize: bool = False
+    kernel_activations: str = "int8"  # the runtime default the container asks for: int8 | exact (runtime/engine.py)
 
     @property
     def budget(self) -> bool:
@@ -74,6 +75,8 @@ class ConvertOptions:
             raise LowbitError(f"--target-bpw {self.target_bpw}: expected a number of bits per weight in (1, 16]")
         if self.max_size is not None and self.max_size <= 0:
             raise LowbitError(f"--max-size {self.max_size}: expected a positive number of bytes")
+        if self.kernel_activations not in ("int8", "exact"):
+            raise LowbitError(f"kernel activations {self.kernel_activations!r}: expected int8 or exact")
         if self.calib_samples < 1 or self.calib_len < 2:
             raise LowbitError("--calib-samples must be at least 1 and --calib-len at least 2")
         if not 0.0 <= self.lowrank_bpw <= 4.0:
@@ -196,6 +199,7 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, progress: bool = Tr
                 "recipe": {p.name: p.qtype.name for p in plans},
                 **({"import": notes} if notes is not None else {}),
             },
+            "runtime": {"kernel_activations": opts.kernel_activations},
             "provenance": {
                 "source": str(src),
                 "converter": f"lowbit {lowbit.__version__}",

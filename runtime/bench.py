@@ -70,7 +70,7 @@ def decode_bytes_per_token(c: Container, kv_positions: float) -> float:
 
 
 def run_worker(path: Path, prompt: int, gen: int, threads: int | None, cache_dir: Path | None, startup_only: bool,
-               device: str = "cpu", exact: bool = False, mmap: bool = False):
+               device: str = "cpu", exact: bool | None = None, mmap: bool = False):
     """Measure in a child process; ``cache_dir``: its NUMBA_CACHE_DIR (None: numba's default cache)."""
     req = dict(path=str(path), prompt=prompt, gen=gen, threads=threads, startup_only=startup_only, device=device,
                exact=exact, mmap=mmap)
@@ -105,14 +105,14 @@ def bench_one(path: Path, label: str, args) -> BenchRow:
     c = Container(path)
     q = c.meta.get("quantization", {})
     qtype = f"{q.get('bits')}-bit g{q.get('group_size')}" if q else "?"
-    if getattr(args, "exact_activations", False):
-        qtype += ", exact activations"
+    exact = getattr(args, "exact_activations", None)
+    if exact is not None:
+        qtype += ", exact activations" if exact else ", int8 activations"
     mmap = getattr(args, "mmap", False)
     if mmap:
         qtype += ", mmap"
     shapes = matrix_shapes(c)
     device = getattr(args, "device", "cpu")
-    exact = getattr(args, "exact_activations", False)
     bw_before = read_bandwidth()
     if args.no_cold:  # numba's ordinary cache, whatever state it is in
         cold = None

@@ -53,11 +53,11 @@ def _cache_files() -> int | None:
 
 
 def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only: bool, device: str = "cpu",
-            exact: bool = False, mmap: bool = False) -> dict:
+            exact: bool | None = None, mmap: bool = False) -> dict:
     from lowbit.kernels.dispatch import SMALL_BATCH
     from lowbit.kernels.timing import KernelTimer
     from lowbit.models import family_for
-    from lowbit.runtime.engine import open_container, set_threads
+    from lowbit.runtime.engine import kernel_activations_exact, open_container, set_threads
 
     probe = np.zeros(4096, dtype=np.uint8)
     probe.flags.writeable = False  # typed like the read-only container bytes it will sum
@@ -77,7 +77,7 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
         model = cuda_model(arch.get("family", arch["model_type"]), family, args, container, ctx)
     else:
         model = family.Model(args, container, ctx)
-        if exact:
+        if kernel_activations_exact(container.meta, exact):
             from lowbit.kernels.act_quant import set_kernel_precision
 
             set_kernel_precision(model, True)
@@ -146,7 +146,7 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
 def main() -> None:
     req = json.loads(sys.argv[1])
     res = measure(req["path"], req["prompt"], req["gen"], req.get("threads"), req.get("startup_only", False),
-                  req.get("device", "cpu"), req.get("exact", False), req.get("mmap", False))
+                  req.get("device", "cpu"), req.get("exact"), req.get("mmap", False))
     sys.stdout.write(json.dumps(res) + "\n")
 
 

@@ -25,9 +25,12 @@ def _add_runtime_args(p: argparse.ArgumentParser, model_optional: bool = True) -
 
 
 def _add_exact_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--exact-activations", action="store_true",
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--exact-activations", dest="exact_activations", action="store_const", const=True, default=None,
                    help="quantized products take int16-precision activations (the float product's quality, up to ~30%% "
-                   "slower) instead of int8 ones below 8 bits")
+                   "slower) instead of int8 ones below 8 bits (default: what the container asks for, else int8)")
+    g.add_argument("--int8-activations", dest="exact_activations", action="store_const", const=False,
+                   help="int8 activations below 8 bits even where the container asks for exact ones")
 
 
 def _add_mmap_arg(p: argparse.ArgumentParser) -> None:
@@ -86,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: choose per-tensor types to fit this many bits per weight (all tensors)")
     p.add_argument("--max-size", type=int, default=None, help="mixed precision: ... or this many bytes")
     p.add_argument("--recipe", default=None, help="JSON file of tensor name -> quant type to use")
+    p.add_argument("--exact-activations", action="store_true",
+                   help="record in the container that its products should take int16-precision activations by "
+                   "default (run/generate/serve/eval; --int8-activations overrides): for models whose answers "
+                   "int8 activations change")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("generate", help="continue a prompt and print tokens/s")

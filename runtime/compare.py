@@ -382,7 +382,7 @@ def run(args) -> int:
             if row.ok:
                 try:
                     engines[i] = Engine(row.path, ctx=ctx, threads=args.threads, act_quant=row.config.act,
-                                        exact_activations=getattr(args, "exact_activations", False))
+                                        exact_activations=getattr(args, "exact_activations", None))
                 except Exception as e:  # noqa: BLE001 - a container the runtime cannot load is a failed row
                     row.fail("loading", e)
         log.info("evaluating %d models against the reference over %d windows", len(engines), n_win)

@@ -28,6 +28,16 @@ DEFAULT_CTX = 4096
 PREFILL_CHUNK = 512  # prompt tokens per forward pass
 
 
+def kernel_activations_exact(meta: dict, override: bool | None) -> bool:
+    """Whether quantized products take int16-precision activations: ``--exact-activations`` /
+    ``--int8-activations`` when given, else what the container asks for (``runtime.kernel_activations``, set by
+    ``lowbit convert --exact-activations``), else int8."""
+    if override is not None:
+        return bool(override)
+    runtime = meta.get("runtime")
+    return isinstance(runtime, dict) and runtime.get("kernel_activations") == "exact"
+
+
 def default_model_path() -> Path:
     """The model bundled with the package."""
     return Path(str(resources.files("lowbit") / "default" / "refsmall-q4.lowbit"))
@@ -102,7 +112,7 @@ class Engine:
         threads: int | None = None,
         device: str | None = "cpu",
         act_quant: str | None = "none",
-        exact_activations: bool = False,
+        exact_activations: bool | None = None,
         mmap: bool = False,
     ):
         self.path = Path(path) if path is not None else default_model_path()
@@ -134,9 +144,10 @@ class Engine:
         else:
             self.model = self.family.Model(self.args, self.container, self.ctx)
             act_quant_mode.apply(self.model, self.act_quant)
+            exact_activations = kernel_activations_exact(meta, exact_activations)
             if exact_activations:
                 act_quant_mode.set_kernel_precision(self.model, True)
-        self.exact_activations = exact_activations
+        self.exact_activations = bool(exact_activations)
         gen = meta.get("generation", {})
         self.eos_ids = set(gen.get("eos_token_ids") or []) | set(self.tokenizer.eos_ids)
         self.generation_defaults = gen.get("defaults", {})

@@ -367,7 +367,7 @@ def run_command(args) -> int:
 
     engine = Engine(Path(args.model) if args.model else default_model_path(), ctx=args.ctx, threads=args.threads,
                     device=getattr(args, "device", "cpu"), act_quant=getattr(args, "act_quant", "none"),
-                    exact_activations=getattr(args, "exact_activations", False), mmap=getattr(args, "mmap", False))
+                    exact_activations=getattr(args, "exact_activations", None), mmap=getattr(args, "mmap", False))
     settings = settings_from_args(args, engine.ctx)
     if prompt is not None:
         return answer_once(engine, settings, args.system, prompt, sys.stdout)

@@ -78,7 +78,7 @@ def serve_command(args) -> int:
     try:
         engine = Engine(Path(args.model) if args.model else default_model_path(), ctx=args.ctx, threads=args.threads,
                         device=getattr(args, "device", "cpu"), act_quant=getattr(args, "act_quant", "none"),
-                        exact_activations=getattr(args, "exact_activations", False), mmap=getattr(args, "mmap", False))
+                        exact_activations=getattr(args, "exact_activations", None), mmap=getattr(args, "mmap", False))
         app = create_app(engine, model_name=args.model_name, api_key=args.api_key)
     except BaseException:
         sock.close()
