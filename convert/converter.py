@@ -192,10 +192,7 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, progress: bool = Tr
             "generation": _generation_meta(gen_cfg, tok_meta),
             "quantization": {
                 "method": _method_name(opts, gguf),
-                "bits": opts.bits,
-                "group_size": opts.group_size,
-                "asym": opts.is_asym(opts.bits),
-                "embed_bits": opts.embedding_bits,
+                **_uniform_options(opts, gguf),
                 "recipe": {p.name: p.qtype.name for p in plans},
                 **({"import": notes} if notes is not None else {}),
             },
@@ -286,6 +283,14 @@ def apply_recipe(plans: list[TensorPlan], recipe: dict[str, str]) -> list[Tensor
             raise LowbitError(f"recipe entry {p.name}: {why or 'only matrices can be quantized'}")
         out.append(TensorPlan(p.name, qt, p.shape))
     return out
+
+
+def _uniform_options(opts: ConvertOptions, gguf) -> dict:
+    """The options every tensor was quantized with; a GGUF import keeps the file's own types instead (see recipe)."""
+    if gguf is not None and not opts.requantize:
+        return {"bits": None, "group_size": None, "asym": None, "embed_bits": None}
+    return {"bits": opts.bits, "group_size": opts.group_size, "asym": opts.is_asym(opts.bits),
+            "embed_bits": opts.embedding_bits}
 
 
 def _method_name(opts: ConvertOptions, gguf) -> str:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,10 @@ def bench_one(path: Path, label: str, args) -> BenchRow:
     c = Container(path)
     q = c.meta.get("quantization", {})
     qtype = f"{q.get('bits')}-bit g{q.get('group_size')}" if q else "?"
+    if q and q.get("bits") is None:  # a GGUF import: the types it kept
+        recipe = q.get("recipe") or {}
+        kinds = Counter(v for k, v in recipe.items() if k.startswith("blk.") and v not in ("f32", "f16"))
+        qtype = f"{kinds.most_common(1)[0][0] if kinds else '?'} ({q.get('method')})"
     exact = getattr(args, "exact_activations", None)
     if exact is not None:
         qtype += ", exact activations" if exact else ", int8 activations"

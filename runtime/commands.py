@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -163,8 +163,16 @@ def cmd_inspect(args) -> int:
     print(f"tokenizer:     {', '.join(kinds)}; bos={tok.get('bos_token')!r} eos={tok.get('eos_token')!r}; "
           f"chat template: {'yes' if tok.get('chat_template') else 'no'}")
     print(f"generation:    {json.dumps(meta.get('generation', {}))}")
-    print(f"quantization:  method={q.get('method')} bits={q.get('bits')} group={q.get('group_size')} "
-          f"asym={q.get('asym')} embed_bits={q.get('embed_bits')}")
+    if q.get("bits") is None and q.get("method") == "gguf-import":
+        print("quantization:  method=gguf-import (every tensor keeps its GGUF type where lowbit has it; see below)")
+    else:
+        print(f"quantization:  method={q.get('method')} bits={q.get('bits')} group={q.get('group_size')} "
+              f"asym={q.get('asym')} embed_bits={q.get('embed_bits')}")
+    imported = q.get("import") if isinstance(q.get("import"), dict) else {}
+    if imported:
+        counts = Counter(str(v) for v in imported.values())
+        print("gguf import:   " + ", ".join(f"{n} {what}" for what, n in counts.most_common()))
+    print(f"runtime:       {json.dumps(meta.get('runtime', {}))}")
     print(f"provenance:    {json.dumps(meta.get('provenance', {}))}")
     if meta.get("quality"):
         print(f"quality:       {json.dumps(meta['quality'])}")
@@ -184,9 +192,10 @@ def cmd_inspect(args) -> int:
         acc[2] += t.nbytes
     print()
     if args.tensors:
-        print(f"{'tensor':<32} {'type':<9} {'shape':<12} {'bytes':>10} {'bpw':>7}")
+        print(f"{'tensor':<32} {'type':<9} {'shape':<12} {'bytes':>10} {'bpw':>7}" + ("  import" if imported else ""))
         for name, qt, shape, nbytes, bpw in rows:
-            print(f"{name:<32} {qt:<9} {shape:<12} {nbytes:>10,} {bpw:>7.3f}")
+            note = f"  {imported.get(name, '')}" if imported else ""
+            print(f"{name:<32} {qt:<9} {shape:<12} {nbytes:>10,} {bpw:>7.3f}{note}")
     else:
         print(f"{'tensor kind':<24} {'type':<9} {'count':>5} {'params':>12} {'bytes':>12} {'bpw':>7}")
         for (kind, qt), (cnt, n, nbytes) in groups.items():

@@ -40,7 +40,7 @@ def kernel_activations_exact(meta: dict, override: bool | None) -> bool:
 
 def default_model_path() -> Path:
     """The model bundled with the package."""
-    return Path(str(resources.files("lowbit") / "default" / "refsmall-q4.lowbit"))
+    return Path(str(resources.files("lowbit") / "default" / "smollm2-135m-instruct.lowbit"))
 
 
 def physical_cores() -> int:

@@ -226,7 +226,7 @@ def too_short_message(n_ids: int, ctx: int, max_tokens: int | None) -> str:
 # --------------------------------------------------------------------------------------------- the reference model
 @contextmanager
 def reference_engine(src: str, ctx: int, threads: int | None = None) -> Iterator[Engine]:
-    """An engine for ``src``: a .lowbit container as it is, or a Hugging Face checkpoint (folder or hub id)
+    """An engine for ``src``: a .lowbit container as it is, or a Hugging Face checkpoint (folder or hub id) or GGUF file
     converted unquantized (``--bits 16``) into a temporary container that lives as long as the context."""
     with tempfile.TemporaryDirectory(prefix="lowbit-ref-") as tmp:
         yield _open_reference(src, Path(tmp), ctx, threads)
@@ -234,16 +234,18 @@ def reference_engine(src: str, ctx: int, threads: int | None = None) -> Iterator
 
 def _open_reference(src: str, tmp: Path, ctx: int, threads: int | None) -> Engine:
     from lowbit.convert.converter import ConvertOptions, convert
+    from lowbit.convert.gguf_source import is_gguf
     from lowbit.runtime.engine import Engine
 
     path = Path(src).expanduser()
     try:
-        if path.is_file():
+        if path.is_file() and not is_gguf(path):
             return Engine(path, ctx=ctx, threads=threads)
         if not path.exists() and (path.suffix == ".lowbit" or src.startswith((".", "/", "~"))):
             raise LowbitError(f"{src}: no such file or directory")
         log.info("converting reference %s unquantized into a temporary container", src)
-        out = convert(src, tmp / "reference.lowbit", ConvertOptions(bits=16), progress=False)
+        # a GGUF: its dequantized float32 weights (requantize: every tensor as a float source)
+        out = convert(src, tmp / "reference.lowbit", ConvertOptions(bits=16, requantize=True), progress=False)
         return Engine(out, ctx=ctx, threads=threads)
     except LowbitError as e:
         raise type(e)(f"reference {e}") from None

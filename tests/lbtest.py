@@ -64,3 +64,7 @@ def rel_err(got, want) -> float:
     import numpy as np
 
     return float(np.abs(got - want).max() / np.abs(want).max())
+
+# the 22M toy (refsmall converted to 4-bit g64 by lowbit), for tests that need a fast model whose outputs they know;
+# the bundled default is the real SmolLM2-135M-Instruct
+TOY_MODEL = Path(__file__).resolve().parent / "data" / "refsmall-q4.lowbit"

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from lbtest import TOY_MODEL
 
 from lowbit.convert.converter import ConvertOptions
 from lowbit.formats.reader import Container
@@ -16,7 +17,6 @@ from lowbit.kernels.timing import KernelTimer
 from lowbit.models import family_for
 from lowbit.runtime.bench import decode_bytes_per_token, matrix_shapes
 from lowbit.runtime.bench_model import SHAPES, build_random_container, tensor_shapes
-from lowbit.runtime.engine import default_model_path
 
 TINY = dict(
     model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=320, num_hidden_layers=2,
@@ -70,7 +70,7 @@ def test_kernel_timer_counts_dispatched_kernels():
 
 def test_bench_command_json_on_bundled_model():
     res = subprocess.run(
-        [sys.executable, "-m", "lowbit.runtime.cli", "bench", str(default_model_path()), "--prompt", "32", "--gen",
+        [sys.executable, "-m", "lowbit.runtime.cli", "bench", str(TOY_MODEL), "--prompt", "32", "--gen",
          "8", "--no-cold", "--json"],
         capture_output=True, text=True, timeout=600,
     )

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
-from lbtest import DEV_EVAL
+from lbtest import DEV_EVAL, TOY_MODEL
 
 from lowbit.runtime.engine import Engine, default_model_path
 from lowbit.runtime.evaluate import log_softmax, perplexity, windows
@@ -30,6 +30,16 @@ def test_bundled_model_generates_with_chat_template():
     want = "".join(ev.text for ev in eng.generate(ids, max_tokens=24))
     assert res.stdout.rstrip("\n") == want and len(want) > 20
     assert "prefill:" in res.stderr and "decode:" in res.stderr and "tok/s" in res.stderr
+
+
+def test_bundled_model_answers_like_an_assistant():
+    """The bundled default is SmolLM2-135M-Instruct (imported from its GGUF): a sensible answer, ChatML, and the
+    reply ends at <|im_end|> rather than at max_tokens."""
+    res = lowbit("run", "-p", "What is the capital of France?", "-n", "48")
+    assert res.returncode == 0, res.stderr
+    assert "Paris" in res.stdout
+    res = lowbit("generate", "-p", "What is the capital of France?", "-n", "48")
+    assert res.returncode == 0 and "Paris" in res.stdout and "finish: stop" in res.stderr
 
 
 def test_generate_raw_and_seeded_sampling_reproducible():
@@ -62,7 +72,7 @@ def test_generate_stop_string():
 def test_continuation_text_is_decoded_in_context():
     """A plain continuation keeps its first token's leading space (prompt text + output = decode of everything); a
     chat reply is decoded on its own."""
-    eng = Engine(ctx=256)
+    eng = Engine(TOY_MODEL, ctx=256)  # a SentencePiece tokenizer: the reply alone drops the leading space
     tok = eng.tokenizer
     ids = tok.encode("The os module provides", add_special_tokens=True)
     events = list(eng.generate(ids, max_tokens=12, continuation=True))
@@ -78,10 +88,13 @@ def test_inspect_bundled_model_and_verify():
     res = lowbit("inspect", "--verify")
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    assert "architecture:  llama" in out and "q4a_g64" in out and "all CRC32 checksums match" in out
+    assert "architecture:  llama" in out and "q4a_g32" in out and "all CRC32 checksums match" in out
+    assert "method=gguf-import" in out and "gguf import:   272 exact" in out and '"kernel_activations": "exact"' in out
     bpw = float(out.split("bits/weight:")[1].split("overall")[0])
     matrices = float(out.split("overall (all tensor data / parameters),")[1].split("in the")[0])
-    assert matrices <= 4.6 and 4.0 < bpw < 6.0
+    assert matrices == 5.0 and 5.7 < bpw < 5.8  # SmolLM2's Q4_1 GGUF as it is: 4-bit g32 with mins, 8-bit embedding
+    tensors = lowbit("inspect", "--tensors").stdout
+    assert "blk.0.attn_q.weight" in tensors and tensors.count("  exact\n") == 272
 
 
 def test_eval_matches_direct_numpy_computation(tmp_path):

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lbtest import DEV_EVAL, REFSMALL, TOKENIZER_FILES, assert_clean_error, run_cli
+from lbtest import DEV_EVAL, REFSMALL, TOKENIZER_FILES, TOY_MODEL, assert_clean_error, run_cli
 
 from lowbit.convert.converter import ConvertOptions, convert
 from lowbit.runtime import evaluate as ev
 from lowbit.runtime.cli import main
-from lowbit.runtime.engine import Engine, default_model_path
+from lowbit.runtime.engine import Engine
 
 CTX = 32  # tiny models allow 256 positions
 
@@ -44,7 +44,7 @@ def _ids(engine: Engine, text_file: Path) -> list[int]:
 
 
 def test_model_against_itself_has_zero_kl_and_full_agreement(text_file):
-    a, b = Engine(default_model_path(), ctx=64), Engine(default_model_path(), ctx=64)
+    a, b = Engine(TOY_MODEL, ctx=64), Engine(TOY_MODEL, ctx=64)
     ids = _ids(a, text_file)
     res = ev.evaluate(a.logits_all, ids, 64, a.tokenizer.bos_id, ref_logits_fn=b.logits_all)
     assert res.windows == len(ids) // 63 >= 4 and res.tokens == 63 * res.windows

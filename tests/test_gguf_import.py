@@ -178,6 +178,13 @@ def test_requantize_on_request(tmp_path, prompt):
     assert notes["blk.0.attn_q.weight"] == "re-quantized from Q8_0"
     assert c.tensor("blk.0.attn_q.weight").qtype.name == "q4a_g32"
     assert np.isfinite(Engine(out, ctx=64).logits_all(prompt[:8])).all()
+    # the GGUF itself as eval's reference: its dequantized weights, unquantized
+    text = tmp_path / "t.txt"
+    text.write_text((REFSMALL.parent.parent / "data" / "dev-eval.txt").read_text()[:3000])
+    res = run_cli("eval", out, "--text", text, "--eval-ctx", 64, "--reference", gg, "--json")
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert 0 < got["kl_mean"] < 0.05 and got["top1"] > 0.5  # 4-bit weights of a random tiny model
 
 
 def test_bad_gguf_input_is_one_line_and_no_output(tmp_path):

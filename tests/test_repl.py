@@ -14,10 +14,11 @@ import sys
 import time
 
 import pytest
+from lbtest import TOY_MODEL
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
-from lowbit.runtime.engine import Engine, default_model_path
+from lowbit.runtime.engine import Engine
 from lowbit.runtime.repl import Chat, ChatSettings, Repl
 from lowbit.runtime.sampling import SamplingParams
 
@@ -27,7 +28,7 @@ STATUS = re.compile(r"^\d+ tokens \| prefill \d+ tok at \d+ tok/s( \(\d+ cached\
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine(default_model_path(), threads=1)
+    return Engine(TOY_MODEL, threads=1)
 
 
 class Spy:
@@ -257,7 +258,7 @@ def test_input_history_persists_across_sessions(engine, tmp_path, monkeypatch):
 
 
 def test_context_full_drops_oldest_turns_never_system(tmp_path, monkeypatch):
-    small = Engine(default_model_path(), ctx=160, threads=1)
+    small = Engine(TOY_MODEL, ctx=160, threads=1)
     spy = Spy(small, monkeypatch)
     questions = ["What is a list?", "What is a dict?", "What is a set?", "What is a tuple?"]
     keys = "".join(f"{q}\r" for q in questions) + "word " * 200 + "\r/exit\r"
@@ -299,8 +300,8 @@ def test_chat_send_restores_history_on_error(engine):
 # ---------------------------------------------------------------------------------------------- real processes
 def lowbit(*args, input=None, env_extra=None):
     env = {**os.environ, "NUMBA_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "lowbit.runtime.cli", "run", *map(str, args)], input=input,
-                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    cmd = [sys.executable, "-m", "lowbit.runtime.cli", "run", str(TOY_MODEL), *map(str, args)]
+    return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120, env=env)
 
 
 def expected_reply(engine, prompt: str, n: int) -> str:
@@ -336,7 +337,7 @@ def test_real_terminal_ctrl_c_stops_reply_then_exits(tmp_path):
            "HOME": str(tmp_path)}  # fmt: skip
     pid, fd = pty.fork()
     if pid == 0:  # child: the pty is its controlling terminal
-        os.execve(sys.executable, [sys.executable, "-m", "lowbit.runtime.cli", "run"], env)
+        os.execve(sys.executable, [sys.executable, "-m", "lowbit.runtime.cli", "run", str(TOY_MODEL)], env)
     buf = b""
 
     def expect(pattern: str, timeout: float = 60) -> str:

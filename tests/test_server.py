@@ -12,13 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from lbtest import TOY_MODEL
 
-from lowbit.runtime.engine import Engine, default_model_path
+from lowbit.runtime.engine import Engine
 from lowbit.runtime.sampling import SamplingParams
 from lowbit.runtime.server import bind_socket, create_app, make_server
 
 KEY = "sk-lowbit-test"
-MODEL = default_model_path().stem
+MODEL = TOY_MODEL.stem
 QUESTIONS = [
     "What is the capital of France?",
     "Name three colors.",
@@ -66,7 +67,7 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def live():
-    engine = Engine(default_model_path(), threads=1)
+    engine = Engine(TOY_MODEL, threads=1)
     with LiveServer(create_app(engine, api_key=KEY)) as srv:
         yield srv
 
@@ -118,7 +119,7 @@ def test_models_and_health(live, client, http):
 
 
 def test_chat_matches_the_engine(client):
-    ref = Engine(default_model_path(), threads=1)
+    ref = Engine(TOY_MODEL, threads=1)
     ids = ref.tokenizer.encode_chat([{"role": "user", "content": QUESTIONS[0]}])
     expected = "".join(e.text for e in ref.generate(ids, SamplingParams(), max_tokens=24))
 
@@ -171,7 +172,7 @@ def test_completions(client):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
     assert chunks[-1].usage.completion_tokens == 8
     # a prompt given as token ids continues the same way
-    ids = Engine(default_model_path(), threads=1).tokenizer.encode(COUNTING)
+    ids = Engine(TOY_MODEL, threads=1).tokenizer.encode(COUNTING)
     r2 = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
     assert r2.choices[0].text == r.choices[0].text
 
@@ -334,7 +335,7 @@ def test_error_body_too_large(http):
 
 
 def test_chat_without_template_is_400_but_completions_work():
-    engine = Engine(default_model_path(), threads=1)
+    engine = Engine(TOY_MODEL, threads=1)
     engine.tokenizer.chat_template = None
     with LiveServer(create_app(engine, model_name="plain")) as srv:
         client = srv.client(api_key="unused")
@@ -396,7 +397,7 @@ def test_non_streaming_client_that_gives_up_cancels(live, client, http):
 
 
 def test_prefix_reuse_on_second_turn(client, http):
-    tok = Engine(default_model_path(), threads=1).tokenizer
+    tok = Engine(TOY_MODEL, threads=1).tokenizer
     turn1 = [{"role": "user", "content": "Tell me about the moon."}]
     r1 = client.chat.completions.create(model=MODEL, messages=turn1, max_tokens=12, temperature=0)
     answer = r1.choices[0].message.content

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
+from lbtest import TOY_MODEL
 
-from lowbit.runtime.engine import Engine, default_model_path
+from lowbit.runtime.engine import Engine
 from lowbit.runtime.server import create_app
 from lowbit.runtime.server import protocol as P
 from lowbit.runtime.server.app import TokenTexts
@@ -107,7 +108,7 @@ def test_response_shapes():
 
 
 def test_token_texts_keep_leading_spaces():
-    tok = Engine(default_model_path(), threads=1).tokenizer
+    tok = Engine(TOY_MODEL, threads=1).tokenizer
     texts = TokenTexts(tok)
     ids = tok.encode("Hello world, café", add_special_tokens=False)
     pieces = [texts.get(i)[0] for i in ids]
@@ -121,7 +122,7 @@ def test_token_texts_keep_leading_spaces():
 
 
 def test_framework_errors_have_openai_shape():
-    app = create_app(Engine(default_model_path(), threads=1))
+    app = create_app(Engine(TOY_MODEL, threads=1))
 
     @app.get("/v1/typed/{n}")
     async def typed(n: int):

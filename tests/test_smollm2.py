@@ -18,7 +18,8 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.", "How do I sort a list in Python?")
 HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-            "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}  # fmt: skip
+            "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+            "ffn_norm": "post_attention_layernorm"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
