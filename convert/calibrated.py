@@ -16,8 +16,8 @@ from lowbit.convert.pipeline import Pipeline
 from lowbit.convert.source import to_f32
 from lowbit.errors import LowbitError
 from lowbit.formats.qtypes import get_qtype
+from lowbit.formats.tokenizer import Tokenizer
 from lowbit.formats.writer import ContainerWriter, TensorPlan
-from lowbit.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

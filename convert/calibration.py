@@ -22,7 +22,7 @@ from lowbit.convert.gptq import HessianAccumulator
 from lowbit.errors import LowbitError
 from lowbit.formats.qtypes import get_qtype
 from lowbit.formats.reader import StoredTensor
-from lowbit.runtime.tokenizer import Tokenizer
+from lowbit.formats.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

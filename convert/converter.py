@@ -21,9 +21,9 @@ from lowbit.convert.quantize import quantize
 from lowbit.convert.source import Checkpoint, read_json, resolve_source, to_f32
 from lowbit.errors import FormatError, LowbitError, SourceError
 from lowbit.formats.qtypes import GROUP_SIZES, PER_CHANNEL, QUANT_BITS, QType, get_qtype, quant_type
+from lowbit.formats.tokenizer import read_tokenizer_source
 from lowbit.formats.writer import ContainerWriter, TensorPlan
 from lowbit.models import family_for
-from lowbit.runtime.tokenizer import read_tokenizer_source
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import json
 import struct
 
 from lowbit.errors import SourceError
-from lowbit.runtime.tokenizer import tokenizer_meta
+from lowbit.formats.tokenizer import tokenizer_meta
 
 CONTROL, USER_DEFINED = 3, 4
 

@@ -29,8 +29,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.qtypes import PER_CHANNEL, QType, get_qtype, quant_type
 from lowbit.formats.reader import StoredTensor
 from lowbit.kernels import dispatch
-from lowbit.kernels.ref import dequantize
-from lowbit.runtime.evaluate import log_softmax
+from lowbit.kernels.ref import dequantize, log_softmax
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ import numpy as np
 
 from lowbit.errors import ContextOverflowError, FormatError, LowbitError
 from lowbit.formats.reader import Container
+from lowbit.formats.tokenizer import Tokenizer
 from lowbit.kernels import act_quant as act_quant_mode
 from lowbit.models import family_for
 from lowbit.runtime.device import resolve_device
 from lowbit.runtime.sampling import Sampler, SamplingParams, StopMatcher
-from lowbit.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lowbit.errors import LowbitError
+from lowbit.kernels.ref import log_softmax
 
 if TYPE_CHECKING:
     from lowbit.runtime.engine import Engine
@@ -94,12 +95,6 @@ def windows(ids: list[int], ctx: int, bos: int, max_tokens: int | None = None) -
     """[BOS] + ctx-1 tokens, non-overlapping, over the first ``max_tokens`` tokens (partial windows dropped)."""
     for win, _ in scored_windows(ids, ctx, bos, max_tokens):
         yield win
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
 class Accumulator:

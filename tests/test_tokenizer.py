@@ -10,8 +10,8 @@ import pytest
 from lbtest import DEV_EVAL, REFSMALL
 
 from lowbit.errors import LowbitError, SourceError
-from lowbit.runtime.chat_template import render_chat_template
-from lowbit.runtime.tokenizer import Tokenizer, read_tokenizer_source
+from lowbit.formats.chat_template import render_chat_template
+from lowbit.formats.tokenizer import Tokenizer, read_tokenizer_source
 
 transformers = pytest.importorskip("transformers")
 

@@ -22,11 +22,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lowbit.errors import ContextOverflowError, LowbitError
-from lowbit.runtime.chat_template import NO_TEMPLATE_MESSAGE
+from lowbit.formats.chat_template import NO_TEMPLATE_MESSAGE
+from lowbit.formats.tokenizer import Tokenizer
 from lowbit.runtime.engine import Engine
 from lowbit.runtime.server import protocol as P
 from lowbit.runtime.server.worker import Outcome, ShuttingDown, Worker, submit_async
-from lowbit.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger("lowbit.runtime.server")
 

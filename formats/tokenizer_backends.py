@@ -1,6 +1,6 @@
 """Tokenizer backends: ``tokenizer.json`` through ``tokenizers``, ``tokenizer.model`` through ``sentencepiece``.
 
-Used by :mod:`lowbit.runtime.tokenizer`; both follow transformers 5.x ``AutoTokenizer`` (see that module).
+Used by :mod:`lowbit.formats.tokenizer`; both follow transformers 5.x ``AutoTokenizer`` (see that module).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lowbit.errors import LowbitError, SourceError
-from lowbit.runtime.chat_template import find_chat_template, render_chat_template
-from lowbit.runtime.tokenizer_backends import (
+from lowbit.formats.chat_template import find_chat_template, render_chat_template
+from lowbit.formats.tokenizer_backends import (
     SPECIAL_TOKEN_KEYS,
     JsonBackend,
     SpmBackend,
