@@ -6,29 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from lbtest import REFSMALL, TINY, TOKENIZER_FILES
-
-
-def tiny_config(kind: str):
-    import transformers as tf
-
-    if kind == "llama":
-        return tf.LlamaConfig(**TINY, rope_theta=10000.0)
-    if kind == "llama3":
-        rope = {
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        }
-        return tf.LlamaConfig(**TINY, rope_parameters=rope)
-    if kind == "mistral":
-        return tf.MistralConfig(**TINY, sliding_window=None)
-    if kind == "qwen2":
-        return tf.Qwen2Config(**TINY, tie_word_embeddings=True)
-    raise ValueError(kind)
+from lbtest import REFSMALL, TOKENIZER_FILES, tiny_config
 
 
 def build_tiny(path: Path, kind: str, seed: int = 0) -> Path:

@@ -65,6 +65,29 @@ def rel_err(got, want) -> float:
 
     return float(np.abs(got - want).max() / np.abs(want).max())
 
+
 # the 22M toy (refsmall converted to 4-bit g64 by lowbit), for tests that need a fast model whose outputs they know;
 # the bundled default is the real SmolLM2-135M-Instruct
 TOY_MODEL = Path(__file__).resolve().parent / "data" / "refsmall-q4.lowbit"
+
+
+def tiny_config(kind: str):
+    import transformers as tf
+
+    if kind == "llama":
+        return tf.LlamaConfig(**TINY, rope_theta=10000.0)
+    if kind == "llama3":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        }
+        return tf.LlamaConfig(**TINY, rope_parameters=rope)
+    if kind == "mistral":
+        return tf.MistralConfig(**TINY, sliding_window=None)
+    if kind == "qwen2":
+        return tf.Qwen2Config(**TINY, tie_word_embeddings=True)
+    raise ValueError(kind)

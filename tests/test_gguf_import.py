@@ -13,10 +13,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import tiny_config
 from gguf_tiny import write_gguf
-from lbtest import REFSMALL, TINY, TOKENIZER_FILES, assert_clean_error, run_cli
-from test_families import rel_err
+from lbtest import REFSMALL, TINY, TOKENIZER_FILES, assert_clean_error, rel_err, run_cli, tiny_config
 
 from lowbit.convert import gguf_quants
 from lowbit.convert.converter import ConvertOptions, convert
