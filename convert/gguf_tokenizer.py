@@ -21,6 +21,7 @@ import struct
 
 from lowbit.errors import SourceError
 from lowbit.formats.tokenizer import tokenizer_meta
+from lowbit.formats.tokenizer_backends import encode_varint
 
 CONTROL, USER_DEFINED = 3, 4
 
@@ -142,22 +143,12 @@ def _bpe_json(fields: dict, tokens: list[str], types: list[int], origin: str) ->
 # ------------------------------------------------------------------------------- a sentencepiece model, by hand
 
 
-def _varint(v: int) -> bytes:
-    v &= (1 << 64) - 1  # negative int32 fields are ten-byte varints
-    out = bytearray()
-    while True:
-        out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
-        v >>= 7
-        if not v:
-            return bytes(out)
-
-
 def _field(num: int, payload: bytes) -> bytes:  # length-delimited
-    return _varint(num << 3 | 2) + _varint(len(payload)) + payload
+    return encode_varint(num << 3 | 2) + encode_varint(len(payload)) + payload
 
 
 def _int_field(num: int, v: int) -> bytes:
-    return _varint(num << 3) + _varint(int(v))
+    return encode_varint(num << 3) + encode_varint(int(v))
 
 
 def _spm_proto(fields: dict, tokens: list[str], types: list[int], ids: dict) -> bytes:
@@ -165,7 +156,7 @@ def _spm_proto(fields: dict, tokens: list[str], types: list[int], ids: dict) -> 
     scores = fields.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
     out = bytearray()
     for t, s, ty in zip(tokens, scores, types):
-        piece = _field(1, t.encode("utf-8")) + _varint(2 << 3 | 5) + struct.pack("<f", float(s))
+        piece = _field(1, t.encode("utf-8")) + encode_varint(2 << 3 | 5) + struct.pack("<f", float(s))
         out += _field(1, piece + _int_field(3, ty if 1 <= ty <= 6 else 1))
     trainer = _int_field(3, 2) + _int_field(35, 1)  # model_type BPE, byte_fallback
     for num, key in ((40, "unknown"), (41, "bos"), (42, "eos"), (43, "padding")):

@@ -134,7 +134,9 @@ def _proto_fields(buf: bytes):
         yield key >> 3, wire, value, start, i
 
 
-def _encode_varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """A protobuf varint; a negative (int32/int64 field) value is written as its 64-bit two's complement."""
+    value &= (1 << 64) - 1
     out = bytearray()
     while True:
         out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
@@ -161,7 +163,7 @@ def _spm_prepare(proto: bytes) -> tuple[bytes, bool, int]:
                 else:
                     kept += value[s:e]
             kept += b"\x18\x00"
-            out += b"\x1a" + _encode_varint(len(kept)) + kept
+            out += b"\x1a" + encode_varint(len(kept)) + kept
         else:
             out += proto[start:end]
     if not seen:
