@@ -25,7 +25,10 @@ from lowbit.runtime.engine import Engine
 
 SMALL = {k: v for k, v in TINY.items() if k != "num_hidden_layers"} | {"pad_token_id": 0}
 SL, FU = "sliding_attention", "full_attention"
-QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # what gguf-py quantizes in numpy
+# what gguf-py quantizes in numpy: kept bit for bit ...
+EXACT = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16")
+# ... and re-quantized (types with no lowbit layout; they need rows of 256): relative RMS error bound of the import
+REQUANTIZED = {"TQ1_0": 1e-3, "TQ2_0": 1e-3, "MXFP4": 0.04}  # measured: ~0, ~0, 0.031
 
 
 def _config(kind: str):
@@ -57,7 +60,7 @@ def _config(kind: str):
 KINDS = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
 
 
-def _build(folder, kind: str):
+def _build(folder, kind: str, **overrides):
     """A tiny random transformers model (norms and biases nudged so they matter) and refsmall's tokenizer files."""
     import shutil
 
@@ -65,7 +68,10 @@ def _build(folder, kind: str):
     import transformers as tf
 
     torch.manual_seed(3)
-    model = tf.AutoModelForCausalLM.from_config(_config(kind), attn_implementation="eager").eval()
+    cfg = _config(kind)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -123,9 +129,10 @@ def test_tokenizer_from_gguf_matches_the_checkpoint_tokenizer(tmp_path):
     assert ids[1:] == ref.encode(" " + tok.apply_chat_template(chat).removeprefix("<s>"), add_special_tokens=False)
 
 
-@pytest.mark.parametrize("qtype", QUANTIZABLE)
+@pytest.mark.parametrize("qtype", EXACT)
 def test_quantized_gguf_imports_bit_exact(qtype, tmp_path, prompt):
-    """Every type gguf-py quantizes: the imported codes and scales dequantize to gguf-py's numbers exactly."""
+    """Every type gguf-py quantizes that lowbit has: imported codes and scales (or floats) dequantize to gguf-py's
+    numbers exactly."""
     from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize as gguf_dequantize
 
@@ -141,6 +148,30 @@ def test_quantized_gguf_imports_bit_exact(qtype, tmp_path, prompt):
         got = dequantize(st.parts, st.qtype, st.shape).reshape(-1)
         np.testing.assert_array_equal(got, want)
     assert "exact" in c.meta["quantization"]["import"].values()
+
+
+@pytest.mark.parametrize("qtype", REQUANTIZED)
+def test_types_without_a_lowbit_layout_are_requantized_closely(qtype, tmp_path):
+    """Ternary TQ1_0/TQ2_0 and MXFP4 (gguf-py quantizes them too) are dequantized and re-quantized at no fewer bits
+    (3 and 5, groups of 32): ternary levels are representable, FP4's uneven ones nearly."""
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize as gguf_dequantize
+
+    _build(tmp_path / "hf", "qwen2", hidden_size=256, intermediate_size=512, head_dim=64)
+    gg = write_gguf(tmp_path / "hf", tmp_path / "m.gguf", qtype=qtype)
+    c = Container(convert(str(gg), tmp_path / "m.lowbit", ConvertOptions(), progress=False))
+    seen = 0
+    for t in GGUFReader(gg).tensors:
+        if t.tensor_type.name != qtype:
+            continue
+        want = gguf_dequantize(np.asarray(t.data), GGMLQuantizationType[qtype]).reshape(-1)
+        st = c.tensor(t.name)
+        assert c.meta["quantization"]["import"][t.name] == f"re-quantized from {qtype}"
+        assert st.qtype.bits == gguf_quants.REQUANT_BITS[qtype] and st.qtype.group_size == 32
+        got = dequantize(st.parts, st.qtype, st.shape).reshape(-1)
+        assert np.sqrt(np.mean((got - want) ** 2) / np.mean(want**2)) < REQUANTIZED[qtype], t.name
+        seen += 1
+    assert seen > 0
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K"])
