@@ -7,13 +7,16 @@ import logging
 import signal
 import sys
 
+import lowbit
 from lowbit.errors import LowbitError
 
 log = logging.getLogger("lowbit")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser, model_optional: bool = True) -> None:
-    p.add_argument("model", nargs="?" if model_optional else None, help="a .lowbit file (default: the bundled model)")
+    p.add_argument("model", nargs="?" if model_optional else None,
+                   help="a .lowbit file, or a GGUF file, HF folder or hub id (converted once into the model store, "
+                   "$LOWBIT_MODELS or ~/.cache/lowbit/models); default: the bundled model")
     p.add_argument("--ctx", type=int, default=None, help="context length in tokens (default: min(4096, model max))")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     _add_device_arg(p)
@@ -57,6 +60,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lowbit", description="Quantize and run LLMs locally.")
     ap.add_argument("-v", "--verbose", action="store_true", help="show diagnostic logging")
+    ap.add_argument("--version", action="version", version=f"lowbit {lowbit.__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint or a GGUF file into a .lowbit container")
@@ -137,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu (default), cuda (decode against the GPU's memory bandwidth; needs a real GPU) or auto")
     p.add_argument("--workdir", default="~/.cache/lowbit/bench", help="where random-weight containers are kept")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("list", help="list the models in the local model store")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("rm", help="remove a model from the local model store")
+    p.add_argument("name", help="a name `lowbit list` shows")
 
     p = sub.add_parser("inspect", help="show what is inside a .lowbit file")
     p.add_argument("model", nargs="?", help="a .lowbit file (default: the bundled model)")

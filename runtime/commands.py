@@ -16,9 +16,33 @@ log = logging.getLogger(__name__)
 
 
 def _model_path(value: str | None) -> Path:
-    from lowbit.runtime.engine import default_model_path
+    """The bundled model, a .lowbit file, or a GGUF / HF folder / hub id through the model store."""
+    from lowbit.runtime.store import resolve_model
 
-    return Path(value) if value else default_model_path()
+    return resolve_model(value)
+
+
+def cmd_list(args) -> int:
+    from lowbit.runtime.store import list_models, store_dir
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print(f"no models in the store {store_dir()} (lowbit run SOURCE converts one into it)")
+        return 0
+    print(f"{'name':<36} {'size':>10} {'type':<9} source")
+    for r in rows:
+        print(f"{r['name']:<36} {r['bytes'] / 1e6:>7.1f} MB {r['type']:<9} {r['source']}")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from lowbit.runtime.store import remove_model
+
+    print(f"removed {remove_model(args.name)}")
+    return 0
 
 
 def cmd_convert(args) -> int:

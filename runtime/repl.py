@@ -363,9 +363,10 @@ def run_command(args) -> int:
         prompt = prompt.strip()
     elif prompt is not None and not prompt.strip():
         raise LowbitError("empty prompt: -p needs some text")
-    from lowbit.runtime.engine import Engine, default_model_path  # after the cheap checks: errors come fast
+    from lowbit.runtime.engine import Engine  # after the cheap checks: errors come fast
+    from lowbit.runtime.store import resolve_model
 
-    engine = Engine(Path(args.model) if args.model else default_model_path(), ctx=args.ctx, threads=args.threads,
+    engine = Engine(resolve_model(args.model), ctx=args.ctx, threads=args.threads,
                     device=getattr(args, "device", "cpu"), act_quant=getattr(args, "act_quant", "none"),
                     exact_activations=getattr(args, "exact_activations", None), mmap=getattr(args, "mmap", False))
     settings = settings_from_args(args, engine.ctx)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from pathlib import Path
 
 from lowbit.errors import LowbitError
 from lowbit.runtime.server.app import DEFAULT_MAX_BODY, create_app
@@ -70,13 +69,14 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve_command(args) -> int:
-    from lowbit.runtime.engine import Engine, default_model_path
+    from lowbit.runtime.engine import Engine
+    from lowbit.runtime.store import resolve_model
 
     if log.getEffectiveLevel() > logging.INFO:  # the request lines and the address show without -v
         log.setLevel(logging.INFO)
     sock = bind_socket(args.host, args.port)  # first, so a busy port fails before the model loads
     try:
-        engine = Engine(Path(args.model) if args.model else default_model_path(), ctx=args.ctx, threads=args.threads,
+        engine = Engine(resolve_model(args.model), ctx=args.ctx, threads=args.threads,
                         device=getattr(args, "device", "cpu"), act_quant=getattr(args, "act_quant", "none"),
                         exact_activations=getattr(args, "exact_activations", None), mmap=getattr(args, "mmap", False))
         app = create_app(engine, model_name=args.model_name, api_key=args.api_key)
