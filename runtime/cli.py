@@ -60,12 +60,19 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lowbit", description="Quantize and run LLMs locally.")
     ap.add_argument("-v", "--verbose", action="store_true", help="show diagnostic logging")
+    # -v after the sub-command too (SUPPRESS: not given there leaves the top-level value alone)
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="show diagnostic logging")
     ap.add_argument("--version", action="version", version=f"lowbit {lowbit.__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint or a GGUF file into a .lowbit container")
+    p = sub.add_parser(
+        "convert", parents=[verbose], help="convert a Hugging Face checkpoint or a GGUF file into a .lowbit container"
+    )
     p.add_argument("source", help="local checkpoint folder, hub repo id (org/name), or a .gguf file")
-    p.add_argument("-o", "--output", required=True, help="output .lowbit file")
+    p.add_argument("-o", "--output", required=True, help="output .lowbit file (an existing file needs --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file (never a source file)")
     p.add_argument("--bits", type=int, default=None,
                    help="2, 3, 4, 5, 6, 8; 16 keeps weights unquantized (default 4; a GGUF keeps its own types unless "
                    "a quantization option is given)")
@@ -99,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "int8 activations change")
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("generate", help="continue a prompt and print tokens/s")
+    p = sub.add_parser("generate", parents=[verbose], help="continue a prompt and print tokens/s")
     _add_runtime_args(p)
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("-n", "--max-tokens", type=int, default=128)
@@ -108,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     _add_sampling_args(p)
 
-    p = sub.add_parser("run", help="interactive chat with a model (REPL)")
+    p = sub.add_parser("run", parents=[verbose], help="interactive chat with a model (REPL)")
     _add_runtime_args(p)
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt, print the reply and exit")
     p.add_argument("--system", default=None, help="system prompt")
@@ -118,14 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history-file", default=None, help="input history file (default ~/.lowbit_history)")
     _add_sampling_args(p)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    p = sub.add_parser("serve", parents=[verbose], help="OpenAI-compatible HTTP server")
     _add_runtime_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None, help="require this bearer token")
     p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: file stem)")
 
-    p = sub.add_parser("bench", help="speed and memory: prefill, decode vs the bandwidth roofline, RSS, start-up")
+    p = sub.add_parser(
+        "bench", parents=[verbose], help="speed and memory: prefill, decode vs the bandwidth roofline, RSS, start-up"
+    )
     p.add_argument("model", nargs="?", help="a .lowbit file (default: a random-weight model of --shape)")
     p.add_argument("--shape", default=None, help="random-weight model shape: smollm2-135m (default), smollm2-360m, "
                    "llama3.2-1b, tinyllama-1.1b")
@@ -142,19 +151,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="~/.cache/lowbit/bench", help="where random-weight containers are kept")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("list", help="list the models in the local model store")
+    p = sub.add_parser("list", parents=[verbose], help="list the models in the local model store")
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("rm", help="remove a model from the local model store")
+    p = sub.add_parser("rm", parents=[verbose], help="remove a model from the local model store")
     p.add_argument("name", help="a name `lowbit list` shows")
 
-    p = sub.add_parser("inspect", help="show what is inside a .lowbit file")
+    p = sub.add_parser("inspect", parents=[verbose], help="show what is inside a .lowbit file")
     p.add_argument("model", nargs="?", help="a .lowbit file (default: the bundled model)")
     p.add_argument("--verify", action="store_true", help="check every CRC32")
     p.add_argument("--tensors", action="store_true", help="list every tensor (default: a summary per kind)")
     p.add_argument("--save-recipe", default=None, metavar="FILE",
                    help="write the tensor -> quant type recipe as JSON (reuse with convert --recipe)")
+    p.add_argument("--force", action="store_true", help="replace an existing --save-recipe file (never the model)")
 
-    p = sub.add_parser("eval", help="perplexity on a text file; KL and top-1 agreement against a reference")
+    p = sub.add_parser(
+        "eval", parents=[verbose], help="perplexity on a text file; KL and top-1 agreement against a reference"
+    )
     _add_runtime_args(p)
     p.add_argument("--text", required=True, help="UTF-8 text file")
     p.add_argument("--eval-ctx", type=int, default=256, help="window length incl. BOS (default 256)")
@@ -166,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a Hugging Face checkpoint run unquantized): KL divergence and top-1 agreement")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("compare", help="convert a checkpoint several ways; one table of size, quality and speed")
+    p = sub.add_parser(
+        "compare", parents=[verbose], help="convert a checkpoint several ways; one table of size, quality and speed"
+    )
     p.add_argument("source", help="local checkpoint folder or hub repo id (org/name)")
     p.add_argument("--configs", required=True, help="comma-separated METHOD:BITS[:GROUP][:OPTION...] items, e.g. "
                    "rtn:4:g64,gptq:3:g64,awq+gptq:4:g128:sym,mixed:2.5bpw,f16 (see the README)")
@@ -200,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:  # SIGTERM: a server's normal way to stop
+        if args.command == "serve":
+            return 0
+        print("lowbit: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
@@ -209,8 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, prev)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be so that the same clean-up runs (temporary files, the server)."""
+
+
 def _sigterm(signum, frame):
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 if __name__ == "__main__":

@@ -22,6 +22,23 @@ def _model_path(value: str | None) -> Path:
     return resolve_model(value)
 
 
+def _source_files(source: str) -> list[Path]:
+    """The files a conversion reads (a GGUF, or every file of a checkpoint folder), to never write onto them."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    return [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
+
+
+def check_output(out: Path, sources: list[Path], force: bool, what: str) -> None:
+    """Refuse to write onto an input (always) or onto an existing file (unless ``force``)."""
+    if out.exists() and out.is_file():
+        if any(out.resolve() == p.resolve() for p in sources):
+            raise LowbitError(f"{what} {out}: that is an input of this command; refusing to overwrite it")
+        if not force:
+            raise LowbitError(f"{what} {out}: file exists; pass --force to replace it")
+
+
 def cmd_list(args) -> int:
     from lowbit.runtime.store import list_models, store_dir
 
@@ -66,6 +83,7 @@ def cmd_convert(args) -> int:
         max_size=args.max_size,
         recipe=args.recipe,
     )
+    check_output(Path(args.output), sources=_source_files(args.source), force=args.force, what="-o")
     out = convert(args.source, args.output, opts, progress=not args.no_progress)
     from lowbit.formats.reader import Container
 
@@ -174,6 +192,8 @@ def cmd_inspect(args) -> int:
     from lowbit.formats.reader import Container
 
     c = Container(_model_path(args.model))
+    if args.save_recipe:  # before any output: a refusal is the only thing printed
+        check_output(Path(args.save_recipe), sources=[c.path], force=args.force, what="--save-recipe")
     meta = c.meta
     arch = meta.get("architecture", {})
     tok = meta.get("tokenizer", {})

@@ -61,6 +61,8 @@ def set_threads(threads: int | None) -> int:
     """Set numba's thread count for the calling thread: ``threads``, or the physical core count. Returns it."""
     if threads is not None and threads < 1:
         raise LowbitError(f"--threads must be at least 1, got {threads}")
+    if threads is not None and threads > (os.cpu_count() or 1):
+        raise LowbitError(f"--threads {threads}: this machine has {os.cpu_count()} logical CPUs")
     n = min(threads or physical_cores(), numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(n)
     return n

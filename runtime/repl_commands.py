@@ -171,9 +171,13 @@ def cmd_stats(repl: Repl, arg: str) -> None:
 
 
 def cmd_save(repl: Repl, arg: str) -> None:
+    force = arg.startswith("--force ")
+    arg = arg.removeprefix("--force ").strip() if force else arg
     if not arg:
-        raise CommandError("usage: /save FILE")
+        raise CommandError("usage: /save [--force] FILE")
     path = Path(arg).expanduser()
+    if path.exists() and not force:
+        raise CommandError(f"/save: {path} exists; /save --force {arg} replaces it")
     chat = repl.chat
     data = {
         "format": SAVE_FORMAT,
@@ -250,7 +254,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("system", "/system [TEXT|clear]", "show, set or clear the system prompt", cmd_system),
     Command("set", "/set [KEY VALUE]", f"show or change a setting: {', '.join(SETTINGS)}", cmd_set),
     Command("stats", "/stats", "model, context use, settings and the last reply's speed", cmd_stats),
-    Command("save", "/save FILE", "save the conversation as JSON", cmd_save),
+    Command("save", "/save [--force] FILE", "save the conversation as JSON (--force replaces a file)", cmd_save),
     Command("load", "/load FILE", "load a conversation saved with /save", cmd_load),
     Command("exit", "/exit", "leave; Ctrl-D works too", cmd_exit, ("quit", "bye")),
 )

@@ -149,3 +149,35 @@ def test_killed_convert_process_leaves_nothing(tmp_path, sig):
 
 def test_bad_thread_count():
     assert_clean_error(run_cli("generate", "-p", "hi", "-n", "2", "--threads", "0"), "--threads must be at least 1")
+
+
+def test_no_command_overwrites_an_input_or_an_existing_file(tmp_path, tiny_models):
+    """convert -o and inspect --save-recipe: an existing file needs --force; an input of the command is refused
+    even with it, and stays byte for byte what it was."""
+    folder = tiny_models["llama"]
+    weights = folder / "model.safetensors"
+    before = weights.read_bytes()
+    for force in ((), ("--force",)):
+        res = run_cli("convert", folder, "-o", weights, "--no-progress", *force)
+        assert_clean_error(res, "that is an input of this command")
+    assert weights.read_bytes() == before
+    out = tmp_path / "m.lowbit"
+    out.write_bytes(b"mine")
+    assert_clean_error(run_cli("convert", folder, "-o", out, "--no-progress"), "file exists; pass --force")
+    assert out.read_bytes() == b"mine"
+    assert run_cli("convert", folder, "-o", out, "--no-progress", "--force").returncode == 0
+    model = out.read_bytes()
+    assert_clean_error(run_cli("inspect", out, "--save-recipe", out, "--force"), "that is an input of this command")
+    assert out.read_bytes() == model
+    recipe = tmp_path / "r.json"
+    recipe.write_text("keep")
+    assert_clean_error(run_cli("inspect", out, "--save-recipe", recipe), "file exists; pass --force")
+    assert recipe.read_text() == "keep"
+    assert run_cli("inspect", out, "--save-recipe", recipe, "--force").returncode == 0
+    assert recipe.read_text().startswith("{")
+
+
+def test_threads_beyond_the_machine_and_verbose_after_the_command():
+    assert_clean_error(run_cli("generate", "-p", "hi", "-n", "1", "--threads", "100000"), "logical CPUs")
+    res = run_cli("inspect", "-v")
+    assert res.returncode == 0 and "architecture:" in res.stdout

@@ -211,7 +211,8 @@ def test_bad_commands_and_values_give_one_line_hints(engine, tmp_path, monkeypat
         (f"/load {wrong}", f"/load: {wrong} is not a saved conversation (message 1 should be a user message"),
         (f"/load {tmp_path}", f"/load: cannot read {tmp_path}:"),
         (f"/save {tmp_path / 'no' / 'dir' / 'x.json'}", "/save: cannot write"),
-        ("/save", "usage: /save FILE"),
+        ("/save", "usage: /save [--force] FILE"),
+        (f"/save {notjson}", f"/save: {notjson} exists; /save --force {notjson} replaces it"),
         ("/system", "no system prompt"),
         ("/set", "temp=0 top_p=1 top_k=0 min_p=0 repeat_penalty=1 max_tokens=16 seed=none"),
     ]
@@ -227,8 +228,8 @@ def test_bad_commands_and_values_give_one_line_hints(engine, tmp_path, monkeypat
 def test_help_lists_every_command(engine, tmp_path):
     _, out, rc = drive(engine, "/help\r\x04", tmp_path)
     assert rc == 0
-    for usage in ("/help", "/reset", "/system [TEXT|clear]", "/set [KEY VALUE]", "/stats", "/save FILE", "/load FILE",
-                  "/exit", "Alt-Enter", "Ctrl-C", "Ctrl-D"):  # fmt: skip
+    for usage in ("/help", "/reset", "/system [TEXT|clear]", "/set [KEY VALUE]", "/stats", "/save [--force] FILE",
+                  "/load FILE", "/exit", "Alt-Enter", "Ctrl-C", "Ctrl-D"):  # fmt: skip
         assert usage in out
 
 
