@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None, help="require this bearer token")
+    p.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000) call the server (repeatable; "
+                   "default: none)")
     p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: file stem)")
 
     p = sub.add_parser(

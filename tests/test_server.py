@@ -30,6 +30,7 @@ QUESTIONS = [
     "Tell me a joke.",
     "Describe a cat.",
 ]
+JSON = {"content-type": "application/json"}
 COUNTING = "1, 2, 3, 4, 5,"  # greedy continues "4, 4, 4, ..." without ever ending: a long generation on demand
 
 
@@ -248,8 +249,8 @@ def test_completion_logprobs(client):
 
 # ------------------------------------------------------------------------------------------------ errors
 def test_error_malformed_and_bad_types(live, client, http):
-    assert_error(http.post("/v1/chat/completions", content=b'{"model": '), 400, "invalid_json")
-    assert_error(http.post("/v1/completions", content=b""), 400, "invalid_json")
+    assert_error(http.post("/v1/chat/completions", content=b'{"model": ', headers=JSON), 400, "invalid_json")
+    assert_error(http.post("/v1/completions", content=b"", headers=JSON), 400, "invalid_json")
     assert_error(http.post("/v1/chat/completions", json=[1, 2]), 400)
     assert_error(http.post("/v1/chat/completions", json={"model": MODEL}), 400, param="messages")
     bad = [
@@ -321,7 +322,7 @@ def test_error_context_length(client):
 
 def test_error_body_too_large(http):
     big = b'{"model": "x", "prompt": "' + b"a" * (1 << 20) + b'"}'
-    err = assert_error(http.post("/v1/completions", content=big), 413, "request_too_large")
+    err = assert_error(http.post("/v1/completions", content=big, headers=JSON), 413, "request_too_large")
     assert "limit" in err["message"]
 
     def chunks():  # no content-length: the limit applies to what arrives
@@ -330,7 +331,7 @@ def test_error_body_too_large(http):
             yield b"a" * (64 << 10)
         yield b'"}'
 
-    assert_error(http.post("/v1/completions", content=chunks()), 413, "request_too_large")
+    assert_error(http.post("/v1/completions", content=chunks(), headers=JSON), 413, "request_too_large")
     assert http.post("/v1/completions", json={"prompt": "a" * 1000, "max_tokens": 1}).status_code == 200
 
 
@@ -429,3 +430,33 @@ def test_request_log_line(client, caplog):
     [line] = [m for m in lines if "/v1/chat/completions" in m]
     assert line.startswith("POST /v1/chat/completions 200 prompt=")
     assert "completion=3" in line and "cached=" in line and "finish=length" in line and line.endswith("s")
+
+
+def test_web_pages_cannot_drive_the_local_server():
+    """A loopback server refuses foreign Host headers (DNS rebinding) and non-JSON POSTs (the cross-origin "simple"
+    requests a page can send without a preflight); it sends no CORS headers unless --cors names an origin; lone
+    surrogates are a 400, and /health tells nothing but "ok" without the key."""
+    engine = Engine(TOY_MODEL, threads=1)
+    body = {"model": TOY_MODEL.stem, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    with LiveServer(create_app(engine, api_key=KEY, loopback=True)) as srv, srv.http() as h:
+        r = h.post("/v1/chat/completions", json=body, headers={"host": "evil.example:8000"})
+        assert_error(r, 403, "forbidden_host")
+        for host in (f"localhost:{srv.port}", f"127.0.0.1:{srv.port}", "[::1]", "LOCALHOST"):
+            assert h.post("/v1/chat/completions", json=body, headers={"host": host}).status_code == 200, host
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            r = h.post("/v1/chat/completions", content=json.dumps(body), headers={"content-type": ctype})
+            assert_error(r, 415, "unsupported_media_type")
+        r = h.post("/v1/chat/completions", json=body, headers={"origin": "https://evil.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        for text in ('"\\ud800"', '"a\\udfffb"', '"\\udc80\\ud800"'):
+            raw = '{"model": "%s", "messages": [{"role": "user", "content": %s}]}' % (TOY_MODEL.stem, text)
+            assert_error(h.post("/v1/chat/completions", content=raw, headers=JSON), 400, "invalid_text")
+        raw = '{"model": "%s", "prompt": "x\\ud800", "max_tokens": 1}' % TOY_MODEL.stem
+        assert_error(h.post("/v1/completions", content=raw, headers=JSON), 400, "invalid_text")
+        assert httpx.get(f"{srv.base}/health").json() == {"status": "ok"}
+        assert h.get("/health").json()["model"] == TOY_MODEL.stem
+    with LiveServer(create_app(engine, loopback=True, cors=("http://localhost:3000",))) as srv, srv.http() as h:
+        r = h.post("/v1/chat/completions", json=body, headers={"origin": "http://localhost:3000"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+        r = h.post("/v1/chat/completions", json=body, headers={"origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers

@@ -130,6 +130,41 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+class LocalOnlyMiddleware:
+    """What a web page in the user's browser must not be able to do to a local server:
+
+    - DNS rebinding: with ``loopback`` (the server binds a loopback address) a request whose Host header names
+      anything but localhost / 127.0.0.1 / [::1] gets 403;
+    - cross-origin "simple" POSTs (``text/plain`` or form bodies, which a page can send without a CORS preflight):
+      every POST must say ``Content-Type: application/json``, else 415."""
+
+    def __init__(self, app, loopback: bool):
+        self.app = app
+        self.loopback = loopback
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.loopback:
+            host = headers.get(b"host", b"").decode("latin-1").strip().lower()
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name not in LOOPBACK_HOSTS:
+                scope.setdefault("state", {})[LOG_KEY] = f"refused Host {host!r}"
+                msg = f"Host {host!r} is not this local server (expected localhost, 127.0.0.1 or [::1])"
+                return await _send_json(send, 403, P.error_body(msg, code="forbidden_host"), close=True)
+        if scope["method"] == "POST":
+            ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                scope.setdefault("state", {})[LOG_KEY] = f"refused content type {ctype!r}"
+                msg = f"Content-Type must be application/json, got {ctype or 'none'!r}"
+                return await _send_json(send, 415, P.error_body(msg, code="unsupported_media_type"), close=True)
+        await self.app(scope, receive, send)
+
+
 class RequestLogMiddleware:
     """One log line per request: method, path, status, generation summary (tokens), duration."""
 
@@ -181,9 +216,30 @@ async def _json_body(request: Request):
     if not raw.strip():
         raise P.bad_request("the request body is empty; expected a JSON object", code="invalid_json")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise P.bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    _check_text(body)
+    return body
+
+
+def _check_text(body) -> None:
+    """400 for strings no UTF-8 text can hold (a lone UTF-16 surrogate escape such as "\\ud800")."""
+    stack = [body]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = v[e.start : e.end].encode("unicode_escape").decode()
+                raise P.bad_request(f"the request holds text that is not valid Unicode (a lone surrogate {bad})",
+                                    code="invalid_text") from None  # fmt: skip
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
 
 
 def _check_model(request: Request, model: str | None) -> None:
@@ -392,6 +448,8 @@ def create_app(
     model_name: str | None = None,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
+    loopback: bool = False,
+    cors: tuple[str, ...] = (),
 ) -> FastAPI:
     """The OpenAI-compatible app for ``engine``. Its generation worker runs while the app's lifespan does."""
     try:
@@ -415,7 +473,13 @@ def create_app(
     app.state.config = config
     app.state.token_texts = TokenTexts(engine.tokenizer)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
-    app.add_middleware(RequestLogMiddleware)  # outermost: logs the 413s too
+    app.add_middleware(LocalOnlyMiddleware, loopback=loopback)
+    if cors:  # only the origins the user named may read responses from a browser
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type", "x-api-key"])  # fmt: skip
+    app.add_middleware(RequestLogMiddleware)  # outermost: logs the refusals too
     _install_error_handlers(app)
     _install_routes(app)
     return app
@@ -459,6 +523,10 @@ def _install_routes(app: FastAPI) -> None:
     async def health(request: Request):
         worker: Worker = request.app.state.worker
         engine: Engine = request.app.state.engine
+        try:
+            _authorize(request)
+        except P.APIError:  # with --api-key set, only the key shows what runs here
+            return {"status": "ok"}
         return {
             "status": "ok",
             "model": request.app.state.config.model_name,
