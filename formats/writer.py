@@ -1,5 +1,9 @@
 """Streaming container writer: tensors are written one at a time into a temporary file that is fsynced and
-renamed into place only when complete. An exception (Ctrl-C included) removes the temporary file."""
+renamed into place only when complete. An exception (Ctrl-C included) removes the temporary file.
+
+Where the OS has it (Linux ``O_TMPFILE``) the temporary file has no name until it is complete, so even a SIGKILL
+leaves nothing behind; it is then linked under a temporary name and renamed over the output. Elsewhere it is a
+hidden ``.NAME.tmp-PID`` file, and a later writer of the same output removes those of processes no longer alive."""
 
 from __future__ import annotations
 
@@ -75,7 +79,8 @@ class ContainerWriter:
         self._header_len = len(self._header_bytes()) + HEADER_SLACK
         self._start = data_start(self._header_len)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self._tmp, "w+b")  # noqa: SIM115 - closed in close()/abort()
+        _remove_stale_temps(self.path)
+        self._f, self._unnamed = _open_temp(self.path.parent, self._tmp)
         try:
             self._f.truncate(self._start + self._data_len)
             for name, data in blob_data.items():
@@ -127,6 +132,8 @@ class ContainerWriter:
             self._f.write(header)
             self._f.flush()
             os.fsync(self._f.fileno())
+            if self._unnamed:  # give the finished file a (temporary) name, then move it into place
+                _link_unnamed(self._f.fileno(), self._tmp)
             self._f.close()
             os.replace(self._tmp, self.path)
             _fsync_dir(self.path.parent)
@@ -154,6 +161,43 @@ class ContainerWriter:
             self.close()
         else:
             self.abort()
+
+
+def _open_temp(folder: Path, named: Path):
+    """(file, unnamed?): an O_TMPFILE file in ``folder`` where the OS and file system allow it, else ``named``."""
+    flag = getattr(os, "O_TMPFILE", 0)
+    if flag and Path("/proc/self/fd").is_dir():
+        try:
+            fd = os.open(folder, flag | os.O_RDWR, 0o644)
+        except OSError:
+            pass
+        else:
+            return os.fdopen(fd, "w+b"), True
+    return open(named, "w+b"), False  # noqa: SIM115 - closed by the writer
+
+
+def _link_unnamed(fd: int, name: Path) -> None:
+    """linkat(AT_SYMLINK_FOLLOW) of an O_TMPFILE file to ``name`` (os.link takes that path only with a dir fd)."""
+    dir_fd = os.open(name.parent, os.O_RDONLY)
+    try:
+        os.link(f"/proc/self/fd/{fd}", name.name, dst_dir_fd=dir_fd, follow_symlinks=True)
+    finally:
+        os.close(dir_fd)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove ``.NAME.tmp-PID`` files of ``path`` left by writers that died (a kill skips their clean-up)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+            log.info("removed %s, left by a conversion that did not finish", tmp)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _fsync_dir(path: Path) -> None:
