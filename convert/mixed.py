@@ -66,6 +66,20 @@ def allocate(job, opts, store, tokens: list[np.ndarray], qtypes: dict[str, QType
     return out, info
 
 
+def check_budget(plans, opts) -> None:
+    """Refuse at once a budget that even the cheapest candidate types cannot meet (before any calibration)."""
+    params = sum(int(np.prod(p.shape, dtype=np.int64)) for p in plans)
+    budget = opts.max_size if opts.max_size is not None else opts.target_bpw * params / 8.0
+    least = 0
+    for p in plans:
+        matrix = not p.qtype.is_float and len(p.shape) == 2
+        least += ladder_for(p.shape)[0].nbytes(p.shape) if matrix else p.qtype.nbytes(p.shape)
+    if least > budget:
+        asked = f"--max-size {opts.max_size}" if opts.max_size is not None else f"--target-bpw {opts.target_bpw}"
+        raise LowbitError(f"{asked}: the budget of {budget:,.0f} bytes cannot be met; the cheapest types need "
+                          f"{least:,} bytes ({least * 8 / params:.3f} bits per weight)")
+
+
 def ladder_for(shape: tuple[int, ...]) -> list[QType]:
     """The :data:`LADDER` for a matrix of ``shape``: a group size the columns do not divide falls back to the next
     smaller one (then per-channel), as plain conversion does; cheapest first, without repeats."""

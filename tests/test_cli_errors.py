@@ -181,3 +181,12 @@ def test_threads_beyond_the_machine_and_verbose_after_the_command():
     assert_clean_error(run_cli("generate", "-p", "hi", "-n", "1", "--threads", "100000"), "logical CPUs")
     res = run_cli("inspect", "-v")
     assert res.returncode == 0 and "architecture:" in res.stdout
+
+
+def test_an_impossible_budget_fails_at_once(tmp_path, tiny_models):
+    """Before any calibration text is sampled or any layer measured: one line, no output."""
+    for flag, value in (("--max-size", "1"), ("--target-bpw", "1.5")):
+        t0 = time.monotonic()
+        res = run_cli("convert", tiny_models["llama"], "-o", tmp_path / "b.lowbit", flag, value, "--no-progress")
+        assert_clean_error(res, "cannot be met; the cheapest types need")
+        assert time.monotonic() - t0 < 60 and not (tmp_path / "b.lowbit").exists()
