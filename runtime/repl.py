@@ -182,14 +182,17 @@ def _key_bindings():
         buf = event.app.current_buffer
         if buf.text:
             buf.reset()  # clear the line, like a shell
-        else:
-            event.app.exit(exception=EOFError)
+        else:  # Repl.run: the first one at an empty prompt only warns, so a stray Ctrl-C does not end the chat
+            event.app.exit(exception=KeyboardInterrupt)
 
     @kb.add("escape", "enter")
     def _newline(event) -> None:
         event.current_buffer.insert_text("\n")
 
     return kb
+
+
+EXIT_HINT = "(press Ctrl-C again or Ctrl-D to exit; the conversation is kept until then)"
 
 
 class Repl:
@@ -266,13 +269,22 @@ class Repl:
                        "continued as plain text, without the chat history")  # fmt: skip
 
     def run(self) -> int:
-        """The read-eval-print loop; returns 0 when the user leaves (/exit, Ctrl-D, Ctrl-C at an empty prompt)."""
+        """The read-eval-print loop; returns 0 when the user leaves (/exit, Ctrl-D, Ctrl-C twice at an empty
+        prompt)."""
         self.banner()
+        armed = False
         while self.running:
             try:
                 line = self.session.prompt()
-            except (EOFError, KeyboardInterrupt):
+            except EOFError:
                 break
+            except KeyboardInterrupt:
+                if armed:
+                    break
+                armed = True
+                self.info(EXIT_HINT)
+                continue
+            armed = False
             try:
                 self.handle(line)
             except KeyboardInterrupt:  # Ctrl-C outside a reply (e.g. during a command): back to the prompt

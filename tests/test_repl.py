@@ -240,12 +240,15 @@ def test_keys_newline_paste_ctrl_c(engine, tmp_path, monkeypatch):
             "\x1b[200~pasted one\r\npasted two\x1b[201~\r"  # a bracketed paste of two lines
             "typo\x03"  # Ctrl-C with text: clears the line
             "//etc is a folder\r"  # // sends a literal /
-            "\x03"  # Ctrl-C at an empty prompt: exit
+            "\x03"  # Ctrl-C at an empty prompt: a hint, the chat goes on
+            "still here\r"
+            "\x03\x03"  # twice: exit
             "never sent\r")  # fmt: skip
     repl, out, rc = drive(engine, keys, tmp_path)
     users = [m["content"] for m in repl.chat.messages if m["role"] == "user"]
-    assert rc == 0 and users == ["line one\nline two", "pasted one\npasted two", "/etc is a folder"]
-    assert len(spy.calls) == 3 and "line one\nline two [/INST]" in engine.tokenizer.decode(spy.calls[0]["prompt"])
+    assert rc == 0 and users == ["line one\nline two", "pasted one\npasted two", "/etc is a folder", "still here"]
+    assert out.count("press Ctrl-C again or Ctrl-D to exit") == 2
+    assert len(spy.calls) == 4 and "line one\nline two [/INST]" in engine.tokenizer.decode(spy.calls[0]["prompt"])
 
 
 def test_input_history_persists_across_sessions(engine, tmp_path, monkeypatch):
@@ -361,7 +364,10 @@ def test_real_terminal_ctrl_c_stops_reply_then_exits(tmp_path):
         expect(r"Tell me about the os module\.\n\S.{4}")  # the reply has started streaming
         os.write(fd, b"\x03")
         text = expect(r"\[interrupted\]\n\d+ tokens \|.*\| interrupted\n[\s\S]*>>>")
-        os.write(fd, b"\x03")  # Ctrl-C at the empty prompt leaves
+        os.write(fd, b"\x03")  # Ctrl-C at the empty prompt: a hint
+        expect(r"press Ctrl-C again or Ctrl-D to exit[^\n]*\n[\s\S]*>>>")
+        time.sleep(0.5)  # the prompt is back (raw mode): the key reaches it, not the terminal's SIGINT
+        os.write(fd, b"\x03")  # and again: leaves
         deadline = time.monotonic() + 30
         while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
             if select.select([fd], [], [], 0.1)[0]:  # keep draining the pty so the child never blocks on output
