@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="a name `lowbit list` shows")
 
     p = sub.add_parser("inspect", parents=[verbose], help="show what is inside a .lowbit file")
-    p.add_argument("model", nargs="?", help="a .lowbit file (default: the bundled model)")
+    p.add_argument("model", nargs="?", help="a .lowbit file, or a GGUF / HF folder / hub id through the model store "
+                   "(default: the bundled model)")
     p.add_argument("--verify", action="store_true", help="check every CRC32")
     p.add_argument("--tensors", action="store_true", help="list every tensor (default: a summary per kind)")
     p.add_argument("--save-recipe", default=None, metavar="FILE",
