@@ -156,7 +156,7 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, progress: bool = Tr
     out = Path(out)
     if out.exists() and out.is_dir():
         raise LowbitError(f"{out}: is a directory; give a file name such as model.lowbit")
-    gguf, notes = None, None
+    gguf, notes, kept = None, None, set()
     if is_gguf(Path(src).expanduser()):
         if opts.budget or opts.recipe or opts.resolved_method().calibrated:
             opts = replace(opts, requantize=True)  # these choose every matrix's type themselves
@@ -177,7 +177,7 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, progress: bool = Tr
         fam_name, family = family_for(cfg.get("model_type"))
         args = family.args_from_hf(cfg)
         if gguf is not None:
-            plans, hf_of, notes = plan_gguf(gguf, family, args, opts, choose_qtype)
+            plans, hf_of, notes, kept = plan_gguf(gguf, family, args, opts, choose_qtype)
         else:
             if "output.weight" not in {family.sanitize(n) for n in ckpt.names()} and not args.tie_word_embeddings:
                 args.tie_word_embeddings = True  # no lm_head stored: the checkpoint ties it
@@ -220,8 +220,8 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, progress: bool = Tr
             bar = tqdm(plans, desc="convert", unit="tensor", disable=not progress, dynamic_ncols=True)
             for plan in bar:
                 bar.set_postfix_str(f"{plan.name} -> {plan.qtype.name}", refresh=False)
-                if notes is not None and len(plan.shape) == 2 and not notes[plan.name].startswith("re-quantized"):
-                    qt, parts, _ = gguf.exact(plan.name)  # the GGUF's own codes and scales
+                if plan.name in kept:
+                    qt, parts = gguf.exact(plan.name)  # the GGUF's own codes and scales
                     if qt is not plan.qtype:
                         raise LowbitError(f"{plan.name}: GGUF import produced {qt.name}, planned {plan.qtype.name}")
                     writer.write_tensor(plan.name, parts)

@@ -18,8 +18,9 @@ from lowbit.formats.qtypes import get_qtype
 from lowbit.formats.writer import TensorPlan
 
 
-def plan_gguf(src: GGUFSource, family, args, opts, choose_qtype) -> tuple[list[TensorPlan], dict[str, str], dict]:
-    """(plans, canonical name -> source name (the identity), per-tensor import notes)."""
+def plan_gguf(src: GGUFSource, family, args, opts, choose_qtype):
+    """(plans, canonical name -> source name (the identity), per-tensor import notes for the header, names of the
+    matrices kept in their GGUF type: GGUFSource.exact writes them)."""
     hf_of = {c: c for c in src.names()}
     if args.tie_word_embeddings:
         hf_of.pop("output.weight", None)
@@ -31,7 +32,7 @@ def plan_gguf(src: GGUFSource, family, args, opts, choose_qtype) -> tuple[list[T
     unknown = [n for n in hf_of if n not in known]
     if unknown:
         raise SourceError(f"{src.path}: unexpected tensor {unknown[0]!r} for architecture {src.arch}")
-    plans, notes = [], {}
+    plans, notes, kept = [], {}, set()
     for canon in hf_of:
         shape, kind = src.shape(canon), src.gguf_type(canon)
         src.check_readable(canon)
@@ -43,6 +44,7 @@ def plan_gguf(src: GGUFSource, family, args, opts, choose_qtype) -> tuple[list[T
             notes[canon] = f"re-quantized from {kind}"
         elif kind in LOWBIT_TYPE:
             qt = get_qtype(LOWBIT_TYPE[kind])
+            kept.add(canon)
             exact = kind not in DECODERS or DECODERS[kind][1]
             notes[canon] = "exact" if exact else f"fp16 scales from {kind}"
         else:
@@ -52,4 +54,4 @@ def plan_gguf(src: GGUFSource, family, args, opts, choose_qtype) -> tuple[list[T
         if not qt.is_float and qt.check_shape(shape) is not None:
             raise SourceError(f"{src.path}: {canon} {shape} does not fit {qt.name}")
         plans.append(TensorPlan(canon, qt, shape))
-    return plans, hf_of, notes
+    return plans, hf_of, notes, kept

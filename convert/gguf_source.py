@@ -192,9 +192,6 @@ class GGUFSource:
         """Canonical names of the tensors the runtime needs."""
         return list(self._canon)
 
-    def gguf_name(self, canon: str) -> str:
-        return self._canon[canon]
-
     def shape(self, canon: str) -> tuple[int, ...]:
         t = self.tensors[self._canon[canon]]
         return tuple(int(d) for d in reversed(t.shape.tolist())) if len(t.shape) > 1 else (int(t.shape[0]),)
@@ -208,7 +205,7 @@ class GGUFSource:
 
     def _rows(self, canon: str) -> np.ndarray | None:
         """The row order that undoes llama.cpp's q/k permutation, or None when the tensor was not permuted."""
-        if self.arch not in ("llama", "mistral") or not canon.endswith((".attn_q.weight", ".attn_k.weight")):
+        if self.arch != "llama" or not canon.endswith((".attn_q.weight", ".attn_k.weight")):
             return None
         heads = self.config["num_attention_heads"] if ".attn_q." in canon else self.config["num_key_value_heads"]
         rows = self.shape(canon)[0]
@@ -216,32 +213,27 @@ class GGUFSource:
             raise SourceError(f"{self.path}: {canon} has {rows} rows, not a multiple of 2 x {heads} heads")
         return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(-1)
 
-    def raw_float(self, gguf_name: str) -> np.ndarray:
+    def _dequantize(self, gguf_name: str, rows: slice = slice(None)) -> np.ndarray:
+        """gguf-py's float32 dequantization of (some rows of) a tensor; SourceError for a type it cannot read."""
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        t = self.tensors[gguf_name]
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        kind = self.types[gguf_name]
         try:
-            arr = dequantize(np.asarray(t.data), GGMLQuantizationType[t.tensor_type.name])
+            return np.asarray(dequantize(np.asarray(self.tensors[gguf_name].data)[rows], GGMLQuantizationType[kind]),
+                              dtype=np.float32)  # fmt: skip
         except (NotImplementedError, KeyError, ValueError) as e:
-            kind = t.tensor_type.name
             raise SourceError(f"{self.path}: tensor {gguf_name} of type {kind} cannot be read ({e})") from None
-        return np.asarray(arr, dtype=np.float32).reshape(shape)
+
+    def raw_float(self, gguf_name: str) -> np.ndarray:
+        shape = tuple(int(d) for d in reversed(self.tensors[gguf_name].shape.tolist()))
+        return self._dequantize(gguf_name).reshape(shape)
 
     def check_readable(self, canon: str) -> None:
-        """SourceError now, before any work, when gguf-py cannot dequantize this tensor's type."""
+        """SourceError now, before any work, when gguf-py cannot dequantize this tensor's type (one row tried)."""
         name = self._canon[canon]
-        t = self.tensors[name]
-        if self.types[name] in FLOAT_TYPES or self.types[name] in DECODERS:
-            return
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize
-
-        try:
-            dequantize(np.asarray(t.data)[:1], GGMLQuantizationType[self.types[name]])
-        except (NotImplementedError, KeyError, ValueError) as e:
-            raise SourceError(f"{self.path}: tensor {name} of type {self.types[name]} cannot be read ({e})") from None
+        if self.types[name] not in FLOAT_TYPES and self.types[name] not in DECODERS:
+            self._dequantize(name, slice(0, 1))
 
     def raw(self, canon: str) -> tuple[str, np.ndarray]:
         """(dtype, array) like Checkpoint.raw: F16/BF16 (as uint16) as stored, every other type as float32."""
@@ -265,27 +257,17 @@ class GGUFSource:
         rows = self._rows(canon)
         return arr if rows is None else np.ascontiguousarray(arr[rows])
 
-    def exact(self, canon: str) -> tuple[QType, dict[str, np.ndarray], bool] | None:
-        """(lowbit type, stored parts, bit-exact?) for a matrix whose GGUF type maps onto a lowbit type without
-        re-rounding; None otherwise (the caller dequantizes and re-quantizes)."""
+    def exact(self, canon: str) -> tuple[QType, dict[str, np.ndarray]]:
+        """(lowbit type, stored parts) of a matrix whose GGUF type maps onto a lowbit type (gguf_quants.LOWBIT_TYPE)
+        without re-rounding: its own codes and scales, or its floats."""
         name = self._canon[canon]
         kind = self.types[name]
-        shape = self.shape(canon)
-        if len(shape) != 2:
-            return None
         if kind in FLOAT_TYPES:
             dtype, arr = self.raw(canon)
-            qt = get_qtype({"F16": "f16", "BF16": "bf16"}.get(dtype, "f32"))
-            return qt, {"data": np.ascontiguousarray(arr)}, True
-        if kind not in DECODERS:
-            return None
-        decode, bit_exact = DECODERS[kind]
-        raw = np.asarray(self.tensors[name].data).reshape(shape[0], -1)
+            return get_qtype({"F16": "f16", "BF16": "bf16"}.get(dtype, "f32")), {"data": np.ascontiguousarray(arr)}
+        raw = np.asarray(self.tensors[name].data).reshape(self.shape(canon)[0], -1)
         rows = self._rows(canon)
-        if rows is not None:
-            raw = raw[rows]
-        qt, parts = decode(raw)
-        return qt, parts, bit_exact
+        return DECODERS[kind][0](raw if rows is None else raw[rows])
 
     def close(self) -> None:
         mm = getattr(self.reader, "data", None)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.errors import SourceError
+from lowbit.formats.jsonfile import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def resolve_source(src: str) -> Path:
         if not path.is_dir():
             raise SourceError(f"{src}: expected a Hugging Face checkpoint folder, got a file")
         return path
-    if not HUB_ID.match(src) or src.startswith((".", "/", "~")):
+    if not is_hub_id(src):
         raise SourceError(f"{src}: no such file or directory")
     try:
         from huggingface_hub import snapshot_download
@@ -41,17 +42,15 @@ def resolve_source(src: str) -> Path:
 
 
 def read_json(path: Path, required: bool = True) -> dict | None:
-    if not path.exists():
-        if required:
-            raise SourceError(f"{path.parent}: no {path.name} (is this a Hugging Face checkpoint folder?)")
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"{path}: cannot read JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise SourceError(f"{path}: expected a JSON object")
+    data = read_json_object(path)
+    if data is None and required:
+        raise SourceError(f"{path.parent}: no {path.name} (is this a Hugging Face checkpoint folder?)")
     return data
+
+
+def is_hub_id(src: str) -> bool:
+    """Whether ``src`` reads as a hub repo id (org/name) rather than a local path."""
+    return bool(HUB_ID.match(src)) and not src.startswith((".", "/", "~"))
 
 
 class SafetensorsFile:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lowbit.errors import LowbitError, SourceError
 from lowbit.formats.chat_template import find_chat_template, render_chat_template
+from lowbit.formats.jsonfile import read_json_object
 from lowbit.formats.tokenizer_backends import (
     SPECIAL_TOKEN_KEYS,
     JsonBackend,
@@ -37,15 +38,7 @@ _NOT_LLAMA_MODEL_TYPES = frozenset(
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"cannot read {path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise SourceError(f"cannot read {path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path) or {}
 
 
 def _token_content(value) -> str | None:

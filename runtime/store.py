@@ -82,9 +82,9 @@ def resolve_model(src: str | None, progress: bool = True) -> Path:
         return path
     if path.suffix == ".lowbit":
         raise LowbitError(f"{src}: no such file")
-    from lowbit.convert.source import HUB_ID
+    from lowbit.convert.source import is_hub_id
 
-    if not path.exists() and (not HUB_ID.match(src) or src.startswith((".", "/", "~"))):
+    if not path.exists() and not is_hub_id(src):
         raise LowbitError(f"{src}: no such file or directory (expected a .lowbit or GGUF file, an HF folder or a "
                           "hub id)")
     root = store_dir()
