@@ -244,6 +244,14 @@ class Tokenizer:
         """Ids of special tokens (dropped by ``decode(..., skip_special_tokens=True)``)."""
         return self._backend.special_ids()
 
+    def serialized(self) -> str | None:
+        """tokenizer.json text for a tokenizers pipeline; None for a sentencepiece model (see token_bytes)."""
+        return self._backend.serialized()
+
+    def token_bytes(self) -> list[bytes] | None:
+        """For a sentencepiece model, the bytes of every token id; None for a tokenizers pipeline."""
+        return self._backend.token_bytes()
+
     def stream_decoder(self, skip_special_tokens: bool = True, context: Sequence[int] = ()) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens, context)
 

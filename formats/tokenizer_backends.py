@@ -91,6 +91,13 @@ class JsonBackend:
     def special_ids(self) -> frozenset[int]:
         return frozenset(i for i, t in self.tok.get_added_tokens_decoder().items() if t.special)
 
+    def serialized(self) -> str:
+        """The tokenizer as tokenizer.json text (with the added tokens and pipeline changes made here)."""
+        return self.tok.to_str()
+
+    def token_bytes(self) -> None:
+        return None  # a tokenizers pipeline: readers of tokenizer.json work the bytes out from serialized()
+
 
 def _template_processor(tok: tokenizers.Tokenizer, meta: dict):
     """The post-processor transformers builds from add_bos_token / add_eos_token."""
@@ -284,6 +291,25 @@ class SpmBackend:
 
     def special_ids(self) -> frozenset[int]:
         return frozenset(i for i, e in self.added.items() if e["special"])
+
+    def serialized(self) -> None:
+        return None
+
+    def token_bytes(self) -> list[bytes]:
+        """The UTF-8 bytes each token id stands for (byte pieces as their byte, "▁" as a space; added tokens as
+        their text; unused ids empty)."""
+        out = [b""] * self.vocab_size
+        for tid in range(self.sp.get_piece_size()):
+            piece = self.sp.id_to_piece(tid)
+            if self.sp.is_byte(tid) and BYTE_PIECE.fullmatch(piece):
+                out[tid] = bytes([int(piece[3:5], 16)])
+            elif not (self.sp.is_control(tid) or self.sp.is_unknown(tid)):
+                out[tid] = piece.replace("▁", " ").encode("utf-8")
+            else:
+                out[tid] = piece.encode("utf-8")
+        for tid, e in self.added.items():
+            out[tid] = e["content"].encode("utf-8")
+        return out
 
 
 def bytes_text(data: bytes) -> str:

@@ -19,6 +19,7 @@ from lowbit.formats.reader import Container
 from lowbit.formats.tokenizer import Tokenizer
 from lowbit.kernels import act_quant as act_quant_mode
 from lowbit.models import family_for
+from lowbit.runtime.constraint import Constraint, GrammarCompiler
 from lowbit.runtime.device import resolve_device
 from lowbit.runtime.sampling import Sampler, SamplingParams, StopMatcher
 
@@ -86,6 +87,7 @@ class Stats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     finish_reason: str = ""
+    stop_sequence: str | None = None  # the stop string that ended the text (finish_reason "stop")
 
     @property
     def prefill_tps(self) -> float:
@@ -158,6 +160,14 @@ class Engine:
         self.prefill_chunk = PREFILL_CHUNK
         self.load_seconds = time.perf_counter() - t0
         self.stats = Stats()
+        self._grammars: GrammarCompiler | None = None
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Compiles grammars and JSON schemas against this model's tokenizer (built on first use)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.args.vocab_size, self.eos_ids)
+        return self._grammars
 
     # ------------------------------------------------------------------------------------------ forward
     def reset(self) -> None:
@@ -224,10 +234,12 @@ class Engine:
         stop: Sequence[str] = (),
         logprobs: int | None = None,
         continuation: bool = False,
+        constraint: Constraint | None = None,
     ) -> Iterator[Event]:
         """Yield generated tokens with their text (stop strings held back and cut, UTF-8 kept whole).
         ``continuation``: the text continues the prompt's text, so it is decoded after the prompt's last token (its
         first token keeps its leading space); otherwise it is decoded on its own, like a chat reply.
+        ``constraint``: only tokens its grammar allows are sampled; generation stops when the grammar is complete.
         ``self.stats`` holds counts and timings of this call when the iterator ends."""
         params = params or SamplingParams()
         params.validate()
@@ -244,10 +256,15 @@ class Engine:
         t0 = time.perf_counter()
         try:
             while True:
+                raw = logits
+                if constraint is not None:
+                    logits = constraint.apply(logits)
                 tok = sampler.sample(logits, prompt, generated)
+                if constraint is not None:
+                    constraint.advance(tok)
                 lp, top = (None, [])
                 if logprobs is not None:
-                    lp, top = sampler.logprobs(logits, tok, logprobs)
+                    lp, top = sampler.logprobs(raw, tok, logprobs)
                 generated.append(tok)
                 self.stats.generated_tokens = len(generated)
                 if tok in self.eos_ids:
@@ -258,8 +275,13 @@ class Engine:
                     return
                 text, stopped = stopper.feed(detok.add(tok))
                 yield Event(tok, text, lp, top)
-                if stopped:
+                if stopped or (constraint is not None and constraint.done):
                     self.stats.finish_reason = "stop"
+                    self.stats.stop_sequence = stopper.matched if stopped else None
+                    if not stopped:
+                        tail = stopper.flush() + detok.flush()
+                        if tail:
+                            yield Event(-1, tail)
                     return
                 if len(generated) >= max_tokens:
                     self.stats.finish_reason = "length"

@@ -230,11 +230,15 @@ class StopMatcher:
         self._longest = max((len(s) for s in self.stops), default=0)
         self._buf = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def _first_match(self) -> int:
-        """Start of the earliest complete stop string in the buffer, or -1."""
-        hits = [i for i in (self._buf.find(s) for s in self.stops) if i >= 0]
-        return min(hits) if hits else -1
+        """Start of the earliest complete stop string in the buffer (noted in ``matched``), or -1."""
+        hits = [(i, s) for i, s in ((self._buf.find(s), s) for s in self.stops) if i >= 0]
+        if not hits:
+            return -1
+        i, self.matched = min(hits, key=lambda h: h[0])
+        return i
 
     def _first_partial(self) -> int:
         """Start of the earliest buffer suffix that is a proper prefix of some stop string, or -1."""

@@ -91,3 +91,53 @@ def tiny_config(kind: str):
     if kind == "qwen2":
         return tf.Qwen2Config(**TINY, tie_word_embeddings=True)
     raise ValueError(kind)
+
+
+KEY = "sk-lowbit-test"
+
+
+class LiveServer:
+    """uvicorn serving ``app`` in a background thread on a free 127.0.0.1 port."""
+
+    def __init__(self, app):
+        import threading
+
+        from lowbit.runtime.server import bind_socket, make_server
+
+        self.app = app
+        self.sock = bind_socket("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.server = make_server(app, self.sock)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+    def client(self, api_key: str = KEY, **kw):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=api_key, max_retries=0, timeout=120, **kw)
+
+    def anthropic(self, api_key: str = KEY, **kw):
+        import anthropic
+
+        return anthropic.Anthropic(base_url=self.base, api_key=api_key, max_retries=0, timeout=120, **kw)
+
+    def http(self, auth: bool = True):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {KEY}"} if auth else {}
+        return httpx.Client(base_url=self.base, headers=headers, timeout=120)

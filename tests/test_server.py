@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-from lbtest import TOY_MODEL
+from lbtest import KEY, TOY_MODEL, LiveServer
 
 from lowbit.runtime.engine import Engine
 from lowbit.runtime.sampling import SamplingParams
-from lowbit.runtime.server import bind_socket, create_app, make_server
+from lowbit.runtime.server import create_app
 
-KEY = "sk-lowbit-test"
 MODEL = TOY_MODEL.stem
 QUESTIONS = [
     "What is the capital of France?",
@@ -32,38 +30,6 @@ QUESTIONS = [
 ]
 JSON = {"content-type": "application/json"}
 COUNTING = "1, 2, 3, 4, 5,"  # greedy continues "4, 4, 4, ..." without ever ending: a long generation on demand
-
-
-class LiveServer:
-    """uvicorn serving ``app`` in a background thread on a free 127.0.0.1 port."""
-
-    def __init__(self, app):
-        self.app = app
-        self.sock = bind_socket("127.0.0.1", 0)
-        self.port = self.sock.getsockname()[1]
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.server = make_server(app, self.sock)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
-
-    def client(self, api_key: str = KEY, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=api_key, max_retries=0, timeout=60, **kw)
-
-    def http(self, auth: bool = True) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {KEY}"} if auth else {}
-        return httpx.Client(base_url=self.base, headers=headers, timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,6 @@ Build the app with :func:`create_app`; everything it needs (engine, worker, sett
 
 from __future__ import annotations
 
-import asyncio
-import hmac
-import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,13 +17,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lowbit.errors import ContextOverflowError, LowbitError
-from lowbit.formats.chat_template import NO_TEMPLATE_MESSAGE
 from lowbit.formats.tokenizer import Tokenizer
 from lowbit.runtime.engine import Engine
 from lowbit.runtime.server import protocol as P
+from lowbit.runtime.server.anthropic import error_body as anthropic_error
+from lowbit.runtime.server.anthropic import install_messages_route, is_messages_path
+from lowbit.runtime.server.generation import JobStream, Run, log_summary, sse, usage
 from lowbit.runtime.server.middleware import BodyLimitMiddleware, LocalOnlyMiddleware, RequestLogMiddleware
-from lowbit.runtime.server.worker import Outcome, ShuttingDown, Worker, submit_async
+from lowbit.runtime.server.requests import authorize, chat_prompt, check_model, compile_constraint, json_body
+from lowbit.runtime.server.worker import Outcome, Worker
 
 log = logging.getLogger("lowbit.runtime.server")
 
@@ -75,248 +74,79 @@ class TokenTexts:
         return text, list(text.encode("utf-8"))
 
 
-# ------------------------------------------------------------------------------------------------ ASGI middleware
-# ------------------------------------------------------------------------------------------------ helpers
-def _authorize(request: Request) -> None:
-    key = request.app.state.config.api_key
-    if not key:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise P.APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-    if not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise P.APIError(401, "incorrect API key provided", code="invalid_api_key")
+# ------------------------------------------------------------------------------------------------ OpenAI answers
+def _logprobs(run: Run, kind: str, items: list[P.TokenLogprob], offset: int = 0):
+    if run.options.logprobs is None:
+        return None
+    if kind == "chat":
+        return P.chat_logprobs(items, run.token_texts.get)
+    return P.completion_logprobs(items, run.token_texts.get, offset)
 
 
-async def _json_body(request: Request):
-    raw = await request.body()
-    if not raw.strip():
-        raise P.bad_request("the request body is empty; expected a JSON object", code="invalid_json")
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise P.bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    _check_text(body)
-    return body
-
-
-def _check_text(body) -> None:
-    """400 for strings no UTF-8 text can hold (a lone UTF-16 surrogate escape such as "\\ud800")."""
-    stack = [body]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError as e:
-                bad = v[e.start : e.end].encode("unicode_escape").decode()
-                raise P.bad_request(f"the request holds text that is not valid Unicode (a lone surrogate {bad})",
-                                    code="invalid_text") from None  # fmt: skip
-        elif isinstance(v, dict):
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
-
-
-def _check_model(request: Request, model: str | None) -> None:
-    name = request.app.state.config.model_name
-    if model is not None and model != name:
-        raise P.APIError(404, f"the model '{model}' does not exist; this server has '{name}'", param="model",
-                         code="model_not_found")  # fmt: skip
-
-
-def _room(engine: Engine, options: P.GenerationOptions, n_prompt: int, what: str) -> int:
-    """max_tokens for this request: as asked, or all the context the prompt leaves; 400 when it does not fit."""
-    ctx = engine.ctx
-    asked = options.max_tokens
-    if asked is None:
-        if n_prompt < ctx:
-            return ctx - n_prompt
-        message = (
-            f"this model's maximum context length is {ctx} tokens, but the {what} alone has {n_prompt} tokens, "
-            f"which leaves no room for a completion; shorten the {what}"
-        )
-    elif n_prompt + asked > ctx:
-        message = (
-            f"this model's maximum context length is {ctx} tokens, but {n_prompt + asked} were requested "
-            f"({n_prompt} in the {what}, {asked} for the completion); shorten the {what} or lower max_tokens"
-        )
+async def _respond_json(run: Run, kind: str) -> JSONResponse:
+    rid, created = P.new_id("chatcmpl" if kind == "chat" else "cmpl"), P.now()
+    text, items, calls, outcome = await run.collect()
+    logprobs = _logprobs(run, kind, items)
+    if kind == "chat":
+        body = P.chat_response(rid, created, run.model, text, outcome.finish_reason, usage(outcome), logprobs, calls)
     else:
-        return asked
-    param = "max_tokens" if asked is not None and n_prompt < ctx else what
-    raise P.APIError(400, message, param=param, code="context_length_exceeded")
+        body = P.completion_response(rid, created, run.model, text, outcome.finish_reason, usage(outcome), logprobs)
+    return JSONResponse(body)
 
 
-def _worker_error(e: BaseException) -> P.APIError:
-    if isinstance(e, ShuttingDown):
-        return P.APIError(503, str(e), type="server_error", code="unavailable")
-    if isinstance(e, ContextOverflowError):
-        return P.APIError(400, str(e), code="context_length_exceeded")
-    if isinstance(e, LowbitError):
-        return P.APIError(400, str(e))
-    return P.APIError(500, "generation failed; see the server log", type="server_error")
+def _respond_stream(run: Run, kind: str) -> StreamingResponse:
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return JobStream(run.job, _stream_events(run, kind), media_type="text/event-stream", headers=headers)
 
 
-def _log_summary(o: Outcome) -> str:
-    return (f"prompt={o.prompt_tokens} cached={o.cached_tokens} prefilled={o.prefilled_tokens} "
-            f"completion={o.completion_tokens} finish={o.finish_reason} queued={o.queue_seconds:.3f}s")  # fmt: skip
+async def _stream_events(run: Run, kind: str) -> AsyncIterator[str]:
+    state = run.request.state
+    rid, created, model = P.new_id("chatcmpl" if kind == "chat" else "cmpl"), P.now(), run.model
+    with_usage = run.options.include_usage
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    finished = False
+    offset = 0
 
+    def chunk(text: str, items, finish: str | None = None, delta: dict | None = None) -> str:
+        if kind == "chat":
+            delta = delta if delta is not None else ({"content": text} if finish is None else {})
+            return sse(P.chat_chunk(rid, created, model, delta, finish, _logprobs(run, kind, items) if items else None,
+                                    include_usage=with_usage))  # fmt: skip
+        return sse(P.completion_chunk(rid, created, model, text, finish,
+                                      _logprobs(run, kind, items, offset) if items else None,
+                                      include_usage=with_usage))  # fmt: skip
 
-def _usage(o: Outcome) -> P.Usage:
-    return P.Usage(o.prompt_tokens, o.completion_tokens, o.cached_tokens)
-
-
-def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-async def _cancel_on_disconnect(request: Request, job) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            job.cancel()
-            return
-
-
-# ------------------------------------------------------------------------------------------------ generation
-class _JobStream(StreamingResponse):
-    """A streaming response that cancels its job however it ends, even before its first event (client gone)."""
-
-    def __init__(self, job, content, **kwargs):
-        super().__init__(content, **kwargs)
-        self.job = job
-
-    async def __call__(self, scope, receive, send):
+    try:
+        if kind == "chat":
+            yield sse(P.chat_chunk(rid, created, model, {"role": "assistant", "content": ""},
+                                   include_usage=with_usage))  # fmt: skip
         try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.job.cancel()  # no-op when the job has finished
-
-
-class _Generation:
-    """One request's run: submit the job, then answer as one JSON object or as server-sent events."""
-
-    def __init__(self, request: Request, kind: str, options: P.GenerationOptions, ids: list[int], what: str):
-        app = request.app
-        self.request = request
-        self.kind = kind  # "chat" | "completion"
-        self.options = options
-        self.max_tokens = _room(app.state.engine, options, len(ids), what)
-        self.ids = ids
-        self.token_texts: TokenTexts = app.state.token_texts
-        self.model = app.state.config.model_name
-        # A completion continues the prompt, so its text keeps the leading space of its first token, which the
-        # engine's detokenizer (which starts from the first generated token) drops; chat replies stay as decoded.
-        self._lead_space: bool | None = None if kind == "completion" else False
-        self.rid = P.new_id("chatcmpl" if kind == "chat" else "cmpl")
-        self.created = P.now()
-        try:
-            self.job, self.reports = submit_async(
-                app.state.worker, ids, options.params, self.max_tokens, options.stop, options.logprobs
-            )
-        except ShuttingDown as e:
-            raise _worker_error(e) from None
-
-    def _logprobs(self, items: list[P.TokenLogprob], offset: int = 0):
-        if self.options.logprobs is None:
-            return None
-        if self.kind == "chat":
-            return P.chat_logprobs(items, self.token_texts.get)
-        return P.completion_logprobs(items, self.token_texts.get, offset)
-
-    def _text(self, event) -> str:
-        if self._lead_space is None and event.token >= 0:
-            self._lead_space = self.token_texts.loses_leading_space(event.token)
-        if self._lead_space and event.text:
-            self._lead_space = False
-            return " " + event.text
-        return event.text
-
-    def _item(self, event) -> list[P.TokenLogprob]:
-        if self.options.logprobs is None or event.token < 0 or event.logprob is None:
-            return []
-        return [P.TokenLogprob(event.token, event.logprob, list(event.top_logprobs))]
-
-    async def respond_json(self) -> JSONResponse:
-        watcher = asyncio.create_task(_cancel_on_disconnect(self.request, self.job))
-        parts: list[str] = []
-        items: list[P.TokenLogprob] = []
-        try:
-            while True:
-                kind, payload = await self.reports.get()
-                if kind == "token":
-                    parts.append(self._text(payload))
-                    items += self._item(payload)
-                elif kind == "error":
-                    raise _worker_error(payload)
+            async for ev in run.events():
+                if ev[0] == "text":
+                    if ev[1] or ev[2]:
+                        yield chunk(ev[1], ev[2])
+                        offset += len(ev[1])
+                elif ev[0] == "calls":
+                    for i, call in enumerate(ev[1]):  # as OpenAI streams them: name first, then the arguments
+                        yield chunk("", [], delta={"tool_calls": [P.tool_call_delta(i, call, head=True)]})
+                        yield chunk("", [], delta={"tool_calls": [P.tool_call_delta(i, call, head=False)]})
                 else:
-                    outcome: Outcome = payload
-                    break
-        finally:
-            watcher.cancel()
-            self.job.cancel()  # no-op when it has finished
-        self.request.state.lowbit_log = _log_summary(outcome)
-        text = "".join(parts)
-        build = P.chat_response if self.kind == "chat" else P.completion_response
-        body = build(self.rid, self.created, self.model, text, outcome.finish_reason, _usage(outcome),
-                     self._logprobs(items))  # fmt: skip
-        return JSONResponse(body)
-
-    def respond_stream(self) -> StreamingResponse:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return _JobStream(self.job, self._events(), media_type="text/event-stream", headers=headers)
-
-    def _chunk(self, text: str, items: list[P.TokenLogprob], offset: int, finish: str | None = None) -> dict:
-        usage = self.options.include_usage
-        if self.kind == "chat":
-            delta = {"content": text} if finish is None else {}
-            return P.chat_chunk(self.rid, self.created, self.model, delta, finish,
-                                self._logprobs(items) if items else None, include_usage=usage)  # fmt: skip
-        return P.completion_chunk(self.rid, self.created, self.model, text, finish,
-                                  self._logprobs(items, offset) if items else None, include_usage=usage)  # fmt: skip
-
-    async def _events(self) -> AsyncIterator[str]:
-        state = self.request.state
-        finished = False
-        received = 0
-        offset = 0
-        try:
-            if self.kind == "chat":
-                first = {"role": "assistant", "content": ""}
-                yield _sse(P.chat_chunk(self.rid, self.created, self.model, first,
-                                        include_usage=self.options.include_usage))  # fmt: skip
-            while True:
-                kind, payload = await self.reports.get()
-                if kind == "token":
-                    received += payload.token >= 0
-                    items = self._item(payload)
-                    text = self._text(payload)
-                    if text or items:
-                        yield _sse(self._chunk(text, items, offset))
-                        offset += len(text)
-                elif kind == "error":
+                    outcome: Outcome = ev[1]
                     finished = True
-                    err = _worker_error(payload)
-                    state.lowbit_log = f"error during stream: {err.message}"
-                    yield _sse(err.body())
+                    state.lowbit_log = log_summary(outcome)
+                    yield chunk("", [], finish=outcome.finish_reason)
+                    if with_usage:
+                        yield sse(P.usage_chunk(rid, created, model, obj, usage(outcome)))
                     yield "data: [DONE]\n\n"
-                    return
-                else:
-                    finished = True
-                    outcome: Outcome = payload
-                    state.lowbit_log = _log_summary(outcome)
-                    yield _sse(self._chunk("", [], offset, finish=outcome.finish_reason))
-                    if self.options.include_usage:
-                        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-                        yield _sse(P.usage_chunk(self.rid, self.created, self.model, obj, _usage(outcome)))
-                    yield "data: [DONE]\n\n"
-                    return
-        finally:
-            if not finished:  # the client went away (or the server is stopping): stop generating
-                self.job.cancel()
-                state.lowbit_log = f"cancelled: client disconnected after {received} tokens"
+        except P.APIError as err:
+            finished = True
+            state.lowbit_log = f"error during stream: {err.message}"
+            yield sse(err.body())
+            yield "data: [DONE]\n\n"
+    finally:
+        if not finished:  # the client went away (or the server is stopping): stop generating
+            run.job.cancel()
+            state.lowbit_log = f"cancelled: client disconnected after {run.received} tokens"
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -368,6 +198,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, e: P.APIError):
         request.state.lowbit_log = f"error: {e.message}"
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        if is_messages_path(request.url.path):
+            return JSONResponse(anthropic_error(e.status, e.message), status_code=e.status, headers=headers)
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -376,6 +208,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         first = errors[0] if errors else {}
         param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
         message = f"invalid request: {first.get('msg', 'validation failed')}" + (f" ({param})" if param else "")
+        if is_messages_path(request.url.path):
+            return JSONResponse(anthropic_error(400, message), status_code=400)
         return JSONResponse(P.error_body(message, param=param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -392,6 +226,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        if is_messages_path(request.url.path):
+            return JSONResponse(anthropic_error(500, "internal server error; see the server log"), status_code=500)
         return JSONResponse(P.error_body("internal server error; see the server log", type="server_error"),
                             status_code=500)  # fmt: skip
 
@@ -402,7 +238,7 @@ def _install_routes(app: FastAPI) -> None:
         worker: Worker = request.app.state.worker
         engine: Engine = request.app.state.engine
         try:
-            _authorize(request)
+            authorize(request)
         except P.APIError:  # with --api-key set, only the key shows what runs here
             return {"status": "ok"}
         return {
@@ -421,47 +257,45 @@ def _install_routes(app: FastAPI) -> None:
 
     @app.get("/v1/models")
     async def models(request: Request):
-        _authorize(request)
+        authorize(request)
         return {"object": "list", "data": [model_card(request)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(request: Request, model_id: str):
-        _authorize(request)
-        _check_model(request, model_id)
+        authorize(request)
+        check_model(request, model_id)
         return model_card(request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        _authorize(request)
+        authorize(request)
         engine: Engine = request.app.state.engine
-        req = P.parse_chat(await _json_body(request), engine.generation_defaults)
-        _check_model(request, req.options.model)
-        tok = engine.tokenizer
-        if not tok.has_chat_template:
-            raise P.bad_request(f"{NO_TEMPLATE_MESSAGE} with /v1/completions", "messages", "no_chat_template")
-        try:
-            ids = await run_in_threadpool(tok.encode_chat, req.messages, add_generation_prompt=True)
-        except LowbitError as e:  # the template refused the conversation
-            raise P.bad_request(f"chat template: {e}", "messages") from None
-        return await _start(request, "chat", req.options, ids, "messages")
+        req = P.parse_chat(await json_body(request), engine.generation_defaults)
+        check_model(request, req.options.model)
+        ids, fmt, constraint = await chat_prompt(request, req.messages, req.tools, req.options.grammar)
+        return await _start(request, "chat", req.options, ids, "messages", tools=req.tools, tool_format=fmt,
+                            constraint=constraint)  # fmt: skip
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        _authorize(request)
+        authorize(request)
         engine: Engine = request.app.state.engine
-        req = P.parse_completion(await _json_body(request), engine.generation_defaults, engine.args.vocab_size)
-        _check_model(request, req.options.model)
+        req = P.parse_completion(await json_body(request), engine.generation_defaults, engine.args.vocab_size)
+        check_model(request, req.options.model)
         if isinstance(req.prompt, str):
             ids = await run_in_threadpool(engine.tokenizer.encode, req.prompt, add_special_tokens=True)
         else:
             ids = req.prompt
-        return await _start(request, "completion", req.options, ids, "prompt")
+        constraint = await compile_constraint(engine, req.options.grammar)
+        return await _start(request, "completion", req.options, ids, "prompt", constraint=constraint)
+
+    install_messages_route(app)
 
 
-async def _start(request: Request, kind: str, options: P.GenerationOptions, ids: list[int], what: str):
+async def _start(request: Request, kind: str, options: P.GenerationOptions, ids: list[int], what: str, **kw):
     if not ids:
         raise P.bad_request(f"the {what} is empty after tokenization", what)
-    gen = _Generation(request, kind, options, ids, what)
+    run = Run(request, ids, options, what=what, continuation=kind == "completion", **kw)
     if options.stream:
-        return gen.respond_stream()
-    return await gen.respond_json()
+        return _respond_stream(run, kind)
+    return await _respond_json(run, kind)

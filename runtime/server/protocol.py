@@ -7,8 +7,10 @@ JSON objects that the OpenAI clients expect.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -16,12 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.constraint import GrammarError, json_object_grammar, json_schema_grammar, lark_grammar
 from lowbit.runtime.sampling import SamplingParams
+from lowbit.runtime.server.tools import ToolCall, ToolError, ToolSpec, openai_choice, parse_tools
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0}  # what OpenAI does when a request leaves them out
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 class APIError(Exception):
@@ -67,12 +71,14 @@ class GenerationOptions:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None  # None: off; otherwise how many top alternatives per token (0 = only the chosen one)
+    grammar: str | None = None  # the output must follow this llguidance grammar (response_format, grammar)
 
 
 @dataclass
 class ChatRequest:
     options: GenerationOptions
-    messages: list[dict]  # [{"role": ..., "content": str}], roles normalised for the chat template
+    messages: list[dict]  # [{"role": ..., "content": str, "tool_calls"?, "tool_call_id"?}], roles normalised
+    tools: ToolSpec | None = None
 
 
 @dataclass
@@ -100,7 +106,7 @@ def _number(body: Mapping, key: str, default: float, lo: float, hi: float) -> fl
     return float(value)
 
 
-def _integer(body: Mapping, key: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
+def integer(body: Mapping, key: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
     value = body.get(key)
     if value is None:
         return default
@@ -114,7 +120,7 @@ def _integer(body: Mapping, key: str, default: int | None, lo: int, hi: int | No
     return int(value)
 
 
-def _boolean(body: Mapping, key: str, default: bool = False) -> bool:
+def boolean(body: Mapping, key: str, default: bool = False) -> bool:
     value = body.get(key)
     if value is None:
         return default
@@ -128,7 +134,7 @@ def _unsupported(body: Mapping, key: str, allowed: Callable[[Any], bool], what: 
         raise bad_request(f"'{key}' is not supported by this server ({what})", key, "unsupported_parameter")
 
 
-def _stop(body: Mapping) -> list[str]:
+def stop_strings(body: Mapping) -> list[str]:
     value = body.get("stop")
     if value is None:
         return []
@@ -142,7 +148,7 @@ def _stop(body: Mapping) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def _sampling(body: Mapping, defaults: Mapping) -> SamplingParams:
+def sampling_params(body: Mapping, defaults: Mapping) -> SamplingParams:
     """Sampling settings: the request's, else the model's generation defaults, else OpenAI's defaults."""
 
     def default(key: str, fallback):
@@ -155,10 +161,10 @@ def _sampling(body: Mapping, defaults: Mapping) -> SamplingParams:
         base_temperature = default("temperature", OPENAI_DEFAULTS["temperature"])
     temperature = _number(body, "temperature", base_temperature, 0.0, 2.0)
     top_p = _number(body, "top_p", default("top_p", OPENAI_DEFAULTS["top_p"]), 0.0, 1.0)
-    top_k = max(_integer(body, "top_k", int(default("top_k", 0)), -1), 0)  # -1 means off, as in vLLM
+    top_k = max(integer(body, "top_k", int(default("top_k", 0)), -1), 0)  # -1 means off, as in vLLM
     if top_p == 0.0:  # OpenAI accepts 0: only the most likely token survives
         top_p, top_k = 1.0, 1
-    seed = _integer(body, "seed", None, -(2**63), 2**64 - 1)
+    seed = integer(body, "seed", None, -(2**63), 2**64 - 1)
     params = SamplingParams(
         temperature=temperature,
         top_k=top_k,
@@ -183,10 +189,10 @@ def _options(body: Mapping, defaults: Mapping, logprobs: int | None) -> Generati
     n = body.get("n")
     if n is not None and (not _is_int(n) or n != 1):
         raise bad_request(f"only n = 1 is supported, got {n!r}", "n", "invalid_value")
-    max_tokens = _integer(body, "max_completion_tokens", None, 1)
+    max_tokens = integer(body, "max_completion_tokens", None, 1)
     if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", None, 1)
-    stream = _boolean(body, "stream")
+        max_tokens = integer(body, "max_tokens", None, 1)
+    stream = boolean(body, "stream")
     stream_options = body.get("stream_options")
     include_usage = False
     if stream_options is not None:
@@ -194,32 +200,70 @@ def _options(body: Mapping, defaults: Mapping, logprobs: int | None) -> Generati
             raise bad_request("'stream_options' must be an object", "stream_options", "invalid_type")
         if not stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
-        include_usage = _boolean(stream_options, "include_usage")
+        include_usage = boolean(stream_options, "include_usage")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad_request("'user' must be a string", "user", "invalid_type")
     _unsupported(body, "logit_bias", lambda v: isinstance(v, dict) and not v, "logit_bias")
+    grammar = _response_format(body)
     return GenerationOptions(
         model=model or None,
         max_tokens=max_tokens,
-        params=_sampling(body, defaults),
-        stop=_stop(body),
+        params=sampling_params(body, defaults),
+        stop=stop_strings(body),
         stream=stream,
         include_usage=include_usage,
         logprobs=logprobs,
+        grammar=grammar,
     )
 
 
-def _require_object(body: Any) -> Mapping:
+def _response_format(body: Mapping) -> str | None:
+    """The grammar that ``response_format`` (or llama.cpp's ``json_schema`` / ``grammar`` fields) asks for."""
+    rf = body.get("response_format")
+    try:
+        if rf is not None:
+            if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+                raise bad_request(
+                    "'response_format' must be an object with a 'type'", "response_format", "invalid_type"
+                )
+            kind = rf["type"]
+            if kind == "text":
+                return None
+            if kind == "json_object":
+                schema = rf.get("schema")  # llama.cpp's extension
+                return json_object_grammar() if schema is None else json_schema_grammar(schema)
+            if kind == "json_schema":
+                spec = rf.get("json_schema")
+                if not isinstance(spec, dict) or "schema" not in spec and "name" not in spec:
+                    raise bad_request("'response_format.json_schema' must be an object with 'name' and 'schema'",
+                                      "response_format.json_schema", "invalid_type")  # fmt: skip
+                name = spec.get("name", "response")
+                if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+                    raise bad_request("'response_format.json_schema.name' must be 1-64 letters, digits, '_' or '-'",
+                                      "response_format.json_schema.name", "invalid_value")  # fmt: skip
+                return json_schema_grammar(spec.get("schema", {}), what="the JSON schema")
+            raise bad_request(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                              "response_format.type", "invalid_value")  # fmt: skip
+        if body.get("json_schema") is not None:
+            return json_schema_grammar(body["json_schema"], what="'json_schema'")
+        if body.get("grammar") is not None:
+            return lark_grammar(body["grammar"])
+    except GrammarError as e:
+        raise bad_request(str(e), "response_format", "invalid_schema") from None
+    return None
+
+
+def require_object(body: Any) -> Mapping:
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
     return body
 
 
-def _message_content(content: Any, i: int, role: str) -> str:
+def _message_content(content: Any, i: int, role: str, has_calls: bool = False) -> str:
     param = f"messages[{i}].content"
     if content is None:
-        if role == "assistant":
+        if role == "assistant" or has_calls:
             return ""
         raise bad_request(f"'{param}' must not be null", param, "invalid_type")
     if isinstance(content, str):
@@ -243,7 +287,7 @@ def _message_content(content: Any, i: int, role: str) -> str:
 
 
 def parse_chat(body: Any, defaults: Mapping | None = None) -> ChatRequest:
-    body = _require_object(body)
+    body = require_object(body)
     defaults = defaults or {}
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -259,20 +303,66 @@ def parse_chat(body: Any, defaults: Mapping | None = None) -> ChatRequest:
                 f"messages[{i}].role",
                 "invalid_value",
             )
-        out.append({"role": CHAT_ROLES[role], "content": _message_content(m.get("content"), i, role)})
-    logprobs = _boolean(body, "logprobs")
-    top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+        out.append(_message(m, i, role))
+    logprobs = boolean(body, "logprobs")
+    top = integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
     if top is not None and not logprobs:
         raise bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
-    for key in ("tools", "functions"):
-        _unsupported(body, key, lambda v: isinstance(v, list) and not v, "no tool calling")
-    _unsupported(body, "tool_choice", lambda v: v == "none", "no tool calling")
-    _unsupported(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text", "text only")
-    return ChatRequest(_options(body, defaults, (top or 0) if logprobs else None), out)
+    _unsupported(body, "functions", lambda v: isinstance(v, list) and not v, "use 'tools'")
+    _unsupported(body, "function_call", lambda v: v == "none", "use 'tool_choice'")
+    options = _options(body, defaults, (top or 0) if logprobs else None)
+    try:
+        tools = parse_tools(body["tools"]) if body.get("tools") is not None else []
+        choice = openai_choice(body.get("tool_choice"), tools)
+    except ToolError as e:
+        raise bad_request(str(e), e.param, "invalid_tools") from None
+    spec = ToolSpec(tools, choice, boolean(body, "parallel_tool_calls", True)) if tools else None
+    if spec is not None and choice != "none" and options.grammar is not None:
+        raise bad_request("'response_format' cannot be combined with tools unless 'tool_choice' is 'none'",
+                          "response_format", "invalid_value")  # fmt: skip
+    return ChatRequest(options, out, spec)
+
+
+def _message(m: Mapping, i: int, role: str) -> dict:
+    """One message for the chat template: role, content text, and the tool fields where they apply."""
+    calls = m.get("tool_calls") if role == "assistant" else None
+    out: dict[str, Any] = {
+        "role": CHAT_ROLES[role],
+        "content": _message_content(m.get("content"), i, role, bool(calls)),
+    }
+    if calls is not None:
+        if not isinstance(calls, list):
+            raise bad_request(f"'messages[{i}].tool_calls' must be a list", f"messages[{i}].tool_calls", "invalid_type")
+        out["tool_calls"] = [_history_call(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(calls)]
+    if role == "tool":
+        tid = m.get("tool_call_id")
+        if not isinstance(tid, str):
+            raise bad_request(f"'messages[{i}].tool_call_id' must be a string", f"messages[{i}].tool_call_id",
+                              "invalid_type")  # fmt: skip
+        out["tool_call_id"] = tid
+        if isinstance(m.get("name"), str):
+            out["name"] = m["name"]
+    return out
+
+
+def _history_call(c: Any, param: str) -> dict:
+    """An earlier tool call as chat templates read it (arguments as an object, as transformers passes them)."""
+    fn = c.get("function") if isinstance(c, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+        raise bad_request(f"'{param}' must be {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}} with "
+                          "'arguments' a JSON string", param, "invalid_type")  # fmt: skip
+    try:
+        args = json.loads(fn["arguments"]) if fn["arguments"].strip() else {}
+    except ValueError:
+        raise bad_request(f"'{param}.function.arguments' is not valid JSON", f"{param}.function.arguments",
+                          "invalid_value") from None  # fmt: skip
+    cid = c.get("id")
+    return {"id": cid if isinstance(cid, str) else "", "type": "function",
+            "function": {"name": fn["name"], "arguments": args}}  # fmt: skip
 
 
 def parse_completion(body: Any, defaults: Mapping | None = None, vocab_size: int | None = None) -> CompletionRequest:
-    body = _require_object(body)
+    body = require_object(body)
     defaults = defaults or {}
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -288,7 +378,7 @@ def parse_completion(body: Any, defaults: Mapping | None = None, vocab_size: int
     _unsupported(body, "echo", lambda v: v is False, "echo")
     _unsupported(body, "suffix", lambda v: v == "", "suffix")
     _unsupported(body, "best_of", lambda v: v == 1, "best_of must be 1")
-    logprobs = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
+    logprobs = integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
     return CompletionRequest(_options(body, defaults, logprobs), prompt)
 
 
@@ -353,8 +443,22 @@ def completion_logprobs(items: list[TokenLogprob], token_text: TokenText, offset
     }
 
 
-def chat_response(rid: str, created: int, model: str, text: str, finish: str, usage: Usage, logprobs) -> dict:
-    message = {"role": "assistant", "content": text, "refusal": None}
+def tool_call_body(call: ToolCall) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json()}}
+
+
+def tool_call_delta(index: int, call: ToolCall, head: bool) -> dict:
+    """A streamed tool call: first its id and name (empty arguments), then its arguments."""
+    if head:
+        return {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+    return {"index": index, "function": {"arguments": call.arguments_json()}}
+
+
+def chat_response(rid: str, created: int, model: str, text: str, finish: str, usage: Usage, logprobs,
+                  calls: list[ToolCall] | None = None) -> dict:  # fmt: skip
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None, "refusal": None}
+    if calls:
+        message["tool_calls"] = [tool_call_body(c) for c in calls]
     choice = {"message": message, "logprobs": logprobs, "finish_reason": finish}
     return {**_envelope(rid, "chat.completion", created, model, choice), "usage": usage.body()}
 

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.constraint import Constraint
 from lowbit.runtime.engine import Engine, set_threads
 from lowbit.runtime.sampling import SamplingParams
 
@@ -39,6 +40,8 @@ class Outcome:
     prefilled_tokens: int = 0  # prompt tokens computed
     completion_tokens: int = 0  # generated tokens, the end-of-sequence token included
     finish_reason: str = ""  # stop | length | cancelled
+    stop_sequence: str | None = None  # the stop string that ended the text, if one did
+    mask_seconds: float = 0.0  # time spent on grammar masks
     queue_seconds: float = 0.0
     run_seconds: float = 0.0
 
@@ -72,12 +75,14 @@ class Job:
         stop: Sequence[str],
         logprobs: int | None,
         emit: Emit,
+        constraint: Constraint | None = None,
     ):
         self.prompt = list(prompt)
         self.params = params
         self.max_tokens = max_tokens
         self.stop = list(stop)
         self.logprobs = logprobs
+        self.constraint = constraint
         self._emit = emit
         self._cancel = threading.Event()
         self.produced = 0  # tokens handed to emit so far
@@ -182,7 +187,8 @@ class Worker:
             job.emit("done", Outcome(finish_reason="cancelled", queue_seconds=waited))
             return
         engine = self.engine
-        gen = engine.generate(job.prompt, job.params, job.max_tokens, job.stop, logprobs=job.logprobs)
+        gen = engine.generate(job.prompt, job.params, job.max_tokens, job.stop, logprobs=job.logprobs,
+                              constraint=job.constraint)  # fmt: skip
         cancelled = False
         try:
             for event in gen:
@@ -217,6 +223,8 @@ class Worker:
                 prefilled_tokens=st.prefilled_tokens,
                 completion_tokens=st.generated_tokens,
                 finish_reason="cancelled" if cancelled else st.finish_reason,
+                stop_sequence=None if cancelled else st.stop_sequence,
+                mask_seconds=job.constraint.mask_seconds if job.constraint is not None else 0.0,
                 queue_seconds=waited,
                 run_seconds=time.perf_counter() - started,
             ),
@@ -236,6 +244,7 @@ def submit_async(
     max_tokens: int,
     stop: Sequence[str],
     logprobs: int | None,
+    constraint: Constraint | None = None,
 ) -> tuple[Job, asyncio.Queue]:
     """Submit a job whose reports arrive in an asyncio queue of the running loop as (kind, payload) pairs."""
     loop = asyncio.get_running_loop()
@@ -244,6 +253,6 @@ def submit_async(
     def emit(kind: str, payload: Any) -> None:
         loop.call_soon_threadsafe(reports.put_nowait, (kind, payload))
 
-    job = Job(prompt, params, max_tokens, stop, logprobs, emit)
+    job = Job(prompt, params, max_tokens, stop, logprobs, emit, constraint)
     worker.submit(job)
     return job, reports
