@@ -25,6 +25,10 @@ from lowbit.formats.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 MAX_GRAMMAR_CHARS = 1 << 20  # a schema or grammar larger than this is refused before it is compiled
+SAFE_INTEGER = 2**53 - 1  # RFC 8259 section 6: integers beyond this are not interoperable
+# whitespace between JSON tokens: a newline and indentation, or a few spaces, but not an endless run (a small model
+# under a greedy sampler can otherwise fill max_tokens with blanks); llama.cpp's JSON grammars bound it the same way
+JSON_WHITESPACE = r"[ \t]{0,4}|\n[ \t]{0,32}"
 
 
 class GrammarError(LowbitError):
@@ -47,13 +51,30 @@ def json_schema_grammar(schema: object, *, what: str = "schema") -> str:
         schema = {} if schema else {"not": {}}
     if not isinstance(schema, dict):
         raise GrammarError(f"{what} must be a JSON object, got {type(schema).__name__}")
-    text = json.dumps(schema)
+    text = json.dumps(_bounded(schema))
     if len(text) > MAX_GRAMMAR_CHARS:
         raise GrammarError(f"{what} is larger than {MAX_GRAMMAR_CHARS} characters")
     try:
-        return _llguidance().LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": True})
+        return _llguidance().LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_pattern": JSON_WHITESPACE})
     except ValueError as e:
         raise GrammarError(f"{what}: {e}") from None
+
+
+def _bounded(schema: object) -> object:
+    """A copy of ``schema`` in which every integer without bounds is held to +-(2**53 - 1): a small model repeating
+    a digit under a greedy sampler would otherwise write one number until max_tokens and never close the JSON."""
+    if isinstance(schema, list):
+        return [_bounded(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in ("enum", "const", "default", "examples") else _bounded(v) for k, v in schema.items()}
+    kinds = out.get("type")
+    if kinds == "integer" or (isinstance(kinds, list) and kinds == ["integer"]):
+        if "minimum" not in out and "exclusiveMinimum" not in out:
+            out["minimum"] = -SAFE_INTEGER
+        if "maximum" not in out and "exclusiveMaximum" not in out:
+            out["maximum"] = SAFE_INTEGER
+    return out
 
 
 def json_object_grammar() -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from lowbit.runtime.constraint import GrammarError, json_schema_grammar
 from lowbit.runtime.server import protocol as P
 from lowbit.runtime.server.generation import JobStream, Run, log_summary, sse
 from lowbit.runtime.server.requests import authorize, chat_prompt, check_model, json_body
@@ -131,8 +132,30 @@ def parse_messages_request(body: Any, defaults: dict) -> tuple[P.GenerationOptio
         params=P.sampling_params(body, defaults),
         stop=P.stop_strings(stop_body),
         stream=P.boolean(body, "stream"),
+        grammar=_output_format(body.get("output_config")),
     )
+    if options.grammar is not None and tools and choice != "none":
+        raise P.bad_request("'output_config.format' cannot be combined with tools unless 'tool_choice' is none",
+                            "output_config.format")  # fmt: skip
     return options, chat, (ToolSpec(tools, choice, parallel) if tools else None)
+
+
+def _output_format(config: Any) -> str | None:
+    """Anthropic's structured outputs: ``output_config: {"format": {"type": "json_schema", "schema": {...}}}``."""
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise P.bad_request("'output_config' must be an object", "output_config", "invalid_type")
+    fmt = config.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or "schema" not in fmt:
+        raise P.bad_request("'output_config.format' must be {'type': 'json_schema', 'schema': {...}}",
+                            "output_config.format", "invalid_value")  # fmt: skip
+    try:
+        return json_schema_grammar(fmt["schema"], what="the JSON schema")
+    except GrammarError as e:
+        raise P.bad_request(str(e), "output_config.format.schema", "invalid_schema") from None
 
 
 # ------------------------------------------------------------------------------------------------ answers
@@ -142,7 +165,12 @@ def _usage(o: Outcome) -> dict:
 
 
 def _tool_block(call) -> dict:
-    return {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
+    return {
+        "type": "tool_use",
+        "id": "toolu_" + call.id.removeprefix("call_"),
+        "name": call.name,
+        "input": call.arguments,
+    }
 
 
 def _message_shell(mid: str, model: str) -> dict:
@@ -224,7 +252,7 @@ def install_messages_route(app: FastAPI) -> None:
         engine = request.app.state.engine
         options, chat, tools = parse_messages_request(await json_body(request), engine.generation_defaults)
         check_model(request, options.model)
-        ids, fmt, constraint = await chat_prompt(request, chat, tools, None)
+        ids, fmt, constraint = await chat_prompt(request, chat, tools, options.grammar)
         if not ids:
             raise P.bad_request("the messages are empty after tokenization", "messages")
         run = Run(request, ids, options, what="messages", tools=tools, tool_format=fmt, constraint=constraint)
