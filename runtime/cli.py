@@ -57,6 +57,14 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def _add_constraint_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="replies are JSON valid under this JSON schema file (default: free text)")
+    g.add_argument("--grammar", default=None, metavar="FILE",
+                   help="replies follow this grammar: Lark in llguidance's dialect, or llama.cpp GBNF (default: none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lowbit", description="Quantize and run LLMs locally.")
     ap.add_argument("-v", "--verbose", action="store_true", help="show diagnostic logging")
@@ -114,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (chat template mode)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     _add_sampling_args(p)
+    _add_constraint_args(p)
 
     p = sub.add_parser("run", parents=[verbose], help="interactive chat with a model (REPL)")
     _add_runtime_args(p)
@@ -124,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--history-file", default=None, help="input history file (default ~/.lowbit_history)")
     _add_sampling_args(p)
+    _add_constraint_args(p)
 
     p = sub.add_parser("serve", parents=[verbose], help="OpenAI-compatible HTTP server")
     _add_runtime_args(p)

@@ -103,9 +103,11 @@ def cmd_convert(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from lowbit.runtime.constraint import grammar_from_files
     from lowbit.runtime.engine import Engine
     from lowbit.runtime.sampling import SamplingParams
 
+    grammar = grammar_from_files(args.json_schema, args.grammar)  # before the model loads: bad files fail fast
     engine = Engine(_model_path(args.model), ctx=args.ctx, threads=args.threads, device=args.device,
                     act_quant=args.act_quant,
                     exact_activations=args.exact_activations, mmap=args.mmap)
@@ -120,7 +122,9 @@ def cmd_generate(args) -> int:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         ids = tok.encode_chat([*messages, {"role": "user", "content": args.prompt}], add_generation_prompt=True)
     out = sys.stdout
-    for ev in engine.generate(ids, params, max_tokens=args.max_tokens, stop=args.stop, continuation=plain):
+    constraint = engine.grammars.compile(grammar) if grammar is not None else None
+    for ev in engine.generate(ids, params, max_tokens=args.max_tokens, stop=args.stop, continuation=plain,
+                              constraint=constraint):  # fmt: skip
         out.write(ev.text)
         out.flush()
     out.write("\n")

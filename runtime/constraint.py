@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 
@@ -91,10 +92,12 @@ def lark_grammar(text: str) -> str:
         raise GrammarError(f"the grammar is larger than {MAX_GRAMMAR_CHARS} characters")
     llg = _llguidance()
     if "::=" in text:  # GBNF
+        from llguidance.gbnf_to_lark import gbnf_to_lark
+
         try:
-            text = llg.gbnf_to_lark(text)
+            text = gbnf_to_lark(text)
         except Exception as e:  # the converter raises plain exceptions for bad input
-            raise GrammarError(f"cannot read the GBNF grammar: {e}") from None
+            raise GrammarError(f"cannot read the GBNF grammar: {_first_line(str(e))}") from None
     return llg.LLMatcher.grammar_from_lark(text)
 
 
@@ -102,6 +105,27 @@ def regex_grammar(pattern: str) -> str:
     if not isinstance(pattern, str) or not pattern:
         raise GrammarError("the regular expression is empty")
     return _llguidance().LLMatcher.grammar_from_regex(pattern)
+
+
+def grammar_from_files(json_schema: str | None = None, grammar: str | None = None) -> str | None:
+    """The grammar of ``--json-schema FILE`` or ``--grammar FILE`` (Lark in llguidance's dialect, or GBNF)."""
+    path = json_schema or grammar
+    if path is None:
+        return None
+    flag = "--json-schema" if json_schema else "--grammar"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GrammarError(f"{flag} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise GrammarError(f"{flag} {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if grammar:
+        return lark_grammar(text)
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise GrammarError(f"{flag} {path}: not valid JSON ({e})") from None
+    return json_schema_grammar(schema, what=f"{flag} {path}")
 
 
 # ------------------------------------------------------------------------------------------------ masks

@@ -38,6 +38,7 @@ _DIM, _WARN, _BOLD, _RESET = "\x1b[2m", "\x1b[33m", "\x1b[1m", "\x1b[0m"
 class ChatSettings:
     params: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int = DEFAULT_MAX_TOKENS
+    grammar: str | None = None  # every reply follows this grammar (--json-schema / --grammar)
 
 
 @dataclass
@@ -113,9 +114,11 @@ class Chat:
         self.messages.append({"role": "user", "content": text})
         parts: list[str] = []
         interrupted = False
+        grammar = self.settings.grammar
         gen = self.engine.generate(
-            ids, replace(self.settings.params), max_tokens=self.settings.max_tokens, continuation=not self.chat_mode
-        )
+            ids, replace(self.settings.params), max_tokens=self.settings.max_tokens, continuation=not self.chat_mode,
+            constraint=self.engine.grammars.compile(grammar) if grammar is not None else None,
+        )  # fmt: skip
         try:
             for ev in gen:
                 parts.append(ev.text)
@@ -334,7 +337,10 @@ def settings_from_args(args, ctx: int) -> ChatSettings:
         raise LowbitError(f"--max-tokens must be at least 1, got {max_tokens}")
     if max_tokens >= ctx:
         raise LowbitError(f"--max-tokens {max_tokens} leaves no room for a prompt in the context of {ctx} tokens")
-    return ChatSettings(params, max_tokens)
+    from lowbit.runtime.constraint import grammar_from_files
+
+    grammar = grammar_from_files(getattr(args, "json_schema", None), getattr(args, "grammar", None))
+    return ChatSettings(params, max_tokens, grammar)
 
 
 def answer_once(engine, settings: ChatSettings, system: str | None, prompt: str, out: TextIO) -> int:
@@ -382,6 +388,8 @@ def run_command(args) -> int:
                     device=getattr(args, "device", "cpu"), act_quant=getattr(args, "act_quant", "none"),
                     exact_activations=getattr(args, "exact_activations", None), mmap=getattr(args, "mmap", False))
     settings = settings_from_args(args, engine.ctx)
+    if settings.grammar is not None:
+        engine.grammars.check(settings.grammar)  # a bad grammar fails now, not at the first reply
     if prompt is not None:
         return answer_once(engine, settings, args.system, prompt, sys.stdout)
     return Repl(engine, settings, args.system, history_file=args.history_file).run()

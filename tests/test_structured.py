@@ -9,7 +9,7 @@ import anthropic
 import jsonschema
 import openai
 import pytest
-from lbtest import KEY, LiveServer
+from lbtest import KEY, LiveServer, assert_clean_error, run_cli
 
 from lowbit.runtime.engine import Engine, default_model_path
 from lowbit.runtime.server import create_app
@@ -276,3 +276,22 @@ def test_bad_schemas_and_tools_are_400(live, extra, needle):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert needle in err["message"] and "Traceback" not in err["message"]
+
+
+def test_cli_json_schema_and_grammar(tmp_path):
+    schema = SCHEMAS[1][1]
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    (tmp_path / "yes.gbnf").write_text('root ::= ("yes" | "no") "!"\n')
+    (tmp_path / "yes.lark").write_text('start: ("yes" | "no") "."\n')
+    res = run_cli("generate", "-p", "Describe Paris as JSON.", "--json-schema", tmp_path / "s.json", "-n", "100")
+    assert res.returncode == 0, res.stderr
+    jsonschema.validate(json.loads(res.stdout), schema)
+    res = run_cli("generate", "-p", "Is water wet?", "--grammar", tmp_path / "yes.gbnf")
+    assert res.returncode == 0 and res.stdout.strip() in ("yes!", "no!"), res.stdout
+    res = run_cli("run", "-p", "Is water wet?", "--grammar", tmp_path / "yes.lark")
+    assert res.returncode == 0 and res.stdout.strip() in ("yes.", "no."), res.stdout
+    (tmp_path / "bad.json").write_text('{"type": "strin"}')
+    (tmp_path / "bad.lark").write_text("start: (\n")
+    assert_clean_error(run_cli("generate", "-p", "hi", "--json-schema", tmp_path / "bad.json"), "strin")
+    assert_clean_error(run_cli("run", "-p", "hi", "--grammar", tmp_path / "bad.lark"), "Expected")
+    assert_clean_error(run_cli("generate", "-p", "hi", "--json-schema", tmp_path / "none.json"), "no such file")
