@@ -208,22 +208,21 @@ class Constraint:
 
     def allowed(self) -> np.ndarray:
         """A boolean mask over the vocabulary of the tokens the grammar allows next."""
-        t0 = time.perf_counter()
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         if self.matcher.is_error():
             raise GrammarError(f"grammar: {_first_line(self.matcher.get_error())}")
-        allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab_size].astype(bool)
-        self.mask_seconds += time.perf_counter() - t0
-        self.steps += 1
-        return allowed
+        return np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab_size].view(bool)
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
         """``logits`` with every token the grammar forbids at -inf (a new float32 array)."""
+        t0 = time.perf_counter()
         allowed = self.allowed()
         if not allowed.any():
             raise GrammarError("grammar: no token can continue the output")
         out = np.array(logits, dtype=np.float32, copy=True)
         out[~allowed[: out.shape[0]]] = -np.inf
+        self.mask_seconds += time.perf_counter() - t0  # everything the grammar adds to a step
+        self.steps += 1
         return out
 
     def advance(self, token: int) -> None:
