@@ -140,11 +140,16 @@ class _Wrapper:
         self.bos_token_id = tokenizer.bos_id
         self.is_tokenizer_wrapper = True
         self._tok = tokenizer
+        self._prefix = tokenizer.encode("\n", add_special_tokens=False)
 
     def __call__(self, text: str | bytes) -> list[int]:
+        """Tokens of ``text`` as they would follow other text: without the space SentencePiece puts before a text's
+        start (encoded after a newline, whose tokens are then dropped)."""
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
-        return self._tok.encode(text, add_special_tokens=False)
+        ids = self._tok.encode("\n" + text, add_special_tokens=False)
+        n = len(self._prefix)
+        return ids[n:] if ids[:n] == self._prefix else self._tok.encode(text, add_special_tokens=False)
 
 
 class GrammarCompiler:

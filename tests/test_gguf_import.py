@@ -274,3 +274,24 @@ def test_source_errors_name_the_problem(tmp_path):
 
         GGUFSource(tmp_path / "hf" / "config.json")
     assert gg.exists()
+
+
+def test_sentencepiece_model_from_gguf_takes_a_grammar(tmp_path):
+    """The grammar engine reads a SentencePiece tokenizer through its token table (runtime/constraint.py)."""
+    from lowbit.runtime.constraint import json_schema_grammar
+
+    _build(tmp_path / "hf", "llama")
+    gg = write_gguf(tmp_path / "hf", tmp_path / "m.gguf")
+    eng = Engine(convert(str(gg), tmp_path / "m.lowbit", ConvertOptions(), progress=False), ctx=128)
+    assert eng.tokenizer.serialized() is None and len(eng.tokenizer.token_bytes()) == 4096
+    schema = {"type": "object", "properties": {"k": {"type": "string", "enum": ["a b", "ü"]},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["k", "n"], "additionalProperties": False}  # fmt: skip
+    for seed in range(3):
+        from lowbit.runtime.sampling import SamplingParams
+
+        c = eng.grammars.compile(json_schema_grammar(schema))
+        text = "".join(ev.text for ev in eng.generate(eng.tokenizer.encode("x"), SamplingParams(1.0, seed=seed),
+                                                       max_tokens=60, constraint=c))  # fmt: skip
+        value = json.loads(text)
+        assert value["k"] in ("a b", "ü") and 0 <= value["n"] <= 9
