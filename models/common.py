@@ -128,3 +128,15 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+
+class Segments:
+    """Several sequences in one forward pass (continuous batching): rows ``[a, b)`` of the batch are one sequence's
+    tokens at positions ``start..`` of its own cache. Passed where a forward pass takes its cache."""
+
+    def __init__(self, caches: list, starts: list[int], lengths: list[int]):
+        if not (len(caches) == len(starts) == len(lengths)) or any(n < 1 for n in lengths):
+            raise ValueError("segments need one cache, start and positive length each")
+        ends = np.cumsum(lengths)
+        self.parts = [(c, int(s), int(e - n), int(e)) for c, s, n, e in zip(caches, starts, lengths, ends)]
+        self.last_rows = ends - 1  # the row whose logits continue each sequence

@@ -20,6 +20,7 @@ from lowbit.kernels import blas, dispatch
 from lowbit.kernels.heap import release_free_heap
 from lowbit.models.common import (
     KVCache,
+    Segments,
     check_rope,
     partial_rotary_factor,
     rope_attention_factor,
@@ -296,6 +297,10 @@ class Model:
     def rope_and_cache(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, li: int, start: int, cache: KVCache) -> None:
         """apply_rope to q and k, then cache_write: one kernel call, unless apply_rope or cache_write is replaced
         (a device)."""
+        if isinstance(cache, Segments):
+            for c, s, a, b in cache.parts:
+                self.rope_and_cache(q[a:b], k[a:b], v[a:b], li, s, c)
+            return
         if type(self).apply_rope is not Model.apply_rope or type(self).cache_write is not Model.cache_write:
             self.apply_rope(q, li, start)
             self.apply_rope(k, li, start)
@@ -317,6 +322,8 @@ class Model:
         dispatch.kv_write(cache.k[li], cache.v[li], k, v, start)
 
     def attend(self, q: np.ndarray, li: int, start: int, cache: KVCache) -> np.ndarray:
+        if isinstance(cache, Segments):
+            return np.concatenate([self.attend(q[a:b], li, s, c) for c, s, a, b in cache.parts])
         w = self.args.window(li)
         return dispatch.attention(q, cache.k[li], cache.v[li], start, self.scale, w, self.attn_softcap)
 
@@ -376,7 +383,9 @@ class Model:
         return self.softcap(logits, self.final_softcap) if self.final_softcap > 0 else logits
 
     def forward(self, tokens: np.ndarray, start: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Logits [T, vocab] (all_logits) or [1, vocab] for the last position, for tokens at start..start+T-1."""
+        """Logits [T, vocab] (all_logits) or [1, vocab] for the last position, for tokens at start..start+T-1.
+        With ``cache`` a :class:`Segments` (and ``start`` None), tokens are several sequences' rows and the logits
+        are those of each sequence's last row, [S, vocab]."""
         with blas.one_thread() if self.one_thread_blas else contextlib.nullcontext():
             x = self.embed_tokens(tokens)
             if type(self).block is Model.block and type(self).add is Model.add and type(self).rmsnorm is Model.rmsnorm:
@@ -384,7 +393,10 @@ class Model:
             else:
                 for li, layer in enumerate(self.layers):
                     x = self.block(x, layer, li, start, cache)
-            logits = self.head(x if all_logits else x[-1:])
+            if isinstance(cache, Segments):
+                logits = self.head(x[cache.last_rows])
+            else:
+                logits = self.head(x if all_logits else x[-1:])
         if len(tokens) > dispatch.SMALL_BATCH:  # a prompt's activations are freed: keep them from staying resident
             del x
             release_free_heap()

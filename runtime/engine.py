@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -21,7 +21,8 @@ from lowbit.kernels import act_quant as act_quant_mode
 from lowbit.models import family_for
 from lowbit.runtime.constraint import Constraint, GrammarCompiler
 from lowbit.runtime.device import resolve_device
-from lowbit.runtime.sampling import Sampler, SamplingParams, StopMatcher
+from lowbit.runtime.sampling import SamplingParams
+from lowbit.runtime.sequence import Event, SequenceState
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +99,6 @@ class Stats:
         # the first generated token comes from the prefill logits
         n = max(self.generated_tokens - 1, 0)
         return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-
-@dataclass
-class Event:
-    token: int
-    text: str
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
 
 class Engine:
@@ -248,48 +241,20 @@ class Engine:
         prompt = list(prompt)
         self.check_fits(len(prompt), max_tokens)
         self.stats = Stats(prompt_tokens=len(prompt))
-        sampler = Sampler(params, self.args.vocab_size)
-        stopper = StopMatcher(list(stop))
-        detok = self.tokenizer.stream_decoder(context=prompt[-1:] if continuation else ())
+        seq = SequenceState(self.tokenizer, self.eos_ids, self.args.vocab_size, prompt, params, max_tokens, stop,
+                       logprobs, continuation, constraint)  # fmt: skip
         logits = self.prefill(prompt)
-        generated: list[int] = []
         t0 = time.perf_counter()
         try:
             while True:
-                raw = logits
-                if constraint is not None:
-                    logits = constraint.apply(logits)
-                tok = sampler.sample(logits, prompt, generated)
-                if constraint is not None:
-                    constraint.advance(tok)
-                lp, top = (None, [])
-                if logprobs is not None:
-                    lp, top = sampler.logprobs(raw, tok, logprobs)
-                generated.append(tok)
-                self.stats.generated_tokens = len(generated)
-                if tok in self.eos_ids:
-                    self.stats.finish_reason = "stop"
-                    tail = stopper.flush() + detok.flush()
-                    if tail:
-                        yield Event(-1, tail)
+                events = seq.step(logits)
+                self.stats.generated_tokens = len(seq.generated)
+                if seq.done:
+                    self.stats.finish_reason = seq.finish_reason
+                    self.stats.stop_sequence = seq.stop_sequence
+                yield from events
+                if seq.done:
                     return
-                text, stopped = stopper.feed(detok.add(tok))
-                yield Event(tok, text, lp, top)
-                if stopped or (constraint is not None and constraint.done):
-                    self.stats.finish_reason = "stop"
-                    self.stats.stop_sequence = stopper.matched if stopped else None
-                    if not stopped:
-                        tail = stopper.flush() + detok.flush()
-                        if tail:
-                            yield Event(-1, tail)
-                    return
-                if len(generated) >= max_tokens:
-                    self.stats.finish_reason = "length"
-                    tail_text, stopped = stopper.feed(detok.flush())
-                    tail = tail_text + ("" if stopped else stopper.flush())
-                    if tail:
-                        yield Event(-1, tail)
-                    return
-                logits = self.step(tok)
+                logits = self.step(seq.generated[-1])
         finally:
             self.stats.decode_seconds = time.perf_counter() - t0
