@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None, help="require this bearer token")
+    p.add_argument("--parallel", type=int, default=4,
+                   help="most requests generated at once, batched in one forward pass per step (default 4)")
+    p.add_argument("--cache-ram", type=int, default=2048, metavar="MIB",
+                   help="MiB of keys/values idle conversations keep for prompt reuse (default 2048)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a slot; beyond, 503 at once (default 64)")
     p.add_argument("--cors", action="append", default=None, metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000) call the server (repeatable; "
                    "default: none)")

@@ -11,7 +11,9 @@ import logging
 import socket
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.scheduler import DEFAULT_CACHE_RAM, DEFAULT_PARALLEL
 from lowbit.runtime.server.app import DEFAULT_MAX_BODY, create_app
+from lowbit.runtime.server.worker import DEFAULT_MAX_QUEUE
 
 __all__ = ["DEFAULT_MAX_BODY", "bind_socket", "create_app", "make_server", "serve", "serve_command"]
 
@@ -74,13 +76,20 @@ def serve_command(args) -> int:
 
     if log.getEffectiveLevel() > logging.INFO:  # the request lines and the address show without -v
         log.setLevel(logging.INFO)
+    parallel = getattr(args, "parallel", DEFAULT_PARALLEL)
+    cache_ram = getattr(args, "cache_ram", DEFAULT_CACHE_RAM >> 20)
+    max_queue = getattr(args, "max_queue", DEFAULT_MAX_QUEUE)
+    for flag, value, lo in (("--parallel", parallel, 1), ("--cache-ram", cache_ram, 0), ("--max-queue", max_queue, 0)):
+        if value < lo:
+            raise LowbitError(f"{flag} must be at least {lo}, got {value}")
     sock = bind_socket(args.host, args.port)  # first, so a busy port fails before the model loads
     try:
         engine = Engine(resolve_model(args.model), ctx=args.ctx, threads=args.threads,
                         device=getattr(args, "device", "cpu"), act_quant=getattr(args, "act_quant", "none"),
                         exact_activations=getattr(args, "exact_activations", None), mmap=getattr(args, "mmap", False))
         app = create_app(engine, model_name=args.model_name, api_key=args.api_key, loopback=_is_loopback(args.host),
-                         cors=tuple(getattr(args, "cors", None) or ()))
+                         cors=tuple(getattr(args, "cors", None) or ()), parallel=parallel, cache_ram=cache_ram << 20,
+                         max_queue=max_queue)  # fmt: skip
     except BaseException:
         sock.close()
         raise
@@ -89,11 +98,12 @@ def serve_command(args) -> int:
     if not _is_loopback(args.host) and not args.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", host)
     log.info(
-        "serving %s (%s, context %d, %d threads) at http://%s:%d/v1%s",
+        "serving %s (%s, context %d, %d threads, %d parallel) at http://%s:%d/v1%s",
         app.state.config.model_name,
         engine.path,
         engine.ctx,
         engine.threads,
+        app.state.worker.scheduler.parallel,
         shown,
         port,
         " (API key required)" if args.api_key else "",

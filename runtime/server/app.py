@@ -13,19 +13,22 @@ from functools import lru_cache
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lowbit.formats.tokenizer import Tokenizer
 from lowbit.runtime.engine import Engine
+from lowbit.runtime.scheduler import DEFAULT_CACHE_RAM, DEFAULT_PARALLEL
 from lowbit.runtime.server import protocol as P
 from lowbit.runtime.server.anthropic import error_body as anthropic_error
 from lowbit.runtime.server.anthropic import install_messages_route, is_messages_path
 from lowbit.runtime.server.generation import JobStream, Run, log_summary, sse, usage
+from lowbit.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from lowbit.runtime.server.metrics import Metrics
 from lowbit.runtime.server.middleware import BodyLimitMiddleware, LocalOnlyMiddleware, RequestLogMiddleware
 from lowbit.runtime.server.requests import authorize, chat_prompt, check_model, compile_constraint, json_body
-from lowbit.runtime.server.worker import Outcome, Worker
+from lowbit.runtime.server.worker import DEFAULT_MAX_QUEUE, Outcome, Worker
 
 log = logging.getLogger("lowbit.runtime.server")
 
@@ -158,6 +161,9 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY,
     loopback: bool = False,
     cors: tuple[str, ...] = (),
+    parallel: int = DEFAULT_PARALLEL,
+    cache_ram: int = DEFAULT_CACHE_RAM,
+    max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> FastAPI:
     """The OpenAI-compatible app for ``engine``. Its generation worker runs while the app's lifespan does."""
     try:
@@ -165,7 +171,7 @@ def create_app(
     except OSError:
         created = P.now()
     config = ServerConfig(model_name or engine.path.stem, api_key or None, max_body_bytes, created)
-    worker = Worker(engine)
+    worker = Worker(engine, parallel, cache_ram, max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -178,6 +184,7 @@ def create_app(
     app = FastAPI(title="lowbit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.worker = worker
+    app.state.metrics = Metrics(worker)
     app.state.config = config
     app.state.token_texts = TokenTexts(engine.tokenizer)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
@@ -198,6 +205,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, e: P.APIError):
         request.state.lowbit_log = f"error: {e.message}"
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        if e.status == 503 and e.code == "overloaded":
+            headers = {"Retry-After": "1"}
         if is_messages_path(request.url.path):
             return JSONResponse(anthropic_error(e.status, e.message), status_code=e.status, headers=headers)
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
@@ -246,9 +255,16 @@ def _install_routes(app: FastAPI) -> None:
             "model": request.app.state.config.model_name,
             "context_length": engine.ctx,
             "busy": worker.busy,
+            "running": worker.running,
+            "parallel": worker.scheduler.parallel,
             "queued": worker.queued,
             "worker": worker.stats.as_dict(),
         }
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        authorize(request)
+        return Response(request.app.state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     def model_card(request: Request) -> dict:
         cfg: ServerConfig = request.app.state.config

@@ -21,7 +21,7 @@ from lowbit.runtime.engine import Engine
 from lowbit.runtime.sampling import StopMatcher
 from lowbit.runtime.server import protocol as P
 from lowbit.runtime.server.tools import ToolSpec, parse_calls, trigger
-from lowbit.runtime.server.worker import Outcome, ShuttingDown, submit_async
+from lowbit.runtime.server.worker import Outcome, Overloaded, ShuttingDown, submit_async
 
 
 def room(engine: Engine, max_tokens: int | None, n_prompt: int, what: str) -> int:
@@ -50,6 +50,8 @@ def worker_error(e: BaseException) -> P.APIError:
         return e
     if isinstance(e, ShuttingDown):
         return P.APIError(503, str(e), type="server_error", code="unavailable")
+    if isinstance(e, Overloaded):
+        return P.APIError(503, str(e), type="server_error", code="overloaded")
     if isinstance(e, ContextOverflowError):
         return P.APIError(400, str(e), code="context_length_exceeded")
     if isinstance(e, LowbitError):
@@ -159,7 +161,7 @@ class Run:
         try:
             self.job, self.reports = submit_async(app.state.worker, ids, options.params, self.max_tokens,
                                                   options.stop, options.logprobs, constraint)  # fmt: skip
-        except ShuttingDown as e:
+        except (ShuttingDown, Overloaded) as e:
             raise worker_error(e) from None
 
     def _text(self, event) -> str:

@@ -1,9 +1,10 @@
-"""The one generation worker: a thread that owns the Engine and runs queued jobs one at a time.
+"""The generation worker: a thread that owns the Engine and serves queued jobs, several at once (continuous
+batching, runtime/scheduler.py).
 
 The HTTP layer never touches the engine while the worker runs. It submits a :class:`Job` and reads what the worker
 reports through the job's ``emit`` callback (from the worker thread), typically forwarded into an asyncio queue with
-:func:`submit_async`. A job can be cancelled at any time (client gone): the worker checks between tokens, so a
-cancelled generation stops within one token of the request.
+:func:`submit_async`. A job can be cancelled at any time (client gone): the worker checks between steps, so a
+cancelled generation stops, and frees its slot, within one token of the request. A full queue refuses at once.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from lowbit.errors import LowbitError
 from lowbit.runtime.constraint import Constraint
 from lowbit.runtime.engine import Engine, set_threads
 from lowbit.runtime.sampling import SamplingParams
+from lowbit.runtime.scheduler import DEFAULT_CACHE_RAM, DEFAULT_PARALLEL, Active, Finished, Scheduler
+from lowbit.runtime.sequence import SequenceState
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_QUEUE = 64  # requests waiting beyond the running ones; more are refused with 503
 Emit = Callable[[str, Any], None]  # ("token", Event) | ("done", Outcome) | ("error", Exception)
 
 
@@ -42,6 +46,7 @@ class Outcome:
     finish_reason: str = ""  # stop | length | cancelled
     stop_sequence: str | None = None  # the stop string that ended the text, if one did
     mask_seconds: float = 0.0  # time spent on grammar masks
+    first_token_seconds: float | None = None  # from submission to the first generated token
     queue_seconds: float = 0.0
     run_seconds: float = 0.0
 
@@ -106,16 +111,27 @@ class Job:
             self.cancel()
 
 
-class Worker:
-    """Runs jobs from a queue in a single thread that owns ``engine`` (and its KV cache, for prefix reuse)."""
+class Overloaded(LowbitError):
+    """The queue is full; the request was not taken."""
 
-    def __init__(self, engine: Engine):
+
+class Worker:
+    """Runs jobs in a single thread that owns ``engine``: up to ``parallel`` at once, batched by the scheduler
+    (runtime/scheduler.py), the rest waiting in a queue of at most ``max_queue``."""
+
+    def __init__(self, engine: Engine, parallel: int = DEFAULT_PARALLEL, cache_ram: int = DEFAULT_CACHE_RAM,
+                 max_queue: int = DEFAULT_MAX_QUEUE):  # fmt: skip
+        if engine.device != "cpu" and parallel > 1:
+            log.warning("--parallel %d: batched decoding runs on the CPU; serving one request at a time", parallel)
+            parallel = 1
         self.engine = engine
         self.stats = WorkerStats()
+        self.scheduler = Scheduler(engine, parallel, cache_ram, on_event=self._on_event)
+        self.max_queue = max_queue
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._current: Job | None = None
         self._closed = False
+        self.on_finish: Callable[[Job, Outcome], None] | None = None  # metrics
 
     # ------------------------------------------------------------------ control (any thread)
     def start(self) -> None:
@@ -126,11 +142,10 @@ class Worker:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel the running job, refuse queued ones, and wait for the thread to end."""
+        """Cancel the running jobs, refuse queued ones, and wait for the thread to end."""
         self._closed = True
-        current = self._current
-        if current is not None:
-            current.cancel()
+        for a in list(self.scheduler.active):
+            a.job.cancel()
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -141,11 +156,17 @@ class Worker:
     def submit(self, job: Job) -> None:
         if self._closed or self._thread is None:
             raise ShuttingDown("the server is shutting down")
+        if self._queue.qsize() >= self.max_queue:
+            raise Overloaded(f"the server is busy: {self.max_queue} requests are already waiting; retry later")
         self._queue.put(job)
 
     @property
     def busy(self) -> bool:
-        return self._current is not None
+        return bool(self.scheduler.active)
+
+    @property
+    def running(self) -> int:
+        return len(self.scheduler.active)
 
     @property
     def queued(self) -> int:
@@ -154,24 +175,25 @@ class Worker:
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
         set_threads(self.engine.threads)  # numba's thread count is per calling thread
-        while True:
-            job = self._queue.get()
-            if job is None:
-                break
-            if self._closed:
-                job.emit("error", ShuttingDown("the server is shutting down"))
-                continue
-            self._current = job
+        sched = self.scheduler
+        while not self._closed:
             try:
-                self._run_job(job)
-            except Exception as e:  # never let one request kill the worker
-                log.exception("generation failed")
-                self.stats.failed += 1
-                self.engine.reset()  # the cache may hold keys/values of a half-computed forward
-                job.emit("error", e)
-            finally:
-                self._current = None
-        while True:  # refuse what is left
+                while sched.has_room:
+                    job = self._queue.get(block=not sched.active)
+                    if job is None:
+                        break
+                    self._admit(job)
+            except queue.Empty:
+                pass
+            if self._closed:
+                break
+            for f in sched.step():
+                self._finish(f)
+        for a in list(sched.active):  # stopping: what runs ends as cancelled, what waits is refused
+            a.job.cancel()
+        for f in sched.step():
+            self._finish(f)
+        while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
@@ -179,56 +201,60 @@ class Worker:
             if job is not None:
                 job.emit("error", ShuttingDown("the server is shutting down"))
 
-    def _run_job(self, job: Job) -> None:
-        started = time.perf_counter()
-        waited = started - job.submitted
+    def _admit(self, job: Job) -> None:
+        waited = time.perf_counter() - job.submitted
         if job.cancelled:
             self._count_cancel(job)
-            job.emit("done", Outcome(finish_reason="cancelled", queue_seconds=waited))
+            job.emit("done", Outcome(prompt_tokens=len(job.prompt), finish_reason="cancelled", queue_seconds=waited))
             return
         engine = self.engine
-        gen = engine.generate(job.prompt, job.params, job.max_tokens, job.stop, logprobs=job.logprobs,
-                              constraint=job.constraint)  # fmt: skip
-        cancelled = False
         try:
-            for event in gen:
-                if event.token >= 0:
-                    job.produced += 1
-                job.emit("token", event)
-                if job.cancelled:  # checked before the next token is computed
-                    cancelled = True
-                    break
+            engine.check_fits(len(job.prompt), job.max_tokens)
+            seq = SequenceState(engine.tokenizer, engine.eos_ids, engine.args.vocab_size, job.prompt, job.params,
+                                job.max_tokens, job.stop, job.logprobs, False, job.constraint)  # fmt: skip
         except LowbitError as e:
             self.stats.failed += 1
-            engine.reset()
             job.emit("error", e)
             return
-        finally:
-            gen.close()
-        st = engine.stats
-        s = self.stats
-        s.prompt_tokens += st.prompt_tokens
-        s.prefilled_tokens += st.prefilled_tokens
-        s.cached_tokens += st.reused_tokens
-        s.generated_tokens += st.generated_tokens
-        if cancelled:
+        self.scheduler.admit(job, seq)
+
+    def _on_event(self, active: Active, event) -> None:
+        job = active.job
+        if event.token >= 0:
+            job.produced += 1
+        job.emit("token", event)
+
+    def _finish(self, f: Finished) -> None:
+        a, job = f.active, f.active.job
+        if f.reason == "error":
+            self.stats.failed += 1
+            job.emit("error", f.error)
+            return
+        seq, s = a.seq, self.stats
+        now = time.perf_counter()
+        outcome = Outcome(
+            prompt_tokens=len(seq.prompt),
+            cached_tokens=a.cached,
+            prefilled_tokens=a.prefilled,
+            completion_tokens=len(seq.generated),
+            finish_reason=f.reason,
+            stop_sequence=seq.stop_sequence if f.reason == "stop" else None,
+            mask_seconds=job.constraint.mask_seconds if job.constraint is not None else 0.0,
+            queue_seconds=a.started - job.submitted,
+            run_seconds=now - a.started,
+            first_token_seconds=(a.first_token - job.submitted) if a.first_token is not None else None,
+        )
+        s.prompt_tokens += outcome.prompt_tokens
+        s.prefilled_tokens += outcome.prefilled_tokens
+        s.cached_tokens += outcome.cached_tokens
+        s.generated_tokens += outcome.completion_tokens
+        if f.reason == "cancelled":
             self._count_cancel(job)
         else:
             s.completed += 1
-        job.emit(
-            "done",
-            Outcome(
-                prompt_tokens=st.prompt_tokens,
-                cached_tokens=st.reused_tokens,
-                prefilled_tokens=st.prefilled_tokens,
-                completion_tokens=st.generated_tokens,
-                finish_reason="cancelled" if cancelled else st.finish_reason,
-                stop_sequence=None if cancelled else st.stop_sequence,
-                mask_seconds=job.constraint.mask_seconds if job.constraint is not None else 0.0,
-                queue_seconds=waited,
-                run_seconds=time.perf_counter() - started,
-            ),
-        )
+        if self.on_finish is not None:
+            self.on_finish(job, outcome)
+        job.emit("done", outcome)
 
     def _count_cancel(self, job: Job) -> None:
         self.stats.cancelled += 1

@@ -1,0 +1,230 @@
+"""Continuous batching: several generations advance together, one batched forward pass per decode step.
+
+The scheduler owns a pool of KV-cache *slots*. A request joins between steps when fewer than ``parallel`` run; it
+takes the idle slot whose cached tokens share the longest prefix with its prompt (any earlier conversation, not only
+the last one), so only the rest of its prompt is computed. Each :meth:`Scheduler.step`:
+
+1. prefills one chunk (at most ``prefill_chunk`` tokens) of the oldest request still reading its prompt, alone in
+   its forward pass and chunked as ``Engine.prefill`` chunks, so a long prompt never stalls the others for more
+   than one chunk;
+2. advances every decoding sequence by one token, in forward passes of at most ``dispatch.SMALL_BATCH`` rows: the
+   quantized kernels read each weight once for all rows of a pass and compute every row exactly as a lone decode
+   step would, so a reply under load is the reply the request gets alone.
+
+Idle slots keep their tokens for reuse until their keys/values exceed ``cache_ram`` bytes; then the least recently
+used are freed. Requests carry their own sampling settings, stop strings, logprobs and grammar (runtime/sequence.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lowbit.kernels import dispatch
+from lowbit.models.common import Segments
+from lowbit.runtime.sequence import SequenceState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARALLEL = 4
+DEFAULT_CACHE_RAM = 2 << 30  # bytes of keys/values idle slots may keep for prefix reuse
+
+
+@dataclass
+class Slot:
+    """One KV cache and the tokens whose keys/values it holds (in order)."""
+
+    cache: Any = None
+    tokens: list[int] = field(default_factory=list)
+    high: int = 0  # most positions ever written (the pages the cache has touched)
+    last_used: float = 0.0
+    busy: bool = False
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class Active:
+    """A request being served: its slot, the prompt tokens still to compute, its sequence state and counters."""
+
+    job: Any
+    seq: SequenceState
+    slot: Slot
+    pending: list[int]
+    cached: int
+    started: float
+    prefilled: int = 0
+    first_token: float | None = None
+
+
+@dataclass
+class Finished:
+    active: Active
+    reason: str  # stop | length | cancelled | error
+    error: BaseException | None = None
+
+
+class Scheduler:
+    def __init__(self, engine, parallel: int = DEFAULT_PARALLEL, cache_ram: int = DEFAULT_CACHE_RAM,
+                 on_event: Callable[[Active, Any], None] | None = None):  # fmt: skip
+        self.engine = engine
+        self.model = engine.model
+        self.parallel = max(1, int(parallel))
+        self.cache_ram = int(cache_ram)
+        self.prefill_chunk = engine.prefill_chunk
+        self.slots: list[Slot] = []
+        self.active: list[Active] = []
+        a = engine.args
+        self.bytes_per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 4
+        self.on_event = on_event or (lambda active, event: None)
+        self.on_batch: Callable[[int], None] = lambda rows: None  # each decode pass's rows (metrics)
+
+    # ------------------------------------------------------------------ admission
+    @property
+    def has_room(self) -> bool:
+        return len(self.active) < self.parallel
+
+    def _slot_for(self, prompt: list[int]) -> tuple[Slot, int]:
+        """The idle slot to serve ``prompt`` from and how many of its tokens can be reused."""
+        idle = [s for s in self.slots if not s.busy]
+        best, reuse = None, 0
+        for s in idle:
+            n = min(common_prefix(s.tokens, prompt), len(prompt) - 1)
+            if n > reuse:
+                best, reuse = s, n
+        if best is None:
+            empty = [s for s in idle if not s.tokens]
+            if empty:
+                best = empty[0]
+            elif not idle or self._held() < self.cache_ram:  # room for one more conversation's cache
+                best = Slot()
+                self.slots.append(best)
+            else:
+                best = min(idle, key=lambda s: s.last_used)  # the least recently used conversation gives way
+        if best.cache is None:
+            best.cache = self.model.new_cache()
+        return best, reuse
+
+    def admit(self, job, seq: SequenceState) -> Active:
+        prompt = seq.prompt
+        slot, reuse = self._slot_for(prompt)
+        slot.busy = True
+        slot.tokens = prompt[:reuse]
+        active = Active(job, seq, slot, prompt[reuse:], reuse, time.perf_counter())
+        self.active.append(active)
+        return active
+
+    # ------------------------------------------------------------------ stepping
+    def drop(self, active: Active) -> None:
+        self.active.remove(active)
+        slot = active.slot
+        slot.busy = False
+        slot.last_used = time.perf_counter()
+        self._evict()
+
+    def _held(self) -> int:
+        """Bytes of keys/values the slots' caches have touched."""
+        return sum(s.high for s in self.slots if s.cache is not None) * self.bytes_per_token
+
+    def held_bytes(self) -> int:
+        return self._held()
+
+    def _evict(self) -> None:
+        """Free least recently used idle slots while the cached keys/values exceed the budget."""
+        idle = sorted((s for s in self.slots if not s.busy and s.cache is not None), key=lambda s: s.last_used)
+        while idle and self._held() > self.cache_ram:
+            s = idle.pop(0)
+            s.cache, s.tokens, s.high = None, [], 0
+        self.slots = [s for s in self.slots if s.busy or s.cache is not None]
+
+    @property
+    def cached_sequences(self) -> int:
+        return sum(1 for s in self.slots if s.tokens)
+
+    def _fed(self, slot: Slot, tokens: list[int]) -> None:
+        slot.tokens += tokens
+        slot.high = max(slot.high, len(slot.tokens))
+
+    def step(self) -> list[Finished]:
+        """One round: a prefill chunk, then a decode step for every decoding sequence. Returns what ended."""
+        finished: list[Finished] = []
+        for a in [a for a in self.active if a.job.cancelled]:
+            finished.append(Finished(a, "cancelled"))
+            self.drop(a)
+        prefilling = [a for a in self.active if a.pending]
+        decoding = [a for a in self.active if not a.pending]
+        if prefilling:
+            finished += self._prefill(prefilling[0])
+        for i in range(0, len(decoding), dispatch.SMALL_BATCH):
+            finished += self._decode(decoding[i : i + dispatch.SMALL_BATCH])
+        return finished
+
+    def _guard(self, group: list[Active], fn) -> list[Finished]:
+        try:
+            return fn()
+        except Exception as e:  # a failed pass ends its requests, not the server
+            log.exception("generation failed")
+            out = []
+            for a in group:
+                a.slot.tokens = []  # the cache may hold a half-computed pass
+                if a in self.active:
+                    self.drop(a)
+                out.append(Finished(a, "error", e))
+            return out
+
+    def _prefill(self, a: Active) -> list[Finished]:
+        def run():
+            chunk = a.pending[: self.prefill_chunk]
+            start = len(a.slot.tokens)
+            logits = self.model.forward(np.array(chunk), start, a.slot.cache)
+            self._fed(a.slot, chunk)
+            a.pending = a.pending[len(chunk) :]
+            a.prefilled += len(chunk)
+            return [] if a.pending else self._advance(a, logits[0])
+
+        return self._guard([a], run)
+
+    def _decode(self, group: list[Active]) -> list[Finished]:
+        def run():
+            tokens = [a.seq.generated[-1] for a in group]
+            if len(group) == 1:  # the plain step (a device computes only this)
+                logits = self.model.forward(np.array(tokens), len(group[0].slot.tokens), group[0].slot.cache)
+            else:
+                starts = [len(a.slot.tokens) for a in group]
+                segs = Segments([a.slot.cache for a in group], starts, [1] * len(group))
+                logits = self.model.forward(np.array(tokens), None, segs)
+            self.on_batch(len(group))
+            out = []
+            for a, t, row in zip(group, tokens, logits):
+                self._fed(a.slot, [t])
+                out += self._advance(a, row)
+            return out
+
+        return self._guard(group, run)
+
+    def _advance(self, a: Active, logits: np.ndarray) -> list[Finished]:
+        try:
+            events = a.seq.step(logits)
+        except Exception as e:
+            self.drop(a)
+            return [Finished(a, "error", e)]
+        if a.first_token is None:
+            a.first_token = time.perf_counter()
+        for ev in events:
+            self.on_event(a, ev)
+        if a.seq.done:
+            self.drop(a)
+            return [Finished(a, a.seq.finish_reason)]
+        return []
