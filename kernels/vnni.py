@@ -218,3 +218,112 @@ def row_fdot8(typingctx, crow, scales, mins, r, xh, xl, dx, xs, bits, g, asym, s
         return builder.fsub(dot, mins_sum)
 
     return sig, codegen
+
+
+SMALL_TOKENS = (2, 4, 8)  # rows_fdot8 is compiled for these token counts (others are padded to the next)
+
+
+@intrinsic
+def rows_fdot8(typingctx, crow, scales, mins, r, xh, xl, dx, xs, y, bits, g, asym, split, ntok):
+    """y[t, r] = row r of W times token t for the first ``ntok`` tokens (a literal in SMALL_TOKENS): each group's
+    codes are unpacked once and multiplied with every token; the tokens' accumulators stay in registers (ntok is
+    unrolled). Per token the operations are :func:`row_fdot8`'s in the same order.
+
+    xh, xl: i8[T, cols] (xl [T, 1] and unread unless split); dx, xs: f32[T, ng]; y: f32[T, rows] (T >= ntok);
+    others as in row_fdot8."""
+    nbits, glen = _check(bits, g, asym, split, ntok)
+    nt = ntok.literal_value
+    if nt not in SMALL_TOKENS:
+        raise errors.TypingError(f"rows_fdot8: {nt} tokens; compiled for {SMALL_TOKENS}")
+    is_asym, is_split = asym.literal_value, split.literal_value
+    sig = types.void(crow, scales, mins, r, xh, xl, dx, xs, y, bits, g, asym, split, ntok)
+    gbytes = glen * nbits // 8
+    zp = float(1 << (nbits - 1))
+
+    def codegen(context, builder, signature, args):
+        def arr(i):
+            return context.make_array(signature.args[i])(context, builder, value=args[i])
+
+        def c64(v):
+            return ir.Constant(_I64, v)
+
+        ca, sa, ma, ha, la, da, xa, ya = (arr(i) for i in (0, 1, 2, 4, 5, 6, 7, 8))
+        row = args[3] if args[3].type.width == 64 else builder.sext(args[3], _I64)
+        ng = builder.extract_value(sa.shape, 1)
+        cols = builder.extract_value(ha.shape, 1)
+        lcols = builder.extract_value(la.shape, 1)
+        n_rows = builder.extract_value(ya.shape, 1)
+        v8f = ir.VectorType(_F32, 8)
+        v8h = ir.VectorType(ir.HalfType(), 8)
+        zero8 = ir.Constant(v8f, [0.0] * 8)
+        fma8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f] * 3), "llvm.fma.v8f32")
+        facc = [[cgutils.alloca_once_value(builder, zero8) for _ in range(2)] for _ in range(nt)]
+        macc = [cgutils.alloca_once_value(builder, zero8) for _ in range(nt)]
+        mtail = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(nt)]
+        srow = builder.mul(row, ng)
+        xh_rows = [builder.gep(ha.data, [builder.mul(c64(t), cols)]) for t in range(nt)]
+        xl_rows = [builder.gep(la.data, [builder.mul(c64(t), lcols)]) for t in range(nt)]
+        ng_off = [builder.mul(c64(t), ng) for t in range(nt)]
+
+        def load8(ptr, off, ty):
+            return builder.load(builder.bitcast(builder.gep(ptr, [off]), ir.VectorType(ty, 8).as_pointer()), align=2)
+
+        def halves8(ptr, off):
+            return builder.fpext(builder.bitcast(load8(ptr, off, _I16), v8h), v8f)
+
+        def group(gi, scales_t, k):
+            """facc[t][k] += float(u_gi · x_t,gi) * scales_t[t] for every token t; the codes unpacked once."""
+            u = _codes_ir(builder, builder.gep(ca.data, [builder.mul(gi, c64(gbytes))]), nbits, glen)
+            xoff = builder.mul(gi, c64(glen))
+            for t in range(nt):
+                iacc = _group_acc(builder, u, builder.gep(xh_rows[t], [xoff]), builder.gep(xl_rows[t], [xoff]),
+                                  glen, is_split)  # fmt: skip
+                acc = facc[t][k]
+                builder.store(builder.call(fma8, [builder.sitofp(iacc, v8f), scales_t[t], builder.load(acc)]), acc)
+
+        n8 = builder.udiv(ng, c64(8))
+        with cgutils.for_range(builder, n8) as loop:
+            g0 = builder.mul(loop.index, c64(8))
+            cbase = builder.mul(g0, c64(gbytes))
+            for off in range(0, 8 * gbytes, 64):
+                prefetch_line(builder, builder.gep(ca.data, [builder.add(cbase, c64(off + PREFETCH_AHEAD))]))
+            d = halves8(sa.data, builder.add(srow, g0))
+            m = halves8(ma.data, builder.add(srow, g0)) if is_asym else d
+            dd = []
+            for t in range(nt):
+                toff = builder.add(ng_off[t], g0)
+                dd.append(builder.fmul(d, load8(da.data, toff, _F32)))
+                builder.store(builder.call(fma8, [m, load8(xa.data, toff, _F32), builder.load(macc[t])]), macc[t])
+            for q in range(8):
+                mask = ir.Constant(ir.VectorType(_I32, 8), [q] * 8)
+                group(builder.add(g0, c64(q)), [builder.shuffle_vector(v, v, mask) for v in dd], q % 2)
+        with cgutils.for_range(builder, builder.sub(ng, builder.mul(n8, c64(8)))) as loop:
+            gi = builder.add(builder.mul(n8, c64(8)), loop.index)
+            soff = builder.add(srow, gi)
+            d = builder.fpext(builder.bitcast(builder.load(builder.gep(sa.data, [soff])), ir.HalfType()), _F32)
+            m = builder.fpext(builder.bitcast(builder.load(builder.gep(ma.data, [soff])), ir.HalfType()), _F32) \
+                if is_asym else d
+            splats = []
+            for t in range(nt):
+                toff = builder.add(ng_off[t], gi)
+                xs_t = builder.load(builder.gep(xa.data, [toff]))
+                builder.store(builder.fadd(builder.load(mtail[t]), builder.fmul(m, xs_t)), mtail[t])
+                s = builder.fmul(d, builder.load(builder.gep(da.data, [toff])))
+                sv = builder.insert_element(ir.Constant(v8f, ir.Undefined), s, ir.Constant(_I32, 0))
+                splats.append(builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(_I32, 8), [0] * 8)))
+            group(gi, splats, 0)
+
+        rfn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, v8f]),
+                                             "llvm.vector.reduce.fadd.v8f32")
+        for t in range(nt):
+            total = builder.fadd(builder.load(facc[t][0]), builder.load(facc[t][1]))
+            dot = builder.call(rfn, [ir.Constant(_F32, 0.0), total])
+            mins_sum = builder.fadd(builder.call(rfn, [ir.Constant(_F32, 0.0), builder.load(macc[t])]),
+                                    builder.load(mtail[t]))
+            if not is_asym:
+                mins_sum = builder.fmul(mins_sum, ir.Constant(_F32, zp))
+            out = builder.gep(ya.data, [builder.add(builder.mul(c64(t), n_rows), row)])
+            builder.store(builder.fsub(dot, mins_sum), out)
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -307,3 +307,25 @@ def test_linear_many_fuses_same_type_products_and_matches_linear(name, n):
         with KernelTimer() as timer:
             dispatch.linear_many(ws, rng.standard_normal((1, cols)).astype(np.float32))
         assert timer.calls == 1
+
+
+@pytest.mark.skipif(not cpu_quant.HAS_VNNI, reason="the byte kernels need AVX-512 VNNI / AVX-VNNI")
+@pytest.mark.parametrize("mode", ["int8", "split"])
+@pytest.mark.parametrize("name", ["q4a_g32", "q4_g64", "q3_g128", "q8_g32", "q6a_g64"])
+def test_small_batches_are_the_one_token_kernel_row_for_row(name, mode):
+    """Several sequences decoded in one pass (continuous batching) get, row for row, exactly what each would get
+    alone: the 2..8-token kernel does each token's arithmetic as the one-token kernel does (t = 3, 5, 7 padded)."""
+    qt = next(q for q in QUANT if q.name == name)
+    rng = np.random.default_rng(qt.id)
+    rows, cols = 37, 11 * qt.group_size  # one block of eight groups and three more
+    parts = random_parts(qt, rows, cols, rng)
+    matvec, matmul, _, _ = cpu_quant.make_kernels(qt.bits, qt.group_size, mode)
+    mins = parts["mins"].view(np.uint16) if qt.asym else np.zeros((1, 1), dtype=np.uint16)
+    for t in range(2, dispatch.SMALL_BATCH + 1):
+        x = rng.standard_normal((t, cols)).astype(np.float32)
+        y = np.full((t, rows), np.nan, dtype=np.float32)
+        matmul(y, parts["codes"], parts["scales"].view(np.uint16), mins, x, qt.asym)
+        for i in range(t):
+            one = np.full(rows, np.nan, dtype=np.float32)
+            matvec(one, parts["codes"], parts["scales"].view(np.uint16), mins, x[i : i + 1], qt.asym)
+            assert np.array_equal(y[i], one), (t, i)
