@@ -11,8 +11,9 @@ the last one), so only the rest of its prompt is computed. Each :meth:`Scheduler
    quantized kernels read each weight once for all rows of a pass and compute every row exactly as a lone decode
    step would, so a reply under load is the reply the request gets alone.
 
-Idle slots keep their tokens for reuse until their keys/values exceed ``cache_ram`` bytes; then the least recently
-used are freed. Requests carry their own sampling settings, stop strings, logprobs and grammar (runtime/sequence.py).
+Idle slots keep their tokens for reuse while all slots' caches together stay within ``cache_ram`` bytes (each cache
+counted whole: context length × bytes per token); beyond, the least recently used idle ones are freed.
+Requests carry their own sampling settings, stop strings, logprobs and grammar (runtime/sequence.py).
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ class Slot:
 
     cache: Any = None
     tokens: list[int] = field(default_factory=list)
-    high: int = 0  # most positions ever written (the pages the cache has touched)
     last_used: float = 0.0
     busy: bool = False
 
@@ -86,8 +86,6 @@ class Scheduler:
         self.prefill_chunk = engine.prefill_chunk
         self.slots: list[Slot] = []
         self.active: list[Active] = []
-        a = engine.args
-        self.bytes_per_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 4
         self.on_event = on_event or (lambda active, event: None)
         self.on_batch: Callable[[int], None] = lambda rows: None  # each decode pass's rows (metrics)
 
@@ -97,25 +95,45 @@ class Scheduler:
         return len(self.active) < self.parallel
 
     def _slot_for(self, prompt: list[int]) -> tuple[Slot, int]:
-        """The idle slot to serve ``prompt`` from and how many of its tokens can be reused."""
+        """The slot to serve ``prompt`` from and how many of its tokens are reused. A prompt that extends all a
+        slot holds takes that slot; one that shares only a part of it (a system prompt, an earlier turn) gets a
+        copy of that part in another slot, so the longer conversation stays cached for its own next turn."""
         idle = [s for s in self.slots if not s.busy]
         best, reuse = None, 0
         for s in idle:
             n = min(common_prefix(s.tokens, prompt), len(prompt) - 1)
             if n > reuse:
                 best, reuse = s, n
-        if best is None:
-            empty = [s for s in idle if not s.tokens]
-            if empty:
-                best = empty[0]
-            elif not idle or self._held() < self.cache_ram:  # room for one more conversation's cache
-                best = Slot()
-                self.slots.append(best)
-            else:
-                best = min(idle, key=lambda s: s.last_used)  # the least recently used conversation gives way
-        if best.cache is None:
-            best.cache = self.model.new_cache()
-        return best, reuse
+        if best is not None and reuse == len(best.tokens):
+            return best, reuse
+        fresh = self._fresh_slot(idle, keep=best)
+        if fresh is None:  # no other slot to be had: the partial match gives up its tail
+            return best, reuse
+        if best is not None:
+            for dst_k, dst_v, src_k, src_v in zip(fresh.cache.k, fresh.cache.v, best.cache.k, best.cache.v):
+                dst_k[:, :reuse] = src_k[:, :reuse]
+                dst_v[:, :reuse] = src_v[:, :reuse]
+            fresh.tokens = best.tokens[:reuse]
+        return fresh, reuse
+
+    def _fresh_slot(self, idle: list[Slot], keep: Slot | None) -> Slot | None:
+        """An empty slot: an unused one, a new one while the cache budget allows, else the least recently used
+        idle conversation's (never ``keep``'s)."""
+        empty = [s for s in idle if not s.tokens]
+        if empty:
+            slot = empty[0]
+        elif not idle or self._held() < self.cache_ram:
+            slot = Slot()
+            self.slots.append(slot)
+        else:
+            others = [s for s in idle if s is not keep]
+            if not others:
+                return None
+            slot = min(others, key=lambda s: s.last_used)
+            slot.tokens = []
+        if slot.cache is None:
+            slot.cache = self.model.new_cache()
+        return slot
 
     def admit(self, job, seq: SequenceState) -> Active:
         prompt = seq.prompt
@@ -135,8 +153,9 @@ class Scheduler:
         self._evict()
 
     def _held(self) -> int:
-        """Bytes of keys/values the slots' caches have touched."""
-        return sum(s.high for s in self.slots if s.cache is not None) * self.bytes_per_token
+        """Bytes of the slots' caches, each counted whole (the allocator may commit a cache's pages when it is
+        made, whatever part of it is written)."""
+        return sum(s.cache.nbytes for s in self.slots if s.cache is not None)
 
     def held_bytes(self) -> int:
         return self._held()
@@ -146,16 +165,12 @@ class Scheduler:
         idle = sorted((s for s in self.slots if not s.busy and s.cache is not None), key=lambda s: s.last_used)
         while idle and self._held() > self.cache_ram:
             s = idle.pop(0)
-            s.cache, s.tokens, s.high = None, [], 0
+            s.cache, s.tokens = None, []
         self.slots = [s for s in self.slots if s.busy or s.cache is not None]
 
     @property
     def cached_sequences(self) -> int:
         return sum(1 for s in self.slots if s.tokens)
-
-    def _fed(self, slot: Slot, tokens: list[int]) -> None:
-        slot.tokens += tokens
-        slot.high = max(slot.high, len(slot.tokens))
 
     def step(self) -> list[Finished]:
         """One round: a prefill chunk, then a decode step for every decoding sequence. Returns what ended."""
@@ -189,7 +204,7 @@ class Scheduler:
             chunk = a.pending[: self.prefill_chunk]
             start = len(a.slot.tokens)
             logits = self.model.forward(np.array(chunk), start, a.slot.cache)
-            self._fed(a.slot, chunk)
+            a.slot.tokens += chunk
             a.pending = a.pending[len(chunk) :]
             a.prefilled += len(chunk)
             return [] if a.pending else self._advance(a, logits[0])
@@ -208,7 +223,7 @@ class Scheduler:
             self.on_batch(len(group))
             out = []
             for a, t, row in zip(group, tokens, logits):
-                self._fed(a.slot, [t])
+                a.slot.tokens.append(t)
                 out += self._advance(a, row)
             return out
 

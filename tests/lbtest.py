@@ -129,7 +129,8 @@ class LiveServer:
     def client(self, api_key: str = KEY, **kw):
         import openai
 
-        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=api_key, max_retries=0, timeout=120, **kw)
+        kw.setdefault("timeout", 120)
+        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=api_key, max_retries=0, **kw)
 
     def anthropic(self, api_key: str = KEY, **kw):
         import anthropic

@@ -1,0 +1,198 @@
+"""Continuous batching in the server: answers under concurrency, prompt reuse across conversations, slots freed on
+disconnect, a bounded queue, /metrics, and a soak."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from lbtest import KEY, TOY_MODEL, LiveServer
+
+from lowbit.runtime.engine import Engine, default_model_path
+from lowbit.runtime.sampling import SamplingParams
+from lowbit.runtime.scheduler import Scheduler
+from lowbit.runtime.sequence import SequenceState
+from lowbit.runtime.server import create_app
+
+QUESTIONS = [
+    "What is the capital of France?", "Name three colors.", "Write a haiku about the sea.", "Who wrote Hamlet?",
+    "How do I sort a list in Python?", "What is 2 + 2?", "Tell me a joke.", "Describe a cat.", "What is gravity?",
+    "Name a planet.", "Why is the sky blue?", "What is a noun?", "Give me a synonym for happy.",
+    "What is the boiling point of water?", "Who painted the Mona Lisa?", "What is photosynthesis?",
+]  # fmt: skip
+COUNTING = "1, 2, 3, 4, 5,"  # the toy continues this without end
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+    assert m, name
+    return float(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    engine = Engine(default_model_path(), threads=2)
+    with LiveServer(create_app(engine, model_name="m", api_key=KEY, parallel=8)) as srv:
+        yield srv
+
+
+def test_answers_under_concurrency_equal_answers_alone(smollm2):
+    client = smollm2.client()
+
+    def ask(question: str) -> str:
+        r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": question}],
+                                           temperature=0, max_tokens=40)  # fmt: skip
+        return r.choices[0].message.content
+
+    alone = [ask(q) for q in QUESTIONS]
+    for clients in (8, 16):
+        with ThreadPoolExecutor(clients) as pool:
+            together = list(pool.map(ask, QUESTIONS[:clients]))
+        assert together == alone[:clients]
+    with smollm2.http() as h:
+        text = h.get("/metrics").text
+    single = _metric(text, 'lowbit_decode_batch_size_bucket{le="1.0"}')
+    batched = _metric(text, "lowbit_decode_batch_size_count") - single
+    assert batched > 0  # decode passes of several sequences happened
+    assert _metric(text, "lowbit_queue_depth") == 0 and _metric(text, "lowbit_running_sequences") == 0
+
+
+def test_two_chats_taking_turns_both_reuse_their_history(smollm2):
+    client = smollm2.client()
+    chats = {name: [{"role": "system", "content": f"You are {name}."}] for name in ("Ada", "Bob")}
+    previous = {}
+    for turn in range(3):
+        for name, history in chats.items():
+            history.append({"role": "user", "content": f"Question {turn}: name a fruit."})
+            r = client.chat.completions.create(model="m", messages=history, temperature=0, max_tokens=12)
+            history.append({"role": "assistant", "content": r.choices[0].message.content})
+            cached = r.usage.prompt_tokens_details.cached_tokens
+            if turn:  # everything up to this turn came from this conversation's own slot
+                assert cached >= previous[name], (name, turn, cached, previous[name])
+            previous[name] = r.usage.prompt_tokens
+
+
+@pytest.fixture()
+def toy_server(request):
+    parallel, max_queue, cache_ram = (*request.param, 1 << 30)[:3]
+    engine = Engine(TOY_MODEL, threads=1)
+    app = create_app(engine, api_key=KEY, parallel=parallel, max_queue=max_queue, cache_ram=cache_ram)
+    with LiveServer(app) as srv:
+        yield srv
+
+
+def _running(srv) -> int:
+    with srv.http() as h:
+        return h.get("/health").json()["running"]
+
+
+@pytest.mark.parametrize("toy_server", [(2, 8)], indirect=True)
+def test_a_client_that_goes_away_frees_its_slot(toy_server):
+    body = {"model": TOY_MODEL.stem, "prompt": COUNTING, "max_tokens": 1000, "stream": True, "temperature": 0}
+    with toy_server.http() as h, h.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()  # kept: a dropped iterator closes the response (the client goes away)
+        for _ in range(6):
+            next(lines)
+        assert _running(toy_server) == 1
+    deadline = time.monotonic() + 5
+    while _running(toy_server) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _running(toy_server) == 0
+
+
+@pytest.mark.parametrize("toy_server", [(1, 1)], indirect=True)
+def test_a_full_queue_answers_503_at_once(toy_server):
+    body = {"model": TOY_MODEL.stem, "prompt": COUNTING, "max_tokens": 1000, "temperature": 0}
+    client = toy_server.client()
+    busy = [threading.Thread(target=lambda: client.completions.create(**body), daemon=True) for _ in range(2)]
+    for t in busy:  # one runs, one waits
+        t.start()
+        time.sleep(0.3)
+    t0 = time.monotonic()
+    with toy_server.http() as h:
+        r = h.post("/v1/completions", json=body)
+    assert r.status_code == 503 and time.monotonic() - t0 < 2
+    assert r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"] == "1"
+    with pytest.raises(openai.InternalServerError):
+        toy_server.client().completions.create(**body)
+    toy_server.server.should_exit = True  # the long generations end with the server
+
+
+def _rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.parametrize("toy_server", [(4, 64, 8 << 20)], indirect=True)
+def test_soak_of_mixed_requests(toy_server):
+    """Streaming and not, chat and completions, clients that give up: no error, and memory does not grow once the
+    prompt cache holds its budget (8 MiB of keys/values here)."""
+    client = toy_server.client(timeout=30)
+    rng = np.random.default_rng(0)
+
+    def one(i: int) -> None:
+        kind = i % 4
+        n = int(rng.integers(4, 24))
+        if kind == 0:
+            client.completions.create(model=TOY_MODEL.stem, prompt=f"{i} {COUNTING}", max_tokens=n, temperature=0.7)
+        elif kind == 1:
+            for _ in client.chat.completions.create(model=TOY_MODEL.stem, stream=True, max_tokens=n,
+                                                    messages=[{"role": "user", "content": f"Story {i}"}]):  # fmt: skip
+                pass
+        elif kind == 2:  # gives up after two chunks
+            with httpx.Client(base_url=toy_server.base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as h:
+                body = {"model": TOY_MODEL.stem, "prompt": COUNTING, "max_tokens": 500, "stream": True}
+                with h.stream("POST", "/v1/completions", json=body) as r:
+                    for j, _ in enumerate(r.iter_lines()):
+                        if j > 2:
+                            break
+        else:
+            client.chat.completions.create(model=TOY_MODEL.stem, max_tokens=n, seed=i, temperature=1.0,
+                                           messages=[{"role": "user", "content": f"Hello {i}"}])  # fmt: skip
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(40)))  # warm: kernels compiled, slots allocated
+    before = _rss()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(40, 200)))
+    assert _rss() - before < 64 << 20
+    with toy_server.http() as h:
+        stats = h.get("/health").json()
+    assert stats["worker"]["failed"] == 0 and stats["running"] == 0 and stats["queued"] == 0
+
+
+def test_scheduler_reuses_the_longest_prefix_and_evicts_by_budget():
+    engine = Engine(TOY_MODEL, threads=1)
+    sched = Scheduler(engine, parallel=2, cache_ram=1 << 30)
+
+    class Job:
+        cancelled = False
+
+    def run(prompt):
+        seq = SequenceState(engine.tokenizer, engine.eos_ids, engine.args.vocab_size, prompt, SamplingParams(), 3)
+        active = sched.admit(Job(), seq)
+        while sched.active:
+            sched.step()
+        return active
+
+    a = engine.tokenizer.encode("The first conversation is about apples and pears.")
+    b = engine.tokenizer.encode("A second one talks about trains and buses.")
+    first, second = run(a), run(b)
+    assert first.slot is not second.slot and first.cached == 0 and second.cached == 1  # the shared BOS, copied
+    held = list(first.slot.tokens)  # a and the reply's first tokens
+    again = run(a + engine.tokenizer.encode(" And then?", add_special_tokens=False))
+    assert again.cached == len(a)  # from the matching conversation, not the most recent one
+    assert first.slot.tokens == held and again.slot is not first.slot  # a partial match copies, the original stays
+    follow = run(list(again.slot.tokens) + [5])  # a prompt extending all a slot holds continues in that slot
+    assert follow.slot is again.slot and follow.cached == len(again.slot.tokens) - 3
+    sched.cache_ram = 0  # no budget: idle conversations are let go
+    sched._evict()
+    assert sched.cached_sequences == 0
