@@ -95,9 +95,11 @@ def random_parts(qt: QType, shape: tuple[int, ...], rng: np.random.Generator) ->
     return parts
 
 
-def build_random_container(shape: str | dict, opts: ConvertOptions, out: Path, seed: int = 0) -> Path:
+def build_random_container(shape: str | dict, opts: ConvertOptions, out: Path, seed: int = 0,
+                           tokenizer: tuple[dict, dict[str, bytes]] | None = None) -> Path:  # fmt: skip
     """Write a random-weight container of ``shape`` (a name from SHAPES, or an HF config dict) quantized as
-    ``opts`` would be. Returns ``out``."""
+    ``opts`` would be; ``tokenizer`` (meta, blobs), e.g. another container's, makes it servable by text (its ids
+    must lie within the shape's vocabulary). Returns ``out``."""
     if isinstance(shape, dict):
         cfg, shape = shape, "custom"
     elif shape in SHAPES:
@@ -123,9 +125,12 @@ def build_random_container(shape: str | dict, opts: ConvertOptions, out: Path, s
         },
         "provenance": {"source": f"random:{shape}", "converter": f"lowbit {lowbit.__version__}", "seed": seed},
     }
+    blobs: dict[str, bytes] = {}
+    if tokenizer is not None:
+        meta["tokenizer"], blobs = tokenizer
     rng = np.random.default_rng(seed)
     log.info("writing random %s container to %s", shape, out)
-    with ContainerWriter(out, meta, plans, {}) as w:
+    with ContainerWriter(out, meta, plans, blobs) as w:
         for p in plans:
             w.write_tensor(p.name, random_parts(p.qtype, p.shape, rng))
     return out

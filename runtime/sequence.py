@@ -41,8 +41,10 @@ class SequenceState:
         logprobs: int | None = None,
         continuation: bool = False,
         constraint: Constraint | None = None,
+        ignore_eos: bool = False,
     ):
         self.prompt = list(prompt)
+        self.banned = np.array(sorted(eos_ids), dtype=np.int64) if ignore_eos and eos_ids else None
         self.eos_ids = eos_ids
         self.max_tokens = max_tokens
         self.logprobs = logprobs
@@ -62,6 +64,9 @@ class SequenceState:
     def step(self, logits: np.ndarray) -> list[Event]:
         """Pick the next token from ``logits`` (the last position's) and return what to emit."""
         raw = logits
+        if self.banned is not None:
+            logits = np.array(logits, dtype=np.float32, copy=True)
+            logits[self.banned[self.banned < logits.shape[0]]] = -np.inf
         if self.constraint is not None:
             logits = self.constraint.apply(logits)
         tok = self.sampler.sample(logits, self.prompt, self.generated)

@@ -160,7 +160,8 @@ class Run:
         self.received = 0
         try:
             self.job, self.reports = submit_async(app.state.worker, ids, options.params, self.max_tokens,
-                                                  options.stop, options.logprobs, constraint)  # fmt: skip
+                                                  options.stop, options.logprobs, constraint,
+                                                  options.ignore_eos)  # fmt: skip
         except (ShuttingDown, Overloaded) as e:
             raise worker_error(e) from None
 

@@ -72,6 +72,7 @@ class GenerationOptions:
     include_usage: bool = False
     logprobs: int | None = None  # None: off; otherwise how many top alternatives per token (0 = only the chosen one)
     grammar: str | None = None  # the output must follow this llguidance grammar (response_format, grammar)
+    ignore_eos: bool = False  # extension (vLLM, llama.cpp): end-of-sequence tokens are never sampled (benchmarks)
 
 
 @dataclass
@@ -215,6 +216,7 @@ def _options(body: Mapping, defaults: Mapping, logprobs: int | None) -> Generati
         include_usage=include_usage,
         logprobs=logprobs,
         grammar=grammar,
+        ignore_eos=boolean(body, "ignore_eos"),
     )
 
 

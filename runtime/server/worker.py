@@ -81,6 +81,7 @@ class Job:
         logprobs: int | None,
         emit: Emit,
         constraint: Constraint | None = None,
+        ignore_eos: bool = False,
     ):
         self.prompt = list(prompt)
         self.params = params
@@ -88,6 +89,7 @@ class Job:
         self.stop = list(stop)
         self.logprobs = logprobs
         self.constraint = constraint
+        self.ignore_eos = ignore_eos
         self._emit = emit
         self._cancel = threading.Event()
         self.produced = 0  # tokens handed to emit so far
@@ -211,7 +213,8 @@ class Worker:
         try:
             engine.check_fits(len(job.prompt), job.max_tokens)
             seq = SequenceState(engine.tokenizer, engine.eos_ids, engine.args.vocab_size, job.prompt, job.params,
-                                job.max_tokens, job.stop, job.logprobs, False, job.constraint)  # fmt: skip
+                                job.max_tokens, job.stop, job.logprobs, False, job.constraint,
+                                job.ignore_eos)  # fmt: skip
         except LowbitError as e:
             self.stats.failed += 1
             job.emit("error", e)
@@ -271,6 +274,7 @@ def submit_async(
     stop: Sequence[str],
     logprobs: int | None,
     constraint: Constraint | None = None,
+    ignore_eos: bool = False,
 ) -> tuple[Job, asyncio.Queue]:
     """Submit a job whose reports arrive in an asyncio queue of the running loop as (kind, payload) pairs."""
     loop = asyncio.get_running_loop()
@@ -279,6 +283,6 @@ def submit_async(
     def emit(kind: str, payload: Any) -> None:
         loop.call_soon_threadsafe(reports.put_nowait, (kind, payload))
 
-    job = Job(prompt, params, max_tokens, stop, logprobs, emit, constraint)
+    job = Job(prompt, params, max_tokens, stop, logprobs, emit, constraint, ignore_eos)
     worker.submit(job)
     return job, reports
