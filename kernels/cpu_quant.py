@@ -183,7 +183,7 @@ def _make_kernels(bits: int, g: int, mode: str, amx: bool) -> Kernels:
 
 
 @nb.njit(inline="always", **_JIT)
-def _row_dot8(codes, scales, mins, r, xh, xl, dx, xs, asym, bits, g, split):
+def row_dot8(codes, scales, mins, r, xh, xl, dx, xs, asym, bits, g, split):
     """Row r of W times one token's activations (xh, xl: i8[cols]; dx, xs: f32[ng]) on the byte dot product.
     bits, g and split arrive as literals (the kernels below pass their closure constants), as the intrinsic needs.
     Module level, not a closure variable: numba keys a closure's cache entry by a pickle of its captured values,
@@ -196,7 +196,7 @@ def _row_dot8(codes, scales, mins, r, xh, xl, dx, xs, asym, bits, g, split):
 @nb.njit(**_JIT)
 def _rows_dot8(y, codes, scales, mins, r, xh, xl, dx, xs, asym, bits, g, split, ntok):
     """y[t, r] for the first ntok tokens (a literal of vnni.SMALL_TOKENS), row r unpacked once for all of them;
-    each value bit for bit what _row_dot8 gives for its token alone."""
+    each value bit for bit what row_dot8 gives for its token alone."""
     if asym:
         rows_fdot8(codes[r], scales, mins, r, xh, xl, dx, xs, y, bits, g, True, split, ntok)
     else:
@@ -219,7 +219,7 @@ def _padded_tokens(xh, xl, dx, xs, n):
 
 
 @nb.njit(**_JIT)
-def _quantize8(x, g, split):
+def quantize8(x, g, split):
     """(xh, xl, dx, xs) of quantize_activations8 for x: f32[T, cols], freshly allocated (xl is [T, 1] unless split)."""
     t_n, cols = x.shape
     ng = cols // g
@@ -232,7 +232,7 @@ def _quantize8(x, g, split):
 
 
 @nb.njit(**_JIT)
-def _pack_block(codes, scales, mins, r0, asym, bits, g, br):
+def pack_block(codes, scales, mins, r0, asym, bits, g, br):
     """Rows r0..r0+br of W for kernels.gemm_vnni.tile_gemm: the codes interleaved as u8[group][chunk of 4][row][4],
     d and −m (m = d · 2**(bits-1) unless asym) as f32[group, row]. bits, g and br arrive as literals."""
     cols = codes.shape[1] * 8 // bits
@@ -265,11 +265,11 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
     @nb.njit(parallel=True, **_JIT)
     def qmatvec(y, codes, scales, mins, x, asym):
         """y[rows] = W @ x for one token; arguments as in the int16 qmatvec."""
-        xh, xl, dx, xs = _quantize8(x, g, split)
+        xh, xl, dx, xs = quantize8(x, g, split)
         if deps == 0:  # never true; ties the compiled code to the dependency key (see _dependency_key)
             return
         for r in nb.prange(codes.shape[0]):
-            y[r] = _row_dot8(codes, scales, mins, r, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
+            y[r] = row_dot8(codes, scales, mins, r, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
 
     @nb.njit(parallel=True, **_JIT)
     def qmatmul_small(y, codes, scales, mins, x, asym):
@@ -277,7 +277,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
         once for all tokens (vnni.rows_fdot8; 3, 5, 6 and 7 tokens are padded to 4 or 8), every value bit for bit
         the one-token kernel's. Arguments as in the int16 qmatmul_small."""
         t_n = x.shape[0]
-        xh, xl, dx, xs = _quantize8(x, g, split)
+        xh, xl, dx, xs = quantize8(x, g, split)
         if deps == 0:  # never true; see _dependency_key
             return
         n = 2 if t_n <= 2 else 4 if t_n <= 4 else 8
@@ -302,7 +302,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
         (row, token) at a time. Arguments as in qmatmul_small."""
         rows = codes.shape[0]
         t_n, cols = x.shape
-        xh, xl, dx, xs = _quantize8(x, g, split)
+        xh, xl, dx, xs = quantize8(x, g, split)
         dxT = np.ascontiguousarray(dx.T)
         xsT = np.ascontiguousarray(xs.T)
         if deps == 0:  # never true; see _dependency_key
@@ -311,7 +311,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
         for i in nb.prange(nblk + (rows - nblk * br)):
             if i < nblk:
                 r0 = i * br
-                wb, dsc, nmc = _pack_block(codes, scales, mins, r0, asym, bits, g, br)
+                wb, dsc, nmc = pack_block(codes, scales, mins, r0, asym, bits, g, br)
                 t0 = 0
                 while t0 + tt <= t_n:
                     tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, br, tt)
@@ -322,24 +322,24 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
             else:
                 r = nblk * br + (i - nblk)
                 for t in range(t_n):
-                    y[t, r] = _row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
+                    y[t, r] = row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
 
     @nb.njit(parallel=True, **_JIT)
     def qmatvec3(y1, c1, s1, m1, y2, c2, s2, m2, y3, c3, s3, m3, x, asym):
         """y_i[rows_i] = W_i @ x for one token and three matrices (a 0-row third for two), one parallel loop over
         all their rows; arguments per matrix as in qmatvec."""
-        xh, xl, dx, xs = _quantize8(x, g, split)
+        xh, xl, dx, xs = quantize8(x, g, split)
         if deps == 0:  # never true; see _dependency_key
             return
         r1 = c1.shape[0]
         r2 = c2.shape[0]
         for i in nb.prange(r1 + r2 + c3.shape[0]):
             if i < r1:
-                y1[i] = _row_dot8(c1, s1, m1, i, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
+                y1[i] = row_dot8(c1, s1, m1, i, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
             elif i < r1 + r2:
-                y2[i - r1] = _row_dot8(c2, s2, m2, i - r1, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
+                y2[i - r1] = row_dot8(c2, s2, m2, i - r1, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
             else:
-                y3[i - r1 - r2] = _row_dot8(c3, s3, m3, i - r1 - r2, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
+                y3[i - r1 - r2] = row_dot8(c3, s3, m3, i - r1 - r2, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
 
     @nb.njit(parallel=True, **_JIT)
     def qgemm_amx(y, codes, scales, mins, x, asym):
@@ -348,7 +348,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
         rows = codes.shape[0]
         t_n, cols = x.shape
         ng = cols // g
-        xh, xl, dx, xs = _quantize8(x, g, split)
+        xh, xl, dx, xs = quantize8(x, g, split)
         nbt = (t_n + TILE - 1) // TILE
         xb = np.empty(nbt * TILE * cols, dtype=np.int8)
         pack_tokens(xb, xh)

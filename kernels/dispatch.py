@@ -7,7 +7,7 @@ import numpy as np
 from lowbit.errors import FormatError
 from lowbit.formats.qtypes import PLANES
 from lowbit.formats.reader import StoredTensor
-from lowbit.kernels import act_quant, cpu, cpu_attention, cpu_quant, hadamard
+from lowbit.kernels import act_quant, cpu, cpu_attention, cpu_quant, hadamard, packed
 from lowbit.kernels.ref import dequantize
 from lowbit.kernels.timing import kernel_call
 
@@ -53,6 +53,7 @@ class Weight:
         self.act_scale = None if act_scale is None else _act_scale(act_scale, self.name)
         self.int_kernels = None  # (matvec, small-batch matmul, prompt GEMM or None) on integer activations
         self.act_mode = None  # their activation mode (kernels/cpu_quant.py ACT_MODES)
+        self.packed = None  # (wb, dsc, nmc, matmul): blocks unpacked for batched decoding (pack_for_batches)
         if st.qtype.is_float:
             self.f32 = np.ascontiguousarray(dequantize(st.parts, st.qtype, st.shape))
             return
@@ -77,6 +78,9 @@ class Weight:
             return
         self.act_mode = cpu_quant.activation_mode(self.bits) if mode is None else mode
         self.int_kernels = cpu_quant.make_kernels(self.bits, self.g, self.act_mode)
+        if self.packed is not None:  # packed for the old mode's kernels
+            self.packed = None
+            pack_for_batches(self)
 
     def _set_extras(self, had_signs, lr_a, lr_b) -> None:
         base = self.name.removesuffix(".weight")
@@ -160,6 +164,21 @@ def linear(w: Weight, x: np.ndarray) -> np.ndarray:
     return y
 
 
+def pack_for_batches(w: Weight) -> int:
+    """Keep ``w``'s row blocks unpacked (kernels/packed.py), so that products of 2..SMALL_BATCH tokens (a decode pass
+    of several sequences) run as the prompt GEMM does. Weights on byte-dot-product kernels only; returns the bytes
+    added (0 where nothing was packed)."""
+    if w.packed is not None:
+        return sum(a.nbytes for a in w.packed[:3])
+    k = w.int_kernels
+    if w.f32 is not None or k is None or k.gemm is None or w.act_mode not in ("int8", "split"):
+        return 0
+    prepack, matmul = packed.packed_kernels(w.bits, w.g, w.act_mode == "split")
+    wb, dsc, nmc = kernel_call(prepack, w.codes, w.scales, w.mins, w.asym)
+    w.packed = (wb, dsc, nmc, matmul)
+    return wb.nbytes + dsc.nbytes + nmc.nbytes
+
+
 def linear_many(ws: list[Weight], x: np.ndarray) -> list[np.ndarray]:
     """[linear(w, x) for w in ws] for two or three weights sharing the input (q/k/v, gate/up). One token through
     weights of one quant type without extras or an activation-quantization mode takes one fused kernel call
@@ -200,6 +219,10 @@ def _product(w: Weight, x: np.ndarray) -> np.ndarray:
     t = x.shape[0]
     if w.f32 is not None:
         y = kernel_call(np.matmul, x, w.f32.T)
+    elif w.packed is not None and 2 <= t <= SMALL_BATCH:
+        y = np.empty((t, w.rows), dtype=np.float32)
+        wb, dsc, nmc, matmul = w.packed
+        kernel_call(matmul, y, wb, dsc, nmc, *w._qargs(), np.ascontiguousarray(x), w.asym)
     elif t <= SMALL_BATCH and w.int_kernels is not None:
         y = np.empty((t, w.rows), dtype=np.float32)
         kernel = w.int_kernels.matvec if t == 1 else w.int_kernels.matmul_small

@@ -238,6 +238,12 @@ class Model:
             **{k: self.weight(p + k) for k in ("ffn_gate", "ffn_up", "ffn_down")},
         }
 
+    def pack_for_batches(self) -> int:
+        """Unpack the quantized matrices for decode passes of several sequences (kernels/packed.py); the bytes
+        added."""
+        weights = [w for layer in self.layers for w in layer.values() if isinstance(w, dispatch.Weight)]
+        return sum(dispatch.pack_for_batches(w) for w in {id(w): w for w in [*weights, self.lm_head]}.values())
+
     def setup_rope(self) -> None:
         a = self.args
         self.rot = a.rotary_dim or a.head_dim

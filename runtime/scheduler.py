@@ -87,6 +87,13 @@ class Scheduler:
         self.slots: list[Slot] = []
         self.active: list[Active] = []
         self.on_event = on_event or (lambda active, event: None)
+        pack = getattr(self.model, "pack_for_batches", None)
+        if self.parallel > 1 and pack is not None:
+            t0 = time.perf_counter()
+            added = pack()
+            if added:
+                log.info("weights unpacked for batched decoding: %.0f MB in %.1f s", added / 2**20,
+                         time.perf_counter() - t0)  # fmt: skip
         self.on_batch: Callable[[int], None] = lambda rows: None  # each decode pass's rows (metrics)
 
     # ------------------------------------------------------------------ admission

@@ -329,3 +329,27 @@ def test_small_batches_are_the_one_token_kernel_row_for_row(name, mode):
             one = np.full(rows, np.nan, dtype=np.float32)
             matvec(one, parts["codes"], parts["scales"].view(np.uint16), mins, x[i : i + 1], qt.asym)
             assert np.array_equal(y[i], one), (t, i)
+
+
+@pytest.mark.skipif(not cpu_quant.HAS_VNNI, reason="the byte kernels need AVX-512 VNNI / AVX-VNNI")
+@pytest.mark.parametrize("mode", ["int8", "split"])
+@pytest.mark.parametrize("name", ["q4a_g32", "q3_g128", "q8_g64"])
+def test_packed_weights_for_batched_decode(name, mode):
+    """Pre-packed blocks (kernels/packed.py) give the reference product for 2..8 tokens, rows past the last whole
+    block included, and exactly the prompt GEMM's numbers."""
+    qt = REGISTRY[name]
+    rng = np.random.default_rng(qt.id + 3)
+    rows, cols = 2 * cpu_quant.GEMM_ROWS + 5, 11 * qt.group_size
+    parts = random_parts(qt, rows, cols, rng)
+    w = dispatch.Weight(StoredTensor("w", qt, (rows, cols), parts))
+    w.set_activation_mode(mode)
+    _, _, gemm, _ = cpu_quant.make_kernels(qt.bits, qt.group_size, mode, amx=False)
+    assert dispatch.pack_for_batches(w) > 0
+    for t in range(2, dispatch.SMALL_BATCH + 1):
+        x = rng.standard_normal((t, cols)).astype(np.float32)
+        got = dispatch.linear(w, x)
+        want = ref.matvec(parts, qt, (rows, cols), ref.round_activations(x, qt.group_size, QMAX[mode]))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        y = np.full((t, rows), np.nan, dtype=np.float32)
+        gemm(y, *w._qargs(), x, qt.asym)
+        assert np.array_equal(got, y)
