@@ -92,32 +92,37 @@ class Server:
         self.proc.wait(30)
 
 
-def chat(client: httpx.Client, question: str, max_tokens: int) -> tuple[float | None, int, float]:
-    """(time to first token, completion tokens, seconds) of one streamed greedy chat request."""
+def chat(client: httpx.Client, question: str, max_tokens: int, every_token: bool = False):
+    """(time to first token, completion tokens, seconds) of one streamed greedy chat request of exactly max_tokens
+    tokens. ``every_token``: ask for logprobs, so that tokens without text (a random model's) still send a chunk."""
     body = {"model": "m", "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
             "ignore_eos": True}  # fmt: skip
+    if every_token:
+        body |= {"logprobs": True, "top_logprobs": 0}
     t0 = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, chunks = None, 0, 0
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content") and first is None:
-                first = time.perf_counter() - t0
+            if chunk.get("choices"):
+                chunks += 1
+                if chunks == 2 and first is None:  # the first after the role chunk carries the first token
+                    first = time.perf_counter() - t0
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     return first, tokens, time.perf_counter() - t0
 
 
-def load_round(server: Server, clients: int, requests: int, max_tokens: int) -> dict:
+def load_round(server: Server, clients: int, requests: int, max_tokens: int, every_token: bool) -> dict:
     def client_run(i: int) -> tuple[list[float], int, float]:
         with httpx.Client(base_url=server.base, timeout=600) as h:
             ttfts, tokens, t0 = [], 0, time.perf_counter()
             for j in range(requests):
-                ttft, n, _ = chat(h, QUESTIONS[(i * requests + j) % len(QUESTIONS)], max_tokens)
+                ttft, n, _ = chat(h, QUESTIONS[(i * requests + j) % len(QUESTIONS)], max_tokens, every_token)
                 tokens += n
                 if ttft is not None:
                     ttfts.append(ttft)
@@ -193,7 +198,7 @@ def main() -> None:
     server = Server(model, a.parallel, a.threads)
     try:
         chat(httpx.Client(base_url=server.base, timeout=600), "Hello", 8)  # warm: kernels compiled
-        rows = [load_round(server, int(c), a.requests, a.max_tokens) for c in a.clients.split(",")]
+        rows = [load_round(server, int(c), a.requests, a.max_tokens, a.shape is not None) for c in a.clients.split(",")]
         soaked = soak(server, a.soak) if a.soak else None
     finally:
         server.close()
