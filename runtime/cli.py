@@ -50,11 +50,14 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: off)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set of tokens whose probability reaches p (default 1.0: off)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than p times the most likely one (default 0.0: off)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already seen by this (default 1.0: off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one each run)")
 
 
 def _add_constraint_args(p: argparse.ArgumentParser) -> None:
@@ -112,12 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record in the container that its products should take int16-precision activations by "
                    "default (run/generate/serve/eval; --int8-activations overrides): for models whose answers "
                    "int8 activations change")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown on a terminal)")
 
     p = sub.add_parser("generate", parents=[verbose], help="continue a prompt and print tokens/s")
     _add_runtime_args(p)
-    p.add_argument("-p", "--prompt", required=True)
-    p.add_argument("-n", "--max-tokens", type=int, default=128)
+    p.add_argument("-p", "--prompt", required=True, help="the prompt (a user message unless --raw)")
+    p.add_argument("-n", "--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
     p.add_argument("--raw", action="store_true", help="plain completion: do not apply the model's chat template")
     p.add_argument("--system", default=None, help="system prompt (chat template mode)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -158,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", default=None, help="random-weight model shape: smollm2-135m (default), smollm2-360m, "
                    "llama3.2-1b, tinyllama-1.1b")
     p.add_argument("--bits", default="4", help="bits for --shape, comma-separated for several rows (default 4)")
-    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--group-size", type=int, default=64, help="group size for --shape (default 64)")
     p.add_argument("--prompt", type=int, default=512, help="prefill tokens (default 512)")
     p.add_argument("--gen", type=int, default=128, help="decode tokens (default 128)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
@@ -168,10 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                    help="cpu (default), cuda (decode against the GPU's memory bandwidth; needs a real GPU) or auto")
     p.add_argument("--workdir", default="~/.cache/lowbit/bench", help="where random-weight containers are kept")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("list", parents=[verbose], help="list the models in the local model store")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = sub.add_parser("rm", parents=[verbose], help="remove a model from the local model store")
     p.add_argument("name", help="a name `lowbit list` shows")
 
@@ -196,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "non-overlapping windows)")
     p.add_argument("--reference", default=None, metavar="SRC", help="also compare with this model (a .lowbit file, "
                    "or a Hugging Face checkpoint run unquantized): KL divergence and top-1 agreement")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser(
         "compare", parents=[verbose], help="convert a checkpoint several ways; one table of size, quality and speed"
