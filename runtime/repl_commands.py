@@ -170,6 +170,39 @@ def cmd_stats(repl: Repl, arg: str) -> None:
     repl.info("\n".join(lines))
 
 
+def cmd_show(repl: Repl, arg: str) -> None:
+    """/show: the model (architecture, size, quantization, activations), the chat template's head and the settings;
+    /show template: the whole chat template."""
+    engine = repl.chat.engine
+    template = engine.tokenizer.chat_template
+    what = arg.strip()
+    if what == "template":
+        repl.info(template if template else "this model has no chat template (plain completion mode)")
+        return
+    if what not in ("", "model"):
+        raise CommandError(f"/show: expected nothing or 'template', got {what!r}")
+    meta = engine.container.meta
+    arch = meta.get("architecture", {})
+    a = engine.args
+    q = meta.get("quantization", {})
+    size = engine.path.stat().st_size if engine.path.exists() else 0
+    head = (template or "").strip().splitlines()[:3]
+    lines = [
+        f"model:       {engine.path.name} ({size / 1e6:.1f} MB)",
+        f"arch:        {arch.get('model_type')} ({arch.get('family')}): {a.num_hidden_layers} layers, hidden "
+        f"{a.hidden_size}, {a.num_attention_heads} heads ({a.num_key_value_heads} kv), vocab {a.vocab_size}, "
+        f"max context {a.max_position_embeddings}",
+        f"quantized:   {q.get('method', '?')}, {q.get('bits', '?')} bits"
+        + (f", group {q['group_size']}" if q.get("group_size") else ""),
+        f"activations: {'exact (int16 precision)' if engine.exact_activations else 'int8'}; context {engine.ctx}; "
+        f"{engine.threads} thread{'s' if engine.threads != 1 else ''}",
+        "template:    " + (" / ".join(head) + (" ..." if template and len(template.splitlines()) > 3 else "")
+                          if template else "none (plain completion mode)"),
+        f"settings:    {settings_text(repl)}",
+    ]
+    repl.info("\n".join(lines))
+
+
 def cmd_save(repl: Repl, arg: str) -> None:
     force = arg.startswith("--force ")
     arg = arg.removeprefix("--force ").strip() if force else arg
@@ -254,6 +287,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("system", "/system [TEXT|clear]", "show, set or clear the system prompt", cmd_system),
     Command("set", "/set [KEY VALUE]", f"show or change a setting: {', '.join(SETTINGS)}", cmd_set),
     Command("stats", "/stats", "model, context use, settings and the last reply's speed", cmd_stats),
+    Command("show", "/show [template]", "the model, its chat template and the settings", cmd_show),
     Command("save", "/save [--force] FILE", "save the conversation as JSON (--force replaces a file)", cmd_save),
     Command("load", "/load FILE", "load a conversation saved with /save", cmd_load),
     Command("exit", "/exit", "leave; Ctrl-D works too", cmd_exit, ("quit", "bye")),

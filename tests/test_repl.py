@@ -229,8 +229,17 @@ def test_help_lists_every_command(engine, tmp_path):
     _, out, rc = drive(engine, "/help\r\x04", tmp_path)
     assert rc == 0
     for usage in ("/help", "/reset", "/system [TEXT|clear]", "/set [KEY VALUE]", "/stats", "/save [--force] FILE",
-                  "/load FILE", "/exit", "Alt-Enter", "Ctrl-C", "Ctrl-D"):  # fmt: skip
+                  "/load FILE", "/exit", "/show [template]", "Alt-Enter", "Ctrl-C", "Ctrl-D"):  # fmt: skip
         assert usage in out
+
+
+def test_show_model_template_and_settings(engine, tmp_path):
+    _, out, rc = drive(engine, "/show\r/show template\r/show nonsense\r\x04", tmp_path)
+    assert rc == 0
+    assert f"model:       {engine.path.name}" in out and f"{engine.args.num_hidden_layers} layers" in out
+    assert "settings:    temp=" in out
+    assert engine.tokenizer.chat_template.strip().splitlines()[-1].strip() in out  # the whole template
+    assert "/show: expected nothing or 'template'" in out
 
 
 def test_keys_newline_paste_ctrl_c(engine, tmp_path, monkeypatch):
