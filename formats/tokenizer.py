@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -230,9 +231,74 @@ class Tokenizer:
             **kwargs,
         )
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, literal_content: bool = False,
+                    **kwargs) -> list[int]:  # fmt: skip
+        """Token ids of the rendered chat. ``literal_content``: text in the messages that spells a special token
+        ("</s>", "<|im_end|>") stays text; only the template's own special tokens are special (what a server
+        owes its users: a message cannot end a turn or forge a role)."""
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
-        return self.encode(text, add_special_tokens=False)
+        spans = []
+        if literal_content:
+            spans = self._special_text_spans(text, messages, add_generation_prompt, kwargs)
+        if not spans:
+            return self.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        pos = 0
+        for a, b in spans:
+            if pos < a:
+                ids += self.encode(text[pos:a], add_special_tokens=False)
+            ids += self._literal(text[a:b])
+            pos = b
+        if pos < len(text):
+            ids += self.encode(text[pos:], add_special_tokens=False)
+        return ids
+
+    def _special_text_spans(self, text: str, messages: list[dict], add_generation_prompt: bool,
+                             kwargs: dict) -> list[tuple[int, int]]:  # fmt: skip
+        """Where in the rendered ``text`` the contents of messages that spell a special token are: the template
+        is rendered again with a placeholder for each such content, which must give ``text`` back once the contents
+        are put in (a template that changes the text it inserts gets none: the text stays as rendered)."""
+        specials = [t for t in self.special_token_texts() if t]
+        marked, contents = [], {}
+        for i, m in enumerate(messages):
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str) and any(s in content for s in specials):
+                mark = f"\ue000{i}\ue001"
+                contents[mark] = content
+                m = {**m, "content": mark}
+            marked.append(m)
+        if not contents:
+            return []
+        try:
+            skeleton = self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, **kwargs)
+        except LowbitError:
+            return []
+        pattern = re.compile("|".join(map(re.escape, contents)))
+        for inserted in (contents, {k: v.strip() for k, v in contents.items()}):  # as given, or trimmed (llama 2)
+            spans, pos, out = [], 0, []
+            for m in pattern.finditer(skeleton):
+                out.append(skeleton[pos : m.start()])
+                start = sum(map(len, out))
+                out.append(inserted[m.group()])
+                spans.append((start, start + len(inserted[m.group()])))
+                pos = m.end()
+            out.append(skeleton[pos:])
+            if "".join(out) == text:
+                return spans
+        return []
+
+    def _literal(self, text: str) -> list[int]:
+        """``text``'s tokens as they follow other text, special-token text kept as text: encoded after a newline
+        whose tokens are then dropped (SentencePiece-style pipelines put a space before a text's start)."""
+        prefix = self._backend.encode_literal("\n")
+        ids = self._backend.encode_literal("\n" + text)
+        if ids[: len(prefix)] == prefix:
+            return ids[len(prefix) :]
+        return self._backend.encode_literal(text)
+
+    def special_token_texts(self) -> list[str]:
+        """The text of every special token (the strings a user could type to forge one)."""
+        return sorted({self.decode([i], skip_special_tokens=False) for i in self.special_ids()})
 
     def byte_token_ids(self) -> frozenset[int]:
         """Ids of byte-fallback tokens (``<0xAB>``) when the decoder joins them into UTF-8, else empty."""

@@ -70,6 +70,7 @@ class JsonBackend:
         if meta.get("special_tokens_explicit"):
             tok.post_processor = _template_processor(tok, meta)
         self.tok = tok
+        self._literal: tokenizers.Tokenizer | None = None
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.is_bpe = type(tok.model).__name__ == "BPE"
         self.byte_fallback = "ByteFallback" in repr(tok.decoder)
@@ -94,6 +95,15 @@ class JsonBackend:
     def serialized(self) -> str:
         """The tokenizer as tokenizer.json text (with the added tokens and pipeline changes made here)."""
         return self.tok.to_str()
+
+    def encode_literal(self, text: str) -> list[int]:
+        """Tokens of ``text`` with special-token text in it taken as plain text (its own copy of the pipeline:
+        the flag is per tokenizer object, and other threads encode with this one)."""
+        if self._literal is None:
+            literal = tokenizers.Tokenizer.from_str(self.tok.to_str())
+            literal.encode_special_tokens = True
+            self._literal = literal
+        return self._literal.encode(text, add_special_tokens=False).ids
 
     def token_bytes(self) -> None:
         return None  # a tokenizers pipeline: readers of tokenizer.json work the bytes out from serialized()
@@ -226,10 +236,14 @@ class SpmBackend:
         tid = self.sp.piece_to_id(token)
         return tid if self.sp.id_to_piece(tid) == token else None
 
-    def _segments(self, text: str):
-        """Split on added tokens (tokenizers' rules for lstrip/rstrip/single_word): yield (start, text or id)."""
+    def _segments(self, text: str, split_special: bool = False):
+        """Split on added tokens (tokenizers' rules for lstrip/rstrip/single_word): yield (start, text or id).
+        ``split_special``: special tokens' text is plain text."""
         pos = 0
-        for m in self.pattern.finditer(text) if self.pattern and not self.split_special else ():
+        plain = self.split_special or split_special
+        for m in self.pattern.finditer(text) if self.pattern else ():
+            if plain and self.added[self.added_ids[m.group()]]["special"]:
+                continue
             entry = self.added[self.added_ids[m.group()]]
             if m.start() < pos:
                 continue
@@ -247,9 +261,12 @@ class SpmBackend:
                 pos += len(text[pos:]) - len(text[pos:].lstrip())
         yield pos, text[pos:]
 
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    def encode_literal(self, text: str) -> list[int]:
+        return self.encode(text, False, split_special=True)
+
+    def encode(self, text: str, add_special_tokens: bool, split_special: bool = False) -> list[int]:
         ids = list(self.prefix_ids) if add_special_tokens else []
-        for start, seg in self._segments(text):
+        for start, seg in self._segments(text, split_special):
             if isinstance(seg, int):
                 ids.append(seg)
                 continue

@@ -120,7 +120,7 @@ def cmd_generate(args) -> int:
         ids = tok.encode(args.prompt, add_special_tokens=True)
     else:
         messages = [{"role": "system", "content": args.system}] if args.system else []
-        ids = tok.encode_chat([*messages, {"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        ids = tok.encode_chat([*messages, {"role": "user", "content": args.prompt}], literal_content=True)
     out = sys.stdout
     constraint = engine.grammars.compile(grammar) if grammar is not None else None
     for ev in engine.generate(ids, params, max_tokens=args.max_tokens, stop=args.stop, continuation=plain,

@@ -81,7 +81,7 @@ class Chat:
         head = [{"role": "system", "content": self.system}] if self.system else []
         # the template sees only role and content (our "interrupted" mark is not for it)
         body = [{"role": m["role"], "content": m["content"]} for m in messages]
-        return tok.encode_chat(head + body, add_generation_prompt=True)
+        return tok.encode_chat(head + body, add_generation_prompt=True, literal_content=True)
 
     def prepare(self, text: str) -> tuple[list[int], int]:
         """Prompt ids for a new user message, and how many of the oldest messages must go for it to fit the context.

@@ -99,7 +99,8 @@ async def chat_prompt(request: Request, messages: list[dict], tools: ToolSpec | 
         except ToolError as e:
             raise P.bad_request(str(e), e.param, "invalid_tools") from None
     try:
-        ids = await run_in_threadpool(tok.encode_chat, messages, add_generation_prompt=True, **kwargs)
+        ids = await run_in_threadpool(tok.encode_chat, messages, add_generation_prompt=True, literal_content=True,
+                                      **kwargs)
     except LowbitError as e:  # the template refused the conversation
         raise P.bad_request(f"chat template: {e}", "messages") from None
     return ids, fmt, await compile_constraint(engine, grammar)
