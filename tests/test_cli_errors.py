@@ -209,3 +209,8 @@ def test_an_impossible_budget_fails_at_once(tmp_path, tiny_models):
         res = run_cli("convert", tiny_models["llama"], "-o", tmp_path / "b.lowbit", flag, value, "--no-progress")
         assert_clean_error(res, "cannot be met; the cheapest types need")
         assert time.monotonic() - t0 < 60 and not (tmp_path / "b.lowbit").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--parallel", "0"), ("--cache-ram", "-1"), ("--max-queue", "-3")])
+def test_serve_capacity_flags_are_checked_before_anything_starts(flag, value):
+    assert_clean_error(run_cli("serve", flag, value, "--port", "0"), f"{flag} must be at least")
