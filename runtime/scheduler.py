@@ -111,8 +111,8 @@ class Scheduler:
             n = min(common_prefix(s.tokens, prompt), len(prompt) - 1)
             if n > reuse:
                 best, reuse = s, n
-        if best is not None and reuse == len(best.tokens):
-            return best, reuse
+        if best is not None and (reuse == len(best.tokens) or common_prefix(best.tokens, prompt) == len(prompt)):
+            return best, reuse  # the prompt extends all the slot holds, or lies within it (a reply asked again)
         fresh = self._fresh_slot(idle, keep=best)
         if fresh is None:  # no other slot to be had: the partial match gives up its tail
             return best, reuse
