@@ -15,14 +15,21 @@ float rounding of a different summation order (relative ~1e-6; measured in tests
 
 from __future__ import annotations
 
+import inspect
+import zlib
 from functools import lru_cache
 
 import numba as nb
 import numpy as np
 
+from lowbit.kernels import cpu_quant
 from lowbit.kernels.cpu import _JIT
-from lowbit.kernels.cpu_quant import GEMM_ROWS, TILE_TOKENS, pack_block, quantize8, row_dot8
+from lowbit.kernels.cpu_quant import _DEPS, GEMM_ROWS, TILE_TOKENS, pack_block, quantize8, row_dot8
 from lowbit.kernels.gemm_vnni import tile_gemm
+
+# the kernels below inline code from cpu_quant (and, through it, the modules cpu_quant._DEPS covers); numba's cache
+# checks only this file, and keys closures by their captured values: capturing this ties them to all of it
+_KEY = zlib.crc32(inspect.getsource(cpu_quant).encode()) ^ _DEPS
 
 
 @lru_cache(maxsize=None)
@@ -30,11 +37,19 @@ def packed_kernels(bits: int, g: int, split: bool):
     """(prepack, matmul) for ``bits``-bit groups of ``g`` with int8 (split: int16-precision) activations:
     ``prepack(codes, scales, mins, asym) -> (wb, dsc, nmc)`` and ``matmul(y, wb, dsc, nmc, codes, scales, mins, x,
     asym)`` for y[T, rows] = x @ W.T (rows past the last whole block from the codes, one at a time)."""
+    return _prepack(bits, g), _matmul(bits, g, split)
+
+
+@lru_cache(maxsize=None)
+def _prepack(bits: int, g: int):
+    """One closure per (bits, g): two live closures with the same captured values would share a cache entry."""
     br = GEMM_ROWS
-    tt = TILE_TOKENS["split" if split else "int8"]
+    key = _KEY
 
     @nb.njit(parallel=True, **_JIT)
     def prepack(codes, scales, mins, asym):
+        if key == 0:  # never true; ties the cached code to _KEY
+            return None
         nblk = codes.shape[0] // br
         cols = codes.shape[1] * 8 // bits
         ng = cols // g
@@ -48,8 +63,19 @@ def packed_kernels(bits: int, g: int, split: bool):
             nmc[i] = n
         return wb, dsc, nmc
 
+    return prepack
+
+
+@lru_cache(maxsize=None)
+def _matmul(bits: int, g: int, split: bool):
+    br = GEMM_ROWS
+    tt = TILE_TOKENS["split" if split else "int8"]
+    key = _KEY
+
     @nb.njit(parallel=True, **_JIT)
     def matmul(y, wb, dsc, nmc, codes, scales, mins, x, asym):
+        if key == 0:  # never true; ties the cached code to _KEY
+            return
         rows = codes.shape[0]
         t_n = x.shape[0]
         xh, xl, dx, xs = quantize8(x, g, split)
@@ -75,4 +101,4 @@ def packed_kernels(bits: int, g: int, split: bool):
                 for t in range(t_n):
                     y[t, r] = row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
 
-    return prepack, matmul
+    return matmul
