@@ -108,9 +108,11 @@ def test_a_client_that_goes_away_frees_its_slot(toy_server):
 
 @pytest.mark.parametrize("toy_server", [(1, 1)], indirect=True)
 def test_a_full_queue_answers_503_at_once(toy_server):
-    body = {"model": TOY_MODEL.stem, "prompt": COUNTING, "max_tokens": 1000, "temperature": 0}
+    body = {"model": TOY_MODEL.stem, "prompt": COUNTING, "max_tokens": 600, "temperature": 0}
     client = toy_server.client()
-    busy = [threading.Thread(target=lambda: client.completions.create(**body), daemon=True) for _ in range(2)]
+    finished = []
+    busy = [threading.Thread(target=lambda: finished.append(client.completions.create(**body).usage.completion_tokens))
+            for _ in range(2)]  # fmt: skip
     for t in busy:  # one runs, one waits
         t.start()
         time.sleep(0.3)
@@ -121,7 +123,9 @@ def test_a_full_queue_answers_503_at_once(toy_server):
     assert r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"] == "1"
     with pytest.raises(openai.InternalServerError):
         toy_server.client().completions.create(**body)
-    toy_server.server.should_exit = True  # the long generations end with the server
+    for t in busy:  # the running and the waiting request both complete
+        t.join(120)
+    assert finished == [600, 600]
 
 
 def _rss() -> int:
