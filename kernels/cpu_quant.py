@@ -35,7 +35,7 @@ from lowbit.kernels.amx import TILE, amx_block, host_has_amx, pack_tokens
 from lowbit.kernels.cpu import _JIT, _h2f
 from lowbit.kernels.gemm_vnni import tile_gemm, unpack_row
 from lowbit.kernels.simd import group_idot, half_to_float, host_has_f16c, quad_fdot
-from lowbit.kernels.vnni import host_has_avx512_vnni, host_has_vnni, row_fdot8, rows_fdot8
+from lowbit.kernels.vnni import host_has_avx512_vnni, host_has_vnni, row_fdot8
 
 XQ_MAX = 32767.0
 XQ_MAX_SPLIT = 32639.0  # 127 * 256 + 127: the high byte of round(x / dx) + 128 stays a signed byte
@@ -194,31 +194,6 @@ def row_dot8(codes, scales, mins, r, xh, xl, dx, xs, asym, bits, g, split):
 
 
 @nb.njit(**_JIT)
-def _rows_dot8(y, codes, scales, mins, r, xh, xl, dx, xs, asym, bits, g, split, ntok):
-    """y[t, r] for the first ntok tokens (a literal of vnni.SMALL_TOKENS), row r unpacked once for all of them;
-    each value bit for bit what row_dot8 gives for its token alone."""
-    if asym:
-        rows_fdot8(codes[r], scales, mins, r, xh, xl, dx, xs, y, bits, g, True, split, ntok)
-    else:
-        rows_fdot8(codes[r], scales, mins, r, xh, xl, dx, xs, y, bits, g, False, split, ntok)
-
-
-@nb.njit(**_JIT)
-def _padded_tokens(xh, xl, dx, xs, n):
-    """The quantized activations with zero tokens appended up to n rows (their outputs are dropped)."""
-    t_n = xh.shape[0]
-    ph = np.zeros((n, xh.shape[1]), dtype=np.int8)
-    pl = np.zeros((n, xl.shape[1]), dtype=np.int8)
-    pd = np.zeros((n, dx.shape[1]), dtype=np.float32)
-    ps = np.zeros((n, xs.shape[1]), dtype=np.float32)
-    ph[:t_n] = xh
-    pl[:t_n] = xl
-    pd[:t_n] = dx
-    ps[:t_n] = xs
-    return ph, pl, pd, ps
-
-
-@nb.njit(**_JIT)
 def quantize8(x, g, split):
     """(xh, xl, dx, xs) of quantize_activations8 for x: f32[T, cols], freshly allocated (xl is [T, 1] unless split)."""
     t_n, cols = x.shape
@@ -273,27 +248,15 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
 
     @nb.njit(parallel=True, **_JIT)
     def qmatmul_small(y, codes, scales, mins, x, asym):
-        """y[T, rows] = x @ W.T for 2..8 tokens (decode steps of several sequences): each row's codes unpacked
-        once for all tokens (vnni.rows_fdot8; 3, 5, 6 and 7 tokens are padded to 4 or 8), every value bit for bit
-        the one-token kernel's. Arguments as in the int16 qmatmul_small."""
-        t_n = x.shape[0]
+        """y[T, rows] = x @ W.T for a few tokens, each row and token as the one-token kernel computes it (so a
+        decode pass of several sequences gives each one's numbers bit for bit); arguments as in the int16
+        qmatmul_small."""
         xh, xl, dx, xs = quantize8(x, g, split)
         if deps == 0:  # never true; see _dependency_key
             return
-        n = 2 if t_n <= 2 else 4 if t_n <= 4 else 8
-        out = y
-        if n != t_n:
-            xh, xl, dx, xs = _padded_tokens(xh, xl, dx, xs, n)
-            out = np.empty((n, y.shape[1]), dtype=np.float32)
         for r in nb.prange(codes.shape[0]):
-            if n == 2:
-                _rows_dot8(out, codes, scales, mins, r, xh, xl, dx, xs, asym, bits, g, split, 2)
-            elif n == 4:
-                _rows_dot8(out, codes, scales, mins, r, xh, xl, dx, xs, asym, bits, g, split, 4)
-            else:
-                _rows_dot8(out, codes, scales, mins, r, xh, xl, dx, xs, asym, bits, g, split, 8)
-        if n != t_n:
-            y[:, :] = out[:t_n]
+            for t in range(x.shape[0]):
+                y[t, r] = row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
 
     @nb.njit(parallel=True, **_JIT)
     def qgemm(y, codes, scales, mins, x, asym):

@@ -7,9 +7,11 @@ the last one), so only the rest of its prompt is computed. Each :meth:`Scheduler
 1. prefills one chunk (at most ``prefill_chunk`` tokens) of the oldest request still reading its prompt, alone in
    its forward pass and chunked as ``Engine.prefill`` chunks, so a long prompt never stalls the others for more
    than one chunk;
-2. advances every decoding sequence by one token, in forward passes of at most ``dispatch.SMALL_BATCH`` rows: the
-   quantized kernels read each weight once for all rows of a pass and compute every row exactly as a lone decode
-   step would, so a reply under load is the reply the request gets alone.
+2. advances every decoding sequence by one token, in forward passes of at most ``dispatch.SMALL_BATCH`` rows: with
+   the weights packed for batches (kernels/packed.py, where the CPU has the byte dot product) a pass runs as the
+   prompt GEMM, reading each weight once for all rows (a sequence's logits then differ from its lone decode by
+   float rounding, KL ~1e-7 with exact activations); otherwise the small-batch kernel computes every row exactly
+   as a lone decode step would.
 
 Idle slots keep their tokens for reuse while all slots' caches together stay within ``cache_ram`` bytes (each cache
 counted whole: context length × bytes per token); beyond, the least recently used idle ones are freed.
