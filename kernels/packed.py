@@ -27,9 +27,13 @@ from lowbit.kernels.cpu import _JIT
 from lowbit.kernels.cpu_quant import _DEPS, GEMM_ROWS, TILE_TOKENS, pack_block, quantize8, row_dot8
 from lowbit.kernels.gemm_vnni import tile_gemm
 
-# the kernels below inline code from cpu_quant (and, through it, the modules cpu_quant._DEPS covers); numba's cache
-# checks only this file, and keys closures by their captured values: capturing this ties them to all of it
-_KEY = zlib.crc32(inspect.getsource(cpu_quant).encode()) ^ _DEPS
+
+@lru_cache(maxsize=None)
+def _key() -> int:
+    """The kernels below inline code from cpu_quant (and, through it, the modules cpu_quant._DEPS covers); numba's
+    cache checks only this file, and keys closures by their captured values: capturing this ties them to all of it.
+    Read when a kernel is first made, not at import."""
+    return zlib.crc32(inspect.getsource(cpu_quant).encode()) ^ _DEPS
 
 
 @lru_cache(maxsize=None)
@@ -44,11 +48,11 @@ def packed_kernels(bits: int, g: int, split: bool):
 def _prepack(bits: int, g: int):
     """One closure per (bits, g): two live closures with the same captured values would share a cache entry."""
     br = GEMM_ROWS
-    key = _KEY
+    key = _key()
 
     @nb.njit(parallel=True, **_JIT)
     def prepack(codes, scales, mins, asym):
-        if key == 0:  # never true; ties the cached code to _KEY
+        if key == 0:  # never true; ties the cached code to _key()
             return None
         nblk = codes.shape[0] // br
         cols = codes.shape[1] * 8 // bits
@@ -70,11 +74,11 @@ def _prepack(bits: int, g: int):
 def _matmul(bits: int, g: int, split: bool):
     br = GEMM_ROWS
     tt = TILE_TOKENS["split" if split else "int8"]
-    key = _KEY
+    key = _key()
 
     @nb.njit(parallel=True, **_JIT)
     def matmul(y, wb, dsc, nmc, codes, scales, mins, x, asym):
-        if key == 0:  # never true; ties the cached code to _KEY
+        if key == 0:  # never true; ties the cached code to _key()
             return
         rows = codes.shape[0]
         t_n = x.shape[0]

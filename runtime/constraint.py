@@ -184,7 +184,6 @@ class GrammarCompiler:
             raise GrammarError(_first_line(messages[0] if messages else "invalid grammar"))
 
     def compile(self, grammar: str) -> Constraint:
-        self.check(grammar)
         matcher = _llguidance().LLMatcher(self._lltokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise GrammarError(_first_line(matcher.get_error()))

@@ -22,7 +22,7 @@ from lowbit.models import family_for
 from lowbit.runtime.constraint import Constraint, GrammarCompiler
 from lowbit.runtime.device import resolve_device
 from lowbit.runtime.sampling import SamplingParams
-from lowbit.runtime.sequence import Event, SequenceState
+from lowbit.runtime.sequence import Event, SequenceState, common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +173,7 @@ class Engine:
             raise LowbitError("empty prompt")
         if len(tokens) > self.ctx:
             raise ContextOverflowError(f"prompt of {len(tokens)} tokens does not fit the context of {self.ctx}")
-        n = 0
-        for a, b in zip(self.cached, tokens):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(tokens) - 1)  # always run at least the last token to get its logits
+        n = min(common_prefix(self.cached, tokens), len(tokens) - 1)  # at least the last token runs: its logits
         # forward overwrites positions n.. of the cache: forget them first, so a prefill interrupted part-way
         # (Ctrl-C) never leaves old tokens listed whose keys/values are already gone
         self.cached = tokens[:n]

@@ -30,7 +30,7 @@ import numpy as np
 
 from lowbit.kernels import dispatch
 from lowbit.models.common import Segments
-from lowbit.runtime.sequence import SequenceState
+from lowbit.runtime.sequence import SequenceState, common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,6 @@ class Slot:
     tokens: list[int] = field(default_factory=list)
     last_used: float = 0.0
     busy: bool = False
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @dataclass

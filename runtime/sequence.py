@@ -16,6 +16,16 @@ from lowbit.runtime.constraint import Constraint
 from lowbit.runtime.sampling import Sampler, SamplingParams, StopMatcher
 
 
+def common_prefix(a: Seq[int], b: Seq[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share (what a KV cache holding ``a`` can reuse of ``b``)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @dataclass
 class Event:
     token: int

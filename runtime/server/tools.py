@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from lowbit.runtime.constraint import MAX_GRAMMAR_CHARS, GrammarError
+from lowbit.runtime.constraint import MAX_GRAMMAR_CHARS, GrammarError, json_schema_grammar, lark_grammar
 
 NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 MAX_TOOLS = 128
@@ -245,8 +245,6 @@ def _any_call(tools: list[Tool], args_key: str) -> dict:
 
 def grammar_for(spec: ToolSpec, fmt: str) -> str | None:
     """The llguidance Lark grammar that the reply must follow (None: free text, calls parsed afterwards)."""
-    from lowbit.runtime.constraint import lark_grammar
-
     if spec.choice == "none" or not spec.tools:
         return None
     tools = spec.allowed()
@@ -276,8 +274,6 @@ def grammar_for(spec: ToolSpec, fmt: str) -> str | None:
 def check_grammar(spec: ToolSpec, compiler) -> None:
     """Compile each tool's parameter schema on its own, so that a bad one is named in the error."""
     for i, tool in enumerate(spec.tools):
-        from lowbit.runtime.constraint import json_schema_grammar
-
         try:
             compiler.check(json_schema_grammar(tool.parameters))
         except GrammarError as e:
