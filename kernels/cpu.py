@@ -194,16 +194,6 @@ def rmsnorm(out, x, w, eps):
 
 
 @nb.njit(**_JIT)
-def kv_write(k_cache, v_cache, k, v, start):
-    """k_cache[:, start + t, :] = k[t] and the same for v. Caches: f32[n_kv, ctx, hd]; k, v: f32[T, n_kv, hd]."""
-    for t in range(k.shape[0]):
-        for h in range(k.shape[1]):
-            for j in range(k.shape[2]):
-                k_cache[h, start + t, j] = k[t, h, j]
-                v_cache[h, start + t, j] = v[t, h, j]
-
-
-@nb.njit(**_JIT)
 def add_rmsnorm(xo, ho, x, a, w, eps):
     """xo = x + a and ho = rmsnorm(xo) * w in one pass per row (the residual add and the next norm). All f32[T, n]
     but w: f32[n]."""
@@ -217,16 +207,6 @@ def add_rmsnorm(xo, ho, x, a, w, eps):
         inv = np.float32(1.0 / math.sqrt(s / n + eps))
         for j in range(n):
             ho[t, j] = xo[t, j] * inv * w[j]
-
-
-@nb.njit(**_JIT)
-def rope2_kv_write(q, k, v, cos, sin, k_cache, v_cache, start):
-    """rope_inplace of q and of k[..., :rot], then kv_write(k_cache, v_cache, k, v, start), in one call.
-    q: f32[T, n_heads, rot] (a view when RoPE rotates part of each head); k, v: f32[T, n_kv, hd]; cos, sin:
-    f32[T, rot/2]."""
-    rope_inplace(q, cos, sin)
-    rope_inplace(k[:, :, : q.shape[2]], cos, sin)
-    kv_write(k_cache, v_cache, k, v, start)
 
 
 @nb.njit(**_JIT)

@@ -10,7 +10,8 @@ stores the output row once per key. The intrinsics take eight keys at a time ins
   stored once per eight keys.
 
 Rows are ``n`` floats (the head dim, a multiple of 8: the kernels take plain loops otherwise) and the eight rows are
-consecutive in memory (rows s .. s+7 of a ``[ctx, n]`` cache slice). Bounds are the caller's: the intrinsics read
+consecutive in memory (rows s .. s+7 of a ``[ctx, n]`` float32 cache slice, or of a small float32 tile that
+``load_rows`` decodes a float16 or quantized cache into: kernels/kv_formats.py). Bounds are the caller's: the intrinsics read
 ``q[qoff : qoff + n]`` and ``k[koff : koff + 8n]`` (``values8``: ``p[poff : poff + 8]``, ``v[voff : voff + 8n]``
 and ``out[ooff : ooff + n]``) without checks. Arrays must be C-contiguous float32.
 The intrinsics live in this file with the kernels that inline them because numba's on-disk cache checks only the
@@ -26,17 +27,18 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils, errors
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-from lowbit.kernels.cpu import _JIT, fast_exp
-from lowbit.kernels.simd import prefetch_line
+from lowbit.kernels.cpu import _JIT, _h2f, fast_exp
+from lowbit.kernels.simd import half_to_float, host_has_f16c, prefetch_line
 
 _F32 = ir.FloatType()
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _V8 = ir.VectorType(_F32, 8)
 KEYS = 8  # rows per call
-PREFETCH_AHEAD = 512  # floats (2 KiB) of cached keys/values ahead of the block being read that the kernels prefetch
+PREFETCH_AHEAD = 2048  # bytes of cached keys/values ahead of the block being read that the kernels prefetch
+H2F = half_to_float if host_has_f16c() else _h2f
 
 
 def _check_arrays(*arrs):
@@ -81,15 +83,137 @@ def _transpose_sum(builder, accs):
 
 @intrinsic
 def prefetch(typingctx, a, off):
-    """Ask the cache for the line holding a.flat[off] (a hint: never faults, whatever the address)."""
-    _check_arrays(a)
+    """Ask the cache for the line holding byte ``off`` of a's data (a hint: never faults, whatever the address)."""
+    if not (isinstance(a, types.Array) and a.layout == "C"):
+        raise errors.TypingError("prefetch needs a C-contiguous array")
     sig = types.void(a, off)
 
     def codegen(context, builder, signature, args):
-        prefetch_line(builder, _data(context, builder, signature.args[0], args[0], args[1]))
+        arr = context.make_array(signature.args[0])(context, builder, value=args[0])
+        base = builder.bitcast(arr.data, ir.IntType(8).as_pointer())
+        o = args[1] if args[1].type.width == 64 else builder.sext(args[1], _I64)
+        prefetch_line(builder, builder.gep(base, [o]))
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def dequant8_q8(typingctx, out, ooff, src, soff, d):
+    """out[ooff : ooff+8] = d · src[soff : soff+8] (int8 codes: sign-extended, converted, scaled in one vector)."""
+    if not (isinstance(src, types.Array) and src.dtype == types.int8 and src.layout == "C"):
+        raise errors.TypingError("dequant8_q8 needs C-contiguous int8 codes")
+    _check_arrays(out)
+    sig = types.void(out, ooff, src, soff, d)
+
+    def codegen(context, builder, signature, args):
+        a = signature.args
+        optr = _data(context, builder, a[0], args[0], args[1])
+        sptr = _data(context, builder, a[2], args[2], args[3])
+        codes = builder.load(builder.bitcast(sptr, ir.VectorType(ir.IntType(8), 8).as_pointer()), align=1)
+        x = builder.sitofp(codes, _V8)
+        builder.store(builder.fmul(x, _splat(builder, args[4])), builder.bitcast(optr, _V8.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def dequant8_q4(typingctx, out, ooff, src, soff, half, d):
+    """Eight bytes of 4-bit codes src[soff : soff+8]: out[ooff + i] = d · (low nibble i - 8) and
+    out[ooff + half + i] = d · (high nibble i - 8) for i in 0..7."""
+    if not (isinstance(src, types.Array) and src.dtype == types.uint8 and src.layout == "C"):
+        raise errors.TypingError("dequant8_q4 needs C-contiguous uint8 codes")
+    _check_arrays(out)
+    sig = types.void(out, ooff, src, soff, half, d)
+
+    def codegen(context, builder, signature, args):
+        a = signature.args
+        optr = _data(context, builder, a[0], args[0], args[1])
+        sptr = _data(context, builder, a[2], args[2], args[3])
+        v8i8 = ir.VectorType(ir.IntType(8), 8)
+        v8i32 = ir.VectorType(_I32, 8)
+        codes = builder.zext(builder.load(builder.bitcast(sptr, v8i8.as_pointer()), align=1), v8i32)
+        eight = ir.Constant(v8i32, [8] * 8)
+        lo = builder.sub(builder.and_(codes, ir.Constant(v8i32, [15] * 8)), eight)
+        hi = builder.sub(builder.lshr(codes, ir.Constant(v8i32, [4] * 8)), eight)
+        dv = _splat(builder, args[5])
+        builder.store(builder.fmul(builder.sitofp(lo, _V8), dv), builder.bitcast(optr, _V8.as_pointer()), align=4)
+        hoff = args[4] if args[4].type.width == 64 else builder.sext(args[4], _I64)
+        hptr = builder.gep(optr, [hoff])
+        builder.store(builder.fmul(builder.sitofp(hi, _V8), dv), builder.bitcast(hptr, _V8.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _splat(builder, x):
+    v = builder.insert_element(ir.Constant(_V8, ir.Undefined), x, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
+
+
+def load_rows(tile, data, scales, kv, s, n):
+    """Rows s .. s+n-1 (n <= 8) of one head of a cache as float32: (rows, r0) with row i at rows[r0 + i]. A float32
+    cache is read in place; other formats are decoded into tile f32[8, hd]. (Overloaded per data dtype.)"""
+
+
+@overload(load_rows, jit_options=_JIT)
+def _load_rows(tile, data, scales, kv, s, n):
+    if data.dtype == types.float32:
+        return lambda tile, data, scales, kv, s, n: (data[kv], s)
+    if data.dtype == types.uint16:
+
+        def impl(tile, data, scales, kv, s, n):
+            for i in range(n):
+                for j in range(tile.shape[1]):
+                    tile[i, j] = H2F(data[kv, s + i, j])
+            return tile, 0
+
+        return impl
+    if data.dtype == types.int8:
+
+        def impl(tile, data, scales, kv, s, n):
+            ng = scales.shape[2]
+            hd = tile.shape[1]
+            g = hd // ng
+            flat = tile.reshape(tile.size)
+            for i in range(n):
+                row = data[kv, s + i]
+                for gi in range(ng):
+                    d = H2F(scales[kv, s + i, gi])
+                    if g % 8 == 0:
+                        for j in range(gi * g, gi * g + g, 8):
+                            dequant8_q8(flat, i * hd + j, row, j, d)
+                    else:
+                        for j in range(gi * g, gi * g + g):
+                            tile[i, j] = np.float32(row[j]) * d
+            return tile, 0
+
+        return impl
+    if data.dtype == types.uint8:
+
+        def impl(tile, data, scales, kv, s, n):
+            ng = scales.shape[2]
+            hd = tile.shape[1]
+            g = hd // ng
+            half = g // 2
+            flat = tile.reshape(tile.size)
+            for i in range(n):
+                row = data[kv, s + i]
+                for gi in range(ng):
+                    d = H2F(scales[kv, s + i, gi])
+                    if half % 8 == 0:
+                        for j in range(0, half, 8):
+                            dequant8_q4(flat, i * hd + gi * g + j, row, gi * half + j, half, d)
+                    else:
+                        for j in range(half):
+                            b = np.int32(row[gi * half + j])
+                            tile[i, gi * g + j] = np.float32((b & 15) - 8) * d
+                            tile[i, gi * g + half + j] = np.float32((b >> 4) - 8) * d
+            return tile, 0
+
+        return impl
+    raise errors.TypingError(f"no KV cache format stores {data.dtype}")
 
 
 @intrinsic
@@ -141,29 +265,40 @@ def values8(typingctx, out, ooff, p, poff, v, voff, n):
 
 
 @nb.njit(inline="always", **_JIT)
-def _scores(sc, q, t, h0, k_cache, kv, s0, m, scale, cap):
-    """sc[r, s] = (soft-capped) scale * q[t, h0 + r] . k_cache[kv, s0 + s] for the rep heads of one kv head.
-    Eight keys per call of the attention intrinsic where the head dim is a multiple of 8, the rest one by one."""
-    rep = sc.shape[0]
+def _prefetch_rows(data, kv, s):
+    """Prefetch every fourth line of the eight rows PREFETCH_AHEAD bytes past row s of head kv (more cost more
+    than they save: the hardware follows on within a page)."""
+    row = data.shape[2] * data.itemsize
+    base = (kv * data.shape[1] + s) * row + PREFETCH_AHEAD
+    for f in range(0, KEYS * row, 256):
+        prefetch(data, base + f)
+
+
+@nb.njit(inline="always", **_JIT)
+def _scores(sc, q, t0, rep, h0, kd, ks, kv, s0, m, scale, cap, tile):
+    """sc[i · rep + r, s] = (soft-capped) scale * q[t0 + i, h0 + r] . key[kv, s0 + s]: the rep query heads of one kv
+    head for queries t0 .. t0 + sc.shape[0] / rep - 1, so that each key is loaded (and decoded: load_rows) once for
+    them all. Eight keys per call of the attention intrinsic where the head dim is a multiple of 8, the rest one by
+    one."""
+    rows_n = sc.shape[0]
     hd = q.shape[2]
     m8 = m // KEYS * KEYS if hd % 8 == 0 else 0
-    kf = k_cache[kv]
     for s in range(0, m8, KEYS):
-        for f in range(0, KEYS * hd, 64):  # every fourth line of the block 2 KiB ahead (more cost more than they
-            prefetch(kf, (s0 + s) * hd + PREFETCH_AHEAD + f)  # save: the hardware follows on within a page)
-        for r in range(rep):
-            scores8(sc[r], s, q[t, h0 + r], 0, kf, (s0 + s) * hd, hd, scale)
+        _prefetch_rows(kd, kv, s0 + s)
+        rows, r0 = load_rows(tile, kd, ks, kv, s0 + s, KEYS)
+        for i in range(rows_n):
+            scores8(sc[i], s, q[t0 + i // rep, h0 + i % rep], 0, rows, r0 * hd, hd, scale)
     for s in range(m8, m):
-        krow = kf[s0 + s]
-        for r in range(rep):
+        rows, r0 = load_rows(tile, kd, ks, kv, s0 + s, 1)
+        for i in range(rows_n):
             acc = np.float32(0.0)
             for j in range(hd):
-                acc += q[t, h0 + r, j] * krow[j]
-            sc[r, s] = acc * scale
+                acc += q[t0 + i // rep, h0 + i % rep, j] * rows[r0, j]
+            sc[i, s] = acc * scale
     if cap > 0:
-        for r in range(rep):
+        for i in range(rows_n):
             for s in range(m):
-                sc[r, s] = np.float32(cap * math.tanh(sc[r, s] / cap))
+                sc[i, s] = np.float32(cap * math.tanh(sc[i, s] / cap))
 
 
 @nb.njit(inline="always", **_JIT)
@@ -195,68 +330,88 @@ def _exp_rows(sc, m, mx, tot):
 
 
 @nb.njit(inline="always", **_JIT)
-def _weighted_values(dst, sc, v_cache, kv, s0, m):
-    """dst[r, :] += sum_s sc[r, s] * v_cache[kv, s0 + s]. dst: f32[rep, hd] (C-contiguous). Eight value rows per
-    call of the attention intrinsic where the head dim is a multiple of 8, the rest one by one."""
+def _weighted_values(dst, sc, vd, vs, kv, s0, m, tile):
+    """dst[r, :] += sum_s sc[r, s] * value[kv, s0 + s]. dst: f32[rep, hd] (C-contiguous); values in any cache
+    format (load_rows). Eight value rows per call of the attention intrinsic where the head dim is a multiple of 8,
+    the rest one by one."""
     hd = dst.shape[1]
     m8 = m // KEYS * KEYS if hd % 8 == 0 else 0
-    vf = v_cache[kv]
     for s in range(0, m8, KEYS):
-        for f in range(0, KEYS * hd, 64):  # as in _scores
-            prefetch(vf, (s0 + s) * hd + PREFETCH_AHEAD + f)
+        _prefetch_rows(vd, kv, s0 + s)
+        rows, r0 = load_rows(tile, vd, vs, kv, s0 + s, KEYS)
         for r in range(dst.shape[0]):
-            values8(dst[r], 0, sc[r], s, vf, (s0 + s) * hd, hd)
+            values8(dst[r], 0, sc[r], s, rows, r0 * hd, hd)
     for s in range(m8, m):
-        vrow = vf[s0 + s]
+        rows, r0 = load_rows(tile, vd, vs, kv, s0 + s, 1)
         for r in range(dst.shape[0]):
             wgt = sc[r, s]
             for j in range(hd):
-                dst[r, j] += wgt * vrow[j]
+                dst[r, j] += wgt * rows[r0, j]
+
+
+QUERIES = 8  # queries per work item of prompt attention: each key is loaded and decoded once for all of them
 
 
 @nb.njit(parallel=True, **_JIT)
-def attention(out, q, k_cache, v_cache, start, scale, window, cap):
+def attention(out, q, kd, ks, vd, vs, start, scale, window, cap):
     """Causal GQA attention over the KV cache.
 
-    out, q: f32[T, n_heads, hd] (queries at positions start..start+T-1); k_cache, v_cache: f32[n_kv, ctx, hd]
-    already holding keys/values up to start+T-1; window: 0 for full attention, else keys in (pos-window, pos];
-    cap: 0, or soft-capped scores s = cap * tanh(scale * q.k / cap) before the softmax (gemma2).
-    The query heads that share a key/value head are processed together, so each cached row is read once.
+    out, q: f32[T, n_heads, hd] (queries at positions start..start+T-1); (kd, ks), (vd, vs): one layer's keys and
+    values (data [n_kv, ctx, width], scales [n_kv, ctx, groups]: kernels/kv_formats.py) already holding positions up
+    to start+T-1; window: 0 for full attention, else keys in (pos-window, pos]; cap: 0, or soft-capped scores
+    s = cap * tanh(scale * q.k / cap) before the softmax (gemma2).
+    A work item is QUERIES queries × the query heads that share one key/value head, so each cached row is read
+    (and decoded) once per item; keys beyond a query's position or before its window are masked out.
     """
     t_n, nh, hd = q.shape
-    n_kv = k_cache.shape[0]
+    n_kv = kd.shape[0]
     rep = nh // n_kv
-    for i in nb.prange(t_n * n_kv):
-        t = i // n_kv
+    n_blocks = (t_n + QUERIES - 1) // QUERIES
+    for i in nb.prange(n_blocks * n_kv):
+        t0 = i // n_kv * QUERIES
         kv = i % n_kv
         h0 = kv * rep
-        pos = start + t
+        nq = min(QUERIES, t_n - t0)
+        first = start + t0
         lo = 0
-        if window > 0 and pos - window + 1 > 0:
-            lo = pos - window + 1
-        n = pos + 1 - lo
-        sc = np.empty((rep, n), dtype=np.float32)
-        mx = np.empty(rep, dtype=np.float32)
-        tot = np.empty(rep, dtype=np.float32)
-        _scores(sc, q, t, h0, k_cache, kv, lo, n, scale, cap)
+        if window > 0 and first - window + 1 > 0:
+            lo = first - window + 1
+        n = first + nq - lo  # keys lo .. the last query's position
+        sc = np.empty((nq * rep, n), dtype=np.float32)
+        tile = np.empty((KEYS, hd), dtype=np.float32)
+        _scores(sc, q, t0, rep, h0, kd, ks, kv, lo, n, scale, cap, tile)
+        for j in range(nq):
+            pos = first + j
+            qlo = 0
+            if window > 0 and pos - window + 1 > lo:
+                qlo = pos - window + 1 - lo
+            for r in range(rep):
+                row = sc[j * rep + r]
+                for s in range(qlo):
+                    row[s] = -np.inf
+                for s in range(pos + 1 - lo, n):
+                    row[s] = -np.inf
+        mx = np.empty(nq * rep, dtype=np.float32)
+        tot = np.empty(nq * rep, dtype=np.float32)
         _exp_rows(sc, n, mx, tot)
-        dst = np.zeros((rep, hd), dtype=np.float32)
-        _weighted_values(dst, sc, v_cache, kv, lo, n)
-        for r in range(rep):
-            inv = np.float32(1.0) / tot[r]
-            for j in range(hd):
-                out[t, h0 + r, j] = dst[r, j] * inv
+        dst = np.zeros((nq * rep, hd), dtype=np.float32)
+        _weighted_values(dst, sc, vd, vs, kv, lo, n, tile)
+        for j in range(nq):
+            for r in range(rep):
+                inv = np.float32(1.0) / tot[j * rep + r]
+                for e in range(hd):
+                    out[t0 + j, h0 + r, e] = dst[j * rep + r, e] * inv
 
 
 @nb.njit(parallel=True, **_JIT)
-def attention_decode(out, q, k_cache, v_cache, start, scale, window, cap, chunk):
+def attention_decode(out, q, kd, ks, vd, vs, start, scale, window, cap, chunk):
     """attention() for one query token, split over chunks of ``chunk`` cached positions so that every thread has
     work even with few key/value heads; each chunk keeps its own softmax max and sum, combined at the end.
 
     out, q: f32[1, n_heads, hd]; other arguments as in attention(); chunk: positions per work item.
     """
     nh, hd = q.shape[1], q.shape[2]
-    n_kv = k_cache.shape[0]
+    n_kv = kd.shape[0]
     rep = nh // n_kv
     lo = 0
     if window > 0 and start - window + 1 > 0:
@@ -272,9 +427,10 @@ def attention_decode(out, q, k_cache, v_cache, start, scale, window, cap, chunk)
         s0 = lo + c * chunk
         m = min(chunk, lo + n - s0)
         sc = np.empty((rep, m), dtype=np.float32)
-        _scores(sc, q, 0, kv * rep, k_cache, kv, s0, m, scale, cap)
+        tile = np.empty((KEYS, hd), dtype=np.float32)
+        _scores(sc, q, 0, rep, kv * rep, kd, ks, kv, s0, m, scale, cap, tile)
         _exp_rows(sc, m, pmax[kv, c], psum[kv, c])
-        _weighted_values(pout[kv, c], sc, v_cache, kv, s0, m)
+        _weighted_values(pout[kv, c], sc, vd, vs, kv, s0, m, tile)
     for kv in range(n_kv):
         for r in range(rep):
             mx = np.float32(-np.inf)

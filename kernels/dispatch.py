@@ -7,7 +7,7 @@ import numpy as np
 from lowbit.errors import FormatError
 from lowbit.formats.qtypes import PLANES
 from lowbit.formats.reader import StoredTensor
-from lowbit.kernels import act_quant, cpu, cpu_attention, cpu_quant, hadamard, packed
+from lowbit.kernels import act_quant, cpu, cpu_attention, cpu_kv, cpu_quant, hadamard, packed
 from lowbit.kernels.ref import dequantize
 from lowbit.kernels.timing import kernel_call
 
@@ -210,6 +210,7 @@ def linear_many(ws: list[Weight], x: np.ndarray) -> list[np.ndarray]:
 
 # the empty third matrix of a two-matrix fused call (read-only: nothing is ever written to 0 rows)
 _NO_ROWS_Y = np.empty(0, dtype=np.float32)
+_NO_SCALES = np.empty((0, 0, 0), dtype=np.uint16)  # a float cache's scales
 _NO_ROWS_CODES = np.empty((0, 1), dtype=np.uint8)
 _NO_ROWS_SCALES = np.empty((0, 1), dtype=np.uint16)
 
@@ -269,9 +270,10 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
-def kv_write(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> None:
-    """Keys and values k, v [T, n_kv, hd] into positions start.. of one layer's caches [n_kv, ctx, hd]."""
-    kernel_call(cpu.kv_write, k_cache, v_cache, k, v, start)
+def kv_write(layer: tuple, k: np.ndarray, v: np.ndarray, start: int) -> None:
+    """Keys and values k, v [T, n_kv, hd] into positions start.. of one layer's cache: ``layer`` is its (key data,
+    key scales, value data, value scales) in their storage formats (kernels/kv_formats.py; KVCache.layer)."""
+    kernel_call(cpu_kv.kv_write, *layer, k, v, start)
 
 
 def add_rmsnorm(x: np.ndarray, a: np.ndarray, w: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -282,11 +284,11 @@ def add_rmsnorm(x: np.ndarray, a: np.ndarray, w: np.ndarray, eps: float) -> tupl
     return xo, ho
 
 
-def rope_qk_kv_write(q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-                     k_cache: np.ndarray, v_cache: np.ndarray, start: int) -> None:
+def rope_qk_kv_write(q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray, layer: tuple,
+                     start: int) -> None:
     """RoPE of q and of k[..., :rot] (rot = q.shape[2]; q may be the rotated part of each head) and kv_write of k, v
-    into positions start.. of one layer's caches, in one kernel call."""
-    kernel_call(cpu.rope2_kv_write, q, k, v, cos, sin, k_cache, v_cache, start)
+    into positions start.. of one layer's cache (as in kv_write), in one kernel call."""
+    kernel_call(cpu_kv.rope2_kv_write, q, k, v, cos, sin, *layer, start)
 
 
 def rope_inplace(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
@@ -295,18 +297,21 @@ def rope_inplace(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
 
 def attention(
     q: np.ndarray,
-    k_cache: np.ndarray,
-    v_cache: np.ndarray,
+    layer: tuple,
     start: int,
     scale: float,
     window: int = 0,
     softcap: float = 0.0,
 ) -> np.ndarray:
-    """Causal GQA attention over the cache; window > 0 limits each query to the last ``window`` keys, softcap > 0
-    soft-caps the scaled scores (cap * tanh(s / cap))."""
+    """Causal GQA attention over one layer's cache (as in kv_write; a pair of float32 arrays [n_kv, ctx, hd] is a
+    float32 cache); window > 0 limits each query to the last ``window`` keys, softcap > 0 soft-caps the scaled
+    scores (cap * tanh(s / cap))."""
     q = np.ascontiguousarray(q, dtype=np.float32)  # the kernels' SIMD loads need C-contiguous rows
     out = np.empty_like(q)
-    args = (out, q, k_cache, v_cache, start, np.float32(scale), window, np.float32(softcap))
+    if len(layer) == 2:
+        k, v = layer
+        layer = (k, _NO_SCALES, v, _NO_SCALES)
+    args = (out, q, *layer, start, np.float32(scale), window, np.float32(softcap))
     if q.shape[0] == 1 and start + 1 > DECODE_CHUNK:
         kernel_call(cpu_attention.attention_decode, *args, DECODE_CHUNK)
     else:

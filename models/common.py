@@ -7,6 +7,8 @@ import math
 import numpy as np
 
 from lowbit.errors import SourceError
+from lowbit.kernels import kv_formats
+from lowbit.kernels.kv_formats import KVSpec
 
 
 def rope_config(cfg: dict) -> tuple[float, dict | None]:
@@ -118,16 +120,43 @@ def rope_tables(inv_freq: np.ndarray, n_pos: int, mscale: float = 1.0) -> tuple[
 
 
 class KVCache:
-    """Preallocated keys/values per layer: [n_kv_heads, ctx, head_dim] float32."""
+    """Preallocated keys and values per layer in the storage formats of ``spec`` (kernels/kv_formats.py): data
+    [n_kv_heads, ctx, width] and scales [n_kv_heads, ctx, groups] (empty for float formats) for keys and values."""
 
-    def __init__(self, n_layers: int, n_kv: int, ctx: int, head_dim: int):
+    def __init__(self, n_layers: int, n_kv: int, ctx: int, head_dim: int, spec: KVSpec = kv_formats.DEFAULT):
+        spec.check(head_dim)
         self.ctx = ctx
-        self.k = [np.zeros((n_kv, ctx, head_dim), dtype=np.float32) for _ in range(n_layers)]
-        self.v = [np.zeros((n_kv, ctx, head_dim), dtype=np.float32) for _ in range(n_layers)]
+        self.spec = spec
+        self.head_dim = head_dim
+        kd, ks = spec.k.shapes((n_kv, ctx), head_dim)
+        vd, vs = spec.v.shapes((n_kv, ctx), head_dim)
+        self.k = [np.zeros(kd, dtype=spec.k.dtype) for _ in range(n_layers)]
+        self.ks = [np.zeros(ks, dtype=np.uint16) for _ in range(n_layers)]
+        self.v = [np.zeros(vd, dtype=spec.v.dtype) for _ in range(n_layers)]
+        self.vs = [np.zeros(vs, dtype=np.uint16) for _ in range(n_layers)]
+
+    def layer(self, li: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(key data, key scales, value data, value scales) of layer li, as the kernels take them."""
+        return self.k[li], self.ks[li], self.v[li], self.vs[li]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+        return sum(a.nbytes for arrays in (self.k, self.ks, self.v, self.vs) for a in arrays)
+
+    def copy_prefix(self, src: KVCache, n: int) -> None:
+        """Positions 0..n-1 of every layer from ``src`` (a cache of the same formats)."""
+        if src.spec != self.spec:
+            raise ValueError("copy_prefix needs caches of one format")
+        for mine, theirs in zip((self.k, self.ks, self.v, self.vs), (src.k, src.ks, src.v, src.vs)):
+            for dst, s in zip(mine, theirs):
+                dst[:, :n] = s[:, :n]
+
+    def keys(self, li: int, n: int) -> np.ndarray:
+        """Keys of positions 0..n-1 of layer li as float32 [n_kv, n, head_dim] (decoded: for tests and tools)."""
+        return kv_formats.dequantize(self.spec.k, self.k[li][:, :n], self.ks[li][:, :n], self.head_dim)
+
+    def values(self, li: int, n: int) -> np.ndarray:
+        return kv_formats.dequantize(self.spec.v, self.v[li][:, :n], self.vs[li][:, :n], self.head_dim)
 
 
 class Segments:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from lowbit.errors import SourceError
-from lowbit.kernels import blas, dispatch
+from lowbit.kernels import blas, dispatch, kv_formats
 from lowbit.kernels.heap import release_free_heap
 from lowbit.models.common import (
     KVCache,
@@ -213,6 +213,7 @@ class Model:
         self.scale = 1.0 / float(np.sqrt(args.head_dim))
         self.attn_softcap = 0.0  # 0: none
         self.final_softcap = 0.0
+        self.kv = kv_formats.DEFAULT  # storage formats of the caches new_cache makes
         self.setup_rope()
         self.configure()
 
@@ -258,8 +259,9 @@ class Model:
         return self.cos, self.sin
 
     def new_cache(self) -> KVCache:
+        """An empty cache in the formats of ``self.kv`` (float16 unless set: kernels/kv_formats.py)."""
         a = self.args
-        return KVCache(a.num_hidden_layers, a.num_key_value_heads, self.ctx, a.head_dim)
+        return KVCache(a.num_hidden_layers, a.num_key_value_heads, self.ctx, a.head_dim, self.kv)
 
     # ------------------------------------------------------------------------------------------ primitives
     def rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -314,7 +316,7 @@ class Model:
             return
         cos, sin = self.rope_rows(li, start, q.shape[0])
         qr = q if self.rot == q.shape[2] else q[:, :, : self.rot]
-        dispatch.rope_qk_kv_write(qr, k, v, cos, sin, cache.k[li], cache.v[li], start)
+        dispatch.rope_qk_kv_write(qr, k, v, cos, sin, cache.layer(li), start)
 
     def add_norm(self, x: np.ndarray, a: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(x + a, rmsnorm(x + a, w)): one kernel call, unless add or rmsnorm is replaced (a device)."""
@@ -325,13 +327,13 @@ class Model:
 
     def cache_write(self, cache: KVCache, li: int, k: np.ndarray, v: np.ndarray, start: int) -> None:
         """Keys and values [T, n_kv, hd] of positions start.. into layer li of the cache."""
-        dispatch.kv_write(cache.k[li], cache.v[li], k, v, start)
+        dispatch.kv_write(cache.layer(li), k, v, start)
 
     def attend(self, q: np.ndarray, li: int, start: int, cache: KVCache) -> np.ndarray:
         if isinstance(cache, Segments):
             return np.concatenate([self.attend(q[a:b], li, s, c) for c, s, a, b in cache.parts])
         w = self.args.window(li)
-        return dispatch.attention(q, cache.k[li], cache.v[li], start, self.scale, w, self.attn_softcap)
+        return dispatch.attention(q, cache.layer(li), start, self.scale, w, self.attn_softcap)
 
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return dispatch.silu_mul(gate, up)

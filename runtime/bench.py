@@ -23,6 +23,7 @@ import numpy as np
 from lowbit.convert.converter import ConvertOptions
 from lowbit.errors import LowbitError
 from lowbit.formats.reader import Container
+from lowbit.kernels.kv_formats import KVSpec
 from lowbit.runtime.bench_model import SHAPES, build_random_container
 from lowbit.runtime.membw import read_bandwidth
 
@@ -57,8 +58,9 @@ def numpy_gemm_seconds(shapes: list[tuple[int, int]], tokens: int) -> float:
     return total
 
 
-def decode_bytes_per_token(c: Container, kv_positions: float) -> float:
-    """Bytes one decode step reads: every weight except the embedding table (one row), plus the KV cache."""
+def decode_bytes_per_token(c: Container, kv_positions: float, kv_bytes_per_position: int | None = None) -> float:
+    """Bytes one decode step reads: every weight except the embedding table (one row), plus the KV cache
+    (``kv_bytes_per_position``: the cache's bytes per position; default float32)."""
     meta = c.meta["architecture"]["args"]
     total = 0
     tied = "output.weight" not in c
@@ -66,15 +68,16 @@ def decode_bytes_per_token(c: Container, kv_positions: float) -> float:
         if n == "token_embd.weight" and not tied:
             continue
         total += c.tensor(n).nbytes
-    kv = 2 * meta["num_hidden_layers"] * meta["num_key_value_heads"] * meta["head_dim"] * 4 * kv_positions
-    return total + kv
+    if kv_bytes_per_position is None:
+        kv_bytes_per_position = 2 * meta["num_hidden_layers"] * meta["num_key_value_heads"] * meta["head_dim"] * 4
+    return total + kv_bytes_per_position * kv_positions
 
 
 def run_worker(path: Path, prompt: int, gen: int, threads: int | None, cache_dir: Path | None, startup_only: bool,
-               device: str = "cpu", exact: bool | None = None, mmap: bool = False):
+               device: str = "cpu", exact: bool | None = None, mmap: bool = False, kv: str | None = None):
     """Measure in a child process; ``cache_dir``: its NUMBA_CACHE_DIR (None: numba's default cache)."""
     req = dict(path=str(path), prompt=prompt, gen=gen, threads=threads, startup_only=startup_only, device=device,
-               exact=exact, mmap=mmap)
+               exact=exact, mmap=mmap, kv=kv)
     env = dict(os.environ)
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = str(cache_dir)
@@ -97,7 +100,7 @@ class BenchRow:
         return {"model": self.label, "type": self.qtype, "file_bytes": self.file_bytes, **self.result}
 
 
-def bench_one(path: Path, label: str, args) -> BenchRow:
+def bench_one(path: Path, label: str, args, kv: str | None = None) -> BenchRow:
     """Measure one container. The read bandwidth is measured just before and just after the measuring process (a
     sum over a fresh 1 GiB array) and, inside it, between every 16 decode steps (a sum over the container's own
     bytes, the memory decode reads: the in-memory copy, or the file mapping with --mmap); the highest reading is
@@ -116,16 +119,18 @@ def bench_one(path: Path, label: str, args) -> BenchRow:
     mmap = getattr(args, "mmap", False)
     if mmap:
         qtype += ", mmap"
-    shapes = matrix_shapes(c)
     device = getattr(args, "device", "cpu")
+    if device == "cpu":
+        qtype += f", KV {KVSpec.parse(kv).label}"
+    shapes = matrix_shapes(c)
     bw_before = read_bandwidth()
     if args.no_cold:  # numba's ordinary cache, whatever state it is in
         cold = None
-        warm = run_worker(path, args.prompt, args.gen, args.threads, None, False, device, exact, mmap)
+        warm = run_worker(path, args.prompt, args.gen, args.threads, None, False, device, exact, mmap, kv)
     else:
         with tempfile.TemporaryDirectory(prefix="lowbit-numba-") as cache_dir:
-            cold = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), True, device, exact, mmap)
-            warm = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), False, device, exact, mmap)
+            cold = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), True, device, exact, mmap, kv)
+            warm = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), False, device, exact, mmap, kv)
     bw_after = read_bandwidth()
     if device == "cuda":  # decode reads the weights from GPU memory: that is the roofline
         bw_before, bw_after = warm["device_bandwidth_before"], warm["device_bandwidth_after"]
@@ -136,7 +141,7 @@ def bench_one(path: Path, label: str, args) -> BenchRow:
     layer_params = sum(r * k for r, k in shapes)
     decode_s = warm["decode_seconds"]
     decode_tps = args.gen / decode_s
-    bpt = decode_bytes_per_token(c, args.prompt + args.gen / 2)
+    bpt = decode_bytes_per_token(c, args.prompt + args.gen / 2, warm["kv_bytes_per_position"])
     roofline_tps = bandwidth / bpt
     res = dict(
         threads=warm["threads"],
@@ -169,6 +174,8 @@ def bench_one(path: Path, label: str, args) -> BenchRow:
         peak_rss_prefill_bytes=warm["peak_rss_prefill"],
         rss_limit_bytes=warm["container_bytes"] + warm["kv_cache_bytes"] + 200 * 1024 * 1024,
         kv_cache_bytes=warm["kv_cache_bytes"],
+        kv_cache=warm["kv_cache"],
+        kv_bytes_per_position=warm["kv_bytes_per_position"],
     )
     return BenchRow(label, qtype, path.stat().st_size, res)
 
@@ -211,14 +218,18 @@ def cmd_bench(args) -> int:
     args.device = resolve_device(args.device)
     if args.device == "cuda" and is_simulator():
         raise LowbitError("bench --device cuda needs a real GPU: the CUDA simulator says nothing about speed")
+    if args.device == "cuda" and getattr(args, "kv_bits", None):
+        raise LowbitError("--kv-bits is a CPU cache format; the cuda backend keeps a float32 cache")
     targets = _targets(args)
     from lowbit.runtime.engine import set_threads
 
     set_threads(args.threads)
     rows = []
+    kvs = [KVSpec.parse(k).label for k in (getattr(args, "kv_bits", None) or [None])]  # bad values fail first
     for path, label in targets:
-        print(f"benchmarking {path.name} ...", file=sys.stderr)
-        rows.append(bench_one(path, label, args))
+        for kv in kvs:
+            print(f"benchmarking {path.name} (KV cache {kv}) ...", file=sys.stderr)
+            rows.append(bench_one(path, label, args, kv))
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=1))
     else:

@@ -53,8 +53,9 @@ def _cache_files() -> int | None:
 
 
 def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only: bool, device: str = "cpu",
-            exact: bool | None = None, mmap: bool = False) -> dict:
+            exact: bool | None = None, mmap: bool = False, kv: str | None = None) -> dict:
     from lowbit.kernels.dispatch import SMALL_BATCH
+    from lowbit.kernels.kv_formats import KVSpec
     from lowbit.kernels.timing import KernelTimer
     from lowbit.models import family_for
     from lowbit.runtime.engine import kernel_activations_exact, open_container, set_threads
@@ -81,6 +82,7 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
             from lowbit.kernels.act_quant import set_kernel_precision
 
             set_kernel_precision(model, True)
+        model.kv = KVSpec.parse(kv)
     cache = model.new_cache()
     load_s = time.perf_counter() - t0
 
@@ -101,6 +103,8 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
         rss_before_load=rss0,
         container_bytes=container.size,
         kv_cache_bytes=cache.nbytes,
+        kv_cache=cache.spec.label if device == "cpu" else "f32",
+        kv_bytes_per_position=cache.nbytes // ctx,
     )
     if not startup_only:
         rng = np.random.default_rng(0)
@@ -146,7 +150,7 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
 def main() -> None:
     req = json.loads(sys.argv[1])
     res = measure(req["path"], req["prompt"], req["gen"], req.get("threads"), req.get("startup_only", False),
-                  req.get("device", "cpu"), req.get("exact"), req.get("mmap", False))
+                  req.get("device", "cpu"), req.get("exact"), req.get("mmap", False), req.get("kv"))
     sys.stdout.write(json.dumps(res) + "\n")
 
 

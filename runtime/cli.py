@@ -25,6 +25,13 @@ def _add_runtime_args(p: argparse.ArgumentParser, model_optional: bool = True) -
                    help="int8 activations (quality measurement, not faster): dynamic per-token scales, or static "
                    "calibrated scales (needs a --method smoothquant+... container); default none")
     _add_exact_arg(p)
+    _add_kv_arg(p)
+
+
+def _add_kv_arg(p: argparse.ArgumentParser) -> None:
+    from lowbit.kernels.kv_formats import KV_BITS_HELP
+
+    p.add_argument("--kv-bits", default=None, metavar="BITS", help=KV_BITS_HELP)
 
 
 def _add_exact_arg(p: argparse.ArgumentParser) -> None:
@@ -168,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cold", action="store_true", help="skip the cold-start (empty numba cache) measurement")
     _add_mmap_arg(p)
     _add_exact_arg(p)
+    p.add_argument("--kv-bits", action="append", default=None, metavar="BITS",
+                   help="KV cache as in run (16, 32, 8, 4, k8,v4; default 16); repeat for one row each")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                    help="cpu (default), cuda (decode against the GPU's memory bandwidth; needs a real GPU) or auto")
     p.add_argument("--workdir", default="~/.cache/lowbit/bench", help="where random-weight containers are kept")

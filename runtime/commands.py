@@ -110,7 +110,7 @@ def cmd_generate(args) -> int:
     grammar = grammar_from_files(args.json_schema, args.grammar)  # before the model loads: bad files fail fast
     engine = Engine(_model_path(args.model), ctx=args.ctx, threads=args.threads, device=args.device,
                     act_quant=args.act_quant,
-                    exact_activations=args.exact_activations, mmap=args.mmap)
+                    exact_activations=args.exact_activations, mmap=args.mmap, kv=args.kv_bits)
     params = SamplingParams.from_args(args)
     tok = engine.tokenizer
     plain = args.raw or not tok.has_chat_template
@@ -277,7 +277,7 @@ def cmd_eval(args) -> int:
     ctx = max(args.eval_ctx, args.ctx or 0)
     engine = Engine(_model_path(args.model), ctx=ctx, threads=args.threads, device=args.device,
                     act_quant=args.act_quant,
-                    exact_activations=args.exact_activations, mmap=args.mmap)
+                    exact_activations=args.exact_activations, mmap=args.mmap, kv=args.kv_bits)
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     bos = engine.tokenizer.bos_id
     if bos is None:
@@ -302,6 +302,8 @@ def cmd_eval(args) -> int:
         "bpw": s["bpw_all"],
         "file_bytes": engine.container.size,
         "act_quant": args.act_quant,
+        "kv_cache": engine.kv.label,
+        "kv_cache_bytes_per_token": engine.cache.nbytes // engine.ctx,
         **({"reference": args.reference} if args.reference else {}),
         **res.to_dict(),
     }
@@ -310,7 +312,8 @@ def cmd_eval(args) -> int:
         return 0
     act = f"; int8 activations ({args.act_quant})" if args.act_quant != "none" else ""
     print(f"perplexity {res.ppl:.4f} over {res.tokens} tokens ({res.windows} windows of {args.eval_ctx}); "
-          f"{s['bpw_all']:.3f} bits/weight; {engine.container.size / 1e6:.2f} MB{act}")
+          f"{s['bpw_all']:.3f} bits/weight; {engine.container.size / 1e6:.2f} MB{act}; KV cache {engine.kv.label} "
+          f"({engine.cache.nbytes // engine.ctx} bytes/token)")
     if ref is not None:
         print(f"reference perplexity {res.ref_ppl:.4f} (model {res.delta_ppl_pct:+.2f}%); "
               f"KL(reference || model) mean {res.kl_mean:.5f} p99 {res.kl_p99:.5f} nats; "

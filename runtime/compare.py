@@ -14,7 +14,9 @@ Configuration grammar (``--configs``, comma-separated)::
 
 METHOD is the converter's "+"-joined step string; BITS 2|3|4|5|6|8|16; GROUP g32|g64|g128|pc (default g64);
 OPTION sym | asym | embed=B | lowrank=X (extra bits per weight for the lowrank step) | act=dynamic|static (evaluate
-with int8 activations, ``--act-quant``; static needs the smoothquant step).
+with int8 activations, ``--act-quant``; static needs the smoothquant step) | kv=16|32|8|4|k8v4 (evaluate with that
+KV cache, ``--kv-bits``; f16 takes this option too: ``f16:kv=8`` is what a quantized cache alone costs). Rows that
+differ only in runtime options (act, kv) share one conversion.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ DEFAULT_GROUP = 64
 UNQUANTIZED = ("f16", "16")
 _TARGET = re.compile(r"^(\d+(?:\.\d+)?)(bpw|kb|mb|gb)$", re.IGNORECASE)
 _SIZE_UNITS = {"kb": 1e3, "mb": 1e6, "gb": 1e9}
-_OPTION_FIELDS = {"embed": "embed_bits", "lowrank": "lowrank_bpw", "act": "act"}
+_OPTION_FIELDS = {"embed": "embed_bits", "lowrank": "lowrank_bpw", "act": "act", "kv": "kv"}
 ACT_MODES = ("dynamic", "static")
 GRAMMAR = "METHOD:BITS[:GROUP][:OPTION...], mixed:TARGET[:METHOD][:GROUP][:OPTION...] or f16"
 
@@ -65,6 +67,7 @@ class Config:
     opts: ConvertOptions
     extras: tuple[str, ...] = ()  # the options the item sets, as the label spells them: "sym", "embed=8"
     act: str = "none"  # the runtime's --act-quant mode for this row
+    kv: str = "16"  # the runtime's --kv-bits for this row (kernels/kv_formats.py)
 
     @property
     def shown_method(self) -> str:
@@ -101,9 +104,11 @@ def parse_configs(spec: str, shared: ConvertOptions | None = None) -> list[Confi
 
 
 def _parse_item(item: str, shared: ConvertOptions) -> Config:
-    if item.lower() in UNQUANTIZED:
-        return Config("f16", "f16", "16", "", dataclasses.replace(shared, bits=FLOAT_BITS, method="rtn"))
     parts = [p.strip() for p in item.split(":")]
+    if parts[0].lower() in UNQUANTIZED and all(p.lower().startswith("kv=") for p in parts[1:]):
+        _, fields, extras = _parse_options(parts[1:], "rtn")
+        return Config(":".join(("f16", *extras)), "f16", "16", "",
+                      dataclasses.replace(shared, bits=FLOAT_BITS, method="rtn"), extras, kv=fields.get("kv", "16"))
     if len(parts) < 2 or not all(parts):
         raise LowbitError(f"expected {GRAMMAR}")
     head, second, rest = parts[0].lower(), parts[1], parts[2:]
@@ -122,9 +127,10 @@ def _parse_item(item: str, shared: ConvertOptions) -> Config:
         return _parse_item("f16", shared)
     group, fields, extras = _parse_options(rest, method)
     act = fields.pop("act", "none")
+    kv = fields.pop("kv", "16")
     opts = dataclasses.replace(shared, bits=bits, group_size=group, method=method, **fields)
     label = ":".join((method, str(bits), GROUP_NAMES[group], *extras))
-    return Config(label, method, str(bits), GROUP_NAMES[group], opts, extras, act)
+    return Config(label, method, str(bits), GROUP_NAMES[group], opts, extras, act, kv)
 
 
 def _parse_mixed(target: str, rest: list[str], shared: ConvertOptions) -> Config:
@@ -139,6 +145,7 @@ def _parse_mixed(target: str, rest: list[str], shared: ConvertOptions) -> Config
         method, rest = _parse_method(rest[0].lower()), rest[1:]
     group, fields, extras = _parse_options(rest, method)
     act = fields.pop("act", "none")
+    kv = fields.pop("kv", "16")
     if unit == "bpw":
         fields["target_bpw"], shown = value, f"{value:g}bpw"
     else:
@@ -149,7 +156,8 @@ def _parse_mixed(target: str, rest: list[str], shared: ConvertOptions) -> Config
     # the allocation picks each tensor's group from its ladder: a group only shows when it was given
     given = tuple(GROUP_NAMES[group] for r in rest[:1] if r.lower() in GROUPS)
     label = ":".join(("mixed", shown, *named, *given, *extras))
-    return Config(label, f"mixed({method})" if named else "mixed", shown, given[0] if given else "", opts, extras, act)
+    return Config(label, f"mixed({method})" if named else "mixed", shown, given[0] if given else "", opts, extras, act,
+                  kv)
 
 
 def _parse_method(text: str) -> str:
@@ -193,6 +201,11 @@ def _parse_options(parts: Sequence[str], method: str) -> tuple[int, dict, tuple[
                 if "lowrank" not in method.split("+"):
                     raise LowbitError(f"lowrank={val} needs the lowrank method step (e.g. gptq+lowrank)")
                 fields["lowrank_bpw"] = _positive_float(val, "lowrank")
+            elif key == "kv":
+                from lowbit.kernels.kv_formats import KVSpec
+
+                spec = val.replace("v", ",v") if val.startswith("k") else val
+                fields["kv"] = KVSpec.parse(spec).label
             elif key == "act":
                 if val not in ACT_MODES:
                     raise LowbitError(f"act={val}: choose {' or '.join(ACT_MODES)}")
@@ -201,12 +214,12 @@ def _parse_options(parts: Sequence[str], method: str) -> tuple[int, dict, tuple[
                 fields["act"] = val
             else:
                 raise LowbitError(f"unknown option {key!r}; options are sym, asym, embed=BITS, lowrank=BPW, "
-                                  "act=dynamic|static")
+                                  "act=dynamic|static, kv=BITS")
         elif low.startswith("g") and low[1:].isdigit():
             raise LowbitError(f"unknown group {p!r}; use {', '.join(GROUPS)}")
         else:
             raise LowbitError(f"unknown group or option {p!r}; groups {', '.join(GROUPS)}, options sym, asym, "
-                              "embed=BITS, lowrank=BPW, act=dynamic|static")
+                              "embed=BITS, lowrank=BPW, act=dynamic|static, kv=BITS")
     group = DEFAULT_GROUP if group is None else group
     return group, fields, tuple(_option_labels(fields))
 
@@ -221,6 +234,8 @@ def _option_labels(fields: dict) -> list[str]:
         out.append(f"lowrank={fields['lowrank_bpw']:g}")
     if "act" in fields:
         out.append(f"act={fields['act']}")
+    if "kv" in fields:
+        out.append(f"kv={fields['kv'].removeprefix('q').removeprefix('f').replace(',', '')}")
     return out
 
 
@@ -275,7 +290,7 @@ class Row:
             "status": "ok" if self.ok else "failed", "error": self.error,
             "bpw": self.bpw, "bpw_matrices": self.bpw_matrices, "file_bytes": self.file_bytes,
             "convert_seconds": self.convert_seconds, "eval_seconds": round(self.eval_seconds, 3),
-            "decode_tps": self.decode_tps, "act_quant": c.act,
+            "decode_tps": self.decode_tps, "act_quant": c.act, "kv_cache": c.kv,
         }
         res = self.result.to_dict() if self.result is not None else {}
         for k in ("ppl", "delta_ppl_pct", "kl_mean", "kl_p99", "kl_max", "top1", "nll", "tokens", "windows"):
@@ -382,7 +397,7 @@ def run(args) -> int:
             if row.ok:
                 try:
                     engines[i] = Engine(row.path, ctx=ctx, threads=args.threads, act_quant=row.config.act,
-                                        exact_activations=getattr(args, "exact_activations", None))
+                                        exact_activations=getattr(args, "exact_activations", None), kv=row.config.kv)
                 except Exception as e:  # noqa: BLE001 - a container the runtime cannot load is a failed row
                     row.fail("loading", e)
         log.info("evaluating %d models against the reference over %d windows", len(engines), n_win)
@@ -455,8 +470,17 @@ def _convert_all(rows: list[Row], src: str, out_dir: Path, quiet: bool) -> None:
     from lowbit.runtime.commands import summarize
 
     bar = tqdm(rows, desc="convert", unit="config", disable=quiet, dynamic_ncols=True)
+    done: dict[ConvertOptions, Row] = {}  # rows that differ only in runtime options (act, kv) share a conversion
     for row in bar:
         bar.set_postfix_str(row.config.label)
+        same = done.get(row.config.opts)
+        if same is not None:
+            if not same.ok:
+                row.fail("conversion", LowbitError(f"as {same.config.label}: {same.error}"))
+                continue
+            row.path, row.convert_seconds, row.file_bytes = same.path, same.convert_seconds, same.file_bytes
+            row.bpw, row.bpw_matrices = same.bpw, same.bpw_matrices
+            continue
         log.info("converting %s", row.config.label)
         target = out_dir / f"{row.config.slug}.lowbit"
         t0 = time.perf_counter()
@@ -464,7 +488,9 @@ def _convert_all(rows: list[Row], src: str, out_dir: Path, quiet: bool) -> None:
             row.path = convert(src, target, row.config.opts, progress=False)
         except Exception as e:  # noqa: BLE001 - a method that fails (or is not there yet) is one failed row
             row.fail("conversion", e)
+            done[row.config.opts] = row
             continue
+        done[row.config.opts] = row
         row.convert_seconds = round(time.perf_counter() - t0, 2)
         with Container(row.path) as c:
             s = summarize(c)

@@ -18,6 +18,8 @@ from lowbit.errors import ContextOverflowError, FormatError, LowbitError
 from lowbit.formats.reader import Container
 from lowbit.formats.tokenizer import Tokenizer
 from lowbit.kernels import act_quant as act_quant_mode
+from lowbit.kernels import kv_formats
+from lowbit.kernels.kv_formats import KVSpec
 from lowbit.models import family_for
 from lowbit.runtime.constraint import Constraint, GrammarCompiler
 from lowbit.runtime.device import resolve_device
@@ -111,12 +113,18 @@ class Engine:
         act_quant: str | None = "none",
         exact_activations: bool | None = None,
         mmap: bool = False,
+        kv: str | KVSpec | None = None,
     ):
         self.path = Path(path) if path is not None else default_model_path()
         self.device = resolve_device(device)  # "cpu" or "cuda"; nothing CUDA is imported for "cpu"
         self.act_quant = act_quant_mode.check_mode(act_quant)  # int8 activations: none | dynamic | static
         if self.act_quant != "none" and self.device == "cuda":
             raise LowbitError("--act-quant is a CPU compute mode; use --device cpu")
+        self.kv = KVSpec.parse(kv)  # the KV cache's storage formats (float16 by default)
+        if self.device == "cuda":
+            if kv is not None and self.kv != kv_formats.F32:
+                raise LowbitError("--kv-bits is a CPU cache format; the cuda backend keeps a float32 cache")
+            self.kv = kv_formats.F32
         self.threads = set_threads(threads)
         t0 = time.perf_counter()
         self.container = open_container(self.path, self.device, self.threads, mmap)
@@ -148,6 +156,7 @@ class Engine:
         gen = meta.get("generation", {})
         self.eos_ids = set(gen.get("eos_token_ids") or []) | set(self.tokenizer.eos_ids)
         self.generation_defaults = gen.get("defaults", {})
+        self.model.kv = self.kv
         self.cache = self.model.new_cache()
         self.cached: list[int] = []  # tokens whose keys/values are in the cache, in order
         self.prefill_chunk = PREFILL_CHUNK

@@ -235,13 +235,13 @@ def _open_reference(src: str, tmp: Path, ctx: int, threads: int | None) -> Engin
     path = Path(src).expanduser()
     try:
         if path.is_file() and not is_gguf(path):
-            return Engine(path, ctx=ctx, threads=threads)
+            return Engine(path, ctx=ctx, threads=threads, kv="32")  # the reference keeps a float32 cache
         if not path.exists() and (path.suffix == ".lowbit" or src.startswith((".", "/", "~"))):
             raise LowbitError(f"{src}: no such file or directory")
         log.info("converting reference %s unquantized into a temporary container", src)
         # a GGUF: its dequantized float32 weights (requantize: every tensor as a float source)
         out = convert(src, tmp / "reference.lowbit", ConvertOptions(bits=16, requantize=True), progress=False)
-        return Engine(out, ctx=ctx, threads=threads)
+        return Engine(out, ctx=ctx, threads=threads, kv="32")
     except LowbitError as e:
         raise type(e)(f"reference {e}") from None
 

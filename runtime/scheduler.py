@@ -110,9 +110,7 @@ class Scheduler:
         if fresh is None:  # no other slot to be had: the partial match gives up its tail
             return best, reuse
         if best is not None:
-            for dst_k, dst_v, src_k, src_v in zip(fresh.cache.k, fresh.cache.v, best.cache.k, best.cache.v):
-                dst_k[:, :reuse] = src_k[:, :reuse]
-                dst_v[:, :reuse] = src_v[:, :reuse]
+            fresh.cache.copy_prefix(best.cache, reuse)
             fresh.tokens = best.tokens[:reuse]
         return fresh, reuse
 

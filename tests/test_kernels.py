@@ -116,7 +116,8 @@ def test_rope_and_cache_write_in_one_call(rot):
     want_q, want_k = q.copy(), k.copy()
     want_q[..., :rot] = ref.rope(q[..., :rot], pos, inv)
     want_k[..., :rot] = ref.rope(k[..., :rot], pos, inv)
-    dispatch.rope_qk_kv_write(q[:, :, :rot], k, v, cos, sin, kc, vc, start)
+    ns = np.empty((nkv, ctx, 0), dtype=np.uint16)  # a float32 cache has no scales
+    dispatch.rope_qk_kv_write(q[:, :, :rot], k, v, cos, sin, (kc, ns, vc, ns), start)
     np.testing.assert_allclose(q, want_q, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(kc[:, start : start + t], want_k.transpose(1, 0, 2), rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(vc[:, start : start + t], v.transpose(1, 0, 2))
@@ -132,7 +133,7 @@ def test_attention_matches_reference(t, start):
     q = rng.standard_normal((t, nh, hd)).astype(np.float32)
     k = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
     v = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
-    got = dispatch.attention(q, k, v, start, 1 / np.sqrt(hd))
+    got = dispatch.attention(q, (k, v), start, 1 / np.sqrt(hd))
     want = ref.attention(q * np.float32(1.0), k, v, start)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 

@@ -6,6 +6,8 @@ import pytest
 
 from lowbit.kernels import dispatch, ref
 
+NS = np.empty((0, 0, 0), dtype=np.uint16)  # the scales of a float32 KV cache (none)
+
 
 def test_gelu_tanh_mul_matches_reference():
     rng = np.random.default_rng(0)
@@ -40,7 +42,7 @@ def test_attention_window_softcap_matches_reference(t, start, window, cap):
     k = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
     v = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
     scale = 0.3
-    got = dispatch.attention(q, k, v, start, scale, window, cap)
+    got = dispatch.attention(q, (k, v), start, scale, window, cap)
     want = ref.attention(q, k, v, start, scale=scale, window=window, softcap=cap)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -89,7 +91,7 @@ def test_prompt_attention_matches_reference(t, start, window, cap, hd):
     q = (rng.standard_normal((t, nh, hd)) * 2).astype(np.float32)
     k = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
     v = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
-    got = dispatch.attention(q, k, v, start, 0.3, window, cap)
+    got = dispatch.attention(q, (k, v), start, 0.3, window, cap)
     want = ref.attention(q, k, v, start, scale=0.3, window=window, softcap=cap)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -104,7 +106,7 @@ def test_split_decode_attention_matches_reference(start, window, cap, chunk):
     k = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
     v = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
     got = np.empty_like(q)
-    cpu_attention.attention_decode(got, q, k, v, start, np.float32(0.3), window, np.float32(cap), chunk)
+    cpu_attention.attention_decode(got, q, k, NS, v, NS, start, np.float32(0.3), window, np.float32(cap), chunk)
     want = ref.attention(q, k, v, start, scale=0.3, window=window, softcap=cap)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -125,12 +127,12 @@ def test_attention_head_dims_and_key_blocks_match_reference(hd, t, start, chunk)
         want = ref.attention(q, k, v, start, scale=0.3, window=0, softcap=cap)
         got = np.empty_like(q)
         if chunk:
-            cpu_attention.attention_decode(got, q, k, v, start, np.float32(0.3), 0, np.float32(cap), chunk)
+            cpu_attention.attention_decode(got, q, k, NS, v, NS, start, np.float32(0.3), 0, np.float32(cap), chunk)
         else:
-            cpu_attention.attention(got, q, k, v, start, np.float32(0.3), 0, np.float32(cap))
+            cpu_attention.attention(got, q, k, NS, v, NS, start, np.float32(0.3), 0, np.float32(cap))
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     # a strided query (a view of a wider buffer) gives the same result through dispatch
     wide = np.zeros((t, nh, hd + 4), dtype=np.float32)
     wide[:, :, :hd] = q
-    np.testing.assert_allclose(dispatch.attention(wide[:, :, :hd], k, v, start, 0.3), ref.attention(q, k, v, start,
+    np.testing.assert_allclose(dispatch.attention(wide[:, :, :hd], (k, v), start, 0.3), ref.attention(q, k, v, start,
                                scale=0.3), rtol=1e-4, atol=1e-5)
