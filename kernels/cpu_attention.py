@@ -153,20 +153,36 @@ def _splat(builder, x):
 
 
 def load_rows(tile, data, scales, kv, s, n):
-    """Rows s .. s+n-1 (n <= 8) of one head of a cache as float32: (rows, r0) with row i at rows[r0 + i]. A float32
-    cache is read in place; other formats are decoded into tile f32[8, hd]. (Overloaded per data dtype.)"""
+    """Positions s .. s+n-1 (n <= 8) of one head of a cache as float32: (rows, r0) with position s + i at
+    rows[r0 + i]. Position p is row p % (the cache's rows): a ring where a sliding-window layer keeps only its window.
+    A float32 cache is read in place (unless the eight rows wrap around the ring); other formats are decoded into
+    tile f32[8, hd]. (Overloaded per data dtype.)"""
 
 
 @overload(load_rows, jit_options=_JIT)
 def _load_rows(tile, data, scales, kv, s, n):
     if data.dtype == types.float32:
-        return lambda tile, data, scales, kv, s, n: (data[kv], s)
+
+        def impl(tile, data, scales, kv, s, n):
+            size = data.shape[1]
+            r = s % size
+            if r + n <= size:
+                return data[kv], r
+            for i in range(n):
+                rr = (s + i) % size
+                for j in range(tile.shape[1]):
+                    tile[i, j] = data[kv, rr, j]
+            return tile, 0
+
+        return impl
     if data.dtype == types.uint16:
 
         def impl(tile, data, scales, kv, s, n):
+            size = data.shape[1]
             for i in range(n):
+                rr = (s + i) % size
                 for j in range(tile.shape[1]):
-                    tile[i, j] = H2F(data[kv, s + i, j])
+                    tile[i, j] = H2F(data[kv, rr, j])
             return tile, 0
 
         return impl
@@ -178,9 +194,10 @@ def _load_rows(tile, data, scales, kv, s, n):
             g = hd // ng
             flat = tile.reshape(tile.size)
             for i in range(n):
-                row = data[kv, s + i]
+                rr = (s + i) % data.shape[1]
+                row = data[kv, rr]
                 for gi in range(ng):
-                    d = H2F(scales[kv, s + i, gi])
+                    d = H2F(scales[kv, rr, gi])
                     if g % 8 == 0:
                         for j in range(gi * g, gi * g + g, 8):
                             dequant8_q8(flat, i * hd + j, row, j, d)
@@ -199,9 +216,10 @@ def _load_rows(tile, data, scales, kv, s, n):
             half = g // 2
             flat = tile.reshape(tile.size)
             for i in range(n):
-                row = data[kv, s + i]
+                rr = (s + i) % data.shape[1]
+                row = data[kv, rr]
                 for gi in range(ng):
-                    d = H2F(scales[kv, s + i, gi])
+                    d = H2F(scales[kv, rr, gi])
                     if half % 8 == 0:
                         for j in range(0, half, 8):
                             dequant8_q4(flat, i * hd + gi * g + j, row, gi * half + j, half, d)
@@ -269,7 +287,7 @@ def _prefetch_rows(data, kv, s):
     """Prefetch every fourth line of the eight rows PREFETCH_AHEAD bytes past row s of head kv (more cost more
     than they save: the hardware follows on within a page)."""
     row = data.shape[2] * data.itemsize
-    base = (kv * data.shape[1] + s) * row + PREFETCH_AHEAD
+    base = (kv * data.shape[1] + s % data.shape[1]) * row + PREFETCH_AHEAD
     for f in range(0, KEYS * row, 256):
         prefetch(data, base + f)
 

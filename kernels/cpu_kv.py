@@ -1,9 +1,10 @@
 """numba CPU kernels that write the KV cache in its storage formats (kernels/kv_formats.py: f32, f16, q8, q4), with
 RoPE fused in (rope2_kv_write).
 
-One cache is a pair (data, scales) per layer: data f32/u16/i8/u8[n_kv, ctx, width], scales u16[n_kv, ctx, groups]
+One cache is a pair (data, scales) per layer: data f32/u16/i8/u8[n_kv, rows, width], scales u16[n_kv, rows, groups]
 (float16 bits; empty for the float formats). The format follows from data's dtype, so numba compiles one kernel per
-pair of key/value formats in use.
+pair of key/value formats in use. Position p lives in row p % rows: a cache of the whole context has a row per
+position, a sliding-window layer's cache is a ring of the window plus one prompt chunk (models/common.py).
 """
 
 from __future__ import annotations
@@ -139,10 +140,12 @@ def _store_row(data, scales, kv, pos, src, t):
 @nb.njit(**_JIT)
 def kv_write(kd, ks, vd, vs, k, v, start):
     """Keys and values k, v: f32[T, n_kv, hd] into positions start.. of one layer's caches (data, scales) × 2."""
+    rows = kd.shape[1]
     for t in range(k.shape[0]):
+        r = (start + t) % rows
         for h in range(k.shape[1]):
-            store_row(kd, ks, h, start + t, k, t)
-            store_row(vd, vs, h, start + t, v, t)
+            store_row(kd, ks, h, r, k, t)
+            store_row(vd, vs, h, r, v, t)
 
 
 @nb.njit(**_JIT)

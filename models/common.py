@@ -119,21 +119,49 @@ def rope_tables(inv_freq: np.ndarray, n_pos: int, mscale: float = 1.0) -> tuple[
     return cos, sin
 
 
+RING_TOKENS = 512  # a sliding-window layer's ring holds its window plus this many positions (see KVCache)
+
+
+def ring_rows(window: int, ctx: int) -> int:
+    """Rows of a layer's cache: the whole context, or for a sliding window of w keys a ring of w + RING_TOKENS - 1
+    rows where that is smaller."""
+    return min(ctx, window + RING_TOKENS - 1) if window > 0 else ctx
+
+
 class KVCache:
     """Preallocated keys and values per layer in the storage formats of ``spec`` (kernels/kv_formats.py): data
-    [n_kv_heads, ctx, width] and scales [n_kv_heads, ctx, groups] (empty for float formats) for keys and values."""
+    [n_kv_heads, rows, width] and scales [n_kv_heads, rows, groups] (empty for float formats) for keys and values.
 
-    def __init__(self, n_layers: int, n_kv: int, ctx: int, head_dim: int, spec: KVSpec = kv_formats.DEFAULT):
+    Position p is row p % rows. A layer has a row per position of the context, or, with a sliding window of w keys
+    (``windows``), a ring of w + RING_TOKENS - 1 rows (``ring_rows``): enough that one forward pass of up to
+    RING_TOKENS tokens finds every key its queries see after writing its own, and that the last RING_TOKENS
+    positions can be taken back (a cached prefix reused from a shorter point, ``can_rewind``)."""
+
+    def __init__(self, n_layers: int, n_kv: int, ctx: int, head_dim: int, spec: KVSpec = kv_formats.DEFAULT,
+                 windows: list[int] | None = None):
         spec.check(head_dim)
         self.ctx = ctx
         self.spec = spec
         self.head_dim = head_dim
-        kd, ks = spec.k.shapes((n_kv, ctx), head_dim)
-        vd, vs = spec.v.shapes((n_kv, ctx), head_dim)
-        self.k = [np.zeros(kd, dtype=spec.k.dtype) for _ in range(n_layers)]
-        self.ks = [np.zeros(ks, dtype=np.uint16) for _ in range(n_layers)]
-        self.v = [np.zeros(vd, dtype=spec.v.dtype) for _ in range(n_layers)]
-        self.vs = [np.zeros(vs, dtype=np.uint16) for _ in range(n_layers)]
+        self.rows = [ring_rows(w, ctx) for w in (windows or [0] * n_layers)]
+        if len(self.rows) != n_layers:
+            raise ValueError("one window per layer")
+        ring = [r for r in self.rows if r < ctx]
+        # tokens one forward pass may write, and positions that may be taken back (ctx: no limit)
+        self.max_tokens = RING_TOKENS if ring else ctx
+        self.k, self.ks, self.v, self.vs = [], [], [], []
+        for rows in self.rows:
+            kd, ks = spec.k.shapes((n_kv, rows), head_dim)
+            vd, vs = spec.v.shapes((n_kv, rows), head_dim)
+            self.k.append(np.zeros(kd, dtype=spec.k.dtype))
+            self.ks.append(np.zeros(ks, dtype=np.uint16))
+            self.v.append(np.zeros(vd, dtype=spec.v.dtype))
+            self.vs.append(np.zeros(vs, dtype=np.uint16))
+
+    def can_rewind(self, held: int, keep: int) -> bool:
+        """Whether a cache holding positions 0..held-1 can go on from position ``keep`` (reusing 0..keep-1): always
+        without rings; with them only if the positions a window still needs were not overwritten."""
+        return held - keep <= self.max_tokens
 
     def layer(self, li: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(key data, key scales, value data, value scales) of layer li, as the kernels take them."""
@@ -144,15 +172,18 @@ class KVCache:
         return sum(a.nbytes for arrays in (self.k, self.ks, self.v, self.vs) for a in arrays)
 
     def copy_prefix(self, src: KVCache, n: int) -> None:
-        """Positions 0..n-1 of every layer from ``src`` (a cache of the same formats)."""
-        if src.spec != self.spec:
-            raise ValueError("copy_prefix needs caches of one format")
+        """Positions 0..n-1 of every layer from ``src`` (a cache of the same formats and rows; with rings, only
+        where ``src.can_rewind(its length, n)``)."""
+        if src.spec != self.spec or src.rows != self.rows:
+            raise ValueError("copy_prefix needs caches of one format and shape")
         for mine, theirs in zip((self.k, self.ks, self.v, self.vs), (src.k, src.ks, src.v, src.vs)):
             for dst, s in zip(mine, theirs):
-                dst[:, :n] = s[:, :n]
+                m = min(n, dst.shape[1])
+                dst[:, :m] = s[:, :m]
 
     def keys(self, li: int, n: int) -> np.ndarray:
-        """Keys of positions 0..n-1 of layer li as float32 [n_kv, n, head_dim] (decoded: for tests and tools)."""
+        """Keys of positions 0..n-1 of layer li as float32 [n_kv, n, head_dim] (decoded: for tests and tools; a
+        ring layer needs n <= its rows)."""
         return kv_formats.dequantize(self.spec.k, self.k[li][:, :n], self.ks[li][:, :n], self.head_dim)
 
     def values(self, li: int, n: int) -> np.ndarray:

@@ -261,7 +261,8 @@ class Model:
     def new_cache(self) -> KVCache:
         """An empty cache in the formats of ``self.kv`` (float16 unless set: kernels/kv_formats.py)."""
         a = self.args
-        return KVCache(a.num_hidden_layers, a.num_key_value_heads, self.ctx, a.head_dim, self.kv)
+        windows = [a.window(i) for i in range(a.num_hidden_layers)]
+        return KVCache(a.num_hidden_layers, a.num_key_value_heads, self.ctx, a.head_dim, self.kv, windows)
 
     # ------------------------------------------------------------------------------------------ primitives
     def rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -393,7 +394,16 @@ class Model:
     def forward(self, tokens: np.ndarray, start: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Logits [T, vocab] (all_logits) or [1, vocab] for the last position, for tokens at start..start+T-1.
         With ``cache`` a :class:`Segments` (and ``start`` None), tokens are several sequences' rows and the logits
-        are those of each sequence's last row, [S, vocab]."""
+        are those of each sequence's last row, [S, vocab].
+        More tokens than a ring cache takes in one pass (KVCache.max_tokens) run as several passes."""
+        limit = getattr(cache, "max_tokens", None)
+        if isinstance(cache, Segments):
+            if any(b - a > c.max_tokens for c, _, a, b in cache.parts):
+                raise ValueError("a segment is longer than its cache takes in one pass")
+        elif limit is not None and len(tokens) > limit:
+            parts = [self.forward(tokens[i : i + limit], start + i, cache, all_logits)
+                     for i in range(0, len(tokens), limit)]
+            return np.concatenate(parts) if all_logits else parts[-1]
         with blas.one_thread() if self.one_thread_blas else contextlib.nullcontext():
             x = self.embed_tokens(tokens)
             if type(self).block is Model.block and type(self).add is Model.add and type(self).rmsnorm is Model.rmsnorm:

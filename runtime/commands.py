@@ -191,6 +191,21 @@ def _write_json_atomic(path: Path, data) -> None:
         raise LowbitError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def kv_cache_line(a: dict) -> str:
+    """Cache bytes per position in each --kv-bits format, and the default cache at the model's full context."""
+    from lowbit.kernels.kv_formats import DEFAULT, KVSpec
+
+    try:
+        dims = int(a["num_hidden_layers"]), int(a["num_key_value_heads"]), int(a["head_dim"])
+        full = int(a.get("max_position_embeddings") or 0)
+    except (KeyError, TypeError, ValueError):
+        return ""
+    per = {b: KVSpec.parse(b).bytes_per_token(*dims) for b in ("16", "32", "8", "4")}
+    line = (f"{per['16']:,} bytes per position ({DEFAULT.label}, the default; f32 {per['32']:,}, q8 {per['8']:,}, "
+            f"q4 {per['4']:,})")
+    return line + (f"; {per['16'] * full / 2**20:,.0f} MiB at the model's {full:,} positions" if full else "")
+
+
 def cmd_inspect(args) -> int:
     from lowbit.formats.layout import EXTRA_SUFFIXES
     from lowbit.formats.reader import Container
@@ -227,6 +242,9 @@ def cmd_inspect(args) -> int:
     print(f"parameters:    {s['params']:,}")
     print(f"bits/weight:   {s['bpw_all']:.3f} overall (all tensor data / parameters), "
           f"{s['bpw_matrices']:.3f} in the quantized matrices")
+    kv = kv_cache_line(arch.get("args", {}))
+    if kv:
+        print(f"KV cache:      {kv}")
     rows = []
     groups: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     for name in c.tensor_names:

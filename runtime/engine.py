@@ -183,6 +183,8 @@ class Engine:
         if len(tokens) > self.ctx:
             raise ContextOverflowError(f"prompt of {len(tokens)} tokens does not fit the context of {self.ctx}")
         n = min(common_prefix(self.cached, tokens), len(tokens) - 1)  # at least the last token runs: its logits
+        if not self.cache.can_rewind(len(self.cached), n):  # a sliding window's ring no longer holds what n needs
+            n = 0
         # forward overwrites positions n.. of the cache: forget them first, so a prefill interrupted part-way
         # (Ctrl-C) never leaves old tokens listed whose keys/values are already gone
         self.cached = tokens[:n]

@@ -102,7 +102,7 @@ class Scheduler:
         best, reuse = None, 0
         for s in idle:
             n = min(common_prefix(s.tokens, prompt), len(prompt) - 1)
-            if n > reuse:
+            if n > reuse and s.cache.can_rewind(len(s.tokens), n):  # (a sliding window's ring may not go back far)
                 best, reuse = s, n
         if best is not None and (reuse == len(best.tokens) or common_prefix(best.tokens, prompt) == len(prompt)):
             return best, reuse  # the prompt extends all the slot holds, or lies within it (a reply asked again)

@@ -264,7 +264,7 @@ def oracles(tmp_path_factory, prompt):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_unquantized_matches_transformers(kind, oracles, prompt):
     o = oracles(kind)
-    eng = Engine(o.container(16), ctx=CTX)
+    eng = Engine(o.container(16), ctx=CTX, kv="32")  # a float32 KV cache: the kernels' own numerics
     assert eng.family is FAMILIES[KINDS[kind].family]
     windows = {eng.args.window(i) for i in range(eng.args.num_hidden_layers)}
     assert max(windows) == KINDS[kind].window
@@ -281,6 +281,14 @@ def test_unquantized_matches_transformers(kind, oracles, prompt):
     # greedy continuation (decode up to position 71): not a trivial one, no near-ties, and identical
     assert len(set(o.greedy)) >= 4, f"degenerate oracle continuation {o.greedy}"
     assert min(o.margins) >= 1e-3, f"near-tie in the oracle's greedy steps: {min(o.margins):.2g}"
+    assert lowbit_greedy(eng, prompt, 32) == o.greedy
+    # the default float16 KV cache: its rounding (~5e-4 relative per cached element) and the same greedy stream
+    eng = Engine(o.container(16), ctx=CTX)
+    assert eng.kv.label == "f16"
+    assert rel_err(eng.logits_all(prompt), o.logits) < 3e-3
+    eng.reset()
+    steps = [eng.prefill(prompt[:1])] + [eng.step(t) for t in prompt[1:]]
+    assert rel_err(np.stack(steps), o.logits) < 3e-3
     assert lowbit_greedy(eng, prompt, 32) == o.greedy
 
 
@@ -315,7 +323,7 @@ def test_quirk_is_exercised(kind, quirk, oracles, prompt):
     from lowbit.models.common import rope_attention_factor, rope_inv_freq, rope_tables
 
     o = oracles(kind)
-    eng = Engine(o.container(16), ctx=CTX)
+    eng = Engine(o.container(16), ctx=CTX, kv="32")
     m, a = eng.model, eng.args
     if quirk == "window":
         a.sliding_window = 0
@@ -332,6 +340,34 @@ def test_quirk_is_exercised(kind, quirk, oracles, prompt):
     assert rel_err(got, o.logits) > 1e-2
     if quirk == "window":  # positions that see no more than the window are unaffected
         assert rel_err(got[:W], o.logits[:W]) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma2"])
+def test_sliding_window_ring_cache_matches_transformers(kind, oracles):
+    """Sliding-window layers keep a ring of their window + RING_TOKENS positions: a 700-token prompt (two passes),
+    decoding past the ring's wrap, and going back to an earlier point of the conversation all match transformers."""
+    import torch
+
+    from lowbit.models.common import RING_TOKENS
+
+    o = oracles(kind)
+    ids = [int(t) for t in np.random.default_rng(11).integers(3, 4096, size=700)]
+    with torch.no_grad():
+        want = o.model(torch.tensor([ids])).logits[0].numpy()
+    eng = Engine(o.container(16), ctx=1100, kv="32")
+    rings = [r for r in eng.cache.rows if r < eng.ctx]
+    assert rings and set(rings) == {W + RING_TOKENS - 1}
+    assert rel_err(eng.logits_all(ids), want) < 1e-4
+    eng.reset()
+    eng.prefill(ids[:600])
+    steps = [eng.step(t) for t in ids[600:]]
+    assert rel_err(np.stack(steps), want[600:]) < 1e-4
+    reused = eng.stats.reused_tokens
+    assert rel_err(eng.prefill(ids[:650]), want[649]) < 1e-4  # 50 positions back: within the ring
+    assert eng.stats.reused_tokens == reused + 649
+    eng.prefill(ids)
+    assert rel_err(eng.prefill(ids[:100]), want[99]) < 1e-4  # 600 back: the ring moved on, so all is recomputed
+    assert eng.stats.reused_tokens == reused + 649 + 650
 
 
 def test_unsupported_model_type_names_the_families(oracles, tmp_path):

@@ -120,3 +120,32 @@ def test_copy_prefix_copies_every_array():
         assert not b.k[li][:, 7:].any() and not b.vs[li][:, 7:].any()
     with pytest.raises(ValueError):
         b.copy_prefix(KVCache(2, 2, 12, 32), 3)
+
+
+@pytest.mark.parametrize("spec", ["32", "16", "8", "k8,v4"])
+def test_sliding_window_ring_matches_full_cache(spec):
+    """A sliding-window layer keeps its window plus RING_TOKENS positions in a ring (position p in row p % rows);
+    attention over the ring, decoding and prompt passes, long after it wrapped, equals attention over a cache of the
+    whole context."""
+    from lowbit.models.common import RING_TOKENS
+
+    s = KVSpec.parse(spec)
+    rng = np.random.default_rng(5)
+    nh, nkv, hd, ctx, w = 4, 2, 32, 1600, 40
+    ring = KVCache(1, nkv, ctx, hd, s, windows=[w])
+    full = KVCache(1, nkv, ctx, hd, s)
+    assert ring.rows == [w + RING_TOKENS - 1] and ring.nbytes * ctx == full.nbytes * ring.rows[0]
+    k = rng.standard_normal((ctx, nkv, hd)).astype(np.float32)
+    v = rng.standard_normal((ctx, nkv, hd)).astype(np.float32)
+    pos = 0
+    for t in [300, 512, 1, 1, 200, 512, 7]:  # prompt chunks and single steps, past two wraps of the ring
+        q = rng.standard_normal((t, nh, hd)).astype(np.float32)
+        outs = []
+        for c in (ring, full):
+            dispatch.kv_write(c.layer(0), k[pos : pos + t], v[pos : pos + t], pos)
+            outs.append(dispatch.attention(q, c.layer(0), pos, 0.3, w))
+        np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+        pos += t
+    assert pos > 2 * ring.rows[0]
+    assert ring.can_rewind(pos, pos - RING_TOKENS) and not ring.can_rewind(pos, pos - RING_TOKENS - 1)
+    assert full.can_rewind(pos, 0)

@@ -164,3 +164,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+    def can_rewind(self, held: int, keep: int) -> bool:
+        """Always: every layer keeps the whole context (no sliding-window rings on the device)."""
+        return True
