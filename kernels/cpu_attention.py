@@ -192,18 +192,18 @@ def _load_rows(tile, data, scales, kv, s, n):
             ng = scales.shape[2]
             hd = tile.shape[1]
             g = hd // ng
-            flat = tile.reshape(tile.size)
+            size = data.shape[1]
             for i in range(n):
-                rr = (s + i) % data.shape[1]
-                row = data[kv, rr]
+                rr = (s + i) % size
+                base = (kv * size + rr) * hd  # of the row in data (flat)
                 for gi in range(ng):
                     d = H2F(scales[kv, rr, gi])
                     if g % 8 == 0:
                         for j in range(gi * g, gi * g + g, 8):
-                            dequant8_q8(flat, i * hd + j, row, j, d)
+                            dequant8_q8(tile, i * hd + j, data, base + j, d)
                     else:
                         for j in range(gi * g, gi * g + g):
-                            tile[i, j] = np.float32(row[j]) * d
+                            tile[i, j] = np.float32(data[kv, rr, j]) * d
             return tile, 0
 
         return impl
@@ -214,18 +214,18 @@ def _load_rows(tile, data, scales, kv, s, n):
             hd = tile.shape[1]
             g = hd // ng
             half = g // 2
-            flat = tile.reshape(tile.size)
+            size = data.shape[1]
             for i in range(n):
-                rr = (s + i) % data.shape[1]
-                row = data[kv, rr]
+                rr = (s + i) % size
+                base = (kv * size + rr) * (hd // 2)  # of the row in data (flat)
                 for gi in range(ng):
                     d = H2F(scales[kv, rr, gi])
                     if half % 8 == 0:
                         for j in range(0, half, 8):
-                            dequant8_q4(flat, i * hd + gi * g + j, row, gi * half + j, half, d)
+                            dequant8_q4(tile, i * hd + gi * g + j, data, base + gi * half + j, half, d)
                     else:
                         for j in range(half):
-                            b = np.int32(row[gi * half + j])
+                            b = np.int32(data[kv, rr, gi * half + j])
                             tile[i, gi * g + j] = np.float32((b & 15) - 8) * d
                             tile[i, gi * g + half + j] = np.float32((b >> 4) - 8) * d
             return tile, 0
