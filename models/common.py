@@ -190,6 +190,13 @@ class KVCache:
         return kv_formats.dequantize(self.spec.v, self.v[li][:, :n], self.vs[li][:, :n], self.head_dim)
 
 
+def cache_for(args, ctx: int, spec: KVSpec = kv_formats.DEFAULT) -> KVCache:
+    """An empty cache for a model of ``args`` (a family's ModelArgs) at ``ctx`` positions: sliding-window layers get
+    rings (KVCache)."""
+    windows = [args.window(i) for i in range(args.num_hidden_layers)]
+    return KVCache(args.num_hidden_layers, args.num_key_value_heads, ctx, args.head_dim, spec, windows)
+
+
 class Segments:
     """Several sequences in one forward pass (continuous batching): rows ``[a, b)`` of the batch are one sequence's
     tokens at positions ``start..`` of its own cache. Passed where a forward pass takes its cache."""

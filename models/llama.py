@@ -21,6 +21,7 @@ from lowbit.kernels.heap import release_free_heap
 from lowbit.models.common import (
     KVCache,
     Segments,
+    cache_for,
     check_rope,
     partial_rotary_factor,
     rope_attention_factor,
@@ -260,9 +261,7 @@ class Model:
 
     def new_cache(self) -> KVCache:
         """An empty cache in the formats of ``self.kv`` (float16 unless set: kernels/kv_formats.py)."""
-        a = self.args
-        windows = [a.window(i) for i in range(a.num_hidden_layers)]
-        return KVCache(a.num_hidden_layers, a.num_key_value_heads, self.ctx, a.head_dim, self.kv, windows)
+        return cache_for(self.args, self.ctx, self.kv)
 
     # ------------------------------------------------------------------------------------------ primitives
     def rmsnorm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -220,12 +220,12 @@ def cmd_bench(args) -> int:
         raise LowbitError("bench --device cuda needs a real GPU: the CUDA simulator says nothing about speed")
     if args.device == "cuda" and getattr(args, "kv_bits", None):
         raise LowbitError("--kv-bits is a CPU cache format; the cuda backend keeps a float32 cache")
+    kvs = [KVSpec.parse(k).label for k in (getattr(args, "kv_bits", None) or [None])]  # bad values fail first
     targets = _targets(args)
     from lowbit.runtime.engine import set_threads
 
     set_threads(args.threads)
     rows = []
-    kvs = [KVSpec.parse(k).label for k in (getattr(args, "kv_bits", None) or [None])]  # bad values fail first
     for path, label in targets:
         for kv in kvs:
             print(f"benchmarking {path.name} (KV cache {kv}) ...", file=sys.stderr)

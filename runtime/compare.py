@@ -67,7 +67,7 @@ class Config:
     opts: ConvertOptions
     extras: tuple[str, ...] = ()  # the options the item sets, as the label spells them: "sym", "embed=8"
     act: str = "none"  # the runtime's --act-quant mode for this row
-    kv: str = "16"  # the runtime's --kv-bits for this row (kernels/kv_formats.py)
+    kv: str = "f16"  # the runtime's --kv-bits for this row (a KVSpec label: kernels/kv_formats.py)
 
     @property
     def shown_method(self) -> str:
@@ -108,7 +108,7 @@ def _parse_item(item: str, shared: ConvertOptions) -> Config:
     if parts[0].lower() in UNQUANTIZED and all(p.lower().startswith("kv=") for p in parts[1:]):
         _, fields, extras = _parse_options(parts[1:], "rtn")
         return Config(":".join(("f16", *extras)), "f16", "16", "",
-                      dataclasses.replace(shared, bits=FLOAT_BITS, method="rtn"), extras, kv=fields.get("kv", "16"))
+                      dataclasses.replace(shared, bits=FLOAT_BITS, method="rtn"), extras, kv=fields.get("kv", "f16"))
     if len(parts) < 2 or not all(parts):
         raise LowbitError(f"expected {GRAMMAR}")
     head, second, rest = parts[0].lower(), parts[1], parts[2:]
@@ -127,7 +127,7 @@ def _parse_item(item: str, shared: ConvertOptions) -> Config:
         return _parse_item("f16", shared)
     group, fields, extras = _parse_options(rest, method)
     act = fields.pop("act", "none")
-    kv = fields.pop("kv", "16")
+    kv = fields.pop("kv", "f16")
     opts = dataclasses.replace(shared, bits=bits, group_size=group, method=method, **fields)
     label = ":".join((method, str(bits), GROUP_NAMES[group], *extras))
     return Config(label, method, str(bits), GROUP_NAMES[group], opts, extras, act, kv)
@@ -145,7 +145,7 @@ def _parse_mixed(target: str, rest: list[str], shared: ConvertOptions) -> Config
         method, rest = _parse_method(rest[0].lower()), rest[1:]
     group, fields, extras = _parse_options(rest, method)
     act = fields.pop("act", "none")
-    kv = fields.pop("kv", "16")
+    kv = fields.pop("kv", "f16")
     if unit == "bpw":
         fields["target_bpw"], shown = value, f"{value:g}bpw"
     else:

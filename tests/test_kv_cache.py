@@ -149,3 +149,39 @@ def test_sliding_window_ring_matches_full_cache(spec):
     assert pos > 2 * ring.rows[0]
     assert ring.can_rewind(pos, pos - RING_TOKENS) and not ring.can_rewind(pos, pos - RING_TOKENS - 1)
     assert full.can_rewind(pos, 0)
+
+
+def test_cli_kv_bits(tmp_path):
+    """--kv-bits on generate and eval: a quantized cache runs; eval against the same model with a float32 cache
+    measures what the cache alone costs (exactly 0 for a float32 cache); bad values are one-line errors."""
+    import json
+
+    from lbtest import DEV_EVAL, TOY_MODEL, assert_clean_error, run_cli
+
+    res = run_cli("generate", TOY_MODEL, "--raw", "-p", "Once upon a time", "-n", "8", "--kv-bits", "k8,v4")
+    assert res.returncode == 0 and res.stdout.strip(), res.stderr
+    kl = {}
+    for bits in ("32", "16", "4"):
+        res = run_cli("eval", TOY_MODEL, "--text", DEV_EVAL, "--eval-ctx", "128", "--max-tokens", "254", "--kv-bits",
+                      bits, "--reference", TOY_MODEL, "--json")
+        assert res.returncode == 0, res.stderr
+        out = json.loads(res.stdout)
+        assert out["kv_cache"] == KVSpec.parse(bits).label
+        kl[bits] = out["kl_mean"]
+    assert kl["32"] == 0.0 and 0.0 < kl["16"] < 1e-4 < kl["4"]
+    for cmd in (["generate", TOY_MODEL, "-p", "hi"], ["eval", TOY_MODEL, "--text", DEV_EVAL], ["bench", "--shape",
+                "smollm2-135m"]):
+        assert_clean_error(run_cli(*cmd, "--kv-bits", "7"), "--kv-bits")
+
+
+def test_compare_kv_option():
+    from lowbit.runtime.compare import parse_configs
+
+    rows = parse_configs("f16,f16:kv=8,rtn:4:g64:kv=k8v4,mixed:3bpw:kv=4,rtn:4:g64")
+    assert [(c.label, c.kv) for c in rows] == [
+        ("f16", "f16"), ("f16:kv=8", "q8"), ("rtn:4:g64:kv=k8v4", "k8,v4"), ("mixed:3bpw:kv=4", "q4"),
+        ("rtn:4:g64", "f16")]
+    assert rows[1].opts == rows[0].opts and rows[2].opts == rows[4].opts  # one conversion each
+    for bad in ("rtn:4:kv=7", "f16:kv=2", "rtn:4:kv=8:kv=4"):
+        with pytest.raises(LowbitError):
+            parse_configs(bad)
