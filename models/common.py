@@ -171,6 +171,24 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for arrays in (self.k, self.ks, self.v, self.vs) for a in arrays)
 
+    def shift(self, held: int, keep: int, discard: int, rotate) -> None:
+        """Context shift of a cache holding positions 0..held-1: positions keep..keep+discard-1 are dropped and
+        keep+discard..held-1 become keep..held-discard-1, their keys passed through ``rotate(layer, keys)`` (float32
+        [n_kv, m, head_dim] -> the same, re-rotated to the new positions) and stored again in the cache's format.
+        A ring layer moves only the positions it still holds (the older ones lie outside its window anyway)."""
+        if not (0 <= keep and discard >= 1 and keep + discard <= held <= self.ctx):
+            raise ValueError(f"bad context shift: keep {keep}, discard {discard} of {held}")
+        for li, rows in enumerate(self.rows):
+            moved = np.arange(max(keep + discard, held - rows), held)
+            if moved.size == 0:
+                continue
+            old, new = moved % rows, (moved - discard) % rows
+            keys = kv_formats.dequantize(self.spec.k, self.k[li][:, old], self.ks[li][:, old], self.head_dim)
+            kd, ks = kv_formats.quantize(self.spec.k, rotate(li, keys))
+            vd, vs = self.v[li][:, old], self.vs[li][:, old]  # fancy indexing: copies, so the moves cannot overlap
+            self.k[li][:, new], self.ks[li][:, new] = kd, ks
+            self.v[li][:, new], self.vs[li][:, new] = vd, vs
+
     def copy_prefix(self, src: KVCache, n: int) -> None:
         """Positions 0..n-1 of every layer from ``src`` (a cache of the same formats and rows; with rings, only
         where ``src.can_rewind(its length, n)``)."""

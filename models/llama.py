@@ -325,6 +325,23 @@ class Model:
             return x, self.rmsnorm(x, w)
         return dispatch.add_rmsnorm(x, a, w, self.args.rms_norm_eps)
 
+    def shift_cache(self, cache: KVCache, held: int, keep: int, discard: int) -> None:
+        """Context shift (KVCache.shift): drop positions keep..keep+discard-1; the later keys are rotated back by
+        ``discard`` positions (RoPE composes: R(p - d) = R(-d) R(p)), each layer with its own tables."""
+
+        def rotate(li: int, keys: np.ndarray) -> np.ndarray:
+            cos, sin = self.rope_rows(li, discard, 1)
+            c, s = cos[0].astype(np.float64), sin[0].astype(np.float64)
+            norm = np.sqrt(c * c + s * s)  # the tables may carry an attention factor (longrope): a pure rotation
+            c, s = (c / norm).astype(np.float32), (-s / norm).astype(np.float32)
+            half = self.rot // 2
+            x1, x2 = keys[..., :half].copy(), keys[..., half : self.rot].copy()
+            keys[..., :half] = x1 * c - x2 * s
+            keys[..., half : self.rot] = x2 * c + x1 * s
+            return keys
+
+        cache.shift(held, keep, discard, rotate)
+
     def cache_write(self, cache: KVCache, li: int, k: np.ndarray, v: np.ndarray, start: int) -> None:
         """Keys and values [T, n_kv, hd] of positions start.. into layer li of the cache."""
         dispatch.kv_write(cache.layer(li), k, v, start)

@@ -34,6 +34,12 @@ def _add_kv_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-bits", default=None, metavar="BITS", help=KV_BITS_HELP)
 
 
+def _add_context_shift_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--context-shift", action="store_true",
+                   help="when the context is full, drop the older half of the conversation after the system prompt "
+                   "and go on (default: off; a request that cannot fit is refused, nothing is dropped silently)")
+
+
 def _add_exact_arg(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--exact-activations", dest="exact_activations", action="store_const", const=True, default=None,
@@ -131,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="plain completion: do not apply the model's chat template")
     p.add_argument("--system", default=None, help="system prompt (chat template mode)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    _add_context_shift_arg(p)
     _add_sampling_args(p)
     _add_constraint_args(p)
 
@@ -160,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let web pages from ORIGIN (e.g. http://localhost:3000) call the server (repeatable; "
                    "default: none)")
     p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: file stem)")
+    _add_context_shift_arg(p)
 
     p = sub.add_parser(
         "bench", parents=[verbose], help="speed and memory: prefill, decode vs the bandwidth roofline, RSS, start-up"

@@ -110,10 +110,12 @@ def cmd_generate(args) -> int:
     grammar = grammar_from_files(args.json_schema, args.grammar)  # before the model loads: bad files fail fast
     engine = Engine(_model_path(args.model), ctx=args.ctx, threads=args.threads, device=args.device,
                     act_quant=args.act_quant,
-                    exact_activations=args.exact_activations, mmap=args.mmap, kv=args.kv_bits)
+                    exact_activations=args.exact_activations, mmap=args.mmap, kv=args.kv_bits,
+                    context_shift=args.context_shift)
     params = SamplingParams.from_args(args)
     tok = engine.tokenizer
     plain = args.raw or not tok.has_chat_template
+    messages = []
     if plain:
         if not args.raw:
             log.warning("this model has no chat template; continuing the prompt as plain text")
@@ -124,14 +126,15 @@ def cmd_generate(args) -> int:
     out = sys.stdout
     constraint = engine.grammars.compile(grammar) if grammar is not None else None
     for ev in engine.generate(ids, params, max_tokens=args.max_tokens, stop=args.stop, continuation=plain,
-                              constraint=constraint):  # fmt: skip
+                              constraint=constraint, keep=engine.keep_tokens(ids, messages)):  # fmt: skip
         out.write(ev.text)
         out.flush()
     out.write("\n")
     st = engine.stats
     print(
         f"prefill: {st.prefilled_tokens} tokens, {st.prefill_tps:.1f} tok/s | "
-        f"decode: {st.generated_tokens} tokens, {st.decode_tps:.1f} tok/s | finish: {st.finish_reason}",
+        f"decode: {st.generated_tokens} tokens, {st.decode_tps:.1f} tok/s | finish: {st.finish_reason}"
+        + (f" | context shifted: {st.shifted_tokens} tokens dropped" if st.shifted_tokens else ""),
         file=sys.stderr,
     )
     return 0

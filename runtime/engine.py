@@ -86,6 +86,7 @@ class Stats:
     prompt_tokens: int = 0
     prefilled_tokens: int = 0  # tokens actually computed in prefill (prompt minus reused prefix)
     reused_tokens: int = 0
+    shifted_tokens: int = 0  # tokens a full context dropped (context_shift)
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -103,6 +104,17 @@ class Stats:
         return n / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
+def shift_tokens(model, cache, tokens: list[int], keep: int) -> tuple[list[int], int]:
+    """Context shift of a cache holding ``tokens``: half of those after the first ``keep`` are dropped (the oldest)
+    and the rest move back (Model.shift_cache). Returns (the tokens the cache now holds, how many were dropped)."""
+    held = len(tokens)
+    keep = max(0, min(keep, held - 2))
+    discard = max(1, (held - keep) // 2)
+    model.shift_cache(cache, held, keep, discard)
+    log.info("context full: dropped %d tokens after the first %d", discard, keep)
+    return tokens[:keep] + tokens[keep + discard :], discard
+
+
 class Engine:
     def __init__(
         self,
@@ -114,6 +126,7 @@ class Engine:
         exact_activations: bool | None = None,
         mmap: bool = False,
         kv: str | KVSpec | None = None,
+        context_shift: bool = False,
     ):
         self.path = Path(path) if path is not None else default_model_path()
         self.device = resolve_device(device)  # "cpu" or "cuda"; nothing CUDA is imported for "cpu"
@@ -125,6 +138,10 @@ class Engine:
             if kv is not None and self.kv != kv_formats.F32:
                 raise LowbitError("--kv-bits is a CPU cache format; the cuda backend keeps a float32 cache")
             self.kv = kv_formats.F32
+        # a full context drops the oldest half of the conversation after the kept tokens instead of ending
+        self.context_shift = bool(context_shift)
+        if self.context_shift and self.device == "cuda":
+            raise LowbitError("--context-shift needs the CPU backend")
         self.threads = set_threads(threads)
         t0 = time.perf_counter()
         self.container = open_container(self.path, self.device, self.threads, mmap)
@@ -209,6 +226,32 @@ class Engine:
         self.cached.append(token)
         return logits[0]
 
+    def keep_tokens(self, ids: Sequence[int], messages: list[dict] | None = None, **template_kwargs) -> int:
+        """How many leading tokens of the prompt ``ids`` a context shift keeps: those it shares with the chat's
+        leading system messages rendered alone (system prompt, tool definitions), else the BOS token."""
+        ids = list(ids)
+        bos = 1 if ids and ids[0] == self.tokenizer.bos_id else 0
+        lead = []
+        for m in messages or []:
+            if m.get("role") not in ("system", "developer"):
+                break
+            lead.append(m)
+        if not lead:
+            return bos
+        try:
+            head = self.tokenizer.encode_chat(lead, add_generation_prompt=False, literal_content=True,
+                                              **template_kwargs)
+        except LowbitError:
+            return bos
+        return max(bos, common_prefix(head, ids))
+
+    def shift_context(self, keep: int) -> int:
+        """Make room in a full cache: drop half of the tokens after the first ``keep`` (llama.cpp's context shift),
+        moving the rest back (keys re-rotated). Returns how many were dropped."""
+        self.cached, discard = shift_tokens(self.model, self.cache, self.cached, keep)
+        self.stats.shifted_tokens += discard
+        return discard
+
     def logits_all(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits at every position of ``tokens`` from an empty cache: [T, vocab] (for evaluation)."""
         if len(tokens) > self.ctx:
@@ -219,6 +262,8 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ generate
     def check_fits(self, n_prompt: int, max_tokens: int) -> None:
+        if self.context_shift and n_prompt < self.ctx:  # the context moves on: only the prompt must fit
+            return
         if n_prompt + max_tokens > self.ctx:
             raise ContextOverflowError(
                 f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context of {self.ctx} tokens; "
@@ -234,11 +279,13 @@ class Engine:
         logprobs: int | None = None,
         continuation: bool = False,
         constraint: Constraint | None = None,
+        keep: int = 0,
     ) -> Iterator[Event]:
         """Yield generated tokens with their text (stop strings held back and cut, UTF-8 kept whole).
         ``continuation``: the text continues the prompt's text, so it is decoded after the prompt's last token (its
         first token keeps its leading space); otherwise it is decoded on its own, like a chat reply.
         ``constraint``: only tokens its grammar allows are sampled; generation stops when the grammar is complete.
+        ``keep``: with ``context_shift``, the leading tokens (BOS, system prompt) a full context never drops.
         ``self.stats`` holds counts and timings of this call when the iterator ends."""
         params = params or SamplingParams()
         params.validate()
@@ -261,6 +308,8 @@ class Engine:
                 yield from events
                 if seq.done:
                     return
+                if len(self.cached) >= self.ctx:  # only with context_shift (check_fits)
+                    self.shift_context(keep)
                 logits = self.step(seq.generated[-1])
         finally:
             self.stats.decode_seconds = time.perf_counter() - t0

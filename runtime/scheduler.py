@@ -30,6 +30,7 @@ import numpy as np
 
 from lowbit.kernels import dispatch
 from lowbit.models.common import Segments
+from lowbit.runtime.engine import shift_tokens
 from lowbit.runtime.sequence import SequenceState, common_prefix
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Active:
     started: float
     prefilled: int = 0
     first_token: float | None = None
+    shifted: int = 0  # tokens context shifts dropped
 
 
 @dataclass
@@ -211,6 +213,11 @@ class Scheduler:
 
     def _decode(self, group: list[Active]) -> list[Finished]:
         def run():
+            for a in group:
+                if len(a.slot.tokens) >= self.engine.ctx:  # only with --context-shift (Engine.check_fits)
+                    keep = a.job.keep if a.job.keep is not None else self.engine.keep_tokens(a.job.prompt)
+                    a.slot.tokens, dropped = shift_tokens(self.model, a.slot.cache, a.slot.tokens, keep)
+                    a.shifted += dropped
             tokens = [a.seq.generated[-1] for a in group]
             if len(group) == 1:  # the plain step (a device computes only this)
                 logits = self.model.forward(np.array(tokens), len(group[0].slot.tokens), group[0].slot.cache)

@@ -370,6 +370,24 @@ def test_sliding_window_ring_cache_matches_transformers(kind, oracles):
     assert eng.stats.reused_tokens == reused + 649 + 650
 
 
+@pytest.mark.parametrize("kind", ["gemma3", "phi3", "qwen3"])
+def test_context_shift_rerotates_with_each_layers_rope(kind, oracles):
+    """Context shift on families whose RoPE differs (gemma3: local/global tables and a ring on its window layers;
+    phi3: partial rotary and longrope; qwen3: q/k norms): the first layer's moved keys equal a fresh prefill's."""
+    o = oracles(kind)
+    ids = [int(t) for t in np.random.default_rng(4).integers(3, 4096, size=590)]
+    eng = Engine(o.container(16), ctx=600, kv="32", context_shift=True)
+    eng.prefill(ids)
+    dropped = eng.shift_context(keep=3)
+    kept = eng.cached
+    assert kept == ids[:3] + ids[3 + dropped :]
+    fresh = Engine(o.container(16), ctx=600, kv="32")
+    fresh.prefill(kept)
+    n = len(kept)
+    got, want = eng.cache.keys(0, n)[:, 3:], fresh.cache.keys(0, n)[:, 3:]  # (a ring's kept rows 0..2 are gone)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
 def test_unsupported_model_type_names_the_families(oracles, tmp_path):
     with pytest.raises(SourceError) as e:
         family_for("gpt_neox")

@@ -252,10 +252,11 @@ def install_messages_route(app: FastAPI) -> None:
         engine = request.app.state.engine
         options, chat, tools = parse_messages_request(await json_body(request), engine.generation_defaults)
         check_model(request, options.model)
-        ids, fmt, constraint = await chat_prompt(request, chat, tools, options.grammar)
+        ids, fmt, constraint, keep = await chat_prompt(request, chat, tools, options.grammar)
         if not ids:
             raise P.bad_request("the messages are empty after tokenization", "messages")
-        run = Run(request, ids, options, what="messages", tools=tools, tool_format=fmt, constraint=constraint)
+        run = Run(request, ids, options, what="messages", tools=tools, tool_format=fmt, constraint=constraint,
+                  keep=keep)
         if options.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return JobStream(run.job, _events(run, len(ids)), media_type="text/event-stream", headers=headers)

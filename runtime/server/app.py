@@ -288,9 +288,9 @@ def _install_routes(app: FastAPI) -> None:
         engine: Engine = request.app.state.engine
         req = P.parse_chat(await json_body(request), engine.generation_defaults)
         check_model(request, req.options.model)
-        ids, fmt, constraint = await chat_prompt(request, req.messages, req.tools, req.options.grammar)
+        ids, fmt, constraint, keep = await chat_prompt(request, req.messages, req.tools, req.options.grammar)
         return await _start(request, "chat", req.options, ids, "messages", tools=req.tools, tool_format=fmt,
-                            constraint=constraint)  # fmt: skip
+                            constraint=constraint, keep=keep)  # fmt: skip
 
     @app.post("/v1/completions")
     async def completions(request: Request):

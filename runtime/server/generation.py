@@ -27,6 +27,8 @@ from lowbit.runtime.server.worker import Outcome, Overloaded, ShuttingDown, subm
 def room(engine: Engine, max_tokens: int | None, n_prompt: int, what: str) -> int:
     """max_tokens for this request: as asked, or all the context the prompt leaves; 400 when it does not fit."""
     ctx = engine.ctx
+    if engine.context_shift and max_tokens is not None and n_prompt < ctx:
+        return max_tokens  # the context moves on (--context-shift): only the prompt must fit
     if max_tokens is None:
         if n_prompt < ctx:
             return ctx - n_prompt
@@ -146,6 +148,7 @@ class Run:
         tools: ToolSpec | None = None,
         tool_format: str = "hermes",
         constraint: Constraint | None = None,
+        keep: int | None = None,
     ):
         app = request.app
         self.request = request
@@ -161,7 +164,7 @@ class Run:
         try:
             self.job, self.reports = submit_async(app.state.worker, ids, options.params, self.max_tokens,
                                                   options.stop, options.logprobs, constraint,
-                                                  options.ignore_eos)  # fmt: skip
+                                                  options.ignore_eos, keep)  # fmt: skip
         except (ShuttingDown, Overloaded) as e:
             raise worker_error(e) from None
 

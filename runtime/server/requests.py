@@ -79,8 +79,9 @@ def check_model(request: Request, model: str | None) -> None:
 
 
 async def chat_prompt(request: Request, messages: list[dict], tools: ToolSpec | None, grammar: str | None):
-    """Token ids of the chat, rendered with the tools the model's template knows (or the generic fallback), and the
-    constraint its reply must follow (response_format, or the tool-call grammar)."""
+    """Token ids of the chat, rendered with the tools the model's template knows (or the generic fallback), the tool
+    format, the constraint its reply must follow (response_format, or the tool-call grammar), and the leading
+    tokens a context shift keeps (system prompt and tools; 0 unless the server shifts)."""
     engine: Engine = request.app.state.engine
     tok = engine.tokenizer
     if not tok.has_chat_template:
@@ -103,7 +104,10 @@ async def chat_prompt(request: Request, messages: list[dict], tools: ToolSpec | 
                                       **kwargs)
     except LowbitError as e:  # the template refused the conversation
         raise P.bad_request(f"chat template: {e}", "messages") from None
-    return ids, fmt, await compile_constraint(engine, grammar)
+    keep = 0
+    if engine.context_shift:
+        keep = await run_in_threadpool(engine.keep_tokens, ids, messages, **kwargs)
+    return ids, fmt, await compile_constraint(engine, grammar), keep
 
 
 async def compile_constraint(engine: Engine, grammar: str | None, param: str = "response_format"):

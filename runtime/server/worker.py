@@ -82,8 +82,10 @@ class Job:
         emit: Emit,
         constraint: Constraint | None = None,
         ignore_eos: bool = False,
+        keep: int | None = None,
     ):
         self.prompt = list(prompt)
+        self.keep = keep  # leading tokens a context shift keeps (None: the BOS token if the prompt starts with it)
         self.params = params
         self.max_tokens = max_tokens
         self.stop = list(stop)
@@ -275,6 +277,7 @@ def submit_async(
     logprobs: int | None,
     constraint: Constraint | None = None,
     ignore_eos: bool = False,
+    keep: int | None = None,
 ) -> tuple[Job, asyncio.Queue]:
     """Submit a job whose reports arrive in an asyncio queue of the running loop as (kind, payload) pairs."""
     loop = asyncio.get_running_loop()
@@ -283,6 +286,6 @@ def submit_async(
     def emit(kind: str, payload: Any) -> None:
         loop.call_soon_threadsafe(reports.put_nowait, (kind, payload))
 
-    job = Job(prompt, params, max_tokens, stop, logprobs, emit, constraint, ignore_eos)
+    job = Job(prompt, params, max_tokens, stop, logprobs, emit, constraint, ignore_eos, keep)
     worker.submit(job)
     return job, reports
