@@ -131,7 +131,9 @@ def test_end_to_end_writes_table_csv_json_png(run):
         assert (out / f"{j['label'].replace(':', '_')}.lowbit").exists()  # --keep-models
     by = {r["label"]: r for r in doc["results"]}
     assert by["rtn:2:pc"]["bpw"] < by["search:4:g32"]["bpw"] < by["rtn:8:g64"]["bpw"] < by["f16"]["bpw"]
-    assert by["f16"]["kl_mean"] == 0.0 and by["f16"]["top1"] == 1.0 and by["f16"]["ppl"] == doc["reference"]["ppl"]
+    # the unquantized weights with the default float16 KV cache, against the reference's float32 cache
+    assert 0.0 <= by["f16"]["kl_mean"] < 1e-6 and by["f16"]["top1"] > 0.99
+    assert by["f16"]["ppl"] == pytest.approx(doc["reference"]["ppl"], rel=1e-4)
     assert by["rtn:2:pc"]["kl_mean"] > by["search:4:g32"]["kl_mean"] > by["rtn:8:g64"]["kl_mean"] > 0
     assert "eval" in run["stderr"] and "wrote" in run["stderr"]
 

@@ -78,7 +78,7 @@ def _direct(cand: Engine, ref: Engine, ids: list[int], ctx: int, max_tokens: int
 @pytest.mark.parametrize("chunk", [ev.CHUNK_ELEMENTS, 4096 * 5])  # whole windows, and 5 rows per float64 chunk
 def test_matches_direct_numpy_computation(tiny, text_file, monkeypatch, chunk):
     monkeypatch.setattr(ev, "CHUNK_ELEMENTS", chunk)
-    cand, ref = Engine(tiny[8], ctx=CTX), Engine(tiny[16], ctx=CTX)
+    cand, ref = Engine(tiny[8], ctx=CTX), Engine(tiny[16], ctx=CTX, kv="32")
     ids = _ids(cand, text_file)
     got = ev.evaluate(cand.logits_all, ids, CTX, cand.tokenizer.bos_id, max_tokens=300, ref_logits_fn=ref.logits_all)
     want = _direct(cand, ref, ids, CTX, max_tokens=300)
@@ -91,7 +91,7 @@ def test_matches_direct_numpy_computation(tiny, text_file, monkeypatch, chunk):
 
 
 def test_evaluate_many_runs_reference_once_per_window(tiny, text_file):
-    cand, ref = Engine(tiny[8], ctx=CTX), Engine(tiny[16], ctx=CTX)
+    cand, ref = Engine(tiny[8], ctx=CTX), Engine(tiny[16], ctx=CTX, kv="32")
     calls = []
 
     def ref_fn(win):
@@ -100,7 +100,7 @@ def test_evaluate_many_runs_reference_once_per_window(tiny, text_file):
 
     ids = _ids(cand, text_file)
     bos = cand.tokenizer.bos_id
-    r8, r16 = ev.evaluate_many([cand.logits_all, Engine(tiny[16], ctx=CTX).logits_all], ids, CTX, bos, 200, ref_fn)
+    r8, r16 = ev.evaluate_many([cand.logits_all, Engine(tiny[16], ctx=CTX, kv="32").logits_all], ids, CTX, bos, 200, ref_fn)
     assert len(calls) == r8.windows == 6
     assert r16.kl_mean == 0.0 and r16.top1 == 1.0 and r8.kl_mean > 0
     single = ev.evaluate(cand.logits_all, ids, CTX, bos, 200, ref.logits_all)
@@ -119,7 +119,7 @@ def test_hf_folder_reference_equals_explicit_16bit_container(tiny, text_file):
         ev.check_same_tokens(cand, ref, text_file.read_text(encoding="utf-8"), ids)
         from_hf = ev.evaluate(cand.logits_all, ids, CTX, bos, 200, ref.logits_all)
     assert not tmp.exists()  # the temporary container is gone with the context
-    explicit = ev.evaluate(cand.logits_all, ids, CTX, bos, 200, Engine(tiny[16], ctx=CTX).logits_all)
+    explicit = ev.evaluate(cand.logits_all, ids, CTX, bos, 200, Engine(tiny[16], ctx=CTX, kv="32").logits_all)
     assert from_hf.kl_mean > 0 and from_hf.top1 <= 1.0
     assert from_hf == explicit
 
@@ -139,7 +139,7 @@ def test_cli_json_with_hf_reference(tiny, text_file):
     assert 0 < got["kl_mean"] <= got["kl_p99"] and 0 <= got["top1"] <= 1
     cand = Engine(tiny[8], ctx=CTX)
     want = ev.evaluate(cand.logits_all, _ids(cand, text_file), CTX, cand.tokenizer.bos_id, 200,
-                       Engine(tiny[16], ctx=CTX).logits_all)
+                       Engine(tiny[16], ctx=CTX, kv="32").logits_all)
     for key in ("ppl", "ref_ppl", "kl_mean", "kl_p99", "top1"):
         assert got[key] == pytest.approx(getattr(want, key), rel=1e-12), key
     plain = run_cli("eval", tiny[8], "--text", text_file, "--eval-ctx", CTX, "--max-tokens", 200, "--json")
@@ -154,7 +154,7 @@ def test_cli_text_output_with_container_reference(tiny, text_file, capsys):
     out = capsys.readouterr()
     cand = Engine(tiny[8], ctx=CTX)
     want = ev.evaluate(cand.logits_all, _ids(cand, text_file), CTX, cand.tokenizer.bos_id, 200,
-                       Engine(tiny[16], ctx=CTX).logits_all)
+                       Engine(tiny[16], ctx=CTX, kv="32").logits_all)
     first, second = out.out.strip().splitlines()
     assert first.startswith(f"perplexity {want.ppl:.4f} over 186 tokens (6 windows of {CTX});")
     assert "bits/weight" in first and "MB" in first
