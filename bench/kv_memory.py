@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+from functools import partial
 
 import numpy as np
 
@@ -73,12 +74,10 @@ def main() -> None:
     for name, cfg in SHAPES.items():
         _, family = family_for(cfg["model_type"])
         args = family.args_from_hf(cfg)
-        n = args.num_hidden_layers
+        n, nkv, hd = args.num_hidden_layers, args.num_key_value_heads, args.head_dim
         sliding = sum(1 for i in range(n) if args.window(i))
-        full, full_b = filled_rss(lambda: KVCache(n, args.num_key_value_heads, a.ctx, args.head_dim, spec), a.ctx,
-                                  args.num_key_value_heads, args.head_dim)
-        ring, ring_b = filled_rss(lambda: cache_for(args, a.ctx, spec), a.ctx, args.num_key_value_heads,
-                                  args.head_dim)
+        full, full_b = filled_rss(partial(KVCache, n, nkv, a.ctx, hd, spec), a.ctx, nkv, hd)
+        ring, ring_b = filled_rss(partial(cache_for, args, a.ctx, spec), a.ctx, nkv, hd)
         mib = 2**20
         print(f"| {name} | {args.sliding_window:,} | {sliding} of {n} | {full / mib:,.0f} MiB ({full_b / mib:,.0f}) "
               f"| {ring / mib:,.0f} MiB ({ring_b / mib:,.0f}) | {ring / full:.2f} |")

@@ -117,6 +117,7 @@ class Container:
         if not isinstance(header, dict) or not isinstance(header.get("tensors"), dict):
             raise self._fail("corrupt header (no tensor table)")
         self._header_len = header_len
+        self.header_crc = header_crc
         self.version = (major, minor)
         return header
 
@@ -200,22 +201,64 @@ class Container:
     def blobs(self) -> dict[str, bytes]:
         return {n: self.blob(n) for n in self._blobs}
 
-    def load_into_memory(self, threads: int = 1) -> None:
+    def _ranges(self) -> list[tuple[str, int, int, str | None]]:
+        """(label, first byte, bytes, stored crc32) of every tensor part and blob, largest first."""
+        out = [(f"{name}.{pname}", self._start + spec["offset"], spec["nbytes"], spec.get("crc32"))
+               for name, entry in self._tensors.items() for pname, spec in entry["parts"].items()]
+        out += [(f"blob {name}", self._start + spec["offset"], spec["nbytes"], spec.get("crc32"))
+                for name, spec in self._blobs.items()]
+        return sorted(out, key=lambda r: -r[2])
+
+    def _corrupt(self, bad: list[str]) -> FormatError:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        return self._fail(f"corrupt tensor data in {shown} (checksum mismatch): the file is damaged; convert or "
+                          "download it again (--no-verify runs it anyway)")
+
+    def verify_data(self, threads: int = 1) -> None:
+        """Check every tensor part's and blob's CRC32 (``threads`` at a time: zlib releases the GIL); FormatError
+        naming the damaged ones."""
+        def check(r) -> str | None:
+            label, start, n, crc = r
+            return None if f"{zlib.crc32(self._mm[start : start + n]):08x}" == crc else label
+
+        with ThreadPoolExecutor(max(1, threads)) as ex:
+            bad = [b for b in ex.map(check, self._ranges()) if b is not None]
+        if bad:
+            raise self._corrupt(bad)
+
+    def load_into_memory(self, threads: int = 1, verify: bool = False) -> None:
         """Read the whole file into anonymous memory (huge pages where the OS has them) and serve every later array
         from there; the file mapping is closed, so the file's pages no longer count as this process's. ``threads``
-        readers share the file (reading from the page cache is a copy that one core does not saturate). Arrays
-        handed out before this call stay valid on the old mapping."""
+        readers share the file (reading from the page cache is a copy that one core does not saturate). With
+        ``verify`` each tensor part and blob is checked against its CRC32 as it is read (while its bytes are in the
+        CPU's caches); FormatError if any differs. Arrays handed out before this call stay valid on the old
+        mapping."""
         if self.resident:
             return
         buf = _anonymous(self.size)
         view = memoryview(buf)
         fd = self._file.fileno()
+        bad: list[str] = []
+
+        def read(r) -> None:
+            label, start, n, crc = r
+            if verify:  # in chunks, each checked while it is fresh in the cache
+                acc = 0
+                for off in range(start, start + n, READ_CHUNK):
+                    end = min(off + READ_CHUNK, start + n)
+                    _read_range(fd, view, off, end)
+                    acc = zlib.crc32(view[off:end], acc)
+                if f"{acc:08x}" != crc:
+                    bad.append(label)
+            else:
+                for off in range(start, start + n, READ_CHUNK):
+                    _read_range(fd, view, off, min(off + READ_CHUNK, start + n))
+
         try:
             if hasattr(os, "preadv"):
-                chunk = READ_CHUNK
+                _read_range(fd, view, 0, min(self._start, self.size))  # preamble, header; then parts and blobs
                 with ThreadPoolExecutor(max(1, threads)) as ex:
-                    list(ex.map(lambda off: _read_range(fd, view, off, min(off + chunk, self.size)),
-                                range(0, self.size, chunk)))
+                    list(ex.map(read, self._ranges()))
             else:
                 self._file.seek(0)
                 if self._file.readinto(view) != self.size:
@@ -223,6 +266,11 @@ class Container:
         except (OSError, EOFError) as e:
             view.release()
             raise self._fail(f"cannot read into memory: {e}") from None
+        if bad:
+            view.release()
+            raise self._corrupt(sorted(bad))
+        if verify and not hasattr(os, "preadv"):
+            self.verify_data(threads)
         old, self._mm = self._mm, view.toreadonly()
         try:
             old.close()

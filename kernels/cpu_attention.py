@@ -11,9 +11,9 @@ stores the output row once per key. The intrinsics take eight keys at a time ins
 
 Rows are ``n`` floats (the head dim, a multiple of 8: the kernels take plain loops otherwise) and the eight rows are
 consecutive in memory (rows s .. s+7 of a ``[ctx, n]`` float32 cache slice, or of a small float32 tile that
-``load_rows`` decodes a float16 or quantized cache into: kernels/kv_formats.py). Bounds are the caller's: the intrinsics read
-``q[qoff : qoff + n]`` and ``k[koff : koff + 8n]`` (``values8``: ``p[poff : poff + 8]``, ``v[voff : voff + 8n]``
-and ``out[ooff : ooff + n]``) without checks. Arrays must be C-contiguous float32.
+``load_rows`` decodes a float16 or quantized cache into: kernels/kv_formats.py). Bounds are the caller's: the
+intrinsics read ``q[qoff : qoff + n]`` and ``k[koff : koff + 8n]`` (``values8``: ``p[poff : poff + 8]``,
+``v[voff : voff + 8n]`` and ``out[ooff : ooff + n]``) without checks. Arrays must be C-contiguous float32.
 The intrinsics live in this file with the kernels that inline them because numba's on-disk cache checks only the
 kernel's own source file.
 """

@@ -92,7 +92,8 @@ class KVSpec:
                 raise KeyError(raw)
             return cls(FORMATS[_BY_BITS[parts["k"]]], FORMATS[_BY_BITS[parts["v"]]])
         except KeyError:
-            raise LowbitError(f"bad --kv-bits {text!r}: expected 16, 32, 8, 4 or k<bits>,v<bits> (e.g. k8,v4)") from None
+            raise LowbitError(f"bad --kv-bits {text!r}: expected 16, 32, 8, 4 or k<bits>,v<bits> (e.g. k8,v4)"
+                              ) from None
 
     @property
     def label(self) -> str:

@@ -129,8 +129,9 @@ def bench_one(path: Path, label: str, args, kv: str | None = None) -> BenchRow:
         warm = run_worker(path, args.prompt, args.gen, args.threads, None, False, device, exact, mmap, kv)
     else:
         with tempfile.TemporaryDirectory(prefix="lowbit-numba-") as cache_dir:
-            cold = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), True, device, exact, mmap, kv)
-            warm = run_worker(path, args.prompt, args.gen, args.threads, Path(cache_dir), False, device, exact, mmap, kv)
+            run = (path, args.prompt, args.gen, args.threads, Path(cache_dir))
+            cold = run_worker(*run, True, device, exact, mmap, kv)
+            warm = run_worker(*run, False, device, exact, mmap, kv)
     bw_after = read_bandwidth()
     if device == "cuda":  # decode reads the weights from GPU memory: that is the roofline
         bw_before, bw_after = warm["device_bandwidth_before"], warm["device_bandwidth_after"]

@@ -21,6 +21,7 @@ def _add_runtime_args(p: argparse.ArgumentParser, model_optional: bool = True) -
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     _add_device_arg(p)
     _add_mmap_arg(p)
+    _add_verify_arg(p)
     p.add_argument("--act-quant", choices=["none", "dynamic", "static"], default="none",
                    help="int8 activations (quality measurement, not faster): dynamic per-token scales, or static "
                    "calibrated scales (needs a --method smoothquant+... container); default none")
@@ -47,6 +48,12 @@ def _add_exact_arg(p: argparse.ArgumentParser) -> None:
                    "slower) instead of int8 ones below 8 bits (default: what the container asks for, else int8)")
     g.add_argument("--int8-activations", dest="exact_activations", action="store_const", const=False,
                    help="int8 activations below 8 bits even where the container asks for exact ones")
+
+
+def _add_verify_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the tensor checksums a file is checked against on its first load (default: checked "
+                   "once per file as it is now, then remembered under ~/.cache/lowbit/verified)")
 
 
 def _add_mmap_arg(p: argparse.ArgumentParser) -> None:

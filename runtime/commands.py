@@ -110,7 +110,7 @@ def cmd_generate(args) -> int:
     grammar = grammar_from_files(args.json_schema, args.grammar)  # before the model loads: bad files fail fast
     engine = Engine(_model_path(args.model), ctx=args.ctx, threads=args.threads, device=args.device,
                     act_quant=args.act_quant,
-                    exact_activations=args.exact_activations, mmap=args.mmap, kv=args.kv_bits,
+                    exact_activations=args.exact_activations, mmap=args.mmap, kv=args.kv_bits, verify=args.verify,
                     context_shift=args.context_shift)
     params = SamplingParams.from_args(args)
     tok = engine.tokenizer
@@ -298,7 +298,7 @@ def cmd_eval(args) -> int:
     ctx = max(args.eval_ctx, args.ctx or 0)
     engine = Engine(_model_path(args.model), ctx=ctx, threads=args.threads, device=args.device,
                     act_quant=args.act_quant,
-                    exact_activations=args.exact_activations, mmap=args.mmap, kv=args.kv_bits)
+                    exact_activations=args.exact_activations, mmap=args.mmap, kv=args.kv_bits, verify=args.verify)
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
     bos = engine.tokenizer.bos_id
     if bos is None:

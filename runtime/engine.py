@@ -3,6 +3,7 @@ one token at a time."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -72,13 +73,38 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
-def open_container(path: str | os.PathLike, device: str, threads: int, mmap: bool = False) -> Container:
+def open_container(path: str | os.PathLike, device: str, threads: int, mmap: bool = False,
+                   verify: bool = True) -> Container:
     """The container as the runtime computes from it: on the CPU read into memory by ``threads`` readers (decode
-    streams the weights from huge pages, formats/reader.py) unless ``mmap``; on a GPU mapped (weights are uploaded)."""
+    streams the weights from huge pages, formats/reader.py) unless ``mmap``; on a GPU mapped (weights are uploaded).
+    ``verify``: every tensor's CRC32 is checked (while it is read into memory) unless this file, as it is now, passed
+    before (verified_stamp); a damaged file is refused with a FormatError."""
     c = Container(path)
+    stamp = verified_stamp(c) if verify else None
+    check = stamp is not None and not stamp.exists()
     if device == "cpu" and not mmap:
-        c.load_into_memory(threads)
+        c.load_into_memory(threads, verify=check)
+    elif check:
+        c.verify_data(threads)
+    if check:
+        try:
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            stamp.touch()
+        except OSError as e:  # a read-only cache: verify again next time
+            log.info("cannot record that %s passed its checksums (%s)", c.path, e)
     return c
+
+
+def verified_stamp(c: Container) -> Path | None:
+    """The file whose existence records that this container, as it is now (path, inode, size, modification time,
+    header checksum), passed its checksums: under $LOWBIT_CACHE (default ~/.cache/lowbit)/verified."""
+    try:
+        st = os.stat(c.path)
+    except OSError:
+        return None
+    key = f"{c.path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{c.header_crc}"
+    root = Path(os.environ.get("LOWBIT_CACHE") or Path.home() / ".cache" / "lowbit").expanduser()
+    return root / "verified" / hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 @dataclass
@@ -127,6 +153,7 @@ class Engine:
         mmap: bool = False,
         kv: str | KVSpec | None = None,
         context_shift: bool = False,
+        verify: bool = True,
     ):
         self.path = Path(path) if path is not None else default_model_path()
         self.device = resolve_device(device)  # "cpu" or "cuda"; nothing CUDA is imported for "cpu"
@@ -144,7 +171,7 @@ class Engine:
             raise LowbitError("--context-shift needs the CPU backend")
         self.threads = set_threads(threads)
         t0 = time.perf_counter()
-        self.container = open_container(self.path, self.device, self.threads, mmap)
+        self.container = open_container(self.path, self.device, self.threads, mmap, verify)
         meta = self.container.meta
         try:
             arch = meta["architecture"]

@@ -387,7 +387,7 @@ def run_command(args) -> int:
     engine = Engine(resolve_model(args.model), ctx=args.ctx, threads=args.threads,
                     device=getattr(args, "device", "cpu"), act_quant=getattr(args, "act_quant", "none"),
                     exact_activations=getattr(args, "exact_activations", None), mmap=getattr(args, "mmap", False),
-                    kv=getattr(args, "kv_bits", None))
+                    kv=getattr(args, "kv_bits", None), verify=getattr(args, "verify", True))
     settings = settings_from_args(args, engine.ctx)
     if settings.grammar is not None:
         engine.grammars.check(settings.grammar)  # a bad grammar fails now, not at the first reply

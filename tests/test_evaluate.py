@@ -100,7 +100,8 @@ def test_evaluate_many_runs_reference_once_per_window(tiny, text_file):
 
     ids = _ids(cand, text_file)
     bos = cand.tokenizer.bos_id
-    r8, r16 = ev.evaluate_many([cand.logits_all, Engine(tiny[16], ctx=CTX, kv="32").logits_all], ids, CTX, bos, 200, ref_fn)
+    r16_fn = Engine(tiny[16], ctx=CTX, kv="32").logits_all
+    r8, r16 = ev.evaluate_many([cand.logits_all, r16_fn], ids, CTX, bos, 200, ref_fn)
     assert len(calls) == r8.windows == 6
     assert r16.kl_mean == 0.0 and r16.top1 == 1.0 and r8.kl_mean > 0
     single = ev.evaluate(cand.logits_all, ids, CTX, bos, 200, ref.logits_all)

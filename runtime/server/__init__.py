@@ -87,7 +87,8 @@ def serve_command(args) -> int:
         engine = Engine(resolve_model(args.model), ctx=args.ctx, threads=args.threads,
                         device=getattr(args, "device", "cpu"), act_quant=getattr(args, "act_quant", "none"),
                         exact_activations=getattr(args, "exact_activations", None), mmap=getattr(args, "mmap", False),
-                        kv=getattr(args, "kv_bits", None), context_shift=getattr(args, "context_shift", False))
+                        kv=getattr(args, "kv_bits", None), verify=getattr(args, "verify", True),
+                        context_shift=getattr(args, "context_shift", False))
         app = create_app(engine, model_name=args.model_name, api_key=args.api_key, loopback=_is_loopback(args.host),
                          cors=tuple(getattr(args, "cors", None) or ()), parallel=parallel, cache_ram=cache_ram << 20,
                          max_queue=max_queue)  # fmt: skip
