@@ -9,6 +9,7 @@ not, and decode streams every weight once per token, so TLB misses cost it a sha
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import zlib
@@ -53,6 +54,10 @@ def _read_range(fd: int, view: memoryview, start: int, end: int) -> None:
         pos += n
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class StoredTensor:
     name: str
@@ -95,9 +100,11 @@ class Container:
         return FormatError(f"{self.path}: {msg}")
 
     def _read_header(self) -> dict:
-        magic, major, minor, header_len, header_crc, _flags = PREAMBLE.unpack_from(self._mm, 0)
+        magic, major, minor, header_len, header_crc, flags = PREAMBLE.unpack_from(self._mm, 0)
         if magic != MAGIC:
             raise self._fail("not a lowbit container (bad magic bytes)")
+        if flags or any(self._mm[PREAMBLE.size - 4 : PREAMBLE.size]):  # both 0 in every version so far
+            raise self._fail("corrupt preamble (flags or reserved bytes set)")
         if major > VERSION_MAJOR:
             raise self._fail(
                 f"container format version {major}.{minor} is newer than this lowbit supports "
@@ -114,6 +121,8 @@ class Container:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise self._fail(f"corrupt header (invalid JSON: {e})") from None
+        except (ValueError, RecursionError) as e:  # an integer of thousands of digits; nesting beyond the stack
+            raise self._fail(f"corrupt header (unreadable JSON: {type(e).__name__})") from None
         if not isinstance(header, dict) or not isinstance(header.get("tensors"), dict):
             raise self._fail("corrupt header (no tensor table)")
         self._header_len = header_len
@@ -122,7 +131,7 @@ class Container:
         return header
 
     def _check_range(self, what: str, offset, nbytes) -> None:
-        if not isinstance(offset, int) or not isinstance(nbytes, int) or offset < 0 or nbytes < 0:
+        if not (_is_int(offset) and _is_int(nbytes)) or offset < 0 or nbytes < 0:
             raise self._fail(f"corrupt header ({what}: bad offset/length)")
         end = self._start + offset + nbytes
         if end > self.size:
@@ -135,15 +144,20 @@ class Container:
         for name, entry in self.header["tensors"].items():
             try:
                 qt = get_qtype(entry["qtype"])
-                shape = tuple(int(s) for s in entry["shape"])
+                if not isinstance(entry["shape"], list) or not all(_is_int(s) and 0 < s < 1 << 40
+                                                                   for s in entry["shape"]):
+                    raise self._fail(f"corrupt header (tensor {name}: bad shape {str(entry['shape'])[:40]})")
+                shape = tuple(entry["shape"])
                 expected = qt.part_shapes(shape)
                 parts = entry["parts"]
                 if set(parts) != set(expected):
                     raise self._fail(f"corrupt header (tensor {name}: parts {sorted(parts)} do not match {qt.name})")
                 for pname, (pshape, dtype) in expected.items():
                     spec = parts[pname]
-                    nbytes = int(np.prod(pshape, dtype=np.int64)) * np.dtype(dtype).itemsize
-                    if spec["nbytes"] != nbytes or tuple(spec["shape"]) != pshape or spec["dtype"] != dtype:
+                    nbytes = math.prod(pshape) * np.dtype(dtype).itemsize
+                    if (not isinstance(spec, dict) or not _is_int(spec["nbytes"]) or spec["nbytes"] != nbytes
+                            or not isinstance(spec["shape"], list) or tuple(spec["shape"]) != pshape
+                            or spec["dtype"] != dtype):
                         raise self._fail(f"corrupt header (tensor {name} part {pname}: size does not match its type)")
                     self._check_range(f"tensor {name}", spec["offset"], nbytes)
             except FormatError as e:
@@ -154,6 +168,9 @@ class Container:
                 raise self._fail(f"corrupt header (tensor {name}: {type(e).__name__} {e})") from None
             out[name] = {"qtype": qt, "shape": shape, "parts": {p: parts[p] for p in expected}}
         return out
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self._tensors[name]["shape"]
 
     def _validate_blobs(self) -> dict[str, dict]:
         blobs = self.header.get("blobs", {})

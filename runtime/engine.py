@@ -21,7 +21,7 @@ from lowbit.formats.tokenizer import Tokenizer
 from lowbit.kernels import act_quant as act_quant_mode
 from lowbit.kernels import kv_formats
 from lowbit.kernels.kv_formats import KVSpec
-from lowbit.models import family_for
+from lowbit.models.validate import load_args
 from lowbit.runtime.constraint import Constraint, GrammarCompiler
 from lowbit.runtime.device import resolve_device
 from lowbit.runtime.sampling import SamplingParams
@@ -173,13 +173,13 @@ class Engine:
         t0 = time.perf_counter()
         self.container = open_container(self.path, self.device, self.threads, mmap, verify)
         meta = self.container.meta
+        fam_name, self.family, self.args = load_args(self.container)  # every field and tensor shape checked
         try:
-            arch = meta["architecture"]
-            fam_name, self.family = family_for(arch["model_type"])
-            self.args = self.family.ModelArgs.from_dict(arch["args"])
             self.tokenizer = Tokenizer(meta["tokenizer"], self.container.blobs())
-        except (KeyError, TypeError) as e:
-            raise FormatError(f"{self.path}: corrupt header (missing {e})") from None
+        except LowbitError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the tokenizer libraries make of a damaged tokenizer section
+            raise FormatError(f"{self.path}: corrupt header (tokenizer: {type(e).__name__} {str(e)[:80]})") from None
         limit = self.args.max_position_embeddings
         self.ctx = min(ctx or DEFAULT_CTX, limit) if ctx is None else ctx
         if self.ctx < 2:
