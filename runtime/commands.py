@@ -212,8 +212,10 @@ def kv_cache_line(a: dict) -> str:
 def cmd_inspect(args) -> int:
     from lowbit.formats.layout import EXTRA_SUFFIXES
     from lowbit.formats.reader import Container
+    from lowbit.models.validate import check_meta
 
     c = Container(_model_path(args.model))
+    check_meta(c.meta, c.path)  # the sections printed below have the types they should (their values are shown)
     if args.save_recipe:  # before any output: a refusal is the only thing printed
         check_output(Path(args.save_recipe), sources=[c.path], force=args.force, what="--save-recipe")
     meta = c.meta

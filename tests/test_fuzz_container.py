@@ -174,3 +174,40 @@ def test_byte_flips_and_truncations_are_refused(base, data):
         result = _load(path)
         if cut < max(b for _, b in spans):  # only trailing padding may go
             assert result == "refused"
+
+
+def _nasty(header: dict, body: bytes) -> dict[str, bytes]:
+    """Variants that once found tracebacks or hangs (issue: hostile files)."""
+    out = {}
+    text = json.dumps(header).encode()
+    deep = text[:-1] + b', "x": ' + b"[" * 50000 + b"]" * 50000 + b"}"
+    big = text[:-1] + b', "x": ' + b"9" * 5000 + b"}"
+    for name, blob in (("deep", deep), ("bigint", big)):
+        pre = PREAMBLE.pack(MAGIC, 1, 0, len(blob), zlib.crc32(blob), 0) + blob
+        out[name] = pre + b"\0" * (data_start(len(blob)) - len(pre)) + body
+    for name, edit in (
+        ("head_dim", lambda h: h["architecture"]["args"].update(head_dim=1000000)),
+        ("layers", lambda h: h["architecture"]["args"].update(num_hidden_layers=7)),
+        ("eps", lambda h: h["architecture"]["args"].update(rms_norm_eps=None)),
+        ("shape", lambda h: h["tensors"]["blk.0.attn_q.weight"].update(shape=[-64, 64])),
+        ("nbytes", lambda h: h["tensors"]["output_norm.weight"]["parts"]["data"].update(nbytes=256.0)),
+        ("tokenizer", lambda h: h.update(tokenizer=[1, 2])),
+        ("args", lambda h: h["architecture"].update(args=None)),
+    ):
+        h = json.loads(json.dumps(header))
+        edit(h)
+        out[name] = _assemble(h, body)
+    return out
+
+
+def test_cli_refuses_nasty_files_in_one_line(base, tmp_path):
+    from lbtest import assert_clean_error, run_cli
+
+    header, body, _ = base
+    for name, blob in _nasty(header, body).items():
+        path = tmp_path / f"{name}.lowbit"
+        path.write_bytes(blob)
+        assert_clean_error(run_cli("generate", path, "--raw", "-p", "Once", "-n", "2"), "corrupt")
+        res = run_cli("inspect", path)  # shows what a readable header holds, else one line
+        if res.returncode != 0 or name in ("deep", "bigint"):
+            assert_clean_error(res, "corrupt")
