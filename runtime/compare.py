@@ -35,6 +35,7 @@ import numpy as np
 from lowbit.convert.converter import FLOAT_BITS, ConvertOptions
 from lowbit.errors import LowbitError
 from lowbit.formats.qtypes import GROUP_SIZES, PER_CHANNEL, QUANT_BITS
+from lowbit.kernels.kv_formats import KVSpec
 from lowbit.runtime.evaluate import Accumulator, EvalResult, count_windows, too_short_message, windows
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,7 @@ def _parse_item(item: str, shared: ConvertOptions) -> Config:
             raise LowbitError("16 bits keeps the weights unquantized: no group or options (write f16)")
         return _parse_item("f16", shared)
     group, fields, extras = _parse_options(rest, method)
-    act = fields.pop("act", "none")
-    kv = fields.pop("kv", "f16")
+    act, kv = fields.pop("act", "none"), fields.pop("kv", "f16")
     opts = dataclasses.replace(shared, bits=bits, group_size=group, method=method, **fields)
     label = ":".join((method, str(bits), GROUP_NAMES[group], *extras))
     return Config(label, method, str(bits), GROUP_NAMES[group], opts, extras, act, kv)
@@ -144,8 +144,7 @@ def _parse_mixed(target: str, rest: list[str], shared: ConvertOptions) -> Config
     if rest and rest[0].lower() not in GROUPS and not _is_option(rest[0]):
         method, rest = _parse_method(rest[0].lower()), rest[1:]
     group, fields, extras = _parse_options(rest, method)
-    act = fields.pop("act", "none")
-    kv = fields.pop("kv", "f16")
+    act, kv = fields.pop("act", "none"), fields.pop("kv", "f16")
     if unit == "bpw":
         fields["target_bpw"], shown = value, f"{value:g}bpw"
     else:
@@ -201,11 +200,8 @@ def _parse_options(parts: Sequence[str], method: str) -> tuple[int, dict, tuple[
                 if "lowrank" not in method.split("+"):
                     raise LowbitError(f"lowrank={val} needs the lowrank method step (e.g. gptq+lowrank)")
                 fields["lowrank_bpw"] = _positive_float(val, "lowrank")
-            elif key == "kv":
-                from lowbit.kernels.kv_formats import KVSpec
-
-                spec = val.replace("v", ",v") if val.startswith("k") else val
-                fields["kv"] = KVSpec.parse(spec).label
+            elif key == "kv":  # k8v4 spelt without the comma that separates configs
+                fields["kv"] = KVSpec.parse(val.replace("v", ",v") if val.startswith("k") else val).label
             elif key == "act":
                 if val not in ACT_MODES:
                     raise LowbitError(f"act={val}: choose {' or '.join(ACT_MODES)}")
@@ -473,13 +469,10 @@ def _convert_all(rows: list[Row], src: str, out_dir: Path, quiet: bool) -> None:
     done: dict[ConvertOptions, Row] = {}  # rows that differ only in runtime options (act, kv) share a conversion
     for row in bar:
         bar.set_postfix_str(row.config.label)
-        same = done.get(row.config.opts)
-        if same is not None:
-            if not same.ok:
-                row.fail("conversion", LowbitError(f"as {same.config.label}: {same.error}"))
-                continue
-            row.path, row.convert_seconds, row.file_bytes = same.path, same.convert_seconds, same.file_bytes
-            row.bpw, row.bpw_matrices = same.bpw, same.bpw_matrices
+        same = done.setdefault(row.config.opts, row)
+        if same is not row:
+            for k in ("path", "convert_seconds", "file_bytes", "bpw", "bpw_matrices", "error"):
+                setattr(row, k, getattr(same, k))
             continue
         log.info("converting %s", row.config.label)
         target = out_dir / f"{row.config.slug}.lowbit"
@@ -488,9 +481,7 @@ def _convert_all(rows: list[Row], src: str, out_dir: Path, quiet: bool) -> None:
             row.path = convert(src, target, row.config.opts, progress=False)
         except Exception as e:  # noqa: BLE001 - a method that fails (or is not there yet) is one failed row
             row.fail("conversion", e)
-            done[row.config.opts] = row
             continue
-        done[row.config.opts] = row
         row.convert_seconds = round(time.perf_counter() - t0, 2)
         with Container(row.path) as c:
             s = summarize(c)
