@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -22,6 +23,7 @@ from typing import TextIO
 
 from lowbit.errors import ContextOverflowError, LowbitError
 from lowbit.runtime.sampling import SamplingParams
+from lowbit.runtime.wrap import StreamWrap
 
 log = logging.getLogger(__name__)
 
@@ -218,12 +220,16 @@ class Repl:
         history_file: str | os.PathLike | None = None,
         color: bool | None = None,
         session=None,
+        width: int | None = None,
     ):
         self.chat = Chat(engine, settings, system)
         self.out = out if out is not None else sys.stdout
+        tty = hasattr(self.out, "isatty") and self.out.isatty()
         if color is None:
-            color = "NO_COLOR" not in os.environ and hasattr(self.out, "isatty") and self.out.isatty()
+            color = "NO_COLOR" not in os.environ and tty
         self.color = color
+        # replies are word-wrapped to the terminal's width (0: not wrapped; a pipe gets the text as it is)
+        self.width = width if width is not None else (shutil.get_terminal_size().columns if tty else 0)
         self.session = session if session is not None else self._make_session(input, output, history_file)
         self.last: Reply | None = None
         self.running = True
@@ -311,12 +317,16 @@ class Repl:
 
     def ask(self, text: str) -> Reply:
         started = []
+        wrap = StreamWrap(self.write, self.width)
 
         def stream(piece: str) -> None:
             started.append(piece)
-            self.write(piece)
+            wrap.feed(piece)
 
-        reply = self.chat.send(text, on_text=stream)
+        try:
+            reply = self.chat.send(text, on_text=stream)
+        finally:
+            wrap.close()
         self.last = reply
         if not reply.text and not reply.interrupted:
             self.info("(empty reply)")

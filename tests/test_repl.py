@@ -394,3 +394,33 @@ def test_real_terminal_ctrl_c_stops_reply_then_exits(tmp_path):
     assert os.waitstatus_to_exitcode(status) == 0
     assert "Traceback" not in text and int(re.search(r"(\d+) tokens \|", text).group(1)) < 512
     assert (tmp_path / ".lowbit_history").read_text(encoding="utf-8").count("Tell me about the os module.") == 1
+
+
+def test_replies_are_word_wrapped_to_the_width(engine, tmp_path):
+    """A reply streams word-wrapped to the terminal's width: lines break between words, and the words are the
+    reply's own (a pipe, width 0, gets the text as it is)."""
+    from lowbit.runtime.wrap import StreamWrap
+
+    engine.reset()
+    out = io.StringIO()
+    with create_pipe_input() as inp:
+        inp.send_text("Tell me about the history of Paris and its river.\r")
+        inp.close()
+        repl = Repl(engine, ChatSettings(max_tokens=60), out=out, input=inp, output=DummyOutput(),
+                    history_file=tmp_path / "history", color=False, width=24)
+        repl.run()
+    reply = repl.last.text
+    shown = out.getvalue()
+    words = reply.split()
+    start = shown.index(words[0], shown.index("Alt-Enter"))  # after the banner (not wrapped)
+    body = shown[start : shown.rindex(words[-1], start, shown.index(" tokens | ", start)) + len(words[-1])]
+    assert " ".join(body.split()) == " ".join(words)  # same words, only the breaks differ
+    assert all(len(ln) <= 24 for ln in body.split("\n")), body
+    assert body.count("\n") >= 2
+    # the wrapper alone: fences pass through untouched, words longer than a line are broken
+    got = []
+    w = StreamWrap(got.append, 12)
+    for piece in ["one two three four", " five\n```\nlong_code_line = 1\n```\n", "abcdefghijklmnopq"]:
+        w.feed(piece)
+    w.close()
+    assert "".join(got) == "one two\nthree four\nfive\n```\nlong_code_line = 1\n```\nabcdefghijkl\nmnopq"
