@@ -196,6 +196,7 @@ def cmd_show(repl: Repl, arg: str) -> None:
         + (f", group {q['group_size']}" if q.get("group_size") else ""),
         f"activations: {'exact (int16 precision)' if engine.exact_activations else 'int8'}; context {engine.ctx}; "
         f"{engine.threads} thread{'s' if engine.threads != 1 else ''}",
+        f"KV cache:    {engine.kv.label}, {engine.cache.nbytes / 2**20:.1f} MiB for the context",
         "template:    " + (" / ".join(head) + (" ..." if template and len(template.splitlines()) > 3 else "")
                           if template else "none (plain completion mode)"),
         f"settings:    {settings_text(repl)}",

@@ -237,7 +237,7 @@ def test_show_model_template_and_settings(engine, tmp_path):
     _, out, rc = drive(engine, "/show\r/show template\r/show nonsense\r\x04", tmp_path)
     assert rc == 0
     assert f"model:       {engine.path.name}" in out and f"{engine.args.num_hidden_layers} layers" in out
-    assert "settings:    temp=" in out
+    assert "settings:    temp=" in out and f"KV cache:    {engine.kv.label}, " in out
     assert engine.tokenizer.chat_template.strip().splitlines()[-1].strip() in out  # the whole template
     assert "/show: expected nothing or 'template'" in out
 
