@@ -231,15 +231,19 @@ class Container:
         return self._fail(f"corrupt tensor data in {shown} (checksum mismatch): the file is damaged; convert or "
                           "download it again (--no-verify runs it anyway)")
 
-    def verify_data(self, threads: int = 1) -> None:
-        """Check every tensor part's and blob's CRC32 (``threads`` at a time: zlib releases the GIL); FormatError
-        naming the damaged ones."""
+    def verify(self, threads: int = 1) -> list[str]:
+        """Check every tensor part's and blob's CRC32 (``threads`` at a time: zlib releases the GIL); the labels
+        ("name.part", "blob name") of those whose data does not match, sorted."""
         def check(r) -> str | None:
             label, start, n, crc = r
             return None if f"{zlib.crc32(self._mm[start : start + n]):08x}" == crc else label
 
         with ThreadPoolExecutor(max(1, threads)) as ex:
-            bad = [b for b in ex.map(check, self._ranges()) if b is not None]
+            return sorted(b for b in ex.map(check, self._ranges()) if b is not None)
+
+    def verify_data(self, threads: int = 1) -> None:
+        """verify(), as a FormatError naming the damaged parts."""
+        bad = self.verify(threads)
         if bad:
             raise self._corrupt(bad)
 
@@ -259,17 +263,14 @@ class Container:
 
         def read(r) -> None:
             label, start, n, crc = r
-            if verify:  # in chunks, each checked while it is fresh in the cache
-                acc = 0
-                for off in range(start, start + n, READ_CHUNK):
-                    end = min(off + READ_CHUNK, start + n)
-                    _read_range(fd, view, off, end)
+            acc = 0
+            for off in range(start, start + n, READ_CHUNK):  # each chunk checked while it is fresh in the cache
+                end = min(off + READ_CHUNK, start + n)
+                _read_range(fd, view, off, end)
+                if verify:
                     acc = zlib.crc32(view[off:end], acc)
-                if f"{acc:08x}" != crc:
-                    bad.append(label)
-            else:
-                for off in range(start, start + n, READ_CHUNK):
-                    _read_range(fd, view, off, min(off + READ_CHUNK, start + n))
+            if verify and f"{acc:08x}" != crc:
+                bad.append(label)
 
         try:
             if hasattr(os, "preadv"):
@@ -304,20 +305,6 @@ class Container:
     def data_bytes(self) -> int:
         """Bytes of tensor data (no header, no tokenizer blobs)."""
         return sum(s["nbytes"] for t in self._tensors.values() for s in t["parts"].values())
-
-    def verify(self) -> list[str]:
-        """Check every CRC32; returns the names of tensors/blobs whose data does not match."""
-        bad = []
-        for name, entry in self._tensors.items():
-            for pname, spec in entry["parts"].items():
-                start = self._start + spec["offset"]
-                if f"{zlib.crc32(self._mm[start : start + spec['nbytes']]):08x}" != spec.get("crc32"):
-                    bad.append(f"{name}.{pname}")
-        for name, spec in self._blobs.items():
-            start = self._start + spec["offset"]
-            if f"{zlib.crc32(self._mm[start : start + spec['nbytes']]):08x}" != spec.get("crc32"):
-                bad.append(f"blob {name}")
-        return bad
 
     def close(self) -> None:
         # arrays handed out may still reference the mapping; let GC unmap it

@@ -16,7 +16,7 @@ import math
 import numba as nb
 import numpy as np
 
-from lowbit.kernels.simd import bits_to_float
+from lowbit.kernels.simd import bits_to_float, half_to_float, host_has_f16c
 
 # 2**(e - 25) for the 5-bit float16 exponent e (e == 0 handled as subnormal)
 _POW2 = np.array([math.ldexp(1.0, max(e, 1) - 25) for e in range(32)], dtype=np.float32)
@@ -57,6 +57,11 @@ def _h2f(h):
         m += 1024
     r = np.float32(m) * _POW2[e]
     return -r if v & 0x8000 else r
+
+
+# float16 bits -> float32 as the kernels decode scales and caches: one conversion instruction where the CPU has it
+# (F16C on x86), the table-based decoder elsewhere
+h2f = half_to_float if host_has_f16c() else _h2f
 
 
 @nb.njit(inline="always", **_JIT)

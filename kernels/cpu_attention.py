@@ -29,8 +29,8 @@ from numba import types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic, overload
 
-from lowbit.kernels.cpu import _JIT, _h2f, fast_exp
-from lowbit.kernels.simd import half_to_float, host_has_f16c, prefetch_line
+from lowbit.kernels.cpu import _JIT, fast_exp, h2f
+from lowbit.kernels.simd import prefetch_line
 
 _F32 = ir.FloatType()
 _I32 = ir.IntType(32)
@@ -38,7 +38,6 @@ _I64 = ir.IntType(64)
 _V8 = ir.VectorType(_F32, 8)
 KEYS = 8  # rows per call
 PREFETCH_AHEAD = 2048  # bytes of cached keys/values ahead of the block being read that the kernels prefetch
-H2F = half_to_float if host_has_f16c() else _h2f
 
 
 def _check_arrays(*arrs):
@@ -182,7 +181,7 @@ def _load_rows(tile, data, scales, kv, s, n):
             for i in range(n):
                 rr = (s + i) % size
                 for j in range(tile.shape[1]):
-                    tile[i, j] = H2F(data[kv, rr, j])
+                    tile[i, j] = h2f(data[kv, rr, j])
             return tile, 0
 
         return impl
@@ -197,7 +196,7 @@ def _load_rows(tile, data, scales, kv, s, n):
                 rr = (s + i) % size
                 base = (kv * size + rr) * hd  # of the row in data (flat)
                 for gi in range(ng):
-                    d = H2F(scales[kv, rr, gi])
+                    d = h2f(scales[kv, rr, gi])
                     if g % 8 == 0:
                         for j in range(gi * g, gi * g + g, 8):
                             dequant8_q8(tile, i * hd + j, data, base + j, d)
@@ -219,7 +218,7 @@ def _load_rows(tile, data, scales, kv, s, n):
                 rr = (s + i) % size
                 base = (kv * size + rr) * (hd // 2)  # of the row in data (flat)
                 for gi in range(ng):
-                    d = H2F(scales[kv, rr, gi])
+                    d = h2f(scales[kv, rr, gi])
                     if half % 8 == 0:
                         for j in range(0, half, 8):
                             dequant8_q4(tile, i * hd + gi * g + j, data, base + gi * half + j, half, d)

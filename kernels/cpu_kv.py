@@ -16,8 +16,8 @@ from numba import types
 from numba.core import errors
 from numba.extending import intrinsic, overload
 
-from lowbit.kernels.cpu import _JIT, _h2f, rope_inplace
-from lowbit.kernels.simd import half_to_float, host_has_f16c
+from lowbit.kernels.cpu import _JIT, h2f, rope_inplace
+from lowbit.kernels.simd import host_has_f16c
 
 
 @intrinsic
@@ -66,9 +66,8 @@ def soft_float_to_half(x):
     return np.uint16(sign | h)
 
 
-# one conversion instruction each way where the CPU has it, integer arithmetic elsewhere
+# one conversion instruction where the CPU has it, integer arithmetic elsewhere (h2f: the way back)
 F2H = float_to_half if host_has_f16c() else soft_float_to_half
-H2F = half_to_float if host_has_f16c() else _h2f
 
 
 def store_row(data, scales, kv, pos, src, t):
@@ -103,7 +102,7 @@ def _store_row(data, scales, kv, pos, src, t):
                     amax = max(amax, abs(src[t, kv, j]))
                 dh = F2H(amax / np.float32(127.0))
                 scales[kv, pos, gi] = dh
-                d = H2F(dh)
+                d = h2f(dh)
                 inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
                 for j in range(gi * g, gi * g + g):
                     q = np.rint(src[t, kv, j] * inv)
@@ -124,7 +123,7 @@ def _store_row(data, scales, kv, pos, src, t):
                         xm = src[t, kv, j]
                 dh = F2H(xm / np.float32(-8.0))
                 scales[kv, pos, gi] = dh
-                d = H2F(dh)
+                d = h2f(dh)
                 inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
                 for i in range(half):
                     lo = np.rint(src[t, kv, gi * g + i] * inv) + np.float32(8.0)

@@ -32,9 +32,9 @@ import numpy as np
 
 from lowbit.formats.qtypes import GROUP_SIZES
 from lowbit.kernels.amx import TILE, amx_block, host_has_amx, pack_tokens
-from lowbit.kernels.cpu import _JIT, _h2f
+from lowbit.kernels.cpu import _JIT, h2f
 from lowbit.kernels.gemm_vnni import tile_gemm, unpack_row
-from lowbit.kernels.simd import group_idot, half_to_float, host_has_f16c, quad_fdot
+from lowbit.kernels.simd import group_idot, host_has_f16c, quad_fdot
 from lowbit.kernels.vnni import host_has_avx512_vnni, host_has_vnni, row_fdot8
 
 XQ_MAX = 32767.0
@@ -62,7 +62,6 @@ _DEPS = _dependency_key()
 _ROUND_JIT = dict(_JIT, fastmath=False)
 # scale/min decoding: one hardware conversion where the CPU has it, the table-based decoder elsewhere
 HAS_F16C = host_has_f16c()
-h2f = half_to_float if HAS_F16C else _h2f
 HAS_VNNI = HAS_F16C and host_has_vnni()
 # weight rows per prefill GEMM block: one 32-bit lane each of a 512-bit vpdpbusd with AVX-512, of a 256-bit one else
 GEMM_ROWS = 16 if host_has_avx512_vnni() else 8

@@ -21,6 +21,7 @@ from prompt_toolkit.output import DummyOutput
 from lowbit.runtime.engine import Engine
 from lowbit.runtime.repl import Chat, ChatSettings, Repl
 from lowbit.runtime.sampling import SamplingParams
+from lowbit.runtime.sequence import common_prefix
 
 STATUS = re.compile(r"^\d+ tokens \| prefill \d+ tok at \d+ tok/s( \(\d+ cached\))? \| decode [\d.]+ tok/s \| "
                     r"context \d+/\d+", re.M)  # fmt: skip
@@ -77,15 +78,6 @@ def drive(engine, keys: str, tmp_path, settings=None, system=None):
     text = out.getvalue()
     assert "Traceback" not in text
     return repl, text, rc
-
-
-def common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def chat_ids(engine, messages):
