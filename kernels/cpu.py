@@ -22,6 +22,11 @@ from lowbit.kernels.simd import bits_to_float, half_to_float, host_has_f16c
 _POW2 = np.array([math.ldexp(1.0, max(e, 1) - 25) for e in range(32)], dtype=np.float32)
 
 _JIT = dict(cache=True, nogil=True, fastmath=True)
+# numba's parallel options for the kernels: explicit prange loops only. The other conversions (array expressions,
+# numpy calls, comprehensions into parallel loops; loop fusion) are not used by the kernels, and their passes were
+# a good part of a cold start's compile time.
+PRANGE = dict(comprehension=False, setitem=False, numpy=False, stencil=False, fusion=False, inplace_binop=False,
+              reduction=False, prange=True)
 
 
 _LOG2E = np.float32(1.4426950408889634)
@@ -115,7 +120,7 @@ def _group_unpack(buf, crow, boff, g, planes, d, m):
         buf[j] = buf[j] * d - m
 
 
-@nb.njit(parallel=True, **_JIT)
+@nb.njit(parallel=PRANGE, **_JIT)
 def qmatvec(y, codes, scales, mins, x, planes, g, bits, asym, zp):
     """y[rows] = W @ x for one token.
 
@@ -141,7 +146,7 @@ def qmatvec(y, codes, scales, mins, x, planes, g, bits, asym, zp):
         y[r] = acc
 
 
-@nb.njit(parallel=True, **_JIT)
+@nb.njit(parallel=PRANGE, **_JIT)
 def qmatmul_small(y, codes, scales, mins, x, planes, g, bits, asym, zp):
     """y[T, rows] = x @ W.T for a few tokens: each group is unpacked once into a small buffer and reused for all T.
 
@@ -168,7 +173,7 @@ def qmatmul_small(y, codes, scales, mins, x, planes, g, bits, asym, zp):
             y[t, r] = acc[t]
 
 
-@nb.njit(parallel=True, **_JIT)
+@nb.njit(parallel=PRANGE, **_JIT)
 def dequant_rows(out, codes, scales, mins, idx, planes, g, bits, asym, zp):
     """out[i, :] = dequantized row idx[i] of W. out: f32[n, cols]; idx: i64[n]."""
     ng = scales.shape[1]
@@ -252,7 +257,7 @@ def silu_mul(out, gate, up):
         _silu_mul_row(out, gate, up, t)
 
 
-@nb.njit(parallel=True, **_JIT)
+@nb.njit(parallel=PRANGE, **_JIT)
 def silu_mul_par(out, gate, up):
     """silu_mul with the rows in parallel (prompts)."""
     for t in nb.prange(gate.shape[0]):
@@ -266,7 +271,7 @@ def gelu_tanh_mul(out, gate, up):
         _gelu_tanh_mul_row(out, gate, up, t)
 
 
-@nb.njit(parallel=True, **_JIT)
+@nb.njit(parallel=PRANGE, **_JIT)
 def gelu_tanh_mul_par(out, gate, up):
     """gelu_tanh_mul with the rows in parallel (prompts)."""
     for t in nb.prange(gate.shape[0]):

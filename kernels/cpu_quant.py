@@ -32,7 +32,7 @@ import numpy as np
 
 from lowbit.formats.qtypes import GROUP_SIZES
 from lowbit.kernels.amx import TILE, amx_block, host_has_amx, pack_tokens
-from lowbit.kernels.cpu import _JIT, h2f
+from lowbit.kernels.cpu import _JIT, PRANGE, h2f
 from lowbit.kernels.gemm_vnni import tile_gemm, unpack_row
 from lowbit.kernels.simd import group_idot, host_has_f16c, quad_fdot
 from lowbit.kernels.vnni import host_has_avx512_vnni, host_has_vnni, row_fdot8
@@ -236,7 +236,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
     br = GEMM_ROWS
     deps = _DEPS
 
-    @nb.njit(parallel=True, **_JIT)
+    @nb.njit(parallel=PRANGE, **_JIT)
     def qmatvec(y, codes, scales, mins, x, asym):
         """y[rows] = W @ x for one token; arguments as in the int16 qmatvec."""
         xh, xl, dx, xs = quantize8(x, g, split)
@@ -245,7 +245,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
         for r in nb.prange(codes.shape[0]):
             y[r] = row_dot8(codes, scales, mins, r, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
 
-    @nb.njit(parallel=True, **_JIT)
+    @nb.njit(parallel=PRANGE, **_JIT)
     def qmatmul_small(y, codes, scales, mins, x, asym):
         """y[T, rows] = x @ W.T for a few tokens, each row and token as the one-token kernel computes it (so a
         decode pass of several sequences gives each one's numbers bit for bit); arguments as in the int16
@@ -257,7 +257,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
             for t in range(x.shape[0]):
                 y[t, r] = row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
 
-    @nb.njit(parallel=True, **_JIT)
+    @nb.njit(parallel=PRANGE, **_JIT)
     def qgemm(y, codes, scales, mins, x, asym):
         """y[T, rows] = x @ W.T for a prompt: blocks of GEMM_ROWS rows, each unpacked once into an interleaved
         buffer and multiplied with tiles of tokens (kernels.gemm_vnni); the last rows % GEMM_ROWS rows one
@@ -286,7 +286,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
                 for t in range(t_n):
                     y[t, r] = row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
 
-    @nb.njit(parallel=True, **_JIT)
+    @nb.njit(parallel=PRANGE, **_JIT)
     def qmatvec3(y1, c1, s1, m1, y2, c2, s2, m2, y3, c3, s3, m3, x, asym):
         """y_i[rows_i] = W_i @ x for one token and three matrices (a 0-row third for two), one parallel loop over
         all their rows; arguments per matrix as in qmatvec."""
@@ -303,7 +303,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
             else:
                 y3[i - r1 - r2] = row_dot8(c3, s3, m3, i - r1 - r2, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
 
-    @nb.njit(parallel=True, **_JIT)
+    @nb.njit(parallel=PRANGE, **_JIT)
     def qgemm_amx(y, codes, scales, mins, x, asym):
         """qgemm on AMX tiles (kernels/amx.py): the activations packed once into B tiles, then blocks of 16 rows,
         each unpacked once into row-major codes and multiplied with every 16-token block."""
@@ -359,7 +359,7 @@ def _int16_kernels(bits: int, g: int):
     deps = _DEPS
     quads = HAS_F16C
 
-    @nb.njit(parallel=True, **_JIT)
+    @nb.njit(parallel=PRANGE, **_JIT)
     def qmatvec(y, codes, scales, mins, x, asym):
         """y[rows] = W @ x for one token. y: f32[rows]; codes: u8[rows, cols*bits/8]; scales, mins: u16[rows, ng]
         (float16 bits; mins unused unless asym); x: f32[1, cols]."""
@@ -390,7 +390,7 @@ def _int16_kernels(bits: int, g: int):
                 acc += d * dx[gi] * np.float32(s) - m * xs[gi]
             y[r] = acc
 
-    @nb.njit(parallel=True, **_JIT)
+    @nb.njit(parallel=PRANGE, **_JIT)
     def qmatmul_small(y, codes, scales, mins, x, asym):
         """y[T, rows] = x @ W.T for a few tokens. x: f32[T, cols]; other arguments as in qmatvec."""
         rows = codes.shape[0]

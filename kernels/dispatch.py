@@ -253,9 +253,12 @@ def embed(w: Weight, ids: np.ndarray) -> np.ndarray:
     """Rows of an embedding table: [T, cols] (with extras: stored rows + low-rank rows, rotated back by Rᵀ)."""
     if w.f32 is not None:
         out = w.f32[ids]
-    else:
-        out = np.empty((len(ids), w.cols), dtype=np.float32)
-        kernel_call(cpu.dequant_rows, out, *w._qargs(), np.asarray(ids, dtype=np.int64), *w._rest())
+    else:  # numpy: a few rows per pass, and a kernel less to compile on a cold start (~1 s of its first token)
+        ids = np.asarray(ids, dtype=np.int64)
+        parts = {"codes": w.codes[ids], "scales": w.scales[ids].view(np.float16)}
+        if w.asym:
+            parts["mins"] = w.mins[ids].view(np.float16)
+        out = dequantize(parts, w.qtype, (len(ids), w.cols))
     if w.lr_a is not None:
         out += w.lr_b[ids] @ w.lr_a
     if w.had_d is not None:

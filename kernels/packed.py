@@ -23,7 +23,7 @@ import numba as nb
 import numpy as np
 
 from lowbit.kernels import cpu_quant
-from lowbit.kernels.cpu import _JIT
+from lowbit.kernels.cpu import _JIT, PRANGE
 from lowbit.kernels.cpu_quant import _DEPS, GEMM_ROWS, TILE_TOKENS, pack_block, quantize8, row_dot8
 from lowbit.kernels.gemm_vnni import tile_gemm
 
@@ -50,7 +50,7 @@ def _prepack(bits: int, g: int):
     br = GEMM_ROWS
     key = _key()
 
-    @nb.njit(parallel=True, **_JIT)
+    @nb.njit(parallel=PRANGE, **_JIT)
     def prepack(codes, scales, mins, asym):
         if key == 0:  # never true; ties the cached code to _key()
             return None
@@ -76,7 +76,7 @@ def _matmul(bits: int, g: int, split: bool):
     tt = TILE_TOKENS["split" if split else "int8"]
     key = _key()
 
-    @nb.njit(parallel=True, **_JIT)
+    @nb.njit(parallel=PRANGE, **_JIT)
     def matmul(y, wb, dsc, nmc, codes, scales, mins, x, asym):
         if key == 0:  # never true; ties the cached code to _key()
             return

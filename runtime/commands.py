@@ -103,6 +103,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from lowbit.runtime.compile_notice import CompileNotice, kernel_label
     from lowbit.runtime.constraint import grammar_from_files
     from lowbit.runtime.engine import Engine
     from lowbit.runtime.sampling import SamplingParams
@@ -112,6 +113,9 @@ def cmd_generate(args) -> int:
                     act_quant=args.act_quant,
                     exact_activations=args.exact_activations, mmap=args.mmap, kv=args.kv_bits, verify=args.verify,
                     context_shift=args.context_shift)
+    out = sys.stdout
+    mid_line = [False]  # the reply has text on the terminal's current line: a compile notice now would cut into it
+    engine.compile_notice = CompileNotice(kernel_label(engine.container, engine.kv.label), quiet=lambda: mid_line[0])
     params = SamplingParams.from_args(args)
     tok = engine.tokenizer
     plain = args.raw or not tok.has_chat_template
@@ -123,12 +127,13 @@ def cmd_generate(args) -> int:
     else:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         ids = tok.encode_chat([*messages, {"role": "user", "content": args.prompt}], literal_content=True)
-    out = sys.stdout
     constraint = engine.grammars.compile(grammar) if grammar is not None else None
     for ev in engine.generate(ids, params, max_tokens=args.max_tokens, stop=args.stop, continuation=plain,
                               constraint=constraint, keep=engine.keep_tokens(ids, messages)):  # fmt: skip
         out.write(ev.text)
         out.flush()
+        if ev.text:
+            mid_line[0] = not ev.text.endswith("\n")
     out.write("\n")
     st = engine.stats
     print(

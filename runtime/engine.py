@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from numba.core import event as numba_event
 
 from lowbit.errors import ContextOverflowError, FormatError, LowbitError
 from lowbit.formats.reader import Container
@@ -22,6 +23,7 @@ from lowbit.kernels import act_quant as act_quant_mode
 from lowbit.kernels import kv_formats
 from lowbit.kernels.kv_formats import KVSpec
 from lowbit.models.validate import load_args
+from lowbit.runtime.compile_notice import CompileNotice
 from lowbit.runtime.constraint import Constraint, GrammarCompiler
 from lowbit.runtime.device import resolve_device
 from lowbit.runtime.sampling import SamplingParams
@@ -207,6 +209,8 @@ class Engine:
         self.load_seconds = time.perf_counter() - t0
         self.stats = Stats()
         self._grammars: GrammarCompiler | None = None
+        # told about kernel compiles during forward passes (runtime/compile_notice.py): the CLI sets one
+        self.compile_notice: CompileNotice | None = None
 
     @property
     def grammars(self) -> GrammarCompiler:
@@ -238,7 +242,7 @@ class Engine:
             # in chunks, so activation memory stays bounded however long the prompt (llama.cpp's ubatch)
             for i in range(n, len(tokens), self.prefill_chunk):
                 chunk = tokens[i : i + self.prefill_chunk]
-                logits = self.model.forward(np.array(chunk), i, self.cache)
+                logits = self._forward(chunk, i)
                 self.cached = tokens[: i + len(chunk)]
                 self.stats.prefilled_tokens += len(chunk)
         finally:
@@ -249,9 +253,36 @@ class Engine:
         pos = len(self.cached)
         if pos >= self.ctx:
             raise ContextOverflowError(f"context of {self.ctx} tokens is full")
-        logits = self.model.forward(np.array([token]), pos, self.cache)
+        logits = self._forward([token], pos)
         self.cached.append(token)
         return logits[0]
+
+    def _forward(self, tokens: list[int], pos: int, cache=None) -> np.ndarray:
+        cache = self.cache if cache is None else cache
+        notice = self.compile_notice
+        if notice is None:
+            return self.model.forward(np.array(tokens), pos, cache)
+        with numba_event.install_listener("numba:compile", notice):
+            logits = self.model.forward(np.array(tokens), pos, cache)
+        notice.settle()
+        return logits
+
+    def warm_up(self) -> None:
+        """Compile (or load from numba's cache) the kernels of a first reply: a prompt pass and decode steps, on
+        a cache of their own, so the conversation's cache is untouched. The server calls this before it listens, as
+        llama.cpp's does; the REPL while the first message is typed."""
+        if self.device != "cpu":
+            return
+        from lowbit.kernels.dispatch import DECODE_CHUNK, PARALLEL_ROWS, SMALL_BATCH
+        from lowbit.models.common import cache_for
+
+        n = min(self.ctx, DECODE_CHUNK + 2)
+        cache = cache_for(self.args, n, self.kv)
+        prompt = max(2 * SMALL_BATCH, PARALLEL_ROWS)
+        passes = [(prompt, 0), (SMALL_BATCH // 2, prompt), (1, prompt + SMALL_BATCH // 2), (1, n - 1)]
+        for t, pos in passes:  # a prompt (integer GEMM), a few tokens, one token, one deep (split attention)
+            if pos + t <= n:
+                self._forward([1] * t, pos, cache)
 
     def keep_tokens(self, ids: Sequence[int], messages: list[dict] | None = None, **template_kwargs) -> int:
         """How many leading tokens of the prompt ``ids`` a context shift keeps: those it shares with the chat's

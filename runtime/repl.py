@@ -12,16 +12,19 @@ prefills what the template renders after the previous turn's cached tokens (the 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
 from lowbit.errors import ContextOverflowError, LowbitError
+from lowbit.runtime.compile_notice import CompileNotice, kernel_label
 from lowbit.runtime.sampling import SamplingParams
 from lowbit.runtime.wrap import StreamWrap
 
@@ -233,6 +236,9 @@ class Repl:
         self.session = session if session is not None else self._make_session(input, output, history_file)
         self.last: Reply | None = None
         self.running = True
+        self._warm_up: threading.Thread | None = None
+        self._warm_notice: CompileNotice | None = None
+        self._mid_line = False  # the transcript's current line has text (a compile notice would cut into it)
 
     def _make_session(self, input, output, history_file):
         from prompt_toolkit import PromptSession
@@ -257,6 +263,8 @@ class Repl:
     def write(self, text: str) -> None:
         self.out.write(text)
         self.out.flush()
+        if text:
+            self._mid_line = not text.endswith("\n")
 
     def _line(self, text: str, code: str) -> None:
         self.write(f"{code}{text}{_RESET}\n" if self.color else f"{text}\n")
@@ -281,6 +289,12 @@ class Repl:
         """The read-eval-print loop; returns 0 when the user leaves (/exit, Ctrl-D, Ctrl-C twice at an empty
         prompt)."""
         self.banner()
+        # the kernels of a first reply compile (a cold start) or load while the first message is typed
+        engine = self.chat.engine
+        self._warm_notice = CompileNotice("", stream=io.StringIO(), live=False)  # counts; shows nothing
+        self._warm_up = threading.Thread(target=_warm_up, args=(engine, self._warm_notice), name="lowbit-warm-up",
+                                         daemon=True)
+        self._warm_up.start()
         armed = False
         while self.running:
             try:
@@ -301,6 +315,19 @@ class Repl:
                 self.info(INTERRUPTED)
         return 0
 
+    def _join_warm_up(self) -> None:
+        thread, self._warm_up = self._warm_up, None
+        if thread is None:
+            return
+        engine = self.chat.engine
+        label = kernel_label(engine.container, engine.kv.label)
+        if thread.is_alive() and (self._warm_notice.depth or self._warm_notice.total
+                                       or self._warm_notice.kernels):  # compiling, not loading
+            self.info(f"compiling kernels for {label} (once per machine; numba caches them)...")
+            thread.join()
+        # kernels the warm-up did not reach still say so
+        engine.compile_notice = CompileNotice(label, quiet=lambda: self._mid_line)
+
     def handle(self, line: str) -> None:
         from lowbit.runtime.repl_commands import dispatch
 
@@ -316,6 +343,7 @@ class Repl:
             self.error(str(e))
 
     def ask(self, text: str) -> Reply:
+        self._join_warm_up()
         started = []
         wrap = StreamWrap(self.write, self.width)
 
@@ -359,9 +387,14 @@ def answer_once(engine, settings: ChatSettings, system: str | None, prompt: str,
     if not chat.chat_mode:
         log.warning("this model has no chat template; continuing the prompt as plain text")
 
+    mid_line = [False]  # the reply has text on the terminal's current line: a compile notice would cut into it
+    engine.compile_notice = CompileNotice(kernel_label(engine.container, engine.kv.label), quiet=lambda: mid_line[0])
+
     def stream(piece: str) -> None:
         out.write(piece)
         out.flush()
+        if piece:
+            mid_line[0] = not piece.endswith("\n")
 
     reply = chat.send(prompt, on_text=stream)
     out.write("\n")
@@ -379,6 +412,14 @@ def _stdin_prompt() -> str:
         return sys.stdin.read()
     except UnicodeDecodeError as e:
         raise LowbitError(f"stdin is not valid text ({e.reason})") from None
+
+
+def _warm_up(engine, notice: CompileNotice) -> None:
+    engine.compile_notice = notice
+    try:
+        engine.warm_up()
+    except Exception:  # noqa: BLE001 - the first reply then compiles what it needs, and reports any real error
+        log.debug("warm-up failed", exc_info=True)
 
 
 def run_command(args) -> int:

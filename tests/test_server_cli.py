@@ -22,7 +22,11 @@ def _serve(*args: str) -> subprocess.Popen:
 def test_serve_cli_end_to_end():
     proc = _serve("--port", "0", "--api-key", "k1", "--model-name", "tiny-chat", "--ctx", "256")
     try:
-        line = proc.stderr.readline()  # the address line comes once the port is bound and the model loaded
+        # the address line comes once the port is bound and the model loaded and warmed up (a cold numba cache
+        # first says which kernels it compiles)
+        line = proc.stderr.readline()
+        while line.startswith(("compiling kernels", "compiled ")):
+            line = proc.stderr.readline()
         m = re.search(r"at (http://127\.0\.0\.1:\d+/v1) \(API key required\)", line)
         assert m, line
         client = openai.OpenAI(base_url=m.group(1), api_key="k1", max_retries=0, timeout=30)
