@@ -4,7 +4,8 @@
 
 Each round opens the file as the runtime does (read into memory by --threads readers) three ways: --no-verify,
 verified (no stamp: every CRC32 checked while reading), and stamped (verified before, as the runtime does from the
-second load on). Stamps go to a temporary $LOWBIT_CACHE. Prints the best time of each and the ratios.
+second load on). Stamps go to a temporary $LOWBIT_CACHE. Prints the best time of each and the ratios, and which
+CRC-32 computed the checksums (formats/checksum.py: ISA-L where installed; --zlib: Python's zlib, to compare).
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 
+if "--zlib" in sys.argv:
+    sys.modules["isal"] = None  # ImportError: formats/checksum.py falls back to zlib
+
+from lowbit.formats import checksum
 from lowbit.runtime.engine import open_container, verified_stamp
 
 
@@ -23,6 +29,7 @@ def main() -> None:
     ap.add_argument("path")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--zlib", action="store_true", help="checksums by Python's zlib instead of ISA-L")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="lowbit-stamps-")
     os.environ["LOWBIT_CACHE"] = tmp
@@ -43,7 +50,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = os.path.getsize(a.path)
-    print(f"{a.path}: {size / 1e6:.0f} MB, {a.threads} threads, best of {a.rounds}")
+    print(f"{a.path}: {size / 1e6:.0f} MB, {a.threads} threads, best of {a.rounds}, CRC-32 by {checksum.BACKEND}")
     for way, t in best.items():
         print(f"  {way:<10} {t * 1e3:7.1f} ms  ({t / best['no-verify']:.2f}x)")
 

@@ -12,7 +12,6 @@ import json
 import math
 import mmap
 import os
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.errors import FormatError
+from lowbit.formats.checksum import crc32
 from lowbit.formats.layout import MAGIC, PREAMBLE, VERSION_MAJOR, data_start
 from lowbit.formats.qtypes import QType, get_qtype
 
@@ -115,7 +115,7 @@ class Container:
         if header_len <= 0 or PREAMBLE.size + header_len > self.size:
             raise self._fail(f"truncated or corrupt: header of {header_len} bytes does not fit in {self.size} bytes")
         raw = self._mm[PREAMBLE.size : PREAMBLE.size + header_len]
-        if zlib.crc32(raw) != header_crc:
+        if crc32(raw) != header_crc:
             raise self._fail("corrupt header (checksum mismatch)")
         try:
             header = json.loads(raw.decode("utf-8"))
@@ -232,11 +232,11 @@ class Container:
                           "download it again (--no-verify runs it anyway)")
 
     def verify(self, threads: int = 1) -> list[str]:
-        """Check every tensor part's and blob's CRC32 (``threads`` at a time: zlib releases the GIL); the labels
+        """Check every tensor part's and blob's CRC32 (``threads`` at a time: the checksum releases the GIL); the labels
         ("name.part", "blob name") of those whose data does not match, sorted."""
         def check(r) -> str | None:
             label, start, n, crc = r
-            return None if f"{zlib.crc32(self._mm[start : start + n]):08x}" == crc else label
+            return None if f"{crc32(self._mm[start : start + n]):08x}" == crc else label
 
         with ThreadPoolExecutor(max(1, threads)) as ex:
             return sorted(b for b in ex.map(check, self._ranges()) if b is not None)
@@ -268,7 +268,7 @@ class Container:
                 end = min(off + READ_CHUNK, start + n)
                 _read_range(fd, view, off, end)
                 if verify:
-                    acc = zlib.crc32(view[off:end], acc)
+                    acc = crc32(view[off:end], acc)
             if verify and f"{acc:08x}" != crc:
                 bad.append(label)
 

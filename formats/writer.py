@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lowbit.errors import LowbitError
+from lowbit.formats.checksum import crc32
 from lowbit.formats.layout import ALIGN, MAGIC, PREAMBLE, VERSION_MINOR, align_up, data_start, major_version_for
 from lowbit.formats.qtypes import QType
 
@@ -72,7 +72,7 @@ class ContainerWriter:
             self._tensors[plan.name] = entry
         blob_data = {}
         for name, data in blobs.items():
-            self._blobs[name] = {"offset": offset, "nbytes": len(data), "crc32": _crc_hex(zlib.crc32(data))}
+            self._blobs[name] = {"offset": offset, "nbytes": len(data), "crc32": _crc_hex(crc32(data))}
             blob_data[name] = data
             offset = align_up(offset + len(data))
         self._data_len = offset
@@ -111,7 +111,7 @@ class ContainerWriter:
                     f"got {arr.dtype}{list(arr.shape)}"
                 )
             buf = memoryview(arr).cast("B")
-            spec["crc32"] = _crc_hex(zlib.crc32(buf))
+            spec["crc32"] = _crc_hex(crc32(buf))
             self._f.seek(self._start + spec["offset"])
             self._f.write(buf)
         self._written.add(name)
@@ -126,7 +126,7 @@ class ContainerWriter:
             if len(header) > self._header_len:
                 raise LowbitError("container metadata grew past the reserved header space")
             header = header + b" " * (self._header_len - len(header))
-            pre = PREAMBLE.pack(MAGIC, self._major, VERSION_MINOR, self._header_len, zlib.crc32(header), 0)
+            pre = PREAMBLE.pack(MAGIC, self._major, VERSION_MINOR, self._header_len, crc32(header), 0)
             self._f.seek(0)
             self._f.write(pre)
             self._f.write(header)

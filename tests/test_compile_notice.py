@@ -6,9 +6,8 @@ import io
 
 import numba as nb
 import numpy as np
-from numba.core import event
-
 from lbtest import TOY_MODEL
+from numba.core import event
 
 from lowbit.runtime.compile_notice import CompileNotice, kernel_label
 from lowbit.runtime.engine import Engine
