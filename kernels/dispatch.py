@@ -305,10 +305,12 @@ def attention(
     scale: float,
     window: int = 0,
     softcap: float = 0.0,
+    ahead=None,
 ) -> np.ndarray:
     """Causal GQA attention over one layer's cache (as in kv_write; a pair of float32 arrays [n_kv, ctx, hd] is a
     float32 cache); window > 0 limits each query to the last ``window`` keys, softcap > 0 soft-caps the scaled
-    scores (cap * tanh(s / cap))."""
+    scores (cap * tanh(s / cap)). ``ahead``: a kernels.compile_ahead.CompileAhead compiling the kernel elsewhere,
+    waited for before the first call."""
     q = np.ascontiguousarray(q, dtype=np.float32)  # the kernels' SIMD loads need C-contiguous rows
     out = np.empty_like(q)
     if len(layer) == 2:
@@ -316,8 +318,12 @@ def attention(
         layer = (k, _NO_SCALES, v, _NO_SCALES)
     args = (out, q, *layer, start, np.float32(scale), window, np.float32(softcap))
     if q.shape[0] == 1 and start + 1 > DECODE_CHUNK:
+        if ahead is not None:
+            ahead.wait("attention_decode")
         kernel_call(cpu_attention.attention_decode, *args, DECODE_CHUNK)
     else:
+        if ahead is not None:
+            ahead.wait("attention")
         kernel_call(cpu_attention.attention, *args)
     return out
 

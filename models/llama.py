@@ -215,6 +215,7 @@ class Model:
         self.attn_softcap = 0.0  # 0: none
         self.final_softcap = 0.0
         self.kv = kv_formats.DEFAULT  # storage formats of the caches new_cache makes
+        self.compile_ahead = None  # a kernels.compile_ahead.CompileAhead on a cold start (attend waits for it)
         self.setup_rope()
         self.configure()
 
@@ -350,7 +351,10 @@ class Model:
         if isinstance(cache, Segments):
             return np.concatenate([self.attend(q[a:b], li, s, c) for c, s, a, b in cache.parts])
         w = self.args.window(li)
-        return dispatch.attention(q, cache.layer(li), start, self.scale, w, self.attn_softcap)
+        ahead = self.compile_ahead
+        if ahead is not None and ahead.finished:
+            ahead = self.compile_ahead = None
+        return dispatch.attention(q, cache.layer(li), start, self.scale, w, self.attn_softcap, ahead)
 
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return dispatch.silu_mul(gate, up)

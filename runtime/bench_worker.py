@@ -54,6 +54,7 @@ def _cache_files() -> int | None:
 
 def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only: bool, device: str = "cpu",
             exact: bool | None = None, mmap: bool = False, kv: str | None = None) -> dict:
+    from lowbit.kernels import compile_ahead
     from lowbit.kernels.dispatch import SMALL_BATCH
     from lowbit.kernels.kv_formats import KVSpec
     from lowbit.kernels.timing import KernelTimer
@@ -77,7 +78,9 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
 
         model = cuda_model(arch.get("family", arch["model_type"]), family, args, container, ctx)
     else:
+        ahead = compile_ahead.start(KVSpec.parse(kv))  # as the engine does: attention compiles beside (cold start)
         model = family.Model(args, container, ctx)
+        model.compile_ahead = ahead
         if kernel_activations_exact(container.meta, exact):
             from lowbit.kernels.act_quant import set_kernel_precision
 

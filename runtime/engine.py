@@ -20,7 +20,7 @@ from lowbit.errors import ContextOverflowError, FormatError, LowbitError
 from lowbit.formats.reader import Container
 from lowbit.formats.tokenizer import Tokenizer
 from lowbit.kernels import act_quant as act_quant_mode
-from lowbit.kernels import kv_formats
+from lowbit.kernels import compile_ahead, kv_formats
 from lowbit.kernels.kv_formats import KVSpec
 from lowbit.models.validate import load_args
 from lowbit.runtime.compile_notice import CompileNotice
@@ -193,7 +193,11 @@ class Engine:
 
             self.model = cuda_model(fam_name, self.family, self.args, self.container, self.ctx)
         else:
+            # a cold start: the attention kernels compile in a helper process while this one builds the model
+            # and compiles the rest of the first prompt's kernels
+            ahead = compile_ahead.start(self.kv)
             self.model = self.family.Model(self.args, self.container, self.ctx)
+            self.model.compile_ahead = ahead
             act_quant_mode.apply(self.model, self.act_quant)
             exact_activations = kernel_activations_exact(meta, exact_activations)
             if exact_activations:
