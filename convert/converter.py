@@ -209,10 +209,10 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, progress: bool = Tr
             plans = apply_recipe(plans, load_recipe(opts.recipe))
         if method.calibrated or opts.budget:
             from lowbit.convert.calibrated import convert_calibrated
-            from lowbit.convert.mixed import check_budget
+            from lowbit.convert.mixed import check_budget, file_overhead
 
             if opts.budget:
-                check_budget(plans, opts)
+                check_budget(plans, opts, file_overhead(meta, plans, tok_blobs))
             job = CalibratedJob(ckpt, hf_of, family, args, plans, method, tok_meta, tok_blobs, meta)
             return convert_calibrated(job, opts, out, t0, progress)
         meta["quantization"]["recipe"] = {p.name: p.qtype.name for p in plans}

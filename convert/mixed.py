@@ -13,7 +13,9 @@ Sensitivity is measured, not guessed:
 3. a greedy allocation starts every tensor at the cheapest type and repeatedly takes the upgrade with the largest
    predicted ΔKL saved per extra byte that still fits, until none does (predicted ΔKLs are treated as additive).
 
-The budget counts every tensor's bytes (norms and other float tensors included), as ``lowbit inspect`` does.
+``--target-bpw`` counts every tensor's bytes (norms and other float tensors included) per weight, as ``lowbit
+inspect`` does; ``--max-size`` is the whole file: the tensors get what the preamble, header, tokenizer and alignment
+leave (:func:`file_overhead`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from lowbit.convert.quantize import quantize
 from lowbit.errors import LowbitError
 from lowbit.formats.qtypes import PER_CHANNEL, QType, get_qtype, quant_type
 from lowbit.formats.reader import StoredTensor
+from lowbit.formats.writer import planned_size
 from lowbit.kernels import dispatch
 from lowbit.kernels.ref import dequantize, log_softmax
 
@@ -36,6 +39,21 @@ log = logging.getLogger(__name__)
 # candidate types, cheapest first (bits per weight: 2.25, 2.5, 3.25, 3.5, 4.25, 4.5, 5.5, 6.5, 8.25)
 LADDER = ("q2a_g128", "q2a_g64", "q3a_g128", "q3a_g64", "q4a_g128", "q4a_g64", "q5a_g64", "q6a_g64", "q8_g64")
 KL_SEQUENCES = 8  # calibration sequences scored for the KL of each tensor
+# header bytes a tensor's entry may gain when the allocation changes its type (a longer name, a mins part, more
+# digits), plus the alignment padding its parts may add: so that the file fits --max-size whatever is chosen
+MARGIN_PER_TENSOR = 256
+
+
+def file_overhead(meta: dict, plans, blobs: dict[str, bytes]) -> int:
+    """Bytes of a container beyond its tensor data (preamble, header, tokenizer, alignment) for the tensors of
+    ``plans`` at any types: the planned file's, plus :data:`MARGIN_PER_TENSOR` per tensor."""
+    data = sum(p.qtype.nbytes(p.shape) for p in plans)
+    return planned_size(meta, plans, blobs) - data + MARGIN_PER_TENSOR * len(plans)
+
+
+def tensor_budget(opts, params: int, overhead: int) -> float:
+    """Bytes the tensors may take: --target-bpw of every weight, or --max-size less the file's overhead."""
+    return opts.max_size - overhead if opts.max_size is not None else opts.target_bpw * params / 8.0
 
 
 def allocate(job, opts, store, tokens: list[np.ndarray], qtypes: dict[str, QType], progress: bool):
@@ -49,13 +67,15 @@ def allocate(job, opts, store, tokens: list[np.ndarray], qtypes: dict[str, QType
     kl = _kl_at_cheapest(model, store, tokens[:KL_SEQUENCES], ladders, progress)
     fixed = sum(qt.nbytes(store.arrays[n].shape) for n, qt in qtypes.items() if n not in ladders)
     params = sum(int(a.size) for a in store.arrays.values())
-    budget = opts.max_size if opts.max_size is not None else opts.target_bpw * params / 8.0
+    overhead = file_overhead(job.meta, job.plans, job.tok_blobs)
+    budget = tensor_budget(opts, params, overhead)
     chosen = _greedy(ladders, errors, kl, {n: store.arrays[n].shape for n in names}, budget - fixed)
     out = dict(qtypes)
     out.update(chosen)
     total = fixed + sum(out[n].nbytes(store.arrays[n].shape) for n in names)
     info = {
-        "budget_bytes": int(budget),
+        "budget_bytes": int(budget),  # of tensor data
+        **({"max_size": int(opts.max_size)} if opts.max_size is not None else {"target_bpw": opts.target_bpw}),
         "bytes": int(total),
         "bpw": round(total * 8 / params, 4),
         "predicted_kl": round(float(sum(_pred(kl, errors, n, ladders[n].index(out[n])) for n in names)), 6),
@@ -66,18 +86,22 @@ def allocate(job, opts, store, tokens: list[np.ndarray], qtypes: dict[str, QType
     return out, info
 
 
-def check_budget(plans, opts) -> None:
-    """Refuse at once a budget that even the cheapest candidate types cannot meet (before any calibration)."""
+def check_budget(plans, opts, overhead: int = 0) -> None:
+    """Refuse at once a budget that even the cheapest candidate types cannot meet (before any calibration);
+    ``overhead``: the file's bytes beyond its tensors (:func:`file_overhead`)."""
     params = sum(int(np.prod(p.shape, dtype=np.int64)) for p in plans)
-    budget = opts.max_size if opts.max_size is not None else opts.target_bpw * params / 8.0
+    budget = tensor_budget(opts, params, overhead)
     least = 0
     for p in plans:
         matrix = not p.qtype.is_float and len(p.shape) == 2
         least += ladder_for(p.shape)[0].nbytes(p.shape) if matrix else p.qtype.nbytes(p.shape)
     if least > budget:
-        asked = f"--max-size {opts.max_size}" if opts.max_size is not None else f"--target-bpw {opts.target_bpw}"
-        raise LowbitError(f"{asked}: the budget of {budget:,.0f} bytes cannot be met; the cheapest types need "
-                          f"{least:,} bytes ({least * 8 / params:.3f} bits per weight)")
+        if opts.max_size is not None:
+            raise LowbitError(f"--max-size {opts.max_size}: a file this small cannot be made; with the cheapest types "
+                              f"it takes {least + overhead:,} bytes ({least:,} of tensors, {overhead:,} of header, "
+                              f"tokenizer and alignment)")
+        raise LowbitError(f"--target-bpw {opts.target_bpw}: the budget of {budget:,.0f} bytes of tensors cannot be "
+                          f"met; the cheapest types need {least:,} bytes ({least * 8 / params:.3f} bits per weight)")
 
 
 def ladder_for(shape: tuple[int, ...]) -> list[QType]:

@@ -36,6 +36,36 @@ def _crc_hex(crc: int) -> str:
     return f"{crc & 0xFFFFFFFF:08x}"
 
 
+def _layout(plans: list[TensorPlan], blobs: dict[str, bytes]) -> tuple[dict, dict, int]:
+    """(tensor table, blob table, bytes of the data section) of a container holding ``plans`` and ``blobs``: each
+    part and blob at the next ALIGN boundary, in order (tensor checksums filled in as they are written)."""
+    tensors: dict[str, dict] = {}
+    table: dict[str, dict] = {}
+    offset = 0
+    for plan in plans:
+        entry = {"qtype": plan.qtype.name, "shape": list(plan.shape), "parts": {}}
+        for part, (pshape, dtype) in plan.qtype.part_shapes(plan.shape).items():
+            nbytes = int(np.prod(pshape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            entry["parts"][part] = {"offset": offset, "nbytes": nbytes, "shape": list(pshape), "dtype": dtype,
+                                    "crc32": _crc_hex(0)}  # fmt: skip
+            offset = align_up(offset + nbytes)
+        tensors[plan.name] = entry
+    for name, data in blobs.items():
+        table[name] = {"offset": offset, "nbytes": len(data), "crc32": _crc_hex(crc32(data))}
+        offset = align_up(offset + len(data))
+    return tensors, table, offset
+
+
+def planned_size(meta: dict, plans: list[TensorPlan], blobs: dict[str, bytes]) -> int:
+    """Bytes of the file that ContainerWriter(path, meta, plans, blobs) writes."""
+    tensors, table, data_len = _layout(plans, blobs)
+    header = {**meta, "format": {"name": "lowbit", "version": [major_version_for({p.name: p for p in plans}),
+                                                               VERSION_MINOR], "align": ALIGN},
+              "tensors": tensors, "blobs": table}  # fmt: skip
+    header_len = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")) + HEADER_SLACK
+    return data_start(header_len) + data_len
+
+
 class ContainerWriter:
     """Usage::
 
@@ -54,28 +84,8 @@ class ContainerWriter:
             raise LowbitError("duplicate tensor names in the conversion plan")
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self._written: set[str] = set()
-        self._tensors: dict[str, dict] = {}
-        self._blobs: dict[str, dict] = {}
-        offset = 0
-        for plan in plans:
-            entry = {"qtype": plan.qtype.name, "shape": list(plan.shape), "parts": {}}
-            for part, (pshape, dtype) in plan.qtype.part_shapes(plan.shape).items():
-                nbytes = int(np.prod(pshape, dtype=np.int64)) * np.dtype(dtype).itemsize
-                entry["parts"][part] = {
-                    "offset": offset,
-                    "nbytes": nbytes,
-                    "shape": list(pshape),
-                    "dtype": dtype,
-                    "crc32": _crc_hex(0),
-                }
-                offset = align_up(offset + nbytes)
-            self._tensors[plan.name] = entry
-        blob_data = {}
-        for name, data in blobs.items():
-            self._blobs[name] = {"offset": offset, "nbytes": len(data), "crc32": _crc_hex(crc32(data))}
-            blob_data[name] = data
-            offset = align_up(offset + len(data))
-        self._data_len = offset
+        self._tensors, self._blobs, self._data_len = _layout(plans, blobs)
+        blob_data = dict(blobs)
         self._header_len = len(self._header_bytes()) + HEADER_SLACK
         self._start = data_start(self._header_len)
         self.path.parent.mkdir(parents=True, exist_ok=True)

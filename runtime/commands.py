@@ -96,9 +96,15 @@ def cmd_convert(args) -> int:
     if cal:
         where = f"{cal['source']} (seed {cal['seed']})" if "seed" in cal else f"from {cal['source']}"
         print(f"method {q.get('method')}; calibration: {cal['samples']} sequences of {cal['length']} tokens {where}")
-    if q.get("mixed"):
-        print(f"mixed precision: {q['mixed']['bpw']:.3f} bits/weight for a budget of "
-              f"{q['mixed']['budget_bytes'] / 1e6:.2f} MB")
+    mixed = q.get("mixed")
+    if mixed and "max_size" in mixed:
+        print(f"mixed precision: {mixed['bpw']:.3f} bits/weight; the file is {c.size / 1e6:.2f} MB of the "
+              f"{mixed['max_size'] / 1e6:.2f} MB --max-size (tensors {mixed['bytes'] / 1e6:.2f} MB)")
+    elif mixed:
+        asked = f" for --target-bpw {mixed['target_bpw']}" if "target_bpw" in mixed else ""
+        print(f"mixed precision: {mixed['bpw']:.3f} bits/weight{asked}: {mixed['bytes'] / 1e6:.2f} MB of tensors "
+              f"(budget {mixed['budget_bytes'] / 1e6:.2f} MB), and {(c.size - mixed['bytes']) / 1e6:.2f} MB of "
+              "header and tokenizer")
     return 0
 
 

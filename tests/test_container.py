@@ -180,3 +180,21 @@ def test_load_into_memory_of_a_shrunk_file_is_one_clear_error(tmp_path):
     with pytest.raises(FormatError, match="cannot read into memory: file shrank"):
         c.load_into_memory(threads=2)
     assert not c.resident
+
+
+def test_planned_size_is_the_written_size(tmp_path):
+    """formats.writer.planned_size: what --max-size budgets against is the file ContainerWriter writes."""
+    from lowbit.formats.qtypes import get_qtype
+    from lowbit.formats.writer import ContainerWriter, TensorPlan, planned_size
+
+    plans = [TensorPlan("a.weight", get_qtype("q4a_g32"), (8, 64)), TensorPlan("n.weight", get_qtype("f32"), (64,)),
+             TensorPlan("b.weight", get_qtype("q8_g32"), (3, 96))]
+    blobs = {"tokenizer.json": b"{}" * 1000}
+    meta = {"architecture": {"model_type": "llama"}, "note": "x" * 333}
+    path = tmp_path / "p.lowbit"
+    rng = np.random.default_rng(0)
+    with ContainerWriter(path, meta, plans, blobs) as w:
+        for p in plans:
+            parts = {k: rng.integers(0, 255, size=s).astype(d) for k, (s, d) in p.qtype.part_shapes(p.shape).items()}
+            w.write_tensor(p.name, parts)
+    assert path.stat().st_size == planned_size(meta, plans, blobs)

@@ -5,6 +5,7 @@ budgets are honoured, bad options fail cleanly."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -84,6 +85,18 @@ def test_gptq_beats_rtn_at_two_bits_on_calibration_text(tiny_llama, tmp_path, ll
         )
         errs[method] = float(np.mean((logits(out, llama_prompt) - want) ** 2))
     assert errs["gptq"] < errs["rtn"], errs
+
+
+def test_max_size_is_the_whole_file(tiny_llama, tmp_path):
+    """--max-size bounds the file, header and tokenizer included, not only its tensors."""
+    plain = convert(str(tiny_llama), tmp_path / "plain.lowbit", ConvertOptions(bits=4, group_size=32), progress=False)
+    limit = int(os.path.getsize(plain) * 0.9)
+    out = convert(str(tiny_llama), tmp_path / "fit.lowbit", ConvertOptions(max_size=limit, method="imatrix", **CAL),
+                  progress=False)  # fmt: skip
+    size = os.path.getsize(out)
+    mixed = Container(out).meta["quantization"]["mixed"]
+    assert size <= limit and mixed["max_size"] == limit and mixed["bytes"] < size
+    assert size > 0.8 * limit  # the margin kept for the header is small
 
 
 def test_target_bpw_is_met_and_recipe_reproduces_it(tiny_llama, tmp_path, llama_prompt):
