@@ -109,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "a quantization option is given)")
     p.add_argument("--group-size", type=int, default=None, help="32, 64, 128, or 0 for per-channel (default 64)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--sym", dest="asym", action="store_false", default=None, help="symmetric groups (no min)")
-    g.add_argument("--asym", dest="asym", action="store_true", help="asymmetric groups (fp16 min per group)")
+    g.add_argument("--sym", dest="asym", action="store_false", default=None,
+                   help="symmetric groups (no min; the default at 8 bits)")
+    g.add_argument("--asym", dest="asym", action="store_true",
+                   help="asymmetric groups (fp16 min per group; the default below 8 bits)")
     p.add_argument(
         "--embed-bits", type=int, default=None, help="bits for embeddings and lm_head (default 8; 16 with --bits 16)"
     )
@@ -126,11 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampled calibration text and rotations (default 0)")
     p.add_argument("--lowrank-bpw", type=float, default=0.0,
-                   help="extra bits per weight for the low-rank correction (method step lowrank)")
+                   help="extra bits per weight for the low-rank correction (method step lowrank; default 0)")
     p.add_argument("--target-bpw", type=float, default=None,
-                   help="mixed precision: choose per-tensor types to fit this many bits per weight (all tensors)")
-    p.add_argument("--max-size", type=int, default=None, help="mixed precision: ... or this many bytes")
-    p.add_argument("--recipe", default=None, help="JSON file of tensor name -> quant type to use")
+                   help="mixed precision: choose per-tensor types to fit this many bits per weight over all tensors "
+                        "(default: off, one type)")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="mixed precision: ... or a file of at most this many bytes, header and tokenizer "
+                        "included (default: off)")
+    p.add_argument("--recipe", default=None,
+                   help="JSON file of tensor name -> quant type to use (inspect --save-recipe writes one; default: "
+                        "none)")
     p.add_argument("--exact-activations", action="store_true",
                    help="record in the container that its products should take int16-precision activations by "
                    "default (run/generate/serve/eval; --int8-activations overrides): for models whose answers "
@@ -142,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", required=True, help="the prompt (a user message unless --raw)")
     p.add_argument("-n", "--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
     p.add_argument("--raw", action="store_true", help="plain completion: do not apply the model's chat template")
-    p.add_argument("--system", default=None, help="system prompt (chat template mode)")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--system", default=None, help="system prompt (chat template mode; default: none)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string (repeatable; default: only the model's end-of-turn tokens)")
     _add_context_shift_arg(p)
     _add_sampling_args(p)
     _add_constraint_args(p)
@@ -151,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[verbose], help="interactive chat with a model (REPL)")
     _add_runtime_args(p)
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt, print the reply and exit")
-    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--system", default=None, help="system prompt (default: none)")
     p.add_argument(
         "-n", "--max-tokens", type=int, default=None, help="most tokens per reply (default 512, at most half the ctx)"
     )
@@ -163,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--api-key", default=None, help="require this bearer token")
+    p.add_argument("--api-key", default=None,
+                   help="require this bearer token (Authorization: Bearer / x-api-key; default: none, fine on "
+                        "loopback)")
     p.add_argument("--parallel", type=int, default=4,
                    help="most requests generated at once, batched in one forward pass per step (default 4)")
     p.add_argument("--cache-ram", type=int, default=2048, metavar="MIB",
@@ -194,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache as in run (16, 32, 8, 4, k8,v4; default 16); repeat for one row each")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                    help="cpu (default), cuda (decode against the GPU's memory bandwidth; needs a real GPU) or auto")
-    p.add_argument("--workdir", default="~/.cache/lowbit/bench", help="where random-weight containers are kept")
+    p.add_argument("--workdir", default="~/.cache/lowbit/bench",
+                   help="where random-weight containers are kept (default ~/.cache/lowbit/bench)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("list", parents=[verbose], help="list the models in the local model store")
@@ -217,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     p.add_argument("--text", required=True, help="UTF-8 text file")
     p.add_argument("--eval-ctx", type=int, default=256, help="window length incl. BOS (default 256)")
-    p.add_argument("--max-tokens", type=int, default=None, help="only the first N tokens of the text")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="only the first N tokens of the text (default: all of it)")
     p.add_argument("--stride", type=int, default=None,
                    help="start a window every N tokens, scoring only tokens not scored before (default: ctx-1, "
                    "non-overlapping windows)")
