@@ -155,18 +155,12 @@ class LayerRecorder:
 
 
 def observe(model, recorder: LayerRecorder):
-    """Make ``model``'s matrix products report their inputs to ``recorder`` (an instance attribute shadows
-    ``Model.linear``); returns a function that undoes it."""
-    inner = model.linear
-
-    def linear(w, x):
-        recorder.observe(w.name, x)
-        return inner(w, x)
-
-    model.linear = linear
+    """Make ``model``'s matrix products report their inputs to ``recorder`` (its ``observer``); returns a function
+    that undoes it."""
+    model.observer = recorder
 
     def undo() -> None:
-        del model.linear
+        model.observer = None
 
     return undo
 

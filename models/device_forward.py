@@ -55,6 +55,9 @@ class CudaModelMixin:
     def head_rmsnorm(self, x, w):
         return cd.head_rmsnorm(x, w, self.args.rms_norm_eps)
 
+    def linears(self, ws: list, x) -> list:
+        return [self.linear(w, x) for w in ws]
+
     def linear(self, w: cd.Weight, x):
         return cd.linear(w, x)
 

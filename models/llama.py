@@ -216,6 +216,7 @@ class Model:
         self.final_softcap = 0.0
         self.kv = kv_formats.DEFAULT  # storage formats of the caches new_cache makes
         self.compile_ahead = None  # a kernels.compile_ahead.CompileAhead on a cold start (attend waits for it)
+        self.observer = None  # anything with observe(weight name, input): shown every matrix product's input
         self.setup_rope()
         self.configure()
 
@@ -273,14 +274,16 @@ class Model:
         return dispatch.head_rmsnorm(x, w, self.args.rms_norm_eps)
 
     def linear(self, w: dispatch.Weight, x: np.ndarray) -> np.ndarray:
-        """Every matrix product of the forward pass goes through here (calibration observes the inputs)."""
+        """Every matrix product of the forward pass goes through here; ``self.observer`` (calibration) is shown
+        each input first."""
+        if self.observer is not None:
+            self.observer.observe(w.name, x)
         return dispatch.linear(w, x)
 
     def linears(self, ws: list, x: np.ndarray) -> list[np.ndarray]:
         """Products of one input with several weights (q/k/v, gate/up): fused into one kernel call where the
-        weights allow (dispatch.linear_many), unless ``linear`` is replaced (calibration observes each product, a
-        device computes its own), when each goes through ``linear``."""
-        if getattr(self.linear, "__func__", None) is not Model.linear:
+        weights allow (dispatch.linear_many); one by one through ``linear`` while an observer watches."""
+        if self.observer is not None:
             return [self.linear(w, x) for w in ws]
         return dispatch.linear_many(ws, x)
 
