@@ -6,8 +6,9 @@ of ``lowbit.models.llama.Model`` (norms, q/k head norms, linear, embedding rows,
 RoPE, KV-cache writes, attention, activations, residual adds, scaling, soft-capping, and ``resident`` for the tables
 they keep). :class:`CudaModelMixin` overrides exactly those, plus weight loading, the cache and the head; the
 structural hooks (``project_qkv``, ``mlp_block``, ``block``, ``rope_for``, the layer loop, ...) stay the family's
-own. :func:`cuda_model` puts the mixin in front of a family's ``Model``. Weights are uploaded once at load; per
-forward call the token ids go in and the logits come back, everything else stays on the device.
+own. Each family's device model is the mixin in front of its ``Model``, declared once below (:data:`CUDA_MODELS`).
+Weights are uploaded once at load; per forward call the token ids go in and the logits come back, everything else
+stays on the device.
 
 Weights carrying low-rank/rotation/activation-scale extras (``.had``, ``.lr_a``, ``.lr_b``, ``.act_scale``) have no
 device kernels yet and are refused with a message naming the tensor."""
@@ -20,7 +21,7 @@ from numba import cuda
 from lowbit.errors import LowbitError
 from lowbit.kernels.cuda import dispatch as cd
 from lowbit.kernels.dispatch import float_tensor
-from lowbit.models import llama
+from lowbit.models import gemma, gemma2, gemma3, llama, phi3, qwen2, qwen3
 
 WEIGHT_PARTS = ("weight", "bias")
 
@@ -110,15 +111,49 @@ class CudaModelMixin:
         return self.head(x).copy_to_host()
 
 
+class CudaLlamaModel(CudaModelMixin, llama.Model):
+    """llama, mistral and qwen2 (whose Model is llama's) on the device."""
+
+
+class CudaQwen3Model(CudaModelMixin, qwen3.Model):
+    """qwen3 on the device."""
+
+
+class CudaGemmaModel(CudaModelMixin, gemma.Model):
+    """gemma on the device."""
+
+
+class CudaGemma2Model(CudaModelMixin, gemma2.Model):
+    """gemma2 on the device."""
+
+
+class CudaGemma3Model(CudaModelMixin, gemma3.Model):
+    """gemma3 (text) on the device."""
+
+
+class CudaPhi3Model(CudaModelMixin, phi3.Model):
+    """phi3 on the device."""
+
+
+# a family's Model -> its device model (a family missing here has no device forward)
+CUDA_MODELS: dict[type, type] = {
+    llama.Model: CudaLlamaModel,
+    qwen2.Model: CudaLlamaModel,
+    qwen3.Model: CudaQwen3Model,
+    gemma.Model: CudaGemmaModel,
+    gemma2.Model: CudaGemma2Model,
+    gemma3.Model: CudaGemma3Model,
+    phi3.Model: CudaPhi3Model,
+}
+
+
 def cuda_model(family_name: str, family, args, container, ctx: int):
-    """The device model of a family: :class:`CudaModelMixin` in front of the family's ``Model``. LowbitError naming
-    the family when its Model is not built on ``llama.Model`` (so its hooks may compute outside the primitives), or
+    """The device model of a family (:data:`CUDA_MODELS`). LowbitError naming the family when it has none, or
     naming the tensor when a weight carries extras."""
-    base = getattr(family, "Model", None)
-    if not (isinstance(base, type) and issubclass(base, llama.Model)):
+    cls = CUDA_MODELS.get(getattr(family, "Model", None))
+    if cls is None:
         raise LowbitError(
             f"the {family_name} model family has no device forward (its model is not built on the llama blocks); "
             "use --device cpu"
         )
-    cls = type(f"Cuda{family_name.capitalize()}Model", (CudaModelMixin, base), {"__module__": __name__})
     return cls(args, container, ctx)
