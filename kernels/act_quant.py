@@ -20,7 +20,7 @@ import numba as nb
 import numpy as np
 
 from lowbit.errors import LowbitError
-from lowbit.kernels.cpu import _JIT, PRANGE
+from lowbit.kernels.cpu import JIT, PRANGE
 from lowbit.kernels.timing import kernel_call
 
 MODES = ("none", "dynamic", "static")
@@ -29,7 +29,7 @@ NO_SCALES = ("this container has no static activation scales; convert with --met
              "(e.g. smoothquant+rtn) or use --act-quant dynamic")
 
 
-@nb.njit(parallel=PRANGE, **_JIT)
+@nb.njit(parallel=PRANGE, **JIT)
 def fake_quant_rows(out, x, scale):
     """out[T, cols] = clip(rint(x / s), -127, 127) * s per row; x: f32[T, cols]; scale: f32 per-tensor scale, or
     <= 0 for a per-row scale max|x_row| / 127 (a row of zeros stays zero)."""

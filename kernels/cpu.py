@@ -21,7 +21,7 @@ from lowbit.kernels.simd import bits_to_float, half_to_float, host_has_f16c
 # 2**(e - 25) for the 5-bit float16 exponent e (e == 0 handled as subnormal)
 _POW2 = np.array([math.ldexp(1.0, max(e, 1) - 25) for e in range(32)], dtype=np.float32)
 
-_JIT = dict(cache=True, nogil=True, fastmath=True)
+JIT = dict(cache=True, nogil=True, fastmath=True)
 # numba's parallel options for the kernels: explicit prange loops only. The other conversions (array expressions,
 # numpy calls, comprehensions into parallel loops; loop fusion) are not used by the kernels, and their passes were
 # a good part of a cold start's compile time.
@@ -34,7 +34,7 @@ _LN2_HI = np.float32(0.693359375)  # ln 2 split in two so that n * _LN2_HI is ex
 _LN2_LO = np.float32(-2.12194440e-4)
 
 
-@nb.njit(inline="always", **_JIT)
+@nb.njit(inline="always", **JIT)
 def fast_exp(x):
     """exp(x) for float32 x, to ~2e-7 relative, in arithmetic LLVM vectorizes (math.exp stays a scalar libm call):
     x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial, 2^n built in the exponent bits. x is
@@ -52,7 +52,7 @@ def fast_exp(x):
     return p * bits_to_float((np.int32(n) + np.int32(127)) << np.int32(23))
 
 
-@nb.njit(inline="always", **_JIT)
+@nb.njit(inline="always", **JIT)
 def _h2f(h):
     """float16 bits (uint16) -> float32."""
     v = np.int32(h)
@@ -69,7 +69,7 @@ def _h2f(h):
 h2f = half_to_float if host_has_f16c() else _h2f
 
 
-@nb.njit(inline="always", **_JIT)
+@nb.njit(inline="always", **JIT)
 def _group_dot(crow, boff, x, xoff, g, planes):
     """sum_j u_j * x[xoff + j] over one group whose packed bytes start at crow[boff] (crow: one row of codes).
 
@@ -95,7 +95,7 @@ def _group_dot(crow, boff, x, xoff, g, planes):
     return acc
 
 
-@nb.njit(inline="always", **_JIT)
+@nb.njit(inline="always", **JIT)
 def _group_unpack(buf, crow, boff, g, planes, d, m):
     """buf[0:g] = d * u - m for one group whose packed bytes start at crow[boff]."""
     for j in range(g):
@@ -120,7 +120,7 @@ def _group_unpack(buf, crow, boff, g, planes, d, m):
         buf[j] = buf[j] * d - m
 
 
-@nb.njit(parallel=PRANGE, **_JIT)
+@nb.njit(parallel=PRANGE, **JIT)
 def qmatvec(y, codes, scales, mins, x, planes, g, bits, asym, zp):
     """y[rows] = W @ x for one token.
 
@@ -146,7 +146,7 @@ def qmatvec(y, codes, scales, mins, x, planes, g, bits, asym, zp):
         y[r] = acc
 
 
-@nb.njit(parallel=PRANGE, **_JIT)
+@nb.njit(parallel=PRANGE, **JIT)
 def qmatmul_small(y, codes, scales, mins, x, planes, g, bits, asym, zp):
     """y[T, rows] = x @ W.T for a few tokens: each group is unpacked once into a small buffer and reused for all T.
 
@@ -173,7 +173,7 @@ def qmatmul_small(y, codes, scales, mins, x, planes, g, bits, asym, zp):
             y[t, r] = acc[t]
 
 
-@nb.njit(parallel=PRANGE, **_JIT)
+@nb.njit(parallel=PRANGE, **JIT)
 def dequant_rows(out, codes, scales, mins, idx, planes, g, bits, asym, zp):
     """out[i, :] = dequantized row idx[i] of W. out: f32[n, cols]; idx: i64[n]."""
     ng = scales.shape[1]
@@ -190,7 +190,7 @@ def dequant_rows(out, codes, scales, mins, idx, planes, g, bits, asym, zp):
                 out[i, gi * g + j] = buf[j]
 
 
-@nb.njit(**_JIT)
+@nb.njit(**JIT)
 def rmsnorm(out, x, w, eps):
     """out[T, n] = x / rms(x) * w. x: f32[T, n]; w: f32[n]."""
     n = x.shape[1]
@@ -203,7 +203,7 @@ def rmsnorm(out, x, w, eps):
             out[t, j] = x[t, j] * inv * w[j]
 
 
-@nb.njit(**_JIT)
+@nb.njit(**JIT)
 def add_rmsnorm(xo, ho, x, a, w, eps):
     """xo = x + a and ho = rmsnorm(xo) * w in one pass per row (the residual add and the next norm). All f32[T, n]
     but w: f32[n]."""
@@ -219,7 +219,7 @@ def add_rmsnorm(xo, ho, x, a, w, eps):
             ho[t, j] = xo[t, j] * inv * w[j]
 
 
-@nb.njit(**_JIT)
+@nb.njit(**JIT)
 def rope_inplace(x, cos, sin):
     """Rotate-half RoPE in place. x: f32[T, n_heads, hd]; cos, sin: f32[T, hd/2]."""
     half = x.shape[2] // 2
@@ -232,7 +232,7 @@ def rope_inplace(x, cos, sin):
                 x[t, h, half + j] = b * cos[t, j] + a * sin[t, j]
 
 
-@nb.njit(inline="always", **_JIT)
+@nb.njit(inline="always", **JIT)
 def _silu_mul_row(out, gate, up, t):
     # two passes: LLVM vectorizes each, but not the two fused into one loop (measured 4.5x slower)
     for j in range(gate.shape[1]):
@@ -241,7 +241,7 @@ def _silu_mul_row(out, gate, up, t):
         out[t, j] = gate[t, j] / (np.float32(1.0) + out[t, j]) * up[t, j]
 
 
-@nb.njit(inline="always", **_JIT)
+@nb.njit(inline="always", **JIT)
 def _gelu_tanh_mul_row(out, gate, up, t):
     c = math.sqrt(2.0 / math.pi)
     for j in range(gate.shape[1]):
@@ -250,35 +250,35 @@ def _gelu_tanh_mul_row(out, gate, up, t):
         out[t, j] = np.float32(g) * up[t, j]
 
 
-@nb.njit(**_JIT)
+@nb.njit(**JIT)
 def silu_mul(out, gate, up):
     """out = silu(gate) * up. All f32[T, n]."""
     for t in range(gate.shape[0]):
         _silu_mul_row(out, gate, up, t)
 
 
-@nb.njit(parallel=PRANGE, **_JIT)
+@nb.njit(parallel=PRANGE, **JIT)
 def silu_mul_par(out, gate, up):
     """silu_mul with the rows in parallel (prompts)."""
     for t in nb.prange(gate.shape[0]):
         _silu_mul_row(out, gate, up, t)
 
 
-@nb.njit(**_JIT)
+@nb.njit(**JIT)
 def gelu_tanh_mul(out, gate, up):
     """out = gelu_tanh(gate) * up (GeGLU with the tanh-approximate GELU). All f32[T, n]."""
     for t in range(gate.shape[0]):
         _gelu_tanh_mul_row(out, gate, up, t)
 
 
-@nb.njit(parallel=PRANGE, **_JIT)
+@nb.njit(parallel=PRANGE, **JIT)
 def gelu_tanh_mul_par(out, gate, up):
     """gelu_tanh_mul with the rows in parallel (prompts)."""
     for t in nb.prange(gate.shape[0]):
         _gelu_tanh_mul_row(out, gate, up, t)
 
 
-@nb.njit(**_JIT)
+@nb.njit(**JIT)
 def softcap(out, x, cap):
     """out = cap * tanh(x / cap) (logit soft-capping). out, x: f32[T, n]; cap: f32 > 0."""
     for t in range(x.shape[0]):

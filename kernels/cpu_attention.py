@@ -29,7 +29,7 @@ from numba import types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic, overload
 
-from lowbit.kernels.cpu import _JIT, PRANGE, fast_exp, h2f
+from lowbit.kernels.cpu import JIT, PRANGE, fast_exp, h2f
 from lowbit.kernels.simd import prefetch_line
 
 _F32 = ir.FloatType()
@@ -158,7 +158,7 @@ def load_rows(tile, data, scales, kv, s, n):
     tile f32[8, hd]. (Overloaded per data dtype.)"""
 
 
-@overload(load_rows, jit_options=_JIT)
+@overload(load_rows, jit_options=JIT)
 def _load_rows(tile, data, scales, kv, s, n):
     if data.dtype == types.float32:
 
@@ -281,7 +281,7 @@ def values8(typingctx, out, ooff, p, poff, v, voff, n):
     return sig, codegen
 
 
-@nb.njit(**_JIT)
+@nb.njit(**JIT)
 def _prefetch_rows(data, kv, s):
     """Prefetch every fourth line of the eight rows PREFETCH_AHEAD bytes past row s of head kv (more cost more
     than they save: the hardware follows on within a page)."""
@@ -291,7 +291,7 @@ def _prefetch_rows(data, kv, s):
         prefetch(data, base + f)
 
 
-@nb.njit(**_JIT)
+@nb.njit(**JIT)
 def _scores(sc, q, t0, rep, h0, kd, ks, kv, s0, m, scale, cap, tile):
     """sc[i · rep + r, s] = (soft-capped) scale * q[t0 + i, h0 + r] . key[kv, s0 + s]: the rep query heads of one kv
     head for queries t0 .. t0 + sc.shape[0] / rep - 1, so that each key is loaded (and decoded: load_rows) once for
@@ -318,7 +318,7 @@ def _scores(sc, q, t0, rep, h0, kd, ks, kv, s0, m, scale, cap, tile):
                 sc[i, s] = np.float32(cap * math.tanh(sc[i, s] / cap))
 
 
-@nb.njit(**_JIT)
+@nb.njit(**JIT)
 def _exp_rows(sc, m, mx, tot):
     """sc[r, :m] = exp(sc[r, :m] - mx[r]) with mx[r] the row's max; tot[r] = the row's sum."""
     lanes = np.empty(KEYS, dtype=np.float32)
@@ -346,7 +346,7 @@ def _exp_rows(sc, m, mx, tot):
         tot[r] = acc
 
 
-@nb.njit(**_JIT)
+@nb.njit(**JIT)
 def _weighted_values(dst, sc, vd, vs, kv, s0, m, tile):
     """dst[r, :] += sum_s sc[r, s] * value[kv, s0 + s]. dst: f32[rep, hd] (C-contiguous); values in any cache
     format (load_rows). Eight value rows per call of the attention intrinsic where the head dim is a multiple of 8,
@@ -369,7 +369,7 @@ def _weighted_values(dst, sc, vd, vs, kv, s0, m, tile):
 QUERIES = 8  # queries per work item of prompt attention: each key is loaded and decoded once for all of them
 
 
-@nb.njit(parallel=PRANGE, **_JIT)
+@nb.njit(parallel=PRANGE, **JIT)
 def attention(out, q, kd, ks, vd, vs, start, scale, window, cap):
     """Causal GQA attention over the KV cache.
 
@@ -420,7 +420,7 @@ def attention(out, q, kd, ks, vd, vs, start, scale, window, cap):
                     out[t0 + j, h0 + r, e] = dst[j * rep + r, e] * inv
 
 
-@nb.njit(parallel=PRANGE, **_JIT)
+@nb.njit(parallel=PRANGE, **JIT)
 def attention_decode(out, q, kd, ks, vd, vs, start, scale, window, cap, chunk):
     """attention() for one query token, split over chunks of ``chunk`` cached positions so that every thread has
     work even with few key/value heads; each chunk keeps its own softmax max and sum, combined at the end.

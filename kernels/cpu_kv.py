@@ -16,7 +16,7 @@ from numba import types
 from numba.core import errors
 from numba.extending import intrinsic, overload
 
-from lowbit.kernels.cpu import _JIT, h2f, rope_inplace
+from lowbit.kernels.cpu import JIT, h2f, rope_inplace
 from lowbit.kernels.simd import host_has_f16c
 
 
@@ -44,7 +44,7 @@ def float_bits(typingctx, x):
     return types.int32(x), codegen
 
 
-@nb.njit(inline="always", **_JIT)
+@nb.njit(inline="always", **JIT)
 def soft_float_to_half(x):
     """float_to_half in integer arithmetic, for CPUs without a conversion instruction (same rounding)."""
     b = np.int64(float_bits(x)) & 0xFFFFFFFF
@@ -74,7 +74,7 @@ def store_row(data, scales, kv, pos, src, t):
     """data/scales[kv, pos] = the cache format's encoding of src[t, kv, :] (overloaded per data dtype)."""
 
 
-@overload(store_row, jit_options=_JIT)
+@overload(store_row, jit_options=JIT)
 def _store_row(data, scales, kv, pos, src, t):
     if data.dtype == types.float32:
 
@@ -136,7 +136,7 @@ def _store_row(data, scales, kv, pos, src, t):
     raise errors.TypingError(f"no KV cache format stores {data.dtype}")
 
 
-@nb.njit(**_JIT)
+@nb.njit(**JIT)
 def kv_write(kd, ks, vd, vs, k, v, start):
     """Keys and values k, v: f32[T, n_kv, hd] into positions start.. of one layer's caches (data, scales) × 2."""
     rows = kd.shape[1]
@@ -147,7 +147,7 @@ def kv_write(kd, ks, vd, vs, k, v, start):
             store_row(vd, vs, h, r, v, t)
 
 
-@nb.njit(**_JIT)
+@nb.njit(**JIT)
 def rope2_kv_write(q, k, v, cos, sin, kd, ks, vd, vs, start):
     """rope_inplace of q and of k[..., :rot], then kv_write of k, v into positions start.., in one call.
     q: f32[T, n_heads, rot] (a view when RoPE rotates part of each head); k, v: f32[T, n_kv, hd]; cos, sin:

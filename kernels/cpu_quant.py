@@ -32,7 +32,7 @@ import numpy as np
 
 from lowbit.formats.qtypes import GROUP_SIZES
 from lowbit.kernels.amx import TILE, amx_block, host_has_amx, pack_tokens
-from lowbit.kernels.cpu import _JIT, PRANGE, h2f
+from lowbit.kernels.cpu import JIT, PRANGE, h2f
 from lowbit.kernels.gemm_vnni import tile_gemm, unpack_row
 from lowbit.kernels.simd import group_idot, host_has_f16c, quad_fdot
 from lowbit.kernels.vnni import host_has_avx512_vnni, host_has_vnni, row_fdot8
@@ -55,11 +55,11 @@ def _dependency_key() -> int:
     return zlib.crc32("".join(inspect.getsource(m) for m in (cpu, simd, vnni, gemm_vnni, amx)).encode())
 
 
-_DEPS = _dependency_key()
+DEPS = _dependency_key()
 # activation rounding without fast math: q = rint(x · (1/dx)) then rounds the same in every caller and in
 # kernels.ref.round_activations (fast math lets LLVM rewrite 1/(amax/qmax) differently per call site, which moves
 # near-ties to the next level)
-_ROUND_JIT = dict(_JIT, fastmath=False)
+_ROUND_JIT = dict(JIT, fastmath=False)
 # scale/min decoding: one hardware conversion where the CPU has it, the table-based decoder elsewhere
 HAS_F16C = host_has_f16c()
 HAS_VNNI = HAS_F16C and host_has_vnni()
@@ -81,7 +81,7 @@ def activation_mode(bits: int, exact: bool = False) -> str:
     return "split" if bits >= 8 or exact else "int8"
 
 
-@nb.njit(**_JIT)
+@nb.njit(**JIT)
 def _absmax(x, t, j0, g):
     """max |x[t, j0:j0+g]| (exact in any order, so fast math may vectorize it)."""
     amax = np.float32(0.0)
@@ -181,7 +181,7 @@ def _make_kernels(bits: int, g: int, mode: str, amx: bool) -> Kernels:
     return Kernels(*(_int16_kernels(bits, g) if mode == "int16" else _vnni_kernels(bits, g, mode == "split", amx)))
 
 
-@nb.njit(inline="always", **_JIT)
+@nb.njit(inline="always", **JIT)
 def row_dot8(codes, scales, mins, r, xh, xl, dx, xs, asym, bits, g, split):
     """Row r of W times one token's activations (xh, xl: i8[cols]; dx, xs: f32[ng]) on the byte dot product.
     bits, g and split arrive as literals (the kernels below pass their closure constants), as the intrinsic needs.
@@ -192,7 +192,7 @@ def row_dot8(codes, scales, mins, r, xh, xl, dx, xs, asym, bits, g, split):
     return row_fdot8(codes[r], scales, mins, r, xh, xl, dx, xs, bits, g, False, split)
 
 
-@nb.njit(**_JIT)
+@nb.njit(**JIT)
 def quantize8(x, g, split):
     """(xh, xl, dx, xs) of quantize_activations8 for x: f32[T, cols], freshly allocated (xl is [T, 1] unless split)."""
     t_n, cols = x.shape
@@ -205,7 +205,7 @@ def quantize8(x, g, split):
     return xh, xl, dx, xs
 
 
-@nb.njit(**_JIT)
+@nb.njit(**JIT)
 def pack_block(codes, scales, mins, r0, asym, bits, g, br):
     """Rows r0..r0+br of W for kernels.gemm_vnni.tile_gemm: the codes interleaved as u8[group][chunk of 4][row][4],
     d and −m (m = d · 2**(bits-1) unless asym) as f32[group, row]. bits, g and br arrive as literals."""
@@ -234,9 +234,9 @@ def pack_block(codes, scales, mins, r0, asym, bits, g, br):
 def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
     tt = TILE_TOKENS["split" if split else "int8"]
     br = GEMM_ROWS
-    deps = _DEPS
+    deps = DEPS
 
-    @nb.njit(parallel=PRANGE, **_JIT)
+    @nb.njit(parallel=PRANGE, **JIT)
     def qmatvec(y, codes, scales, mins, x, asym):
         """y[rows] = W @ x for one token; arguments as in the int16 qmatvec."""
         xh, xl, dx, xs = quantize8(x, g, split)
@@ -245,7 +245,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
         for r in nb.prange(codes.shape[0]):
             y[r] = row_dot8(codes, scales, mins, r, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
 
-    @nb.njit(parallel=PRANGE, **_JIT)
+    @nb.njit(parallel=PRANGE, **JIT)
     def qmatmul_small(y, codes, scales, mins, x, asym):
         """y[T, rows] = x @ W.T for a few tokens, each row and token as the one-token kernel computes it (so a
         decode pass of several sequences gives each one's numbers bit for bit); arguments as in the int16
@@ -257,7 +257,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
             for t in range(x.shape[0]):
                 y[t, r] = row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
 
-    @nb.njit(parallel=PRANGE, **_JIT)
+    @nb.njit(parallel=PRANGE, **JIT)
     def qgemm(y, codes, scales, mins, x, asym):
         """y[T, rows] = x @ W.T for a prompt: blocks of GEMM_ROWS rows, each unpacked once into an interleaved
         buffer and multiplied with tiles of tokens (kernels.gemm_vnni); the last rows % GEMM_ROWS rows one
@@ -286,7 +286,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
                 for t in range(t_n):
                     y[t, r] = row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
 
-    @nb.njit(parallel=PRANGE, **_JIT)
+    @nb.njit(parallel=PRANGE, **JIT)
     def qmatvec3(y1, c1, s1, m1, y2, c2, s2, m2, y3, c3, s3, m3, x, asym):
         """y_i[rows_i] = W_i @ x for one token and three matrices (a 0-row third for two), one parallel loop over
         all their rows; arguments per matrix as in qmatvec."""
@@ -303,7 +303,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
             else:
                 y3[i - r1 - r2] = row_dot8(c3, s3, m3, i - r1 - r2, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
 
-    @nb.njit(parallel=PRANGE, **_JIT)
+    @nb.njit(parallel=PRANGE, **JIT)
     def qgemm_amx(y, codes, scales, mins, x, asym):
         """qgemm on AMX tiles (kernels/amx.py): the activations packed once into B tiles, then blocks of 16 rows,
         each unpacked once into row-major codes and multiplied with every 16-token block."""
@@ -356,10 +356,10 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
 def _int16_kernels(bits: int, g: int):
     gbytes = g * bits // 8
     zp = np.float32(1 << (bits - 1))
-    deps = _DEPS
+    deps = DEPS
     quads = HAS_F16C
 
-    @nb.njit(parallel=PRANGE, **_JIT)
+    @nb.njit(parallel=PRANGE, **JIT)
     def qmatvec(y, codes, scales, mins, x, asym):
         """y[rows] = W @ x for one token. y: f32[rows]; codes: u8[rows, cols*bits/8]; scales, mins: u16[rows, ng]
         (float16 bits; mins unused unless asym); x: f32[1, cols]."""
@@ -390,7 +390,7 @@ def _int16_kernels(bits: int, g: int):
                 acc += d * dx[gi] * np.float32(s) - m * xs[gi]
             y[r] = acc
 
-    @nb.njit(parallel=PRANGE, **_JIT)
+    @nb.njit(parallel=PRANGE, **JIT)
     def qmatmul_small(y, codes, scales, mins, x, asym):
         """y[T, rows] = x @ W.T for a few tokens. x: f32[T, cols]; other arguments as in qmatvec."""
         rows = codes.shape[0]

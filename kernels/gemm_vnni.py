@@ -22,7 +22,7 @@ from numba import types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
-from lowbit.kernels.vnni import _check, _codes_ir
+from lowbit.kernels.vnni import check_literals, codes_ir
 
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
@@ -39,7 +39,7 @@ def _literal(v, name: str) -> int:
 @intrinsic
 def unpack_row(typingctx, dst, crow, bits, g):
     """dst[0:cols] = the unsigned codes of one packed row crow (u8[cols·bits/8]), in element order."""
-    nbits, glen = _check(bits, g)
+    nbits, glen = check_literals(bits, g)
     sig = types.void(dst, crow, bits, g)
     gbytes = glen * nbits // 8
 
@@ -50,7 +50,7 @@ def unpack_row(typingctx, dst, crow, bits, g):
         vty = ir.VectorType(_I8, glen).as_pointer()
         with cgutils.for_range(builder, ng) as loop:
             gi = loop.index
-            u = _codes_ir(builder, builder.gep(ca.data, [builder.mul(gi, ir.Constant(_I64, gbytes))]), nbits, glen)
+            u = codes_ir(builder, builder.gep(ca.data, [builder.mul(gi, ir.Constant(_I64, gbytes))]), nbits, glen)
             out = builder.gep(da.data, [builder.mul(gi, ir.Constant(_I64, glen))])
             builder.store(u, builder.bitcast(out, vty), align=1)
         return context.get_dummy_value()
@@ -61,7 +61,7 @@ def unpack_row(typingctx, dst, crow, bits, g):
 @intrinsic
 def tile_gemm(typingctx, y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, R, T):
     """See the module docstring: y[t0:t0+T, r0:r0+R] from one interleaved block and T tokens."""
-    _, glen = _check(types.literal(8), g, split)
+    _, glen = check_literals(types.literal(8), g, split)
     is_split = split.literal_value
     nr, nt = _literal(R, "R"), _literal(T, "T")
     if nr not in (8, 16) or not 1 <= nt <= 12:

@@ -27,7 +27,7 @@ import numba as nb
 import numpy as np
 
 from lowbit.errors import FormatError
-from lowbit.kernels.cpu import _JIT
+from lowbit.kernels.cpu import JIT
 
 MAX_BLOCK = 4096  # cap on the Hadamard block size (part of the container format: see formats/SPEC.md)
 
@@ -39,7 +39,7 @@ def block_size(n: int) -> int:
     return min(n & -n, MAX_BLOCK)
 
 
-@nb.njit(inline="always", **_JIT)
+@nb.njit(inline="always", **JIT)
 def _radix8(row, j0):
     """The first three butterfly stages (h = 1, 2, 4) on row[j0 : j0 + 8], in registers."""
     a0, a1, a2, a3 = row[j0], row[j0 + 1], row[j0 + 2], row[j0 + 3]
@@ -52,7 +52,7 @@ def _radix8(row, j0):
     row[j0 + 4], row[j0 + 5], row[j0 + 6], row[j0 + 7] = c0 - c4, c1 - c5, c2 - c6, c3 - c7
 
 
-@nb.njit(**_JIT)
+@nb.njit(**JIT)
 def fwht_rows(x, d, block, inverse):
     """x[T, n] <- R x (inverse=False) or Rᵀ x (inverse=True) row by row, in place. d[n]: signs / sqrt(block) in
     x's dtype (see :func:`scaled_signs`); block: a power of two dividing n.

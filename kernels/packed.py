@@ -23,17 +23,17 @@ import numba as nb
 import numpy as np
 
 from lowbit.kernels import cpu_quant
-from lowbit.kernels.cpu import _JIT, PRANGE
-from lowbit.kernels.cpu_quant import _DEPS, GEMM_ROWS, TILE_TOKENS, pack_block, quantize8, row_dot8
+from lowbit.kernels.cpu import JIT, PRANGE
+from lowbit.kernels.cpu_quant import DEPS, GEMM_ROWS, TILE_TOKENS, pack_block, quantize8, row_dot8
 from lowbit.kernels.gemm_vnni import tile_gemm
 
 
 @lru_cache(maxsize=None)
 def _key() -> int:
-    """The kernels below inline code from cpu_quant (and, through it, the modules cpu_quant._DEPS covers); numba's
+    """The kernels below inline code from cpu_quant (and, through it, the modules cpu_quant.DEPS covers); numba's
     cache checks only this file, and keys closures by their captured values: capturing this ties them to all of it.
     Read when a kernel is first made, not at import."""
-    return zlib.crc32(inspect.getsource(cpu_quant).encode()) ^ _DEPS
+    return zlib.crc32(inspect.getsource(cpu_quant).encode()) ^ DEPS
 
 
 @lru_cache(maxsize=None)
@@ -50,7 +50,7 @@ def _prepack(bits: int, g: int):
     br = GEMM_ROWS
     key = _key()
 
-    @nb.njit(parallel=PRANGE, **_JIT)
+    @nb.njit(parallel=PRANGE, **JIT)
     def prepack(codes, scales, mins, asym):
         if key == 0:  # never true; ties the cached code to _key()
             return None
@@ -76,7 +76,7 @@ def _matmul(bits: int, g: int, split: bool):
     tt = TILE_TOKENS["split" if split else "int8"]
     key = _key()
 
-    @nb.njit(parallel=PRANGE, **_JIT)
+    @nb.njit(parallel=PRANGE, **JIT)
     def matmul(y, wb, dsc, nmc, codes, scales, mins, x, asym):
         if key == 0:  # never true; ties the cached code to _key()
             return

@@ -30,7 +30,7 @@ _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
 
 
-def _concat(builder, vecs: list):
+def concat_vectors(builder, vecs: list):
     """Concatenate equal-length vectors (a power-of-two count) into one, in order."""
     while len(vecs) > 1:
         n = vecs[0].type.count
@@ -136,7 +136,7 @@ def _dot_ir(builder, cptr, xptr, bits: int, g: int, lanes: int = 1):
                 part = builder.shl(part, ir.Constant(part.type, shift if lanes == 1 else [shift] * lanes))
             total = part if total is None else builder.add(total, part)
         else:
-            plane = _concat(builder, slots)
+            plane = concat_vectors(builder, slots)
             if shift:
                 plane = builder.shl(plane, ir.Constant(plane.type, [shift] * g))
             narrow = plane if narrow is None else builder.or_(narrow, plane)

@@ -25,7 +25,7 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 from lowbit.formats.qtypes import PLANES
-from lowbit.kernels.simd import _concat, bit_plane, host_cpu_features, load_planes, plane_slots, prefetch_line
+from lowbit.kernels.simd import bit_plane, concat_vectors, host_cpu_features, load_planes, plane_slots, prefetch_line
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -48,7 +48,7 @@ def host_has_avx512_vnni() -> bool:
     return bool(f.get("avx512vnni") and f.get("avx512f"))
 
 
-def _codes_ir(builder, cptr, bits: int, g: int):
+def codes_ir(builder, cptr, bits: int, g: int):
     """<g x i8> unsigned codes of one group in element order (planes shifted into place and or-ed together)."""
     out = None
     for p, nbytes, c, shift in load_planes(builder, cptr, bits, g):
@@ -56,9 +56,9 @@ def _codes_ir(builder, cptr, bits: int, g: int):
             plane = bit_plane(builder, c, nbytes, g)
         elif nbytes < WIDE and g >= WIDE:
             slots = range(0, 8 // p, WIDE // nbytes)
-            plane = _concat(builder, [_narrow_chunk(builder, c, p, nbytes, k0) for k0 in slots])
+            plane = concat_vectors(builder, [_narrow_chunk(builder, c, p, nbytes, k0) for k0 in slots])
         else:
-            plane = _concat(builder, plane_slots(builder, c, p))
+            plane = concat_vectors(builder, plane_slots(builder, c, p))
         if shift:
             plane = builder.shl(plane, ir.Constant(plane.type, [shift] * g))
         out = plane if out is None else builder.or_(out, plane)
@@ -118,7 +118,7 @@ def _halves(builder, v):
     return builder.add(lo, hi)
 
 
-def _check(bits, g, *flags):
+def check_literals(bits, g, *flags):
     for v in (bits, g, *flags):
         if not isinstance(v, (types.IntegerLiteral, types.BooleanLiteral)):
             raise errors.RequireLiteralValue("vnni intrinsics need literal bits, group size and flags")
@@ -141,7 +141,7 @@ def row_fdot8(typingctx, crow, scales, mins, r, xh, xl, dx, xs, bits, g, asym, s
     crow: u8[cols*bits/8] (row r of the codes); scales, mins: u16[rows, ng] float16 bits, C-contiguous (mins
     unread unless asym); xh, xl: i8[cols] (xl unread unless split); dx, xs: f32[ng]. Needs hardware float16
     conversion."""
-    nbits, glen = _check(bits, g, asym, split)
+    nbits, glen = check_literals(bits, g, asym, split)
     is_asym, is_split = asym.literal_value, split.literal_value
     sig = types.float32(crow, scales, mins, r, xh, xl, dx, xs, bits, g, asym, split)
     gbytes = glen * nbits // 8
@@ -173,7 +173,7 @@ def row_fdot8(typingctx, crow, scales, mins, r, xh, xl, dx, xs, bits, g, asym, s
             """facc[k] += float(u_gi · x_gi) * scale (scale: <8 x float> splat)."""
             cptr = builder.gep(ca.data, [builder.mul(gi, ir.Constant(_I64, gbytes))])
             xoff = builder.mul(gi, ir.Constant(_I64, glen))
-            iacc = _group_acc(builder, _codes_ir(builder, cptr, nbits, glen), builder.gep(ha.data, [xoff]),
+            iacc = _group_acc(builder, codes_ir(builder, cptr, nbits, glen), builder.gep(ha.data, [xoff]),
                               builder.gep(la.data, [xoff]), glen, is_split)
             builder.store(builder.call(fma8, [builder.sitofp(iacc, v8f), scale, builder.load(facc[k])]), facc[k])
 

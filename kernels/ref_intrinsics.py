@@ -1,0 +1,160 @@
+"""numpy twins of the LLVM-IR intrinsics: what each one computes, written plainly, so that each is tested on its own
+(tests/test_intrinsics.py) rather than only through the kernel built on it.
+
+Arguments mirror the intrinsics' (arrays, offsets, then the compile-time constants); each twin returns what the
+intrinsic returns or, for those that write into ``out``, a new array of what they write. Integer results are exact;
+float results equal the intrinsic's up to the order of float additions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lowbit.formats.qtypes import quant_type, unpack_codes
+
+# ---------------------------------------------------------------------------------------------- kernels/simd.py
+
+
+def codes_of_group(codes: np.ndarray, boff: int, bits: int, g: int) -> np.ndarray:
+    """The g unsigned codes (int64) of the group whose packed bytes start at codes[boff] (formats.qtypes planes)."""
+    raw = np.ascontiguousarray(codes.reshape(-1)[boff : boff + g * bits // 8]).reshape(1, -1)
+    return unpack_codes(raw, quant_type(bits, g, True), g)[0].astype(np.int64)
+
+
+def group_idot(codes, boff, xq, xoff, bits, g) -> int:
+    """int32 Σ_j u_j · xq[xoff + j] over one group (simd.group_idot)."""
+    return int(codes_of_group(codes, boff, bits, g) @ xq[xoff : xoff + g].astype(np.int64))
+
+
+def _group_terms(crow, scales, mins, r, gis, x, dx, xs, bits, g, asym) -> np.ndarray:
+    zp = np.float64(1 << (bits - 1))
+    out = []
+    for gi in gis:
+        isum = codes_of_group(crow, gi * g * bits // 8, bits, g) @ x[gi * g : (gi + 1) * g].astype(np.int64)
+        d = np.float64(scales[r, gi].view(np.float16))
+        m = np.float64(mins[r, gi].view(np.float16)) if asym else d * zp
+        out.append(d * np.float64(dx[gi]) * isum - m * np.float64(xs[gi]))
+    return np.array(out)
+
+
+def quad_fdot(crow, scales, mins, r, gi, xq, dx, xs, bits, g, asym) -> float:
+    """Σ over groups gi..gi+3 of row r: d · dx · (u · xq) − m · xs, m the stored min (asym) or d · 2**(bits-1)."""
+    return float(_group_terms(crow, scales, mins, r, range(gi, gi + 4), xq, dx, xs, bits, g, asym).sum())
+
+
+def half_to_float(h) -> np.float32:
+    """float16 bits -> float32."""
+    return np.float32(np.uint16(h).view(np.float16))
+
+
+def bits_to_float(i) -> np.float32:
+    """The float32 whose bits are the low 32 bits of i."""
+    return np.uint32(int(i) & 0xFFFFFFFF).view(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- kernels/vnni.py
+
+
+def split_activations(xh: np.ndarray, xl: np.ndarray | None, split: bool) -> np.ndarray:
+    """The integer activations the byte kernels multiply: xh (int8), or 256 · xh + xl when split."""
+    x = xh.astype(np.int64)
+    return x * 256 + xl.astype(np.int64) if split else x
+
+
+def row_fdot8(crow, scales, mins, r, xh, xl, dx, xs, bits, g, asym, split) -> float:
+    """Row r times one token on the byte dot product: Σ_g d · dx · (u · x) − m · xs (vnni.row_fdot8)."""
+    ng = scales.shape[1]
+    x = split_activations(xh, xl, split)
+    return float(_group_terms(crow, scales, mins, r, range(ng), x, dx, xs, bits, g, asym).sum())
+
+
+# ---------------------------------------------------------------------------------------------- kernels/gemm_vnni.py
+
+
+def unpack_row(crow, cols: int, bits: int, g: int) -> np.ndarray:
+    """u8[cols]: the unsigned codes of one packed row, in element order."""
+    raw = np.ascontiguousarray(crow[: cols * bits // 8]).reshape(1, -1)
+    return unpack_codes(raw, quant_type(bits, g, True), cols)[0].astype(np.uint8)
+
+
+def tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, R, T) -> np.ndarray:
+    """A copy of y with y[t0:t0+T, r0:r0+R] = the interleaved block wb ([group][chunk of 4][row][4] codes) times
+    tokens t0..t0+T-1: Σ_g dsc[g, r] · dxT[g, t] · (u_r · x_t) + nmc[g, r] · xsT[g, t]."""
+    ng = dsc.shape[0]
+    cols = ng * g
+    u = wb[: cols * R].reshape(cols // 4, R, 4).transpose(1, 0, 2).reshape(R, cols).astype(np.int64)
+    x = split_activations(xh, xl, split)
+    out = y.copy()
+    for t in range(t0, t0 + T):
+        isum = (u.reshape(R, ng, g) * x[t].reshape(1, ng, g)).sum(axis=2)  # [R, ng]
+        val = (dsc.T.astype(np.float64) * dxT[:, t] * isum + nmc.T.astype(np.float64) * xsT[:, t]).sum(axis=1)
+        out[t, r0 : r0 + R] = val
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- kernels/amx.py
+
+
+def amx_block(abuf, dsc, nmc, xb, xbl, dxT, xsT, tb, g, split, tile: int = 16) -> np.ndarray:
+    """f32[16, 16] ([row][token]) = the 16 weight rows abuf (u8[16 · cols], row-major) times token block tb of the
+    packed activations xb (xb[block][col/4][token][4]; xbl the low bytes when split)."""
+    ng = dsc.shape[0] // tile
+    cols = ng * g
+    a = abuf[: tile * cols].reshape(tile, cols).astype(np.int64)
+
+    def tokens(packed):
+        blk = packed.reshape(-1, cols // 4, tile, 4)[tb]  # [col/4][token][4]
+        return blk.transpose(1, 0, 2).reshape(tile, cols).astype(np.int64)  # [token][col]
+
+    x = tokens(xb) * 256 + tokens(xbl) if split else tokens(xb)
+    isum = (a.reshape(tile, 1, ng, g) * x.reshape(1, tile, ng, g)).sum(axis=3)  # [row, token, group]
+    cols_t = slice(tb * tile, (tb + 1) * tile)
+    d = dsc.reshape(ng, tile).T.astype(np.float64)[:, None, :]  # [row, 1, group]
+    nm = nmc.reshape(ng, tile).T.astype(np.float64)[:, None, :]
+    dx = dxT[:, cols_t].T.astype(np.float64)[None, :, :]  # [1, token, group]
+    xs = xsT[:, cols_t].T.astype(np.float64)[None, :, :]
+    return (d * dx * isum + nm * xs).sum(axis=2).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- kernels/cpu_kv.py
+
+
+def float_to_half(x) -> np.uint16:
+    """float32 -> float16 bits, rounded to nearest even (beyond float16's range: infinity)."""
+    with np.errstate(over="ignore"):
+        return np.float16(np.float32(x)).view(np.uint16)
+
+
+def float_bits(x) -> np.int32:
+    """The bits of a float32 as an int32."""
+    return np.float32(x).view(np.int32)
+
+
+# ----------------------------------------------------------------------------------------- kernels/cpu_attention.py
+
+
+def scores8(q, qoff, k, koff, n, scale) -> np.ndarray:
+    """f32[8]: scale · (q[qoff : qoff+n] · k[koff + i·n : koff + (i+1)·n]) for i in 0..7."""
+    keys = k.reshape(-1)[koff : koff + 8 * n].reshape(8, n).astype(np.float64)
+    return (np.float64(scale) * (keys @ q.reshape(-1)[qoff : qoff + n].astype(np.float64))).astype(np.float32)
+
+
+def values8(out, ooff, p, poff, v, voff, n) -> np.ndarray:
+    """A copy of out with out[ooff : ooff+n] += Σ_i p[poff + i] · v[voff + i·n : voff + (i+1)·n], i in 0..7."""
+    res = out.copy()
+    rows = v.reshape(-1)[voff : voff + 8 * n].reshape(8, n).astype(np.float64)
+    flat = res.reshape(-1)
+    flat[ooff : ooff + n] = flat[ooff : ooff + n] + p.reshape(-1)[poff : poff + 8].astype(np.float64) @ rows
+    return res
+
+
+def dequant8_q8(src, soff, d) -> np.ndarray:
+    """f32[8] = d · src[soff : soff+8] (int8 codes)."""
+    return (np.float32(d) * src.reshape(-1)[soff : soff + 8].astype(np.float32)).astype(np.float32)
+
+
+def dequant8_q4(src, soff, d) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) f32[8]: d · (low nibble − 8) and d · (high nibble − 8) of the eight bytes src[soff : soff+8]."""
+    b = src.reshape(-1)[soff : soff + 8].astype(np.int32)
+    dd = np.float32(d)
+    return (dd * ((b & 15) - 8).astype(np.float32)), (dd * ((b >> 4) - 8).astype(np.float32))

@@ -1,0 +1,274 @@
+"""Each LLVM-IR intrinsic against its numpy twin (kernels/ref_intrinsics.py), on its own and on awkward shapes and
+offsets, so that a wrong one shows as itself and not only as "the whole GEMM is off"."""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+import pytest
+
+from lowbit.formats.qtypes import pack_codes, quant_type
+from lowbit.kernels import ref_intrinsics as ref
+from lowbit.kernels.amx import TILE, host_has_amx
+from lowbit.kernels.cpu_attention import dequant8_q4, dequant8_q8, prefetch, scores8, values8
+from lowbit.kernels.cpu_kv import float_bits, float_to_half
+from lowbit.kernels.gemm_vnni import tile_gemm, unpack_row
+from lowbit.kernels.simd import bits_to_float, group_idot, half_to_float, host_has_f16c, quad_fdot
+from lowbit.kernels.vnni import host_has_vnni, row_fdot8
+
+RNG = np.random.default_rng(7)
+# (bits, group) pairs: every bit-width once, every group size more than once (one compile each)
+GROUPS = [(2, 128), (3, 64), (4, 32), (5, 128), (6, 32), (8, 64)]
+needs_f16c = pytest.mark.skipif(not host_has_f16c(), reason="needs hardware float16 conversion")
+needs_vnni = pytest.mark.skipif(not host_has_vnni(), reason="needs the byte dot product (AVX-512 VNNI / AVX-VNNI)")
+
+
+def _packed(rows: int, cols: int, bits: int, g: int) -> tuple[np.ndarray, np.ndarray]:
+    """(unsigned codes int32[rows, cols], packed u8[rows, cols·bits/8])."""
+    u = RNG.integers(0, 1 << bits, size=(rows, cols)).astype(np.int32)
+    return u, np.ascontiguousarray(pack_codes(u, quant_type(bits, g, True)))
+
+
+def _halves(shape, lo=0.01, hi=0.2) -> np.ndarray:
+    return RNG.uniform(lo, hi, size=shape).astype(np.float16).view(np.uint16)
+
+
+@pytest.mark.parametrize("bits,g", GROUPS)
+def test_group_idot(bits, g):
+    @nb.njit
+    def call(codes, boff, xq, xoff):
+        return group_idot(codes, boff, xq, xoff, bits, g)
+
+    u, packed = _packed(1, 5 * g, bits, g)
+    codes = packed.reshape(-1)
+    xq = RNG.integers(-32000, 32000, size=5 * g + 7).astype(np.int16)
+    gbytes = g * bits // 8
+    for gi, xoff in ((0, 0), (3, 3 * g + 7), (4, 1)):  # an unaligned activation offset too
+        assert call(codes, gi * gbytes, xq, xoff) == ref.group_idot(codes, gi * gbytes, xq, xoff, bits, g)
+    assert ref.codes_of_group(codes, 2 * gbytes, bits, g).tolist() == u[0, 2 * g : 3 * g].tolist()
+
+
+@needs_f16c
+@pytest.mark.parametrize("bits,g,asym", [(2, 128, True), (4, 32, False), (6, 64, True), (8, 64, False)])
+def test_quad_fdot(bits, g, asym):
+    @nb.njit
+    def call(crow, scales, mins, r, gi, xq, dx, xs):
+        return quad_fdot(crow, scales, mins, r, gi, xq, dx, xs, bits, g, asym)
+
+    rows, ng = 3, 6
+    _, packed = _packed(rows, ng * g, bits, g)
+    scales, mins = _halves((rows, ng)), _halves((rows, ng))
+    xq = RNG.integers(-32000, 32000, size=ng * g).astype(np.int16)
+    dx, xs = RNG.uniform(1e-5, 1e-4, ng).astype(np.float32), RNG.uniform(-50, 50, ng).astype(np.float32)
+    for r, gi in ((0, 0), (2, 2)):
+        got = call(packed[r], scales, mins, r, gi, xq, dx, xs)
+        want = ref.quad_fdot(packed[r], scales, mins, r, gi, xq, dx, xs, bits, g, asym)
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-4)
+
+
+def test_scalar_conversions():
+    @nb.njit
+    def h2f(h):
+        return half_to_float(h)
+
+    @nb.njit
+    def i2f(i):
+        return bits_to_float(i)
+
+    @nb.njit
+    def f2h(x):
+        return float_to_half(x)
+
+    @nb.njit
+    def f2i(x):
+        return float_bits(x)
+
+    special = np.array([0.0, -0.0, 1.0, -2.5, 65504.0, 65520.0, 1e-8, 6.1e-5, 5.96e-8, np.inf, -np.inf], np.float32)
+    xs = np.concatenate([special, RNG.standard_normal(200).astype(np.float32) * 1000])
+    for x in xs:
+        assert f2h(x) == ref.float_to_half(x), x
+        assert f2i(x) == ref.float_bits(x), x
+        b = np.int64(ref.float_bits(x)) & 0xFFFFFFFF
+        assert np.float32(i2f(b)).view(np.int32) == ref.bits_to_float(b).view(np.int32) == np.float32(x).view(np.int32)
+    for h in list(range(0, 65536, 97)) + [0x7C00, 0xFC00, 0x0001, 0x8001, 0x3C00]:
+        got, want = np.float32(h2f(np.uint16(h))), ref.half_to_float(h)
+        assert got.view(np.int32) == want.view(np.int32) or (np.isnan(got) and np.isnan(want)), h
+
+
+@needs_vnni
+@needs_f16c
+@pytest.mark.parametrize("bits,g,asym,split", [(2, 128, True, False), (3, 64, True, False), (4, 32, False, False),
+                                               (5, 128, True, True), (8, 64, False, True), (6, 32, True, False)])
+def test_row_fdot8(bits, g, asym, split):
+    @nb.njit
+    def call(crow, scales, mins, r, xh, xl, dx, xs):
+        return row_fdot8(crow, scales, mins, r, xh, xl, dx, xs, bits, g, asym, split)
+
+    rows = 2
+    for ng in (1, 8, 11):  # fewer than eight groups, exactly eight, eight and a tail
+        _, packed = _packed(rows, ng * g, bits, g)
+        scales, mins = _halves((rows, ng)), _halves((rows, ng))
+        xh = RNG.integers(-127, 128, size=ng * g).astype(np.int8)
+        xl = RNG.integers(-128, 128, size=ng * g).astype(np.int8)
+        dx, xs = RNG.uniform(1e-3, 1e-2, ng).astype(np.float32), RNG.uniform(-50, 50, ng).astype(np.float32)
+        got = call(packed[1], scales, mins, 1, xh, xl, dx, xs)
+        want = ref.row_fdot8(packed[1], scales, mins, 1, xh, xl, dx, xs, bits, g, asym, split)
+        assert got == pytest.approx(want, rel=2e-5, abs=1e-3), (ng, got, want)
+
+
+@pytest.mark.parametrize("bits,g", GROUPS)
+def test_unpack_row(bits, g):
+    @nb.njit
+    def call(dst, crow):
+        unpack_row(dst, crow, bits, g)
+
+    u, packed = _packed(2, 3 * g, bits, g)
+    dst = np.zeros(3 * g, dtype=np.uint8)
+    call(dst, packed[1])
+    assert np.array_equal(dst, ref.unpack_row(packed[1], 3 * g, bits, g)) and np.array_equal(dst, u[1])
+
+
+def _interleave(u: np.ndarray) -> np.ndarray:
+    """u8[cols · R]: rows u[R, cols] as [chunk of 4][row][4] (the block layout of kernels.cpu_quant.pack_block)."""
+    r_n, cols = u.shape
+    return np.ascontiguousarray(u.reshape(r_n, cols // 4, 4).transpose(1, 0, 2).reshape(-1)).astype(np.uint8)
+
+
+@needs_vnni
+@pytest.mark.parametrize("g,split,R,T", [(32, False, 16, 1), (64, True, 8, 5), (128, False, 16, 12)])
+def test_tile_gemm(g, split, R, T):
+    @nb.njit
+    def call(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0):
+        tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, R, T)
+
+    ng, tokens, rows = 3, T + 2, R + 5
+    cols = ng * g
+    u = RNG.integers(0, 256, size=(R, cols)).astype(np.uint8)
+    wb = _interleave(u)
+    dsc = RNG.uniform(0.01, 0.1, (ng, R)).astype(np.float32)
+    nmc = RNG.uniform(-1, 1, (ng, R)).astype(np.float32)
+    xh = RNG.integers(-127, 128, size=(tokens, cols)).astype(np.int8)
+    xl = RNG.integers(-128, 128, size=(tokens, cols)).astype(np.int8)
+    dxT = RNG.uniform(1e-4, 1e-3, (ng, tokens)).astype(np.float32)
+    xsT = RNG.uniform(-5, 5, (ng, tokens)).astype(np.float32)
+    y = RNG.standard_normal((tokens, rows)).astype(np.float32)
+    want = ref.tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, 3, 1, g, split, R, T)
+    call(y, wb, dsc, nmc, xh, xl, dxT, xsT, 3, 1)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.skipif(not host_has_amx(), reason="needs AMX-INT8 and the kernel's permission for the tile state")
+@pytest.mark.parametrize("g,split", [(32, False), (128, True)])
+def test_amx_block(g, split):
+    from lowbit.kernels.amx import amx_block, pack_tokens
+
+    @nb.njit
+    def call(obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, tb):
+        amx_block(obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, tb, g, split)
+
+    ng, tokens = 2, 20
+    cols = ng * g
+    abuf = RNG.integers(0, 256, size=TILE * cols).astype(np.uint8)
+    dsc = RNG.uniform(0.01, 0.1, ng * TILE).astype(np.float32)
+    nmc = RNG.uniform(-1, 1, ng * TILE).astype(np.float32)
+    xh = RNG.integers(-127, 128, size=(tokens, cols)).astype(np.int8)
+    xl = RNG.integers(-128, 128, size=(tokens, cols)).astype(np.int8)
+    nbt = (tokens + TILE - 1) // TILE
+    xb, xbl = np.zeros(nbt * TILE * cols, np.int8), np.zeros(nbt * TILE * cols, np.int8)
+    pack_tokens(xb, xh)
+    pack_tokens(xbl, xl)
+    dxT = np.zeros((ng, nbt * TILE), np.float32)
+    xsT = np.zeros((ng, nbt * TILE), np.float32)
+    dxT[:, :tokens] = RNG.uniform(1e-4, 1e-3, (ng, tokens))
+    xsT[:, :tokens] = RNG.uniform(-5, 5, (ng, tokens))
+    obuf = np.zeros(TILE * TILE, np.float32)
+    call(obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, 1)
+    want = ref.amx_block(abuf, dsc, nmc, xb, xbl, dxT, xsT, 1, g, split)
+    np.testing.assert_allclose(obuf.reshape(TILE, TILE), want, rtol=1e-5, atol=1e-3)
+
+
+@nb.njit
+def _scores(out, ooff, q, qoff, k, koff, n, scale):
+    scores8(out, ooff, q, qoff, k, koff, n, scale)
+
+
+@nb.njit
+def _values(out, ooff, p, poff, v, voff, n):
+    values8(out, ooff, p, poff, v, voff, n)
+
+
+@pytest.mark.parametrize("n", [8, 24, 64, 256])
+def test_scores8_and_values8(n):
+    q = RNG.standard_normal(3 * n).astype(np.float32)
+    k = RNG.standard_normal(8 * n + 5 * n).astype(np.float32)
+    out = np.full(11, 7.0, np.float32)
+    _scores(out, 2, q, n, k, 5 * n, n, np.float32(0.3))
+    np.testing.assert_allclose(out[2:10], ref.scores8(q, n, k, 5 * n, n, 0.3), rtol=1e-5, atol=1e-5)
+    assert out[:2].tolist() == [7.0, 7.0] and out[10] == 7.0  # nothing outside the eight
+    p = RNG.uniform(0, 1, 12).astype(np.float32)
+    acc = RNG.standard_normal(2 * n + 3).astype(np.float32)
+    want = ref.values8(acc, 3, p, 4, k, n, n)
+    _values(acc, 3, p, 4, k, n, n)
+    np.testing.assert_allclose(acc, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_row_decoders_and_prefetch():
+    @nb.njit
+    def q8(out, ooff, src, soff, d):
+        dequant8_q8(out, ooff, src, soff, d)
+
+    @nb.njit
+    def q4(out, ooff, src, soff, half, d):
+        dequant8_q4(out, ooff, src, soff, half, d)
+
+    @nb.njit
+    def fetch(a, off):
+        prefetch(a, off)
+
+    src8 = RNG.integers(-128, 128, size=21).astype(np.int8)
+    out = np.zeros(30, np.float32)
+    q8(out, 5, src8, 13, np.float32(0.25))
+    assert np.array_equal(out[5:13], ref.dequant8_q8(src8, 13, 0.25)) and not out[:5].any() and not out[13:].any()
+    src4 = RNG.integers(0, 256, size=19).astype(np.uint8)
+    out = np.zeros(40, np.float32)
+    q4(out, 3, src4, 11, 16, np.float32(-1.5))
+    lo, hi = ref.dequant8_q4(src4, 11, -1.5)
+    assert np.array_equal(out[3:11], lo) and np.array_equal(out[19:27], hi)
+    assert not out[11:19].any() and not out[27:].any() and not out[:3].any()
+    a = RNG.standard_normal(64).astype(np.float32)
+    before = a.copy()
+    for off in (0, 255, 1 << 20, -4096):  # a hint: any address, never a fault, nothing changes
+        fetch(a, off)
+    assert np.array_equal(a, before)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_amx_twin_reads_the_packed_token_layout(split):
+    """The AMX twin (checked against the intrinsic only where AMX runs) unpacks pack_tokens' layout: it equals the
+    product written on the unpacked activations."""
+    from lowbit.kernels.amx import pack_tokens
+
+    g, ng, tokens = 32, 3, 21
+    cols = ng * g
+    a = RNG.integers(0, 256, size=(TILE, cols)).astype(np.uint8)
+    dsc = RNG.uniform(0.01, 0.1, ng * TILE).astype(np.float32)
+    nmc = RNG.uniform(-1, 1, ng * TILE).astype(np.float32)
+    xh = RNG.integers(-127, 128, size=(tokens, cols)).astype(np.int8)
+    xl = RNG.integers(-128, 128, size=(tokens, cols)).astype(np.int8)
+    nbt = (tokens + TILE - 1) // TILE
+    xb, xbl = np.zeros(nbt * TILE * cols, np.int8), np.zeros(nbt * TILE * cols, np.int8)
+    pack_tokens(xb, xh)
+    pack_tokens(xbl, xl)
+    dxT = RNG.uniform(1e-4, 1e-3, (ng, nbt * TILE)).astype(np.float32)
+    xsT = RNG.uniform(-5, 5, (ng, nbt * TILE)).astype(np.float32)
+    got = ref.amx_block(a.reshape(-1), dsc, nmc, xb, xbl, dxT, xsT, 1, g, split)
+    x = ref.split_activations(xh, xl, split)
+    want = np.zeros((TILE, TILE))
+    for r in range(TILE):
+        for n in range(TILE):
+            t = TILE + n
+            for gi in range(ng):
+                s = slice(gi * g, (gi + 1) * g)
+                isum = int(a[r, s].astype(np.int64) @ x[t, s]) if t < tokens else 0
+                want[r, n] += dsc[gi * TILE + r] * dxT[gi, t] * isum + nmc[gi * TILE + r] * xsT[gi, t]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
