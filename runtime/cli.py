@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="calibration seed (default 0)")
     p.add_argument("--out-dir", default=None, help="containers and results (default ./compare-<source name>)")
     p.add_argument("--keep-models", action="store_true", help="keep the converted containers in --out-dir")
+    p.add_argument("--force", action="store_true", help="replace containers and results already in --out-dir")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens for decode tok/s; 0 skips it (default 32)")
     _add_exact_arg(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")

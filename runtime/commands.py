@@ -22,7 +22,7 @@ def _model_path(value: str | None) -> Path:
     return resolve_model(value)
 
 
-def _source_files(source: str) -> list[Path]:
+def source_files(source: str) -> list[Path]:
     """The files a conversion reads (a GGUF, or every file of a checkpoint folder), to never write onto them."""
     path = Path(source).expanduser()
     if path.is_file():
@@ -83,7 +83,7 @@ def cmd_convert(args) -> int:
         max_size=args.max_size,
         recipe=args.recipe,
     )
-    check_output(Path(args.output), sources=_source_files(args.source), force=args.force, what="-o")
+    check_output(Path(args.output), sources=source_files(args.source), force=args.force, what="-o")
     out = convert(args.source, args.output, opts, progress=not args.no_progress)
     from lowbit.formats.reader import Container
 

@@ -369,6 +369,7 @@ def run(args) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else Path(f"compare-{_source_name(args.source)}")
     if out_dir.exists() and not out_dir.is_dir():
         raise LowbitError(f"{out_dir}: exists and is not a directory (--out-dir)")
+    report.check_outputs(out_dir, [f"{c.slug}.lowbit" for c in configs], args.source, getattr(args, "force", False))
     set_threads(args.threads)
     rows = [Row(c) for c in configs]
     quiet = args.json

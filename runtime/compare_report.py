@@ -184,6 +184,16 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 # ------------------------------------------------------------------------------------------------ writing
+def check_outputs(out_dir: Path, model_files: list[str], source: str, force: bool) -> None:
+    """compare writes these containers and the results files into ``out_dir`` (and deletes the containers again
+    unless --keep-models): refuse one that exists already unless ``force``, and an input of the run always."""
+    from lowbit.runtime.commands import check_output, source_files
+
+    sources = source_files(source)
+    for name in [*model_files, *FILES.values()]:
+        check_output(out_dir / name, sources, force, "--out-dir:")
+
+
 def write_results(out_dir: Path, doc: dict, rows: list[Row], ref: EvalResult) -> dict[str, Path]:
     """results.json/.csv/.md and pareto.png (when matplotlib is there), each written to a temporary file first and
     renamed only once all are complete, so a crash never leaves a half-written result. Returns kind -> path."""

@@ -95,6 +95,21 @@ def test_cli_errors_are_one_line_and_convert_nothing(tiny_models, text_file, tmp
     assert_clean_error(run_cli(*_argv(text_file, text_file, out, "rtn:4")), "not a file")
 
 
+def test_existing_files_in_the_out_dir_need_force(tiny_models, text_file, tmp_path):
+    """compare writes <config>.lowbit and results.* into --out-dir and deletes the containers afterwards: a file
+    already there (the user's own, or a previous run's) is refused before anything runs unless --force."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / "rtn_4_g64.lowbit"
+    mine.write_bytes(b"my own model")
+    res = run_cli(*_argv(tiny_models["llama"], text_file, out, "rtn:4"))
+    assert_clean_error(res, f"--out-dir: {mine}: file exists; pass --force to replace it")
+    mine.unlink()
+    (out / "results.json").write_text("{}", encoding="utf-8")
+    assert_clean_error(run_cli(*_argv(tiny_models["llama"], text_file, out, "rtn:4")), "results.json: file exists")
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"] and (out / "results.json").read_text() == "{}"
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def run(tiny_models, text_file, tmp_path_factory) -> dict:
