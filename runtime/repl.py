@@ -316,15 +316,18 @@ class Repl:
         return 0
 
     def _join_warm_up(self) -> None:
-        thread, self._warm_up = self._warm_up, None
+        """Before the first reply: the warm-up thread has finished (one forward pass at a time on the model). Said
+        only if it is still compiling; Ctrl-C while waiting leaves it to be joined before the next reply."""
+        thread = self._warm_up
         if thread is None:
             return
         engine = self.chat.engine
         label = kernel_label(engine.container, engine.kv.label)
-        if thread.is_alive() and (self._warm_notice.depth or self._warm_notice.total
-                                       or self._warm_notice.kernels):  # compiling, not loading
+        notice = self._warm_notice
+        if thread.is_alive() and (notice.depth or notice.total or notice.kernels):  # compiling, not loading
             self.info(f"compiling kernels for {label} (once per machine; numba caches them)...")
-            thread.join()
+        thread.join()
+        self._warm_up = None
         # kernels the warm-up did not reach still say so
         engine.compile_notice = CompileNotice(label, quiet=lambda: self._mid_line)
 

@@ -416,3 +416,25 @@ def test_replies_are_word_wrapped_to_the_width(engine, tmp_path):
         w.feed(piece)
     w.close()
     assert "".join(got) == "one two\nthree four\nfive\n```\nlong_code_line = 1\n```\nabcdefghijkl\nmnopq"
+
+
+def test_first_reply_waits_for_the_warm_up(engine, tmp_path, monkeypatch):
+    """The REPL compiles the first reply's kernels in a thread while the first message is typed; the reply starts
+    only when that thread is done (one forward pass at a time on the model)."""
+    events = []
+
+    def warm_up():
+        events.append("warm-up start")
+        time.sleep(0.3)
+        events.append("warm-up end")
+
+    real_generate = engine.generate
+
+    def generate(*a, **kw):
+        events.append("reply")
+        return real_generate(*a, **kw)
+
+    monkeypatch.setattr(engine, "warm_up", warm_up)
+    monkeypatch.setattr(engine, "generate", generate)
+    repl, out, rc = drive(engine, "Hello\r/exit\r", tmp_path)
+    assert rc == 0 and events == ["warm-up start", "warm-up end", "reply"]
