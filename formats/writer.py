@@ -59,11 +59,15 @@ def _layout(plans: list[TensorPlan], blobs: dict[str, bytes]) -> tuple[dict, dic
 def planned_size(meta: dict, plans: list[TensorPlan], blobs: dict[str, bytes]) -> int:
     """Bytes of the file that ContainerWriter(path, meta, plans, blobs) writes."""
     tensors, table, data_len = _layout(plans, blobs)
-    header = {**meta, "format": {"name": "lowbit", "version": [major_version_for({p.name: p for p in plans}),
-                                                               VERSION_MINOR], "align": ALIGN},
-              "tensors": tensors, "blobs": table}  # fmt: skip
-    header_len = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")) + HEADER_SLACK
-    return data_start(header_len) + data_len
+    header = _header_json(meta, major_version_for({p.name: p for p in plans}), tensors, table)
+    return data_start(len(header) + HEADER_SLACK) + data_len
+
+
+def _header_json(meta: dict, major: int, tensors: dict, blobs: dict) -> bytes:
+    """The header's JSON bytes (before padding to the reserved length)."""
+    header = {**meta, "format": {"name": "lowbit", "version": [major, VERSION_MINOR], "align": ALIGN},
+              "tensors": tensors, "blobs": blobs}  # fmt: skip
+    return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 class ContainerWriter:
@@ -101,11 +105,7 @@ class ContainerWriter:
             raise
 
     def _header_bytes(self) -> bytes:
-        header = dict(self.meta)
-        header["format"] = {"name": "lowbit", "version": [self._major, VERSION_MINOR], "align": ALIGN}
-        header["tensors"] = self._tensors
-        header["blobs"] = self._blobs
-        return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return _header_json(self.meta, self._major, self._tensors, self._blobs)
 
     def write_tensor(self, name: str, parts: dict[str, np.ndarray]) -> None:
         entry = self._tensors.get(name)

@@ -109,7 +109,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from lowbit.runtime.compile_notice import CompileNotice, kernel_label
+    from lowbit.runtime.compile_notice import CompileNotice
     from lowbit.runtime.constraint import grammar_from_files
     from lowbit.runtime.engine import Engine
     from lowbit.runtime.sampling import SamplingParams
@@ -120,8 +120,7 @@ def cmd_generate(args) -> int:
                     exact_activations=args.exact_activations, mmap=args.mmap, kv=args.kv_bits, verify=args.verify,
                     context_shift=args.context_shift)
     out = sys.stdout
-    mid_line = [False]  # the reply has text on the terminal's current line: a compile notice now would cut into it
-    engine.compile_notice = CompileNotice(kernel_label(engine.container, engine.kv.label), quiet=lambda: mid_line[0])
+    notice = engine.compile_notice = CompileNotice.for_engine(engine)
     params = SamplingParams.from_args(args)
     tok = engine.tokenizer
     plain = args.raw or not tok.has_chat_template
@@ -138,8 +137,7 @@ def cmd_generate(args) -> int:
                               constraint=constraint, keep=engine.keep_tokens(ids, messages)):  # fmt: skip
         out.write(ev.text)
         out.flush()
-        if ev.text:
-            mid_line[0] = not ev.text.endswith("\n")
+        notice.saw(ev.text)
     out.write("\n")
     st = engine.stats
     print(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import TextIO
 
 from numba.core import event
@@ -30,12 +29,11 @@ class CompileNotice(event.Listener):
     """A numba compile-event listener that tells the user what is being compiled (install it with
     :func:`numba.core.event.install_listener` around forward passes; Engine does when given one)."""
 
-    def __init__(self, label: str, stream: TextIO | None = None, live: bool | None = None,
-                 quiet: Callable[[], bool] | None = None):
+    def __init__(self, label: str, stream: TextIO | None = None, live: bool | None = None):
         self.label = label
-        # asked at the start of each burst of compiles: True keeps that burst silent (the reply's text is mid-line
-        # on the same terminal, and a notice would cut into it)
-        self.quiet = quiet
+        # the reply's text has the terminal's current line (:meth:`saw`): a burst of compiles starting then stays
+        # silent, as a notice would cut into the text
+        self.mid_line = False
         self.silent = False
         self.stream = sys.stderr if stream is None else stream
         isatty = getattr(self.stream, "isatty", None)
@@ -50,7 +48,7 @@ class CompileNotice(event.Listener):
         if self.depth == 0:
             if self.kernels == 0:
                 self.t0 = time.perf_counter()
-                self.silent = bool(self.quiet and self.quiet())
+                self.silent = self.mid_line
             if self.kernels == 0 and not self.silent:
                 self.stream.write(f"compiling kernels for {self.label} (once per machine; numba caches them)")
                 self.stream.write("\n" if not self.live else "")
@@ -65,6 +63,16 @@ class CompileNotice(event.Listener):
             self.kernels += 1
             self.current = ""
             self._show()
+
+    @classmethod
+    def for_engine(cls, engine, **kw) -> CompileNotice:
+        """A notice naming ``engine``'s weight types and cache format."""
+        return cls(kernel_label(engine.container, engine.kv.label), **kw)
+
+    def saw(self, text: str) -> None:
+        """Told each piece of reply text written to the terminal, so that a notice never cuts into a line."""
+        if text:
+            self.mid_line = not text.endswith("\n")
 
     def _show(self) -> None:
         if not self.live or self.silent:

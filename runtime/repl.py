@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from lowbit.errors import ContextOverflowError, LowbitError
-from lowbit.runtime.compile_notice import CompileNotice, kernel_label
+from lowbit.runtime.compile_notice import CompileNotice
 from lowbit.runtime.sampling import SamplingParams
 from lowbit.runtime.wrap import StreamWrap
 
@@ -238,7 +238,6 @@ class Repl:
         self.running = True
         self._warm_up: threading.Thread | None = None
         self._warm_notice: CompileNotice | None = None
-        self._mid_line = False  # the transcript's current line has text (a compile notice would cut into it)
 
     def _make_session(self, input, output, history_file):
         from prompt_toolkit import PromptSession
@@ -263,8 +262,9 @@ class Repl:
     def write(self, text: str) -> None:
         self.out.write(text)
         self.out.flush()
-        if text:
-            self._mid_line = not text.endswith("\n")
+        notice = self.chat.engine.compile_notice
+        if notice is not None:
+            notice.saw(text)
 
     def _line(self, text: str, code: str) -> None:
         self.write(f"{code}{text}{_RESET}\n" if self.color else f"{text}\n")
@@ -321,15 +321,13 @@ class Repl:
         thread = self._warm_up
         if thread is None:
             return
-        engine = self.chat.engine
-        label = kernel_label(engine.container, engine.kv.label)
-        notice = self._warm_notice
-        if thread.is_alive() and (notice.depth or notice.total or notice.kernels):  # compiling, not loading
-            self.info(f"compiling kernels for {label} (once per machine; numba caches them)...")
+        warm = self._warm_notice
+        notice = CompileNotice.for_engine(self.chat.engine)  # kernels the warm-up did not reach still say so
+        if thread.is_alive() and (warm.depth or warm.total or warm.kernels):  # compiling, not loading
+            self.info(f"compiling kernels for {notice.label} (once per machine; numba caches them)...")
         thread.join()
         self._warm_up = None
-        # kernels the warm-up did not reach still say so
-        engine.compile_notice = CompileNotice(label, quiet=lambda: self._mid_line)
+        self.chat.engine.compile_notice = notice
 
     def handle(self, line: str) -> None:
         from lowbit.runtime.repl_commands import dispatch
@@ -390,14 +388,12 @@ def answer_once(engine, settings: ChatSettings, system: str | None, prompt: str,
     if not chat.chat_mode:
         log.warning("this model has no chat template; continuing the prompt as plain text")
 
-    mid_line = [False]  # the reply has text on the terminal's current line: a compile notice would cut into it
-    engine.compile_notice = CompileNotice(kernel_label(engine.container, engine.kv.label), quiet=lambda: mid_line[0])
+    notice = engine.compile_notice = CompileNotice.for_engine(engine)
 
     def stream(piece: str) -> None:
         out.write(piece)
         out.flush()
-        if piece:
-            mid_line[0] = not piece.endswith("\n")
+        notice.saw(piece)
 
     reply = chat.send(prompt, on_text=stream)
     out.write("\n")

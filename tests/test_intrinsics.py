@@ -157,30 +157,38 @@ def test_tile_gemm(g, split, R, T):
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-3)
 
 
+def _amx_inputs(g: int, ng: int, tokens: int) -> dict:
+    """Random operands of amx_block: 16 weight rows (abuf), d/−m per group and row, int8 activations (xh, xl) also
+    packed in the B-tile layout (xb, xbl), dx/xs per group and token (zero beyond the last token)."""
+    from lowbit.kernels.amx import pack_tokens
+
+    cols = ng * g
+    nbt = (tokens + TILE - 1) // TILE
+    v = {"abuf": RNG.integers(0, 256, size=TILE * cols).astype(np.uint8),
+         "dsc": RNG.uniform(0.01, 0.1, ng * TILE).astype(np.float32),
+         "nmc": RNG.uniform(-1, 1, ng * TILE).astype(np.float32),
+         "xh": RNG.integers(-127, 128, size=(tokens, cols)).astype(np.int8),
+         "xl": RNG.integers(-128, 128, size=(tokens, cols)).astype(np.int8),
+         "xb": np.zeros(nbt * TILE * cols, np.int8), "xbl": np.zeros(nbt * TILE * cols, np.int8),
+         "dxT": np.zeros((ng, nbt * TILE), np.float32), "xsT": np.zeros((ng, nbt * TILE), np.float32)}  # fmt: skip
+    pack_tokens(v["xb"], v["xh"])
+    pack_tokens(v["xbl"], v["xl"])
+    v["dxT"][:, :tokens] = RNG.uniform(1e-4, 1e-3, (ng, tokens))
+    v["xsT"][:, :tokens] = RNG.uniform(-5, 5, (ng, tokens))
+    return v
+
+
 @pytest.mark.skipif(not host_has_amx(), reason="needs AMX-INT8 and the kernel's permission for the tile state")
 @pytest.mark.parametrize("g,split", [(32, False), (128, True)])
 def test_amx_block(g, split):
-    from lowbit.kernels.amx import amx_block, pack_tokens
+    from lowbit.kernels.amx import amx_block
 
     @nb.njit
     def call(obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, tb):
         amx_block(obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, tb, g, split)
 
-    ng, tokens = 2, 20
-    cols = ng * g
-    abuf = RNG.integers(0, 256, size=TILE * cols).astype(np.uint8)
-    dsc = RNG.uniform(0.01, 0.1, ng * TILE).astype(np.float32)
-    nmc = RNG.uniform(-1, 1, ng * TILE).astype(np.float32)
-    xh = RNG.integers(-127, 128, size=(tokens, cols)).astype(np.int8)
-    xl = RNG.integers(-128, 128, size=(tokens, cols)).astype(np.int8)
-    nbt = (tokens + TILE - 1) // TILE
-    xb, xbl = np.zeros(nbt * TILE * cols, np.int8), np.zeros(nbt * TILE * cols, np.int8)
-    pack_tokens(xb, xh)
-    pack_tokens(xbl, xl)
-    dxT = np.zeros((ng, nbt * TILE), np.float32)
-    xsT = np.zeros((ng, nbt * TILE), np.float32)
-    dxT[:, :tokens] = RNG.uniform(1e-4, 1e-3, (ng, tokens))
-    xsT[:, :tokens] = RNG.uniform(-5, 5, (ng, tokens))
+    v = _amx_inputs(g, 2, 20)
+    abuf, dsc, nmc, xb, xbl, dxT, xsT = (v[k] for k in ("abuf", "dsc", "nmc", "xb", "xbl", "dxT", "xsT"))
     obuf = np.zeros(TILE * TILE, np.float32)
     call(obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, 1)
     want = ref.amx_block(abuf, dsc, nmc, xb, xbl, dxT, xsT, 1, g, split)
@@ -246,22 +254,11 @@ def test_cache_row_decoders_and_prefetch():
 def test_amx_twin_reads_the_packed_token_layout(split):
     """The AMX twin (checked against the intrinsic only where AMX runs) unpacks pack_tokens' layout: it equals the
     product written on the unpacked activations."""
-    from lowbit.kernels.amx import pack_tokens
-
     g, ng, tokens = 32, 3, 21
-    cols = ng * g
-    a = RNG.integers(0, 256, size=(TILE, cols)).astype(np.uint8)
-    dsc = RNG.uniform(0.01, 0.1, ng * TILE).astype(np.float32)
-    nmc = RNG.uniform(-1, 1, ng * TILE).astype(np.float32)
-    xh = RNG.integers(-127, 128, size=(tokens, cols)).astype(np.int8)
-    xl = RNG.integers(-128, 128, size=(tokens, cols)).astype(np.int8)
-    nbt = (tokens + TILE - 1) // TILE
-    xb, xbl = np.zeros(nbt * TILE * cols, np.int8), np.zeros(nbt * TILE * cols, np.int8)
-    pack_tokens(xb, xh)
-    pack_tokens(xbl, xl)
-    dxT = RNG.uniform(1e-4, 1e-3, (ng, nbt * TILE)).astype(np.float32)
-    xsT = RNG.uniform(-5, 5, (ng, nbt * TILE)).astype(np.float32)
-    got = ref.amx_block(a.reshape(-1), dsc, nmc, xb, xbl, dxT, xsT, 1, g, split)
+    v = _amx_inputs(g, ng, tokens)
+    a, dsc, nmc, xh, xl, dxT, xsT = (v[k] for k in ("abuf", "dsc", "nmc", "xh", "xl", "dxT", "xsT"))
+    got = ref.amx_block(a, dsc, nmc, v["xb"], v["xbl"], dxT, xsT, 1, g, split)
+    a = a.reshape(TILE, ng * g)
     x = ref.split_activations(xh, xl, split)
     want = np.zeros((TILE, TILE))
     for r in range(TILE):

@@ -71,7 +71,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve_command(args) -> int:
-    from lowbit.runtime.compile_notice import CompileNotice, kernel_label
+    from lowbit.runtime.compile_notice import CompileNotice
     from lowbit.runtime.engine import Engine
     from lowbit.runtime.store import resolve_model
 
@@ -91,7 +91,7 @@ def serve_command(args) -> int:
                         kv=getattr(args, "kv_bits", None), verify=getattr(args, "verify", True),
                         context_shift=getattr(args, "context_shift", False))
         # kernels compiled (a cold start) or loaded before the port answers, so the first request does not wait
-        engine.compile_notice = CompileNotice(kernel_label(engine.container, engine.kv.label), live=False)
+        engine.compile_notice = CompileNotice.for_engine(engine, live=False)
         engine.warm_up()
         app = create_app(engine, model_name=args.model_name, api_key=args.api_key, loopback=_is_loopback(args.host),
                          cors=tuple(getattr(args, "cors", None) or ()), parallel=parallel, cache_ram=cache_ram << 20,
