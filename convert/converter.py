@@ -54,7 +54,10 @@ class ConvertOptions:
     # GGUF sources: False keeps every GGUF type lowbit has (convert/gguf_plan.py); True re-quantizes every matrix
     # with the options above (the CLI sets it when any quantization option is given)
     requantize: bool = False
-    kernel_activations: str = "int8"  # the runtime default the container asks for: int8 | exact (runtime/engine.py)
+    # the runtime default the container asks for: int8 | exact (runtime/engine.py); None: exact for a GGUF whose
+    # weights are kept as they are (int8 activations flip near-tied tokens of such a file: SmolLM2's answer to "What
+    # is the capital of France?" became "L'Étoile, la France, la France, …"), int8 otherwise
+    kernel_activations: str | None = None
 
     @property
     def budget(self) -> bool:
@@ -75,7 +78,7 @@ class ConvertOptions:
             raise LowbitError(f"--target-bpw {self.target_bpw}: expected a number of bits per weight in (1, 16]")
         if self.max_size is not None and self.max_size <= 0:
             raise LowbitError(f"--max-size {self.max_size}: expected a positive number of bytes")
-        if self.kernel_activations not in ("int8", "exact"):
+        if self.kernel_activations not in (None, "int8", "exact"):
             raise LowbitError(f"kernel activations {self.kernel_activations!r}: expected int8 or exact")
         if self.calib_samples < 1 or self.calib_len < 2:
             raise LowbitError("--calib-samples must be at least 1 and --calib-len at least 2")
@@ -196,7 +199,7 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, progress: bool = Tr
                 "recipe": {p.name: p.qtype.name for p in plans},
                 **({"import": notes} if notes is not None else {}),
             },
-            "runtime": {"kernel_activations": opts.kernel_activations},
+            "runtime": {"kernel_activations": opts.kernel_activations or ("exact" if kept else "int8")},
             "provenance": {
                 "source": str(src),
                 "converter": f"lowbit {lowbit.__version__}",

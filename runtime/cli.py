@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-activations", action="store_true",
                    help="record in the container that its products should take int16-precision activations by "
                    "default (run/generate/serve/eval; --int8-activations overrides): for models whose answers "
-                   "int8 activations change")
+                   "int8 activations change (default: exact for a GGUF whose weights are kept, else int8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown on a terminal)")
 
     p = sub.add_parser("generate", parents=[verbose], help="continue a prompt and print tokens/s")

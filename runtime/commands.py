@@ -70,7 +70,7 @@ def cmd_convert(args) -> int:
         bits=4 if args.bits is None else args.bits,
         group_size=64 if args.group_size is None else args.group_size,
         requantize=any(v is not None for v in given) or args.method != "auto",
-        kernel_activations="exact" if args.exact_activations else "int8",
+        kernel_activations="exact" if args.exact_activations else None,
         asym=args.asym,
         embed_bits=args.embed_bits,
         method=args.method,

@@ -38,6 +38,12 @@ def test_gguf_and_hf_folder_run_by_name_then_from_the_store(tiny_models, tmp_pat
     assert set(rows) == {"tiny-llama", folder.name}
     assert rows["tiny-llama"]["type"] == "q8_g32" and rows["tiny-llama"]["source"] == str(gg.resolve())
     assert rows[folder.name]["type"] == "q4a_g64"  # the defaults of an HF conversion
+    # a GGUF whose weights are kept asks for exact activations (int8 ones flip near-tied tokens); an HF one int8
+    from lowbit.formats.reader import Container
+
+    for name, want in (("tiny-llama", "exact"), (folder.name, "int8")):
+        with Container(store / f"{name}.lowbit") as c:
+            assert c.meta["runtime"]["kernel_activations"] == want, name
     table = lowbit(store, "list").stdout
     assert "tiny-llama" in table and " MB " in table
 
