@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from lowbit.convert import converter
 from lowbit.convert.calibration import FloatStore, file_tokens, sampled_tokens
 from lowbit.convert.pipeline import Pipeline
+from lowbit.convert.progress import stage
 from lowbit.convert.source import to_f32
 from lowbit.errors import LowbitError
 from lowbit.formats.qtypes import get_qtype
@@ -78,7 +78,7 @@ def convert_calibrated(job, opts, out: Path, t0: float, progress: bool) -> Path:
     recipe.update({name: enc.qtype.name for name, enc in result.encoded.items()})
     quant["recipe"] = recipe
     with ContainerWriter(out, job.meta, plans, job.tok_blobs) as writer:
-        bar = tqdm(job.plans, desc="write", unit="tensor", disable=not progress, dynamic_ncols=True)
+        bar = stage("write", len(job.plans), "tensor", progress, job.plans)
         for p in bar:
             enc = result.encoded.get(p.name)
             if enc is None:

@@ -10,13 +10,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 import lowbit
 from lowbit.convert.gguf_plan import plan_gguf
 from lowbit.convert.gguf_source import GGUFSource, is_gguf
 from lowbit.convert.gguf_tokenizer import gguf_tokenizer
 from lowbit.convert.methods import Method, parse_method
+from lowbit.convert.progress import stage
 from lowbit.convert.quantize import quantize
 from lowbit.convert.source import Checkpoint, read_json, resolve_source, to_f32
 from lowbit.errors import FormatError, LowbitError, SourceError
@@ -32,14 +32,18 @@ ST_TO_QTYPE = {"F32": "f32", "F16": "f16", "BF16": "bf16", "F64": "f32"}
 EMBEDDING_TENSORS = ("token_embd.weight", "output.weight")
 AUTO_BUDGET_METHOD = "gptq"  # what --method auto uses with --target-bpw/--max-size (measured: see README)
 _BITS_CHOICES = ", ".join(map(str, QUANT_BITS))
+# defaults chosen on SmolLM2-135M and the toy (README, "Choosing the defaults"): at 4 bits, groups of 32 with 6-bit
+# embeddings beat groups of 64 with 8-bit ones at about the same size
+DEFAULT_GROUP = {4: 32}  # --bits -> group size where it is not 64
+DEFAULT_EMBED_BITS = 6  # embeddings and lm_head: this many bits, or --bits where that is more
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
     bits: int = 4
-    group_size: int = 64
+    group_size: int | None = None  # None: DEFAULT_GROUP (32 at 4 bits, else 64)
     asym: bool | None = None  # None: asymmetric below 8 bits, symmetric at 8
-    embed_bits: int | None = None  # None: 8, or 16 when --bits 16
+    embed_bits: int | None = None  # None: DEFAULT_EMBED_BITS or --bits if more (16 with --bits 16)
     # "+"-joined method steps (convert/methods.py): rtn | search | imatrix | awq | gptq | hadamard | lowrank,
     # e.g. "search", "awq+gptq", "hadamard+gptq+lowrank". Steps other than rtn/search need calibration data.
     method: str = "auto"  # auto: "search", or AUTO_BUDGET_METHOD with a size budget
@@ -88,14 +92,19 @@ class ConvertOptions:
             raise LowbitError(f"unsupported --bits {self.bits}; choose one of {_BITS_CHOICES} or 16 (unquantized)")
         if self.embed_bits is not None and self.embed_bits not in (*QUANT_BITS, FLOAT_BITS):
             raise LowbitError(f"unsupported --embed-bits {self.embed_bits}; choose one of {_BITS_CHOICES} or 16")
-        if self.group_size not in (PER_CHANNEL, *GROUP_SIZES):
+        if self.group_size is not None and self.group_size not in (PER_CHANNEL, *GROUP_SIZES):
             raise LowbitError(f"unsupported --group-size {self.group_size}; choose 32, 64, 128 or 0 (per-channel)")
+
+    @property
+    def group(self) -> int:
+        """The group size: --group-size, else :data:`DEFAULT_GROUP` for --bits."""
+        return self.group_size if self.group_size is not None else DEFAULT_GROUP.get(self.bits, 64)
 
     @property
     def embedding_bits(self) -> int:
         if self.embed_bits is not None:
             return self.embed_bits
-        return FLOAT_BITS if self.bits == FLOAT_BITS else 8
+        return FLOAT_BITS if self.bits == FLOAT_BITS else max(DEFAULT_EMBED_BITS, self.bits)
 
     def is_asym(self, bits: int) -> bool:
         return (bits < 8) if self.asym is None else self.asym
@@ -110,14 +119,15 @@ def choose_qtype(name: str, shape: tuple[int, ...], src_dtype: str, opts: Conver
     if bits == FLOAT_BITS:
         return get_qtype(ST_TO_QTYPE[src_dtype])
     asym = opts.is_asym(bits)
-    groups = [opts.group_size] + [g for g in sorted(GROUP_SIZES, reverse=True) if g < opts.group_size]
-    if opts.group_size == PER_CHANNEL:
+    group = opts.group
+    groups = [group] + [g for g in sorted(GROUP_SIZES, reverse=True) if g < group]
+    if group == PER_CHANNEL:
         groups = [PER_CHANNEL]
     for g in [*groups, PER_CHANNEL]:
         qt = quant_type(bits, g, asym)
         if qt.check_shape(shape) is None:
-            if g != opts.group_size:
-                log.info("%s %s: group size %d does not fit, using %s", name, shape, opts.group_size, qt.name)
+            if g != group:
+                log.info("%s %s: group size %d does not fit, using %s", name, shape, group, qt.name)
             return qt
     log.info("%s %s: no quantized layout fits, keeping float16", name, shape)
     return get_qtype("f16")
@@ -220,7 +230,7 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, progress: bool = Tr
             return convert_calibrated(job, opts, out, t0, progress)
         meta["quantization"]["recipe"] = {p.name: p.qtype.name for p in plans}
         with ContainerWriter(out, meta, plans, tok_blobs) as writer:
-            bar = tqdm(plans, desc="convert", unit="tensor", disable=not progress, dynamic_ncols=True)
+            bar = stage("convert", len(plans), "tensor", progress, plans)
             for plan in bar:
                 bar.set_postfix_str(f"{plan.name} -> {plan.qtype.name}", refresh=False)
                 if plan.name in kept:
@@ -295,7 +305,7 @@ def _uniform_options(opts: ConvertOptions, gguf) -> dict:
     """The options every tensor was quantized with; a GGUF import keeps the file's own types instead (see recipe)."""
     if gguf is not None and not opts.requantize:
         return {"bits": None, "group_size": None, "asym": None, "embed_bits": None}
-    return {"bits": opts.bits, "group_size": opts.group_size, "asym": opts.is_asym(opts.bits),
+    return {"bits": opts.bits, "group_size": opts.group, "asym": opts.is_asym(opts.bits),
             "embed_bits": opts.embedding_bits}
 
 

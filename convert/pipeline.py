@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
-from tqdm import tqdm
 
 from lowbit.convert import awq, lowrank, rotation, smoothquant
 from lowbit.convert.calibration import FloatStore, LayerRecorder, record
 from lowbit.convert.gptq import gptq_quantize
 from lowbit.convert.methods import Method
+from lowbit.convert.progress import stage
 from lowbit.convert.quantize import quantize
 from lowbit.formats.qtypes import QType
 from lowbit.formats.reader import StoredTensor
@@ -90,7 +90,7 @@ class Pipeline:
         recorder = smoothquant.ChannelMaxRecorder if self.method.smoothquant else LayerRecorder
         rec = recorder(self.opts.seed, len(tokens), full=self.method.rounding == "gptq" or self.method.hadamard)
         n = self.args.num_hidden_layers
-        bar = tqdm(total=n + 1, desc="calibrate", unit="layer", disable=not self.progress, dynamic_ncols=True)
+        bar = stage("calibrate", n + 1, "layer", self.progress)
         try:
             for li in range(n):
                 prefix = f"blk.{li}."

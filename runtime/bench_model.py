@@ -118,7 +118,7 @@ def build_random_container(shape: str | dict, opts: ConvertOptions, out: Path, s
         "quantization": {
             "method": "random",
             "bits": opts.bits,
-            "group_size": opts.group_size,
+            "group_size": opts.group,
             "asym": opts.is_asym(opts.bits),
             "embed_bits": opts.embedding_bits,
             "recipe": {p.name: p.qtype.name for p in plans},

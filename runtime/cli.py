@@ -107,15 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=None,
                    help="2, 3, 4, 5, 6, 8; 16 keeps weights unquantized (default 4; a GGUF keeps its own types unless "
                    "a quantization option is given)")
-    p.add_argument("--group-size", type=int, default=None, help="32, 64, 128, or 0 for per-channel (default 64)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="32, 64, 128, or 0 for per-channel (default 32 at 4 bits, else 64)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--sym", dest="asym", action="store_false", default=None,
                    help="symmetric groups (no min; the default at 8 bits)")
     g.add_argument("--asym", dest="asym", action="store_true",
                    help="asymmetric groups (fp16 min per group; the default below 8 bits)")
-    p.add_argument(
-        "--embed-bits", type=int, default=None, help="bits for embeddings and lm_head (default 8; 16 with --bits 16)"
-    )
+    p.add_argument("--embed-bits", type=int, default=None,
+                   help="bits for embeddings and lm_head (default 6, or --bits where that is more)")
     p.add_argument(
         "--method",
         default="auto",

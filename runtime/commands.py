@@ -68,7 +68,7 @@ def cmd_convert(args) -> int:
     given = [args.bits, args.group_size, args.asym, args.embed_bits, args.target_bpw, args.max_size, args.recipe]
     opts = ConvertOptions(
         bits=4 if args.bits is None else args.bits,
-        group_size=64 if args.group_size is None else args.group_size,
+        group_size=args.group_size,
         requantize=any(v is not None for v in given) or args.method != "auto",
         kernel_activations="exact" if args.exact_activations else None,
         asym=args.asym,

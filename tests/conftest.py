@@ -30,13 +30,15 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def refsmall_containers(tmp_path_factory) -> dict[str, Path]:
-    """refsmall converted at 16 (unquantized), 8, 4, 3 and 2 bits (default method, group 64)."""
+    """refsmall converted at 16 (unquantized), 8, 4, 3 and 2 bits (default method, group 64, 8-bit embeddings: one
+    layout at every width, so that each bit removed shows)."""
     from lowbit.convert.converter import ConvertOptions, convert
 
     root = tmp_path_factory.mktemp("refsmall")
     out = {}
     for bits in (16, 8, 4, 3, 2):
-        out[bits] = convert(str(REFSMALL), root / f"refsmall-{bits}.lowbit", ConvertOptions(bits=bits), progress=False)
+        opts = ConvertOptions(bits=bits, group_size=64, embed_bits=None if bits == 16 else 8)
+        out[bits] = convert(str(REFSMALL), root / f"refsmall-{bits}.lowbit", opts, progress=False)
     return out
 
 

@@ -26,7 +26,7 @@ TINY = dict(
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
 def test_random_container_has_real_layout_and_runs(tmp_path, bits):
-    path = build_random_container(TINY, ConvertOptions(bits=bits), tmp_path / "m.lowbit")
+    path = build_random_container(TINY, ConvertOptions(bits=bits, group_size=64), tmp_path / "m.lowbit")
     c = Container(path)
     _, fam = family_for("llama")
     args = fam.ModelArgs.from_dict(c.meta["architecture"]["args"])

@@ -95,8 +95,20 @@ def test_group_size_falls_back_for_awkward_shapes(shape, want):
     assert choose_qtype("blk.0.attn_q.weight", shape, "F32", ConvertOptions(bits=4, group_size=128)).name == want
 
 
-def test_norms_stay_float_embeddings_eight_bit():
+def test_norms_stay_float_embeddings_six_bit():
     opts = ConvertOptions(bits=3, group_size=64)
     assert choose_qtype("blk.0.attn_norm.weight", (64,), "BF16", opts).name == "f32"
-    assert choose_qtype("token_embd.weight", (4096, 64), "BF16", opts).name == "q8_g64"
+    assert choose_qtype("token_embd.weight", (4096, 64), "BF16", opts).name == "q6a_g64"
     assert choose_qtype("blk.0.ffn_down.weight", (64, 128), "BF16", opts).name == "q3a_g64"
+    # 8-bit weights keep 8-bit embeddings; --embed-bits overrides
+    assert choose_qtype("output.weight", (4096, 64), "BF16", ConvertOptions(bits=8)).name == "q8_g64"
+    assert choose_qtype("output.weight", (4096, 64), "BF16", ConvertOptions(bits=4, embed_bits=8)).name == "q8_g32"
+
+
+def test_default_groups_of_32_at_4_bits_only():
+    """README "Choosing the defaults": 4-bit groups of 32 (6-bit embeddings); other widths keep groups of 64."""
+    assert choose_qtype("blk.0.attn_q.weight", (64, 128), "F32", ConvertOptions()).name == "q4a_g32"
+    assert choose_qtype("token_embd.weight", (4096, 64), "F32", ConvertOptions()).name == "q6a_g32"
+    assert choose_qtype("blk.0.attn_q.weight", (64, 128), "F32", ConvertOptions(bits=3)).name == "q3a_g64"
+    assert choose_qtype("blk.0.attn_q.weight", (64, 128), "F32", ConvertOptions(bits=4, group_size=64)).name == \
+        "q4a_g64"

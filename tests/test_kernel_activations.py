@@ -14,7 +14,8 @@ from lowbit.runtime.engine import Engine
 
 @pytest.fixture(scope="module")
 def four_bit(tiny_llama, tmp_path_factory):
-    return convert(str(tiny_llama), tmp_path_factory.mktemp("ka") / "q4.lowbit", ConvertOptions(bits=4),
+    # 8-bit embeddings: the test checks both widths' activation modes
+    return convert(str(tiny_llama), tmp_path_factory.mktemp("ka") / "q4.lowbit", ConvertOptions(bits=4, embed_bits=8),
                    progress=False)
 
 

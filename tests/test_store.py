@@ -37,7 +37,7 @@ def test_gguf_and_hf_folder_run_by_name_then_from_the_store(tiny_models, tmp_pat
     rows = {r["name"]: r for r in json.loads(listed.stdout)}
     assert set(rows) == {"tiny-llama", folder.name}
     assert rows["tiny-llama"]["type"] == "q8_g32" and rows["tiny-llama"]["source"] == str(gg.resolve())
-    assert rows[folder.name]["type"] == "q4a_g64"  # the defaults of an HF conversion
+    assert rows[folder.name]["type"] == "q4a_g32"  # the defaults of an HF conversion
     # a GGUF whose weights are kept asks for exact activations (int8 ones flip near-tied tokens); an HF one int8
     from lowbit.formats.reader import Container
 
