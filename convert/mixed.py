@@ -25,12 +25,14 @@ leave (:func:`file_overhead`).
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from lowbit.convert.calibration import LayerRecorder, record
 from lowbit.convert.progress import stage
-from lowbit.convert.quantize import quantize
+from lowbit.convert.quantize import quantize_search
 from lowbit.errors import LowbitError
 from lowbit.formats.qtypes import PER_CHANNEL, QType, get_qtype, quant_type
 from lowbit.formats.reader import StoredTensor
@@ -42,7 +44,13 @@ log = logging.getLogger(__name__)
 
 # candidate types, cheapest first (bits per weight: 2.25, 2.5, 3.25, 3.5, 4.25, 4.5, 5.5, 6.5, 8.25)
 LADDER = ("q2a_g128", "q2a_g64", "q3a_g128", "q3a_g64", "q4a_g128", "q4a_g64", "q5a_g64", "q6a_g64", "q8_g64")
-KL_TOKENS = 1024  # calibration tokens (whole sequences, at least one) scored for the KL estimates
+# calibration tokens (whole sequences, at least one, spread over the calibration set) for the error proxies and for
+# the KL estimates: a quarter and a thirty-second of the default 64 x 256, so that a budgeted conversion of SmolLM2-135M
+# takes minutes (the quantization pass that follows uses every sequence)
+SENSITIVITY_TOKENS = 4096
+KL_TOKENS = 512
+# scale candidates per group of the search behind the error proxies (the conversion's own search tries 20)
+PROXY_CANDIDATES = 8
 # header bytes a tensor's entry may gain when the allocation changes its type (a longer name, a mins part, more
 # digits), plus the alignment padding its parts may add: so that the file fits --max-size whatever is chosen
 MARGIN_PER_TENSOR = 256
@@ -67,8 +75,8 @@ def allocate(job, opts, store, tokens: list[np.ndarray], qtypes: dict[str, QType
     if opts.recipe is not None:
         log.info("--recipe given with a budget: the recipe's types are replaced by the allocation")
     ladders = {n: ladder_for(store.arrays[n].shape) for n in names}
-    errors = _errors(model, store, tokens, ladders, opts.seed, progress)
-    kl = _kl_at_cheapest(model, store, tokens[: max(1, KL_TOKENS // len(tokens[0]))], ladders, progress)
+    errors, cheapest = _errors(model, store, spread(tokens, SENSITIVITY_TOKENS), ladders, opts.seed, progress)
+    kl = _kl_at_cheapest(model, cheapest, spread(tokens, KL_TOKENS), progress)
     fixed = sum(qt.nbytes(store.arrays[n].shape) for n, qt in qtypes.items() if n not in ladders)
     params = sum(int(a.size) for a in store.arrays.values())
     overhead = file_overhead(job.meta, job.plans, job.tok_blobs)
@@ -88,6 +96,12 @@ def allocate(job, opts, store, tokens: list[np.ndarray], qtypes: dict[str, QType
     log.info("mixed precision: %.4f bits/weight (budget %.4f), predicted KL %.5f", info["bpw"],
              budget * 8 / params, info["predicted_kl"])
     return out, info
+
+
+def spread(tokens: list[np.ndarray], n_tokens: int) -> list[np.ndarray]:
+    """Whole sequences of ``tokens``, evenly spaced, about ``n_tokens`` tokens in all (at least one sequence)."""
+    n = min(len(tokens), max(1, n_tokens // max(1, len(tokens[0]))))
+    return [tokens[i] for i in np.linspace(0, len(tokens) - 1, n).round().astype(int)]
 
 
 def check_budget(plans, opts, overhead: int = 0) -> None:
@@ -158,57 +172,68 @@ def _greedy(ladders, errors, kl, shapes, budget: float) -> dict[str, QType]:
     return {n: ladders[n][level[n]] for n in ladders}
 
 
-def _errors(model, store, tokens, ladders, seed: int, progress: bool) -> dict[str, list[float]]:
-    """e_t(q) for every tensor and ladder type, layer by layer on the unquantized model's activations."""
+def _errors(model, store, tokens, ladders, seed: int, progress: bool):
+    """(e_t(q) for every tensor and ladder type, each tensor at its cheapest type as stored), layer by layer on the
+    unquantized model's activations. The quantizations of a layer run on a pool of threads (numpy's work releases
+    the GIL)."""
     errors: dict[str, list[float]] = {}
+    cheapest: dict[str, StoredTensor] = {}
     cache = model.new_cache()
     hidden = [model.embed_tokens(t) for t in tokens]
     rec = LayerRecorder(seed, len(tokens))
     n_layers = len(model.layers)
     bar = stage("sensitivity", n_layers + 2, "layer", progress)
+
+    def measure(pool, jobs: dict[str, tuple]) -> None:
+        """jobs: name -> (error function, its second argument); every type of each name's ladder, in the pool."""
+        futures = {(n, i): pool.submit(fn, store.arrays[n], arg, qt)
+                   for n, (fn, arg) in jobs.items() for i, qt in enumerate(ladders[n])}
+        for n in jobs:
+            errors[n] = [futures[n, i].result()[0] for i in range(len(ladders[n]))]
+            w = store.arrays[n]
+            cheapest[n] = StoredTensor(n, ladders[n][0], tuple(w.shape), futures[n, 0].result()[1])
+
     try:
-        for li in range(n_layers):
-            # one pass records the layer's inputs and computes the next layer's (the float model does not change)
-            hidden = record(model, rec, hidden, lambda h, li=li: model.block(h, model.layers[li], li, 0, cache), True)
-            for n in [n for n in ladders if n.startswith(f"blk.{li}.")]:
-                errors[n] = _tensor_errors(store.arrays[n], rec.hessian(n), ladders[n])
+        with ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as pool:
+            for li in range(n_layers):
+                # one pass records the layer's inputs and computes the next layer's (the float model does not change)
+                hidden = record(model, rec, hidden, lambda h, li=li: model.block(h, model.layers[li], li, 0, cache),
+                                True)
+                measure(pool, {n: (_tensor_error, rec.hessian(n)) for n in ladders if n.startswith(f"blk.{li}.")})
+                bar.update(1)
+            record(model, rec, hidden, model.head)
+            head = model.lm_head.name
+            if head in ladders:
+                measure(pool, {head: (_tensor_error, rec.hessian(head))})
             bar.update(1)
-        record(model, rec, hidden, model.head)
-        head = model.lm_head.name
-        if head in ladders:
-            errors[head] = _tensor_errors(store.arrays[head], rec.hessian(head), ladders[head])
-        bar.update(1)
-        emb = "token_embd.weight"
-        if emb in ladders and emb not in errors:
-            counts = np.bincount(np.concatenate(tokens), minlength=store.arrays[emb].shape[0]).astype(np.float64)
-            errors[emb] = _row_errors(store.arrays[emb], counts / max(counts.sum(), 1.0), ladders[emb])
-        bar.update(1)
+            emb = "token_embd.weight"
+            if emb in ladders and emb not in errors:
+                counts = np.bincount(np.concatenate(tokens), minlength=store.arrays[emb].shape[0]).astype(np.float64)
+                measure(pool, {emb: (_row_error, counts / max(counts.sum(), 1.0))})
+            bar.update(1)
     finally:
         bar.close()
-    return errors
+    return errors, cheapest
 
 
-def _tensor_errors(w: np.ndarray, h: np.ndarray, ladder: list[QType]) -> list[float]:
-    imp = np.diag(h).astype(np.float32)
-    h32 = h.astype(np.float32)  # float32 products: half the time of float64, and the ratios need no more
-    out = []
-    for qt in ladder:
-        e = (w - dequantize(quantize(w, qt, "search", importance=imp), qt, w.shape)).astype(np.float32)
-        out.append(float(np.einsum("ij,ij->", e @ h32, e, dtype=np.float64)))
-    return out
+def _tensor_error(w: np.ndarray, h: np.ndarray, qt: QType) -> tuple[float, dict]:
+    """(tr(E H Eᵀ), the parts) for w quantized to qt by the search weighted by H's diagonal."""
+    parts = quantize_search(w, qt, importance=np.diag(h).astype(np.float32), n_candidates=PROXY_CANDIDATES)
+    e = (w - dequantize(parts, qt, w.shape)).astype(np.float32)
+    # float32 products: half the time of float64, and the ratios need no more
+    return float(np.einsum("ij,ij->", e @ h.astype(np.float32), e, dtype=np.float64)), parts
 
 
-def _row_errors(w: np.ndarray, freq: np.ndarray, ladder: list[QType]) -> list[float]:
-    out = []
-    for qt in ladder:
-        e = (w - dequantize(quantize(w, qt, "search"), qt, w.shape)).astype(np.float64)
-        out.append(float(freq @ np.einsum("ij,ij->i", e, e)))
-    return out
+def _row_error(w: np.ndarray, freq: np.ndarray, qt: QType) -> tuple[float, dict]:
+    """(the squared error of the rows weighted by how often each is looked up, the parts) for an embedding."""
+    parts = quantize_search(w, qt, n_candidates=PROXY_CANDIDATES)
+    e = (w - dequantize(parts, qt, w.shape)).astype(np.float64)
+    return float(freq @ np.einsum("ij,ij->i", e, e)), parts
 
 
-def _kl_at_cheapest(model, store, tokens, ladders, progress: bool) -> dict[str, float]:
-    """Estimated mean KL(float ‖ model with only tensor t at its cheapest type) over the scored positions of
-    ``tokens`` (module docstring, step 2)."""
+def _kl_at_cheapest(model, cheapest: dict[str, StoredTensor], tokens, progress: bool) -> dict[str, float]:
+    """Estimated mean KL(float ‖ model with only tensor t at its cheapest type, ``cheapest[t]``) over the scored
+    positions of ``tokens`` (module docstring, step 2)."""
     cache = model.new_cache()
     n_layers = len(model.layers)
     # inputs of every layer for the unquantized model: a tensor of layer i only changes what follows layer i
@@ -226,11 +251,6 @@ def _kl_at_cheapest(model, store, tokens, ladders, progress: bool) -> dict[str, 
             kls.append(np.sum(np.exp(ref[k]) * (ref[k] - q), axis=1))
         return float(np.mean(np.concatenate(kls)))
 
-    def quantized(n: str) -> StoredTensor:
-        qt = ladders[n][0]
-        w = store.arrays[n]
-        return StoredTensor(n, qt, tuple(w.shape), quantize(w, qt, "search"))
-
     def layer_out(li: int) -> list[np.ndarray]:
         return [model.block(h, model.layers[li], li, 0, cache) for h in inputs[li]]
 
@@ -238,14 +258,14 @@ def _kl_at_cheapest(model, store, tokens, ladders, progress: bool) -> dict[str, 
         return float(sum(np.sum(np.square(o - r, dtype=np.float64)) for o, r in zip(outs, inputs[li + 1])))
 
     by_layer: dict[int, list[str]] = {}
-    for n in ladders:
+    for n in cheapest:
         if n.startswith("blk."):
             by_layer.setdefault(int(n.split(".")[1]), []).append(n)
     out: dict[str, float] = {}
-    bar = stage("sensitivity KL", len(ladders), "tensor", progress)
+    bar = stage("sensitivity KL", len(cheapest), "tensor", progress)
     try:
         for li, names in sorted(by_layer.items()):
-            stored = {n: quantized(n) for n in names}
+            stored = {n: cheapest[n] for n in names}
             with _swapped(model, stored):
                 outs = layer_out(li)
                 kl_layer, err_layer = kl_from(li + 1, outs), sq_error(outs, li)
@@ -254,8 +274,8 @@ def _kl_at_cheapest(model, store, tokens, ladders, progress: bool) -> dict[str, 
                 with _swapped(model, {n: stored[n]}):
                     out[n] = per_err * sq_error(layer_out(li), li)
             bar.update(len(names))
-        for n in [n for n in ladders if not n.startswith("blk.")]:  # lm_head, embeddings: measured directly
-            with _swapped(model, {n: quantized(n)}):
+        for n in [n for n in cheapest if not n.startswith("blk.")]:  # lm_head, embeddings: measured directly
+            with _swapped(model, {n: cheapest[n]}):
                 if n == "token_embd.weight":
                     out[n] = kl_from(0, [model.embed_tokens(t) for t in tokens])
                 else:

@@ -19,7 +19,9 @@ looked up, not multiplied), unless it doubles as the lm_head. Memory: the float 
 from __future__ import annotations
 
 import logging
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -33,7 +35,7 @@ from lowbit.convert.progress import stage
 from lowbit.convert.quantize import quantize
 from lowbit.formats.qtypes import QType
 from lowbit.formats.reader import StoredTensor
-from lowbit.kernels import dispatch
+from lowbit.kernels import blas, dispatch
 from lowbit.kernels.ref import dequantize
 
 log = logging.getLogger(__name__)
@@ -123,8 +125,10 @@ class Pipeline:
             scales = self._awq_layer(prefix, names, rec)
         elif self.method.smoothquant:
             scales = smoothquant.migrate_layer(self, prefix, names, rec, NORM_GROUPS)
-        for short in names:
-            self._encode(f"{prefix}{short}.weight", rec, scales.get(short))
+        # the layer's matrices on a pool of threads, BLAS on one thread each: GPTQ's and the search's numpy and BLAS
+        # work release the GIL
+        with ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as pool, blas.one_thread():
+            list(pool.map(lambda short: self._encode(f"{prefix}{short}.weight", rec, scales.get(short)), names))
 
     def _awq_layer(self, prefix: str, names: list[str], rec: LayerRecorder) -> dict[str, np.ndarray]:
         """Search AWQ scales for each input group of the layer, fold them, return linear -> s."""
