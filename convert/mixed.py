@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from lowbit.convert import lowrank
 from lowbit.convert.calibration import LayerRecorder, record
 from lowbit.convert.progress import stage
 from lowbit.convert.quantize import quantize_search
@@ -68,6 +69,23 @@ def tensor_budget(opts, params: int, overhead: int) -> float:
     return opts.max_size - overhead if opts.max_size is not None else opts.target_bpw * params / 8.0
 
 
+def extras_size(method, opts, shapes: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(bytes, tensors) of the extra float16 tensors ``method`` stores beside the matrices of ``shapes``: a
+    rotation's signs (one per input column) and low-rank factors. The calibrated pipeline makes them for every matrix
+    it multiplies with (not for an embedding that is only looked up, unless it doubles as the lm_head)."""
+    head = "output.weight" if "output.weight" in shapes else "token_embd.weight"
+    size = count = 0
+    for n, (rows, cols) in shapes.items():
+        if n == "token_embd.weight" and head != n:
+            continue
+        if method.hadamard:
+            size, count = size + 2 * cols, count + 1
+        rank = lowrank.rank_for_budget((rows, cols), opts.lowrank_bpw) if method.lowrank else 0
+        if rank > 0:
+            size, count = size + 2 * rank * (rows + cols), count + 2
+    return size, count
+
+
 def allocate(job, opts, store, tokens: list[np.ndarray], qtypes: dict[str, QType], progress: bool):
     """(new qtypes, info for the header) for the budget in ``opts``."""
     model = job.family.Model(job.args, store, opts.calib_len)
@@ -80,7 +98,9 @@ def allocate(job, opts, store, tokens: list[np.ndarray], qtypes: dict[str, QType
     fixed = sum(qt.nbytes(store.arrays[n].shape) for n, qt in qtypes.items() if n not in ladders)
     params = sum(int(a.size) for a in store.arrays.values())
     overhead = file_overhead(job.meta, job.plans, job.tok_blobs)
-    budget = tensor_budget(opts, params, overhead)
+    extra, n_extra = extras_size(job.method, opts, {n: store.arrays[n].shape for n in names})
+    budget = tensor_budget(opts, params, overhead + MARGIN_PER_TENSOR * n_extra)
+    fixed += extra  # the method's extra tensors (rotation signs, low-rank factors) come out of the budget too
     chosen = _greedy(ladders, errors, kl, {n: store.arrays[n].shape for n in names}, budget - fixed)
     out = dict(qtypes)
     out.update(chosen)

@@ -99,6 +99,19 @@ def test_max_size_is_the_whole_file(tiny_llama, tmp_path):
     assert size > 0.8 * limit  # the margin kept for the header is small
 
 
+@pytest.mark.parametrize("method,extra", [("hadamard+imatrix", {}), ("imatrix+lowrank", {"lowrank_bpw": 1.0})])
+def test_target_bpw_counts_the_methods_extra_tensors(tiny_llama, tmp_path, method, extra):
+    """Rotation signs and low-rank factors are tensors of the file: the budget pays for them (a SmolLM2 file for
+    --target-bpw 3.5 --method hadamard+gptq came out at 3.517 bits per weight before)."""
+    out = convert(str(tiny_llama), tmp_path / "m.lowbit", ConvertOptions(target_bpw=4.0, method=method, **CAL, **extra),
+                  progress=False)
+    c = Container(out)
+    s = summarize(c)
+    assert any(n.endswith((".had", ".lr_a")) for n in c.tensor_names)
+    assert 3.9 < s["bpw_all"] <= 4.0 + 1e-9
+    assert c.meta["quantization"]["mixed"]["bpw"] == pytest.approx(s["bpw_all"], abs=1e-3)
+
+
 def test_target_bpw_is_met_and_recipe_reproduces_it(tiny_llama, tmp_path, llama_prompt):
     out = convert(
         str(tiny_llama),
