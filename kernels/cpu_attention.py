@@ -291,12 +291,37 @@ def _prefetch_rows(data, kv, s):
         prefetch(data, base + f)
 
 
+MASKED = np.float32(-3.0e38)  # the score of a key a query does not see (finite: the kernels assume no infinities)
+
+
+@nb.njit(**JIT)
+def _padded_rows(tile, data, scales, kv, s, n):
+    """tile[:n] = positions s .. s+n-1 (n < 8) of one head as float32, tile[n:] = 0: the last keys of a range, so
+    the intrinsics can take them as a group of eight."""
+    rows, r0 = load_rows(tile, data, scales, kv, s, n)
+    for i in range(n):
+        for j in range(tile.shape[1]):
+            tile[i, j] = rows[r0 + i, j]
+    for i in range(n, KEYS):
+        for j in range(tile.shape[1]):
+            tile[i, j] = 0.0
+
+
+@nb.njit(**JIT)
+def _cap8(v, off, cap):
+    """v[off : off+8] = cap * tanh(v / cap): eight scores at a time whatever the range's length, so that LLVM makes
+    the same instructions of every score (a vectorized tanh and a scalar one differ in the last bits)."""
+    for j in range(KEYS):
+        v[off + j] = np.float32(cap * math.tanh(v[off + j] / cap))
+
+
 @nb.njit(**JIT)
 def _scores(sc, q, t0, rep, h0, kd, ks, kv, s0, m, scale, cap, tile):
     """sc[i · rep + r, s] = (soft-capped) scale * q[t0 + i, h0 + r] . key[kv, s0 + s]: the rep query heads of one kv
     head for queries t0 .. t0 + sc.shape[0] / rep - 1, so that each key is loaded (and decoded: load_rows) once for
-    them all. Eight keys per call of the attention intrinsic where the head dim is a multiple of 8, the rest one by
-    one."""
+    them all. Eight keys per call of the attention intrinsic where the head dim is a multiple of 8, the last ones
+    too (zero-padded), so that a key's score is the same number whichever keys share its call (a prompt computed in
+    one pass or after a cached prefix agree bit for bit); one by one otherwise."""
     rows_n = sc.shape[0]
     hd = q.shape[2]
     m8 = m // KEYS * KEYS if hd % 8 == 0 else 0
@@ -305,22 +330,35 @@ def _scores(sc, q, t0, rep, h0, kd, ks, kv, s0, m, scale, cap, tile):
         rows, r0 = load_rows(tile, kd, ks, kv, s0 + s, KEYS)
         for i in range(rows_n):
             scores8(sc[i], s, q[t0 + i // rep, h0 + i % rep], 0, rows, r0 * hd, hd, scale)
-    for s in range(m8, m):
+            if cap > 0:
+                _cap8(sc[i], s, cap)
+    part = np.zeros(KEYS, dtype=np.float32)
+    if hd % 8 == 0 and m8 < m:
+        _padded_rows(tile, kd, ks, kv, s0 + m8, m - m8)
+        for i in range(rows_n):
+            scores8(part, 0, q[t0 + i // rep, h0 + i % rep], 0, tile, 0, hd, scale)
+            if cap > 0:
+                _cap8(part, 0, cap)
+            for s in range(m8, m):
+                sc[i, s] = part[s - m8]
+    for s in range(m8 if hd % 8 != 0 else m, m):
         rows, r0 = load_rows(tile, kd, ks, kv, s0 + s, 1)
         for i in range(rows_n):
             acc = np.float32(0.0)
             for j in range(hd):
                 acc += q[t0 + i // rep, h0 + i % rep, j] * rows[r0, j]
             sc[i, s] = acc * scale
-    if cap > 0:
-        for i in range(rows_n):
-            for s in range(m):
-                sc[i, s] = np.float32(cap * math.tanh(sc[i, s] / cap))
+            if cap > 0:  # one score at a time (the head dim is not a multiple of 8): the same code for each
+                part[0] = sc[i, s]
+                _cap8(part, 0, cap)
+                sc[i, s] = part[0]
 
 
 @nb.njit(**JIT)
-def _exp_rows(sc, m, mx, tot):
-    """sc[r, :m] = exp(sc[r, :m] - mx[r]) with mx[r] the row's max; tot[r] = the row's sum."""
+def _exp_rows(sc, m, mx, tot, s0):
+    """sc[r, :m] = exp(sc[r, :m] - mx[r]) with mx[r] the row's max (masked scores: exactly 0); tot[r] = the row's
+    sum, added in eight lanes by absolute key position s0 + s, so that it does not depend on where the range
+    starts or how many masked keys follow (a prompt in one pass or after a cached prefix: the same sums)."""
     lanes = np.empty(KEYS, dtype=np.float32)
     for r in range(sc.shape[0]):
         row = sc[r]
@@ -337,20 +375,23 @@ def _exp_rows(sc, m, mx, tot):
                 top = top if top > lanes[j] else lanes[j]
         for s in range(m8, m):
             top = top if top > row[s] else row[s]
-        acc = np.float32(0.0)
         for s in range(m):
-            e = fast_exp(row[s] - top)
-            row[s] = e
-            acc += e
+            v = row[s]
+            row[s] = fast_exp(v - top) if v > MASKED else np.float32(0.0)
+        for j in range(KEYS):
+            lanes[j] = 0.0
+        for s in range(m):
+            lanes[(s0 + s) % KEYS] += row[s]
         mx[r] = top
-        tot[r] = acc
+        tot[r] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
 
 
 @nb.njit(**JIT)
 def _weighted_values(dst, sc, vd, vs, kv, s0, m, tile):
     """dst[r, :] += sum_s sc[r, s] * value[kv, s0 + s]. dst: f32[rep, hd] (C-contiguous); values in any cache
     format (load_rows). Eight value rows per call of the attention intrinsic where the head dim is a multiple of 8,
-    the rest one by one."""
+    the last ones too (zero-padded, zero weights: each key is one fused multiply-add in key order whatever keys
+    share its call); one by one otherwise."""
     hd = dst.shape[1]
     m8 = m // KEYS * KEYS if hd % 8 == 0 else 0
     for s in range(0, m8, KEYS):
@@ -358,7 +399,14 @@ def _weighted_values(dst, sc, vd, vs, kv, s0, m, tile):
         rows, r0 = load_rows(tile, vd, vs, kv, s0 + s, KEYS)
         for r in range(dst.shape[0]):
             values8(dst[r], 0, sc[r], s, rows, r0 * hd, hd)
-    for s in range(m8, m):
+    if hd % 8 == 0 and m8 < m:
+        wts = np.zeros(KEYS, dtype=np.float32)
+        _padded_rows(tile, vd, vs, kv, s0 + m8, m - m8)
+        for r in range(dst.shape[0]):
+            for s in range(m8, m):
+                wts[s - m8] = sc[r, s]
+            values8(dst[r], 0, wts, 0, tile, 0, hd)
+    for s in range(m8 if hd % 8 != 0 else m, m):
         rows, r0 = load_rows(tile, vd, vs, kv, s0 + s, 1)
         for r in range(dst.shape[0]):
             wgt = sc[r, s]
@@ -405,12 +453,12 @@ def attention(out, q, kd, ks, vd, vs, start, scale, window, cap):
             for r in range(rep):
                 row = sc[j * rep + r]
                 for s in range(qlo):
-                    row[s] = -np.inf
+                    row[s] = MASKED
                 for s in range(pos + 1 - lo, n):
-                    row[s] = -np.inf
+                    row[s] = MASKED
         mx = np.empty(nq * rep, dtype=np.float32)
         tot = np.empty(nq * rep, dtype=np.float32)
-        _exp_rows(sc, n, mx, tot)
+        _exp_rows(sc, n, mx, tot, lo)
         dst = np.zeros((nq * rep, hd), dtype=np.float32)
         _weighted_values(dst, sc, vd, vs, kv, lo, n, tile)
         for j in range(nq):
@@ -446,7 +494,7 @@ def attention_decode(out, q, kd, ks, vd, vs, start, scale, window, cap, chunk):
         sc = np.empty((rep, m), dtype=np.float32)
         tile = np.empty((KEYS, hd), dtype=np.float32)
         _scores(sc, q, 0, rep, kv * rep, kd, ks, kv, s0, m, scale, cap, tile)
-        _exp_rows(sc, m, pmax[kv, c], psum[kv, c])
+        _exp_rows(sc, m, pmax[kv, c], psum[kv, c], s0)
         _weighted_values(pout[kv, c], sc, vd, vs, kv, s0, m, tile)
     for kv in range(n_kv):
         for r in range(rep):

@@ -146,17 +146,19 @@ def weight_extras(container, name: str) -> dict[str, np.ndarray]:
     return out
 
 
-def linear(w: Weight, x: np.ndarray) -> np.ndarray:
+def linear(w: Weight, x: np.ndarray, prompt: bool = False) -> np.ndarray:
     """y[T, rows] = x[T, cols] @ W.T (+ bias); with extras, x is first rotated (one float32 copy) and the low-rank
     term ``(x' @ lr_a.T) @ lr_b.T`` is added. With an activation-quantization mode (``w.act_q``), the input the
-    product consumes (after any rotation) is first rounded to int8 levels (kernels/act_quant.py)."""
+    product consumes (after any rotation) is first rounded to int8 levels (kernels/act_quant.py). ``prompt``: the
+    prompt GEMM for any T where the weight has one (its rows do not depend on T; the one-token and few-token
+    kernels sum in another order)."""
     if w.had_d is not None:
         xr = np.array(x, dtype=np.float32, order="C", copy=True)
         kernel_call(hadamard.fwht_rows, xr, w.had_d, w.had_block, False)
         x = xr
     if w.act_q is not None:
         x = act_quant.fake_quant(x, w.act_q)
-    y = _product(w, x)
+    y = _product(w, x, prompt)
     if w.lr_a is not None:
         y += kernel_call(np.matmul, kernel_call(np.matmul, x, w.lr_a.T), w.lr_b.T)
     if w.bias is not None:
@@ -215,11 +217,15 @@ _NO_ROWS_CODES = np.empty((0, 1), dtype=np.uint8)
 _NO_ROWS_SCALES = np.empty((0, 1), dtype=np.uint16)
 
 
-def _product(w: Weight, x: np.ndarray) -> np.ndarray:
-    """x[T, cols] @ W.T for the stored matrix alone."""
+def _product(w: Weight, x: np.ndarray, prompt: bool = False) -> np.ndarray:
+    """x[T, cols] @ W.T for the stored matrix alone (``prompt``: see :func:`linear`)."""
     t = x.shape[0]
+    gemm = w.int_kernels.gemm if w.int_kernels is not None else None
     if w.f32 is not None:
         y = kernel_call(np.matmul, x, w.f32.T)
+    elif prompt and gemm is not None:
+        y = np.empty((t, w.rows), dtype=np.float32)
+        kernel_call(gemm, y, *w._qargs(), np.ascontiguousarray(x), w.asym)
     elif w.packed is not None and 2 <= t <= SMALL_BATCH:
         y = np.empty((t, w.rows), dtype=np.float32)
         wb, dsc, nmc, matmul = w.packed
@@ -228,9 +234,9 @@ def _product(w: Weight, x: np.ndarray) -> np.ndarray:
         y = np.empty((t, w.rows), dtype=np.float32)
         kernel = w.int_kernels.matvec if t == 1 else w.int_kernels.matmul_small
         kernel_call(kernel, y[0] if t == 1 else y, *w._qargs(), np.ascontiguousarray(x), w.asym)
-    elif w.int_kernels is not None and w.int_kernels.gemm is not None:  # a prompt: the integer GEMM
+    elif gemm is not None:  # a prompt: the integer GEMM
         y = np.empty((t, w.rows), dtype=np.float32)
-        kernel_call(w.int_kernels.gemm, y, *w._qargs(), np.ascontiguousarray(x), w.asym)
+        kernel_call(gemm, y, *w._qargs(), np.ascontiguousarray(x), w.asym)
     elif t == 1:
         y = np.empty((1, w.rows), dtype=np.float32)
         kernel_call(cpu.qmatvec, y[0], *w._qargs(), x[0], *w._rest())
@@ -306,18 +312,20 @@ def attention(
     window: int = 0,
     softcap: float = 0.0,
     ahead=None,
+    prompt: bool = False,
 ) -> np.ndarray:
     """Causal GQA attention over one layer's cache (as in kv_write; a pair of float32 arrays [n_kv, ctx, hd] is a
     float32 cache); window > 0 limits each query to the last ``window`` keys, softcap > 0 soft-caps the scaled
     scores (cap * tanh(s / cap)). ``ahead``: a kernels.compile_ahead.CompileAhead compiling the kernel elsewhere,
-    waited for before the first call."""
+    waited for before the first call. One query deep in the cache takes the split kernel, unless ``prompt`` (a
+    prompt pass: each query's numbers must not depend on how many share the pass)."""
     q = np.ascontiguousarray(q, dtype=np.float32)  # the kernels' SIMD loads need C-contiguous rows
     out = np.empty_like(q)
     if len(layer) == 2:
         k, v = layer
         layer = (k, _NO_SCALES, v, _NO_SCALES)
     args = (out, q, *layer, start, np.float32(scale), window, np.float32(softcap))
-    if q.shape[0] == 1 and start + 1 > DECODE_CHUNK:
+    if q.shape[0] == 1 and start + 1 > DECODE_CHUNK and not prompt:
         if ahead is not None:
             ahead.wait("attention_decode")
         kernel_call(cpu_attention.attention_decode, *args, DECODE_CHUNK)
@@ -334,15 +342,19 @@ def head_rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return rmsnorm(np.ascontiguousarray(x).reshape(t * nh, hd), w, eps).reshape(t, nh, hd)
 
 
-def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+def silu_mul(gate: np.ndarray, up: np.ndarray, prompt: bool = False) -> np.ndarray:
+    """silu(gate) * up; rows in parallel from PARALLEL_ROWS rows on, or always in a prompt pass (the two kernels
+    compile the same row to different instructions: a prompt's rows must not depend on how many share the pass)."""
     out = np.empty_like(gate)
-    kernel_call(cpu.silu_mul_par if gate.shape[0] >= PARALLEL_ROWS else cpu.silu_mul, out, gate, up)
+    kernel_call(cpu.silu_mul_par if prompt or gate.shape[0] >= PARALLEL_ROWS else cpu.silu_mul, out, gate, up)
     return out
 
 
-def gelu_tanh_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+def gelu_tanh_mul(gate: np.ndarray, up: np.ndarray, prompt: bool = False) -> np.ndarray:
+    """gelu_tanh(gate) * up; ``prompt`` as in :func:`silu_mul`."""
     out = np.empty_like(gate)
-    kernel_call(cpu.gelu_tanh_mul_par if gate.shape[0] >= PARALLEL_ROWS else cpu.gelu_tanh_mul, out, gate, up)
+    par = prompt or gate.shape[0] >= PARALLEL_ROWS
+    kernel_call(cpu.gelu_tanh_mul_par if par else cpu.gelu_tanh_mul, out, gate, up)
     return out
 
 

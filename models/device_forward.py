@@ -101,7 +101,8 @@ class CudaModelMixin:
         logits = self.linear(self.lm_head, self.rmsnorm(x, self.out_norm))
         return self.softcap(logits, self.final_softcap) if self.final_softcap > 0 else logits
 
-    def forward(self, tokens: np.ndarray, start: int, cache: cd.KVCache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, start: int, cache: cd.KVCache, all_logits: bool = False,
+                prompt: bool = False) -> np.ndarray:
         """Host logits [T, vocab] (all_logits) or [1, vocab]; the only host<->device traffic is ids in, logits out."""
         x = self.embed_tokens(tokens)
         for li, layer in enumerate(self.layers):

@@ -217,6 +217,9 @@ class Model:
         self.kv = kv_formats.DEFAULT  # storage formats of the caches new_cache makes
         self.compile_ahead = None  # a kernels.compile_ahead.CompileAhead on a cold start (attend waits for it)
         self.observer = None  # anything with observe(weight name, input): shown every matrix product's input
+        # forward(prompt=True) sets this for its pass: every product on the prompt kernels, whose rows do not depend
+        # on how many tokens share the pass (dispatch.linear's ``prompt``)
+        self.prompt_pass = False
         self.setup_rope()
         self.configure()
 
@@ -278,12 +281,12 @@ class Model:
         each input first."""
         if self.observer is not None:
             self.observer.observe(w.name, x)
-        return dispatch.linear(w, x)
+        return dispatch.linear(w, x, self.prompt_pass)
 
     def linears(self, ws: list, x: np.ndarray) -> list[np.ndarray]:
         """Products of one input with several weights (q/k/v, gate/up): fused into one kernel call where the
         weights allow (dispatch.linear_many); one by one through ``linear`` while an observer watches."""
-        if self.observer is not None:
+        if self.observer is not None or self.prompt_pass:
             return [self.linear(w, x) for w in ws]
         return dispatch.linear_many(ws, x)
 
@@ -357,13 +360,14 @@ class Model:
         ahead = self.compile_ahead
         if ahead is not None and ahead.finished:
             ahead = self.compile_ahead = None
-        return dispatch.attention(q, cache.layer(li), start, self.scale, w, self.attn_softcap, ahead)
+        return dispatch.attention(q, cache.layer(li), start, self.scale, w, self.attn_softcap, ahead,
+                                  self.prompt_pass)
 
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        return dispatch.silu_mul(gate, up)
+        return dispatch.silu_mul(gate, up, self.prompt_pass)
 
     def gelu_tanh_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        return dispatch.gelu_tanh_mul(gate, up)
+        return dispatch.gelu_tanh_mul(gate, up, self.prompt_pass)
 
     def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """a + b (the residual adds), a new array."""
@@ -414,17 +418,29 @@ class Model:
         logits = self.linear(self.lm_head, self.rmsnorm(np.ascontiguousarray(x), self.out_norm))
         return self.softcap(logits, self.final_softcap) if self.final_softcap > 0 else logits
 
-    def forward(self, tokens: np.ndarray, start: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, start: int, cache: KVCache, all_logits: bool = False,
+                prompt: bool = False) -> np.ndarray:
         """Logits [T, vocab] (all_logits) or [1, vocab] for the last position, for tokens at start..start+T-1.
         With ``cache`` a :class:`Segments` (and ``start`` None), tokens are several sequences' rows and the logits
         are those of each sequence's last row, [S, vocab].
-        More tokens than a ring cache takes in one pass (KVCache.max_tokens) run as several passes."""
+        More tokens than a ring cache takes in one pass (KVCache.max_tokens) run as several passes.
+        ``prompt``: a prompt pass, whose keys/values a later prompt may reuse: every product on the prompt kernels,
+        so each row is the same number however the prompt was cut into passes (engine.Engine.prefill)."""
+        if prompt and not self.prompt_pass:
+            self.prompt_pass = True
+            try:
+                return self._forward(tokens, start, cache, all_logits)
+            finally:
+                self.prompt_pass = False
+        return self._forward(tokens, start, cache, all_logits)
+
+    def _forward(self, tokens: np.ndarray, start: int, cache: KVCache, all_logits: bool) -> np.ndarray:
         limit = getattr(cache, "max_tokens", None)
         if isinstance(cache, Segments):
             if any(b - a > c.max_tokens for c, _, a, b in cache.parts):
                 raise ValueError("a segment is longer than its cache takes in one pass")
         elif limit is not None and len(tokens) > limit:
-            parts = [self.forward(tokens[i : i + limit], start + i, cache, all_logits)
+            parts = [self._forward(tokens[i : i + limit], start + i, cache, all_logits)
                      for i in range(0, len(tokens), limit)]
             return np.concatenate(parts) if all_logits else parts[-1]
         with blas.one_thread() if self.one_thread_blas else contextlib.nullcontext():

@@ -209,6 +209,9 @@ class Engine:
         self.model.kv = self.kv
         self.cache = self.model.new_cache()
         self.cached: list[int] = []  # tokens whose keys/values are in the cache, in order
+        # how many of them a prompt pass computed: only those are reused (a decode step's numbers differ from a
+        # prompt pass's in the last bits, which int8 activations can carry into a different answer)
+        self.prompted = 0
         self.prefill_chunk = PREFILL_CHUNK
         self.load_seconds = time.perf_counter() - t0
         self.stats = Stats()
@@ -226,6 +229,7 @@ class Engine:
     # ------------------------------------------------------------------------------------------ forward
     def reset(self) -> None:
         self.cached = []
+        self.prompted = 0
 
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
         """Make the cache hold ``tokens``, computing only what is not already cached. Logits for the last token."""
@@ -234,20 +238,24 @@ class Engine:
             raise LowbitError("empty prompt")
         if len(tokens) > self.ctx:
             raise ContextOverflowError(f"prompt of {len(tokens)} tokens does not fit the context of {self.ctx}")
-        n = min(common_prefix(self.cached, tokens), len(tokens) - 1)  # at least the last token runs: its logits
+        # at least the last token runs (its logits); what decode steps computed (a reply) is computed again, as a
+        # prompt pass would: a conversation continued from the cache gives the answer a fresh prefill gives
+        n = min(common_prefix(self.cached, tokens), len(tokens) - 1, self.prompted)
         if not self.cache.can_rewind(len(self.cached), n):  # a sliding window's ring no longer holds what n needs
             n = 0
         # forward overwrites positions n.. of the cache: forget them first, so a prefill interrupted part-way
         # (Ctrl-C) never leaves old tokens listed whose keys/values are already gone
         self.cached = tokens[:n]
+        self.prompted = n
         self.stats.reused_tokens += n
         t0 = time.perf_counter()
         try:
             # in chunks, so activation memory stays bounded however long the prompt (llama.cpp's ubatch)
             for i in range(n, len(tokens), self.prefill_chunk):
                 chunk = tokens[i : i + self.prefill_chunk]
-                logits = self._forward(chunk, i)
+                logits = self._forward(chunk, i, prompt=True)
                 self.cached = tokens[: i + len(chunk)]
+                self.prompted = len(self.cached)
                 self.stats.prefilled_tokens += len(chunk)
         finally:
             self.stats.prefill_seconds += time.perf_counter() - t0
@@ -261,13 +269,13 @@ class Engine:
         self.cached.append(token)
         return logits[0]
 
-    def _forward(self, tokens: list[int], pos: int, cache=None) -> np.ndarray:
+    def _forward(self, tokens: list[int], pos: int, cache=None, prompt: bool = False) -> np.ndarray:
         cache = self.cache if cache is None else cache
         notice = self.compile_notice
         if notice is None:
-            return self.model.forward(np.array(tokens), pos, cache)
+            return self.model.forward(np.array(tokens), pos, cache, prompt=prompt)
         with numba_event.install_listener("numba:compile", notice):
-            logits = self.model.forward(np.array(tokens), pos, cache)
+            logits = self.model.forward(np.array(tokens), pos, cache, prompt=prompt)
         notice.settle()
         return logits
 
@@ -311,6 +319,7 @@ class Engine:
         """Make room in a full cache: drop half of the tokens after the first ``keep`` (llama.cpp's context shift),
         moving the rest back (keys re-rotated). Returns how many were dropped."""
         self.cached, discard = shift_tokens(self.model, self.cache, self.cached, keep)
+        self.prompted = min(self.prompted, keep)  # the moved keys are re-rotated: not what a prompt pass makes
         self.stats.shifted_tokens += discard
         return discard
 
@@ -319,6 +328,7 @@ class Engine:
         if len(tokens) > self.ctx:
             raise ContextOverflowError(f"{len(tokens)} tokens do not fit the context of {self.ctx}")
         self.cached = []
+        self.prompted = 0
         out = self.model.forward(np.array(tokens), 0, self.cache, all_logits=True)
         return out
 

@@ -45,6 +45,9 @@ class Slot:
 
     cache: Any = None
     tokens: list[int] = field(default_factory=list)
+    # how many leading tokens a prompt pass computed: only those are reused (as in engine.Engine.prefill); read as
+    # min(prompted, len(tokens))
+    prompted: int = 0
     last_used: float = 0.0
     busy: bool = False
 
@@ -103,10 +106,11 @@ class Scheduler:
         idle = [s for s in self.slots if not s.busy]
         best, reuse = None, 0
         for s in idle:
-            n = min(common_prefix(s.tokens, prompt), len(prompt) - 1)
+            n = min(common_prefix(s.tokens, prompt), len(prompt) - 1, s.prompted, len(s.tokens))
             if n > reuse and s.cache.can_rewind(len(s.tokens), n):  # (a sliding window's ring may not go back far)
                 best, reuse = s, n
-        if best is not None and (reuse == len(best.tokens) or common_prefix(best.tokens, prompt) == len(prompt)):
+        if best is not None and (reuse == len(best.tokens) or common_prefix(best.tokens, prompt) == len(prompt)
+                                 or reuse == best.prompted):  # what follows were decode steps: computed again
             return best, reuse  # the prompt extends all the slot holds, or lies within it (a reply asked again)
         fresh = self._fresh_slot(idle, keep=best)
         if fresh is None:  # no other slot to be had: the partial match gives up its tail
@@ -114,6 +118,7 @@ class Scheduler:
         if best is not None:
             fresh.cache.copy_prefix(best.cache, reuse)
             fresh.tokens = best.tokens[:reuse]
+            fresh.prompted = reuse
         return fresh, reuse
 
     def _fresh_slot(self, idle: list[Slot], keep: Slot | None) -> Slot | None:
@@ -140,6 +145,7 @@ class Scheduler:
         slot, reuse = self._slot_for(prompt)
         slot.busy = True
         slot.tokens = prompt[:reuse]
+        slot.prompted = reuse
         active = Active(job, seq, slot, prompt[reuse:], reuse, time.perf_counter())
         self.active.append(active)
         return active
@@ -203,8 +209,9 @@ class Scheduler:
         def run():
             chunk = a.pending[: self.prefill_chunk]
             start = len(a.slot.tokens)
-            logits = self.model.forward(np.array(chunk), start, a.slot.cache)
+            logits = self.model.forward(np.array(chunk), start, a.slot.cache, prompt=True)
             a.slot.tokens += chunk
+            a.slot.prompted = len(a.slot.tokens)
             a.pending = a.pending[len(chunk) :]
             a.prefilled += len(chunk)
             return [] if a.pending else self._advance(a, logits[0])
@@ -217,6 +224,7 @@ class Scheduler:
                 if len(a.slot.tokens) >= self.engine.ctx:  # only with --context-shift (Engine.check_fits)
                     keep = a.job.keep if a.job.keep is not None else self.engine.keep_tokens(a.job.prompt)
                     a.slot.tokens, dropped = shift_tokens(self.model, a.slot.cache, a.slot.tokens, keep)
+                    a.slot.prompted = min(a.slot.prompted, keep)
                     a.shifted += dropped
             tokens = [a.seq.generated[-1] for a in group]
             if len(group) == 1:  # the plain step (a device computes only this)

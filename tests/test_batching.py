@@ -192,11 +192,18 @@ def test_scheduler_reuses_the_longest_prefix_and_evicts_by_budget():
     first, second = run(a), run(b)
     assert first.slot is not second.slot and first.cached == 0 and second.cached == 1  # the shared BOS, copied
     held = list(first.slot.tokens)  # a and the reply's first tokens
-    again = run(a + engine.tokenizer.encode(" And then?", add_special_tokens=False))
-    assert again.cached == len(a)  # from the matching conversation, not the most recent one
-    assert first.slot.tokens == held and again.slot is not first.slot  # a partial match copies, the original stays
+    part = run(a[:6] + engine.tokenizer.encode(" bananas", add_special_tokens=False))
+    assert part.cached == 6  # from the matching conversation, not the most recent one
+    assert first.slot.tokens == held and part.slot is not first.slot  # a partial match copies, the original stays
+    asked = a + engine.tokenizer.encode(" And then?", add_special_tokens=False)
+    again = run(asked)
+    # all that the first conversation's prompt pass computed is shared: it goes on in that slot (the reply's tokens
+    # were decode steps, never reused: see below)
+    assert again.cached == len(a) and again.slot is first.slot
     follow = run(list(again.slot.tokens) + [5])  # a prompt extending all a slot holds continues in that slot
-    assert follow.slot is again.slot and follow.cached == len(again.slot.tokens) - 3
+    # ... reusing what the prompt pass computed; the reply's tokens (decode steps) are computed again as a prompt
+    # pass would, so the conversation goes on as a fresh prefill of it would
+    assert follow.slot is again.slot and follow.cached == len(asked)
     sched.cache_ram = 0  # no budget: idle conversations are let go
     sched._evict()
     assert sched.cached_sequences == 0
