@@ -123,7 +123,8 @@ def decode_ms_1b(steps: int) -> float:
 
     set_threads(None)
     with tempfile.TemporaryDirectory() as d:
-        path = build_random_container("llama3.2-1b", ConvertOptions(bits=4), Path(d) / "1b.lowbit")
+        opts = ConvertOptions(bits=4, group_size=64, embed_bits=8)  # the layout `lowbit bench` builds
+        path = build_random_container("llama3.2-1b", opts, Path(d) / "1b.lowbit")
         c = Container(path)
         c.load_into_memory(1)
         _, family = family_for(c.meta["architecture"]["model_type"])

@@ -43,7 +43,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     path = work / f"{a.shape}-b{a.bits}-g64.lowbit"  # the name lowbit bench gives it
     if not path.exists():
-        build_random_container(a.shape, ConvertOptions(bits=a.bits, group_size=64), path)
+        build_random_container(a.shape, ConvertOptions(bits=a.bits, group_size=64, embed_bits=8), path)
     c = open_container(path, "cpu", threads, False)
     arch = c.meta["architecture"]
     _, family = family_for(arch["model_type"])

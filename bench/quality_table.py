@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--text", required=True)
     ap.add_argument("--bits", default="16,8,4,3,2")
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--embed-bits", type=int, default=8, help="embeddings and lm_head (default 8: README's table)")
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--no-reference", action="store_true")
@@ -62,7 +63,9 @@ def main() -> None:
         for bits in sorted({16, *bits_list}, reverse=True):  # the 16-bit container first: it is the KL reference
             paths[bits] = Path(tmp) / f"m{bits}.lowbit"
             t0 = time.perf_counter()
-            convert(args.source, paths[bits], ConvertOptions(bits=bits, group_size=args.group_size), progress=False)
+            embed = None if bits == 16 else args.embed_bits
+            opts = ConvertOptions(bits=bits, group_size=args.group_size, embed_bits=embed)
+            convert(args.source, paths[bits], opts, progress=False)
             conv_s[bits] = time.perf_counter() - t0
         ref_eng = Engine(paths[16], ctx=args.ctx)
         # each container with the default kernel activations and with --exact-activations (identical numbers at 8

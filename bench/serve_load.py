@@ -60,7 +60,8 @@ def random_model(shape: str, workdir: Path) -> Path:
     out = workdir / f"{shape}-q4-tok.lowbit"
     if not out.exists():
         c = Container(default_model_path())
-        build_random_container(shape, ConvertOptions(bits=4), out, tokenizer=(c.meta["tokenizer"], c.blobs()))
+        opts = ConvertOptions(bits=4, group_size=64, embed_bits=8)  # the layout `lowbit bench` builds
+        build_random_container(shape, opts, out, tokenizer=(c.meta["tokenizer"], c.blobs()))
     return out
 
 

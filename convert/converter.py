@@ -36,12 +36,13 @@ _BITS_CHOICES = ", ".join(map(str, QUANT_BITS))
 # embeddings beat groups of 64 with 8-bit ones at about the same size
 DEFAULT_GROUP = {4: 32}  # --bits -> group size where it is not 64
 DEFAULT_EMBED_BITS = 6  # embeddings and lm_head: this many bits, or --bits where that is more
+EMBED_GROUP = 64  # ... in groups of this many unless --group-size is given
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
     bits: int = 4
-    group_size: int | None = None  # None: DEFAULT_GROUP (32 at 4 bits, else 64)
+    group_size: int | None = None  # None: DEFAULT_GROUP (32 at 4 bits, else 64); EMBED_GROUP for embeddings
     asym: bool | None = None  # None: asymmetric below 8 bits, symmetric at 8
     embed_bits: int | None = None  # None: DEFAULT_EMBED_BITS or --bits if more (16 with --bits 16)
     # "+"-joined method steps (convert/methods.py): rtn | search | imatrix | awq | gptq | hadamard | lowrank,
@@ -119,7 +120,8 @@ def choose_qtype(name: str, shape: tuple[int, ...], src_dtype: str, opts: Conver
     if bits == FLOAT_BITS:
         return get_qtype(ST_TO_QTYPE[src_dtype])
     asym = opts.is_asym(bits)
-    group = opts.group
+    embedding = name in EMBEDDING_TENSORS and opts.group_size is None
+    group = EMBED_GROUP if embedding else opts.group
     groups = [group] + [g for g in sorted(GROUP_SIZES, reverse=True) if g < group]
     if group == PER_CHANNEL:
         groups = [PER_CHANNEL]

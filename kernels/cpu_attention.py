@@ -380,7 +380,14 @@ def _exp_rows(sc, m, mx, tot, s0):
             row[s] = fast_exp(v - top) if v > MASKED else np.float32(0.0)
         for j in range(KEYS):
             lanes[j] = 0.0
-        for s in range(m):
+        head = min(m, (KEYS - s0 % KEYS) % KEYS)  # keys before the first position that is a multiple of 8
+        for s in range(head):
+            lanes[(s0 + s) % KEYS] += row[s]
+        body = head + (m - head) // KEYS * KEYS
+        for s in range(head, body, KEYS):  # each lane still adds its positions in order: the same sums
+            for j in range(KEYS):
+                lanes[j] += row[s + j]
+        for s in range(body, m):
             lanes[(s0 + s) % KEYS] += row[s]
         mx[r] = top
         tot[r] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))

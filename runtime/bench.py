@@ -191,7 +191,8 @@ def _targets(args) -> list[tuple[Path, str]]:
     workdir = Path(args.workdir).expanduser()
     out = []
     for bits in _int_list(args.bits, "--bits"):
-        opts = ConvertOptions(bits=bits, group_size=args.group_size)
+        # 8-bit embeddings as before the 6-bit default: the same layout as the figures README compares with
+        opts = ConvertOptions(bits=bits, group_size=args.group_size, embed_bits=None if bits == 16 else max(8, bits))
         path = workdir / f"{shape}-b{bits}-g{args.group_size}.lowbit"
         if not path.exists():
             print(f"building random {shape} container at {bits} bits: {path}", file=sys.stderr)

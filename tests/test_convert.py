@@ -102,13 +102,14 @@ def test_norms_stay_float_embeddings_six_bit():
     assert choose_qtype("blk.0.ffn_down.weight", (64, 128), "BF16", opts).name == "q3a_g64"
     # 8-bit weights keep 8-bit embeddings; --embed-bits overrides
     assert choose_qtype("output.weight", (4096, 64), "BF16", ConvertOptions(bits=8)).name == "q8_g64"
-    assert choose_qtype("output.weight", (4096, 64), "BF16", ConvertOptions(bits=4, embed_bits=8)).name == "q8_g32"
+    assert choose_qtype("output.weight", (4096, 64), "BF16", ConvertOptions(bits=4, embed_bits=8)).name == "q8_g64"
 
 
 def test_default_groups_of_32_at_4_bits_only():
-    """README "Choosing the defaults": 4-bit groups of 32 (6-bit embeddings); other widths keep groups of 64."""
+    """README "Choosing the defaults": 4-bit groups of 32 (6-bit embeddings in groups of 64); other widths keep
+    groups of 64."""
     assert choose_qtype("blk.0.attn_q.weight", (64, 128), "F32", ConvertOptions()).name == "q4a_g32"
-    assert choose_qtype("token_embd.weight", (4096, 64), "F32", ConvertOptions()).name == "q6a_g32"
+    assert choose_qtype("token_embd.weight", (4096, 64), "F32", ConvertOptions()).name == "q6a_g64"
     assert choose_qtype("blk.0.attn_q.weight", (64, 128), "F32", ConvertOptions(bits=3)).name == "q3a_g64"
     assert choose_qtype("blk.0.attn_q.weight", (64, 128), "F32", ConvertOptions(bits=4, group_size=64)).name == \
         "q4a_g64"
