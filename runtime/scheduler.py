@@ -45,8 +45,8 @@ class Slot:
 
     cache: Any = None
     tokens: list[int] = field(default_factory=list)
-    # how many leading tokens a prompt pass computed: only those are reused (as in engine.Engine.prefill); read as
-    # min(prompted, len(tokens))
+    # how many leading tokens a prompt pass computed: only those are reused (as in engine.Engine.prefill); a reuse
+    # is also bounded by the tokens held, so a stale count after the tokens were cleared does no harm
     prompted: int = 0
     last_used: float = 0.0
     busy: bool = False
@@ -106,7 +106,7 @@ class Scheduler:
         idle = [s for s in self.slots if not s.busy]
         best, reuse = None, 0
         for s in idle:
-            n = min(common_prefix(s.tokens, prompt), len(prompt) - 1, s.prompted, len(s.tokens))
+            n = min(common_prefix(s.tokens, prompt), len(prompt) - 1, s.prompted)
             if n > reuse and s.cache.can_rewind(len(s.tokens), n):  # (a sliding window's ring may not go back far)
                 best, reuse = s, n
         if best is not None and (reuse == len(best.tokens) or common_prefix(best.tokens, prompt) == len(prompt)
