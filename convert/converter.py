@@ -34,6 +34,9 @@ AUTO_BUDGET_METHOD = "gptq"  # what --method auto uses with --target-bpw/--max-s
 _BITS_CHOICES = ", ".join(map(str, QUANT_BITS))
 # defaults chosen on SmolLM2-135M and the toy (README, "Choosing the defaults"): at 4 bits, groups of 32 with 6-bit
 # embeddings beat groups of 64 with 8-bit ones at about the same size
+# --bits -> the bits of the GGUF block type a --gguf-compatible conversion uses (2- and 3-bit codes would take a
+# 4-bit block's room in the GGUF anyway; 6-bit ones Q8_0's)
+GGUF_BITS = {2: 4, 3: 4, 4: 4, 5: 5, 6: 8, 8: 8}
 DEFAULT_GROUP = {4: 32}  # --bits -> group size where it is not 64
 DEFAULT_EMBED_BITS = 6  # embeddings and lm_head: this many bits, or --bits where that is more
 EMBED_GROUP = 64  # ... in groups of this many unless --group-size is given
@@ -63,6 +66,8 @@ class ConvertOptions:
     # weights are kept as they are (int8 activations flip near-tied tokens of such a file: SmolLM2's answer to "What
     # is the capital of France?" became "L'Étoile, la France, la France, …"), int8 otherwise
     kernel_activations: str | None = None
+    # only types that `lowbit export` writes to GGUF exactly, at GGUF's own block size (GGUF_BITS, groups of 32)
+    gguf_compatible: bool = False
 
     @property
     def budget(self) -> bool:
@@ -95,6 +100,8 @@ class ConvertOptions:
             raise LowbitError(f"unsupported --embed-bits {self.embed_bits}; choose one of {_BITS_CHOICES} or 16")
         if self.group_size is not None and self.group_size not in (PER_CHANNEL, *GROUP_SIZES):
             raise LowbitError(f"unsupported --group-size {self.group_size}; choose 32, 64, 128 or 0 (per-channel)")
+        if self.gguf_compatible and (method.hadamard or method.lowrank):
+            raise LowbitError("--gguf-compatible: the hadamard and lowrank method steps have no llama.cpp counterpart")
 
     @property
     def group(self) -> int:
@@ -122,6 +129,9 @@ def choose_qtype(name: str, shape: tuple[int, ...], src_dtype: str, opts: Conver
     asym = opts.is_asym(bits)
     embedding = name in EMBEDDING_TENSORS and opts.group_size is None
     group = EMBED_GROUP if embedding else opts.group
+    if opts.gguf_compatible:  # the GGUF block that holds these bits exactly: Q4_0/1, Q5_0/1, Q8_0 (no min)
+        bits, group = GGUF_BITS[bits], 32
+        asym = asym and bits < 8
     groups = [group] + [g for g in sorted(GROUP_SIZES, reverse=True) if g < group]
     if group == PER_CHANNEL:
         groups = [PER_CHANNEL]
@@ -210,6 +220,7 @@ def convert(src: str, out: str | Path, opts: ConvertOptions, progress: bool = Tr
                 **_uniform_options(opts, gguf),
                 "recipe": {p.name: p.qtype.name for p in plans},
                 **({"import": notes} if notes is not None else {}),
+                **({"gguf_compatible": True} if opts.gguf_compatible else {}),
             },
             "runtime": {"kernel_activations": opts.kernel_activations or ("exact" if kept else "int8")},
             "provenance": {

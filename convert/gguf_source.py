@@ -47,6 +47,12 @@ def is_gguf(path: Path) -> bool:
         return False
 
 
+def _decimal(v) -> float:
+    """A GGUF float32 value as the shortest decimal that rounds to it (1e-05, not 9.999999747378752e-06): the value
+    the source config most likely held, so that a model exported by lowbit imports back to the same numbers."""
+    return float(repr(np.float32(v)).removeprefix("np.float32(").removesuffix(")"))
+
+
 def _value(field):
     try:
         return field.contents()
@@ -118,8 +124,8 @@ class GGUFSource:
             "num_key_value_heads": int(self._get("attention.head_count_kv", heads)),
             "head_dim": head_dim,
             "intermediate_size": int(self._need("feed_forward_length")),
-            "rms_norm_eps": float(self._get("attention.layer_norm_rms_epsilon", 1e-6)),
-            "rope_theta": float(self._get("rope.freq_base", 10000.0)),
+            "rms_norm_eps": _decimal(self._get("attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_theta": _decimal(self._get("rope.freq_base", 10000.0)),
             "max_position_embeddings": int(self._get("context_length", 2048)),
             "tie_word_embeddings": "output.weight" not in self.tensors,
         }
@@ -143,7 +149,7 @@ class GGUFSource:
             cfg["attn_logit_softcapping"] = self._get("attn_logit_softcapping")
             cfg["final_logit_softcapping"] = self._get("final_logit_softcapping")
         if self.arch == "gemma3":
-            cfg["rope_local_base_freq"] = float(self._get("rope.freq_base_swa", 10000.0))
+            cfg["rope_local_base_freq"] = _decimal(self._get("rope.freq_base_swa", 10000.0))
         pattern = self.fields.get(f"{self.arch}.attention.sliding_window_pattern")
         if isinstance(pattern, list) and len(pattern) == cfg["num_hidden_layers"]:  # per layer: sliding or not
             cfg["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
@@ -168,7 +174,7 @@ class GGUFSource:
         if kind in (None, "none"):
             return {}
         if kind == "linear":
-            return {"rope_scaling": {"rope_type": "linear", "factor": float(self._need("rope.scaling.factor"))}}
+            return {"rope_scaling": {"rope_type": "linear", "factor": _decimal(self._need("rope.scaling.factor"))}}
         raise SourceError(f"{self.path}: unsupported rope scaling {kind!r} (supported: linear, llama3, longrope)")
 
     def _float_list(self, name: str) -> list[float]:

@@ -25,18 +25,18 @@ from lowbit.formats.tokenizer_backends import encode_varint
 
 CONTROL, USER_DEFINED = 3, 4
 
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
-_LLAMA3 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_DIGITS_THEN_GPT2 = (r"\p{N}", _GPT2 + r"|\s+")
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3 = CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2 = CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_DIGITS_THEN_GPT2 = (r"\p{N}", GPT2_REGEX + r"|\s+")
 # tokenizer.ggml.pre -> (regexes in order, ignore_merges), as llama.cpp's llama-vocab.cpp reads them
 PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
     **{k: ((_LLAMA3,), True) for k in ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral")},
     **{k: ((_QWEN2,), False) for k in ("qwen2", "qwen2.5", "qwen-2.5", "deepseek-r1-qwen", "megrez")},
     **{k: (_DIGITS_THEN_GPT2, False) for k in ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone")},
-    **{k: ((_GPT2,), False) for k in ("gpt-2", "phi-2", "jina-es", "jina-de", "mpt", "olmo", "jais")},
-    "default": ((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"), False),
+    **{k: ((GPT2_REGEX,), False) for k in ("gpt-2", "phi-2", "jina-es", "jina-de", "mpt", "olmo", "jais")},
+    "default": ((r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", r"[0-9][0-9][0-9]"), False),
 }
 # token texts llama.cpp treats as end of generation when they are control tokens
 EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>", "<|eom_id|>",

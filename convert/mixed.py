@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # candidate types, cheapest first (bits per weight: 2.25, 2.5, 3.25, 3.5, 4.25, 4.5, 5.5, 6.5, 8.25)
 LADDER = ("q2a_g128", "q2a_g64", "q3a_g128", "q3a_g64", "q4a_g128", "q4a_g64", "q5a_g64", "q6a_g64", "q8_g64")
+# --gguf-compatible: the types GGUF holds exactly at their own size (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: 4.5 to 8.5 bits)
+GGUF_LADDER = ("q4_g32", "q4a_g32", "q5_g32", "q5a_g32", "q8_g32")
 # calibration tokens (whole sequences, at least one, spread over the calibration set) for the error proxies and for
 # the KL estimates: a quarter and a thirty-second of the default 64 x 256, so that a budgeted conversion of SmolLM2-135M
 # takes minutes (the quantization pass that follows uses every sequence)
@@ -92,7 +94,8 @@ def allocate(job, opts, store, tokens: list[np.ndarray], qtypes: dict[str, QType
     names = [n for n, qt in qtypes.items() if not qt.is_float and store.arrays[n].ndim == 2]
     if opts.recipe is not None:
         log.info("--recipe given with a budget: the recipe's types are replaced by the allocation")
-    ladders = {n: ladder_for(store.arrays[n].shape) for n in names}
+    ladder = GGUF_LADDER if opts.gguf_compatible else LADDER
+    ladders = {n: ladder_for(store.arrays[n].shape, ladder) for n in names}
     errors, cheapest = _errors(model, store, spread(tokens, SENSITIVITY_TOKENS), ladders, opts.seed, progress)
     kl = _kl_at_cheapest(model, cheapest, spread(tokens, KL_TOKENS), progress)
     fixed = sum(qt.nbytes(store.arrays[n].shape) for n, qt in qtypes.items() if n not in ladders)
@@ -111,7 +114,7 @@ def allocate(job, opts, store, tokens: list[np.ndarray], qtypes: dict[str, QType
         "bytes": int(total),
         "bpw": round(total * 8 / params, 4),
         "predicted_kl": round(float(sum(_pred(kl, errors, n, ladders[n].index(out[n])) for n in names)), 6),
-        "ladder": list(LADDER),
+        "ladder": list(ladder),
     }
     log.info("mixed precision: %.4f bits/weight (budget %.4f), predicted KL %.5f", info["bpw"],
              budget * 8 / params, info["predicted_kl"])
@@ -132,7 +135,8 @@ def check_budget(plans, opts, overhead: int = 0) -> None:
     least = 0
     for p in plans:
         matrix = not p.qtype.is_float and len(p.shape) == 2
-        least += ladder_for(p.shape)[0].nbytes(p.shape) if matrix else p.qtype.nbytes(p.shape)
+        cheapest = ladder_for(p.shape, GGUF_LADDER if opts.gguf_compatible else LADDER)[0] if matrix else p.qtype
+        least += cheapest.nbytes(p.shape)
     if least > budget:
         if opts.max_size is not None:
             raise LowbitError(f"--max-size {opts.max_size}: a file this small cannot be made; with the cheapest types "
@@ -142,11 +146,12 @@ def check_budget(plans, opts, overhead: int = 0) -> None:
                           f"met; the cheapest types need {least:,} bytes ({least * 8 / params:.3f} bits per weight)")
 
 
-def ladder_for(shape: tuple[int, ...]) -> list[QType]:
-    """The :data:`LADDER` for a matrix of ``shape``: a group size the columns do not divide falls back to the next
-    smaller one (then per-channel), as plain conversion does; cheapest first, without repeats."""
+def ladder_for(shape: tuple[int, ...], ladder: tuple[str, ...] = LADDER) -> list[QType]:
+    """The ``ladder`` (:data:`LADDER` or :data:`GGUF_LADDER`) for a matrix of ``shape``: a group size the columns do
+    not divide falls back to the next smaller one (then per-channel), as plain conversion does; cheapest first,
+    without repeats."""
     out: dict[str, QType] = {}
-    for name in LADDER:
+    for name in ladder:
         qt = get_qtype(name)
         for g in [g for g in (128, 64, 32) if g <= qt.group_size] + [PER_CHANNEL]:
             cand = quant_type(qt.bits, g, qt.asym)

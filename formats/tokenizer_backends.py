@@ -188,6 +188,11 @@ def _spm_prepare(proto: bytes) -> tuple[bytes, bool, int]:
     return bytes(out), dummy, model_type
 
 
+def spm_adds_dummy_prefix(proto: bytes) -> bool:
+    """Whether a sentencepiece model's normalizer adds a space at the start of the text (its default)."""
+    return _spm_prepare(proto)[1]
+
+
 def _load_spm(proto: bytes, origin) -> sentencepiece.SentencePieceProcessor:
     try:
         return sentencepiece.SentencePieceProcessor(model_proto=proto)

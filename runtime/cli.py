@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="symmetric groups (no min; the default at 8 bits)")
     g.add_argument("--asym", dest="asym", action="store_true",
                    help="asymmetric groups (fp16 min per group; the default below 8 bits)")
+    p.add_argument("--gguf-compatible", action="store_true",
+                   help="only types that `lowbit export` writes to GGUF exactly (groups of 32; 4, 5 or 8 bits; no min "
+                   "at 8), so that llama.cpp computes this file's numbers (default: off)")
     p.add_argument("--embed-bits", type=int, default=None,
                    help="bits for embeddings and lm_head (default 6, or --bits where that is more)")
     p.add_argument(
@@ -221,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-recipe", default=None, metavar="FILE",
                    help="write the tensor -> quant type recipe as JSON (reuse with convert --recipe)")
     p.add_argument("--force", action="store_true", help="replace an existing --save-recipe file (never the model)")
+
+    p = sub.add_parser("export", parents=[verbose],
+                       help="write a .lowbit file as a GGUF for llama.cpp, Ollama and LM Studio")
+    p.add_argument("model", help="a .lowbit file")
+    p.add_argument("-o", "--output", required=True, help="output .gguf file (an existing file needs --force)")
+    p.add_argument("--format", choices=["gguf"], default="gguf", help="output format (default gguf)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse unless every tensor keeps lowbit's numbers exactly (default: tensors without an exact "
+                   "GGUF type are re-quantized to Q8_0, and the report says which)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file (never the model)")
 
     p = sub.add_parser(
         "eval", parents=[verbose], help="perplexity on a text file; KL and top-1 agreement against a reference"

@@ -65,7 +65,8 @@ def cmd_rm(args) -> int:
 def cmd_convert(args) -> int:
     from lowbit.convert.converter import ConvertOptions, convert
 
-    given = [args.bits, args.group_size, args.asym, args.embed_bits, args.target_bpw, args.max_size, args.recipe]
+    given = [args.bits, args.group_size, args.asym, args.embed_bits, args.target_bpw, args.max_size, args.recipe,
+             args.gguf_compatible or None]
     opts = ConvertOptions(
         bits=4 if args.bits is None else args.bits,
         group_size=args.group_size,
@@ -82,6 +83,7 @@ def cmd_convert(args) -> int:
         target_bpw=args.target_bpw,
         max_size=args.max_size,
         recipe=args.recipe,
+        gguf_compatible=args.gguf_compatible,
     )
     check_output(Path(args.output), sources=source_files(args.source), force=args.force, what="-o")
     out = convert(args.source, args.output, opts, progress=not args.no_progress)
@@ -289,6 +291,23 @@ def cmd_inspect(args) -> int:
         if bad:
             raise LowbitError(f"CRC mismatch in {len(bad)} parts: {', '.join(bad[:5])}")
         print("\nverify: all CRC32 checksums match")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from lowbit.convert.gguf_export import export_gguf
+
+    src, out = Path(args.model), Path(args.output)
+    if not src.is_file():
+        raise LowbitError(f"{src}: no such .lowbit file")
+    if out.suffix.lower() != ".gguf":
+        raise LowbitError(f"-o {out}: a GGUF file's name ends in .gguf")
+    check_output(out, sources=[src], force=args.force, what="-o")
+    report = export_gguf(src, out, strict=args.strict)
+    exact = len(report.tensors) - len(report.inexact)
+    print(f"wrote {out}: {report.bytes / 1e6:.2f} MB of tensors; {exact} of {len(report.tensors)} tensors exact")
+    for line in report.lines():
+        print(line)
     return 0
 
 
