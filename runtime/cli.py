@@ -228,8 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", parents=[verbose],
                        help="write a .lowbit file as a GGUF for llama.cpp, Ollama and LM Studio")
     p.add_argument("model", help="a .lowbit file")
-    p.add_argument("-o", "--output", required=True, help="output .gguf file (an existing file needs --force)")
-    p.add_argument("--format", choices=["gguf"], default="gguf", help="output format (default gguf)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output .gguf file, or folder for compressed-tensors (an existing one needs --force)")
+    p.add_argument("--format", choices=["gguf", "compressed-tensors"], default="gguf",
+                   help="gguf (llama.cpp, Ollama, LM Studio) or compressed-tensors (a Hugging Face checkpoint for vLLM "
+                   "and transformers; symmetric 4- and 8-bit files); default gguf")
     p.add_argument("--strict", action="store_true",
                    help="refuse unless every tensor keeps lowbit's numbers exactly (default: tensors without an exact "
                    "GGUF type are re-quantized to Q8_0, and the report says which)")

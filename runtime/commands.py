@@ -300,6 +300,8 @@ def cmd_export(args) -> int:
     src, out = Path(args.model), Path(args.output)
     if not src.is_file():
         raise LowbitError(f"{src}: no such .lowbit file")
+    if args.format == "compressed-tensors":
+        return _export_hf(src, out, args)
     if out.suffix.lower() != ".gguf":
         raise LowbitError(f"-o {out}: a GGUF file's name ends in .gguf")
     check_output(out, sources=[src], force=args.force, what="-o")
@@ -308,6 +310,22 @@ def cmd_export(args) -> int:
     print(f"wrote {out}: {report.bytes / 1e6:.2f} MB of tensors; {exact} of {len(report.tensors)} tensors exact")
     for line in report.lines():
         print(line)
+    return 0
+
+
+def _export_hf(src: Path, out: Path, args) -> int:
+    from lowbit.convert.hf_export import export_hf
+
+    if args.strict:
+        raise LowbitError("--strict is for --format gguf (a compressed-tensors export is always exact or refused)")
+    if out.exists():
+        if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
+            raise LowbitError(f"-o {out}: holds the input {src}; refusing to replace it")
+        if not args.force:
+            raise LowbitError(f"-o {out}: exists; pass --force to replace it")
+    done = export_hf(src, out, force=args.force)
+    print(f"wrote {out}: {done['bytes'] / 1e6:.2f} MB; {done['packed']} linear layers packed exactly "
+          f"(compressed-tensors pack-quantized), {done['dense']} tensors dense float32")
     return 0
 
 
