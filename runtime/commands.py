@@ -91,8 +91,8 @@ def cmd_convert(args) -> int:
 
     c = Container(out)
     s = summarize(c)
-    print(f"wrote {out}: {c.size / 1e6:.2f} MB, {s['bpw_all']:.3f} bits/weight overall, "
-          f"{s['bpw_matrices']:.3f} in the quantized matrices")
+    quantized = "" if np.isnan(s["bpw_matrices"]) else f", {s['bpw_matrices']:.3f} in the quantized matrices"
+    print(f"wrote {out}: {c.size / 1e6:.2f} MB, {s['bpw_all']:.3f} bits/weight overall{quantized}")
     q = c.meta.get("quantization", {})
     cal = q.get("calibration")
     if cal:
@@ -310,6 +310,9 @@ def cmd_export(args) -> int:
     print(f"wrote {out}: {report.bytes / 1e6:.2f} MB of tensors; {exact} of {len(report.tensors)} tensors exact")
     for line in report.lines():
         print(line)
+    for name in report.inexact:
+        lowbit_type, gguf_type, _ = report.tensors[name]
+        print(f"re-quantized: {name} ({lowbit_type} -> {gguf_type})")
     return 0
 
 
