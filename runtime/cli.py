@@ -225,6 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the tensor -> quant type recipe as JSON (reuse with convert --recipe)")
     p.add_argument("--force", action="store_true", help="replace an existing --save-recipe file (never the model)")
 
+    p = sub.add_parser("tune", parents=[verbose],
+                       help="quantization-aware tuning: learn a quantized file's scales and mins from its float model")
+    p.add_argument("model", help="a .lowbit file (quantized)")
+    p.add_argument("-o", "--output", required=True, help="output .lowbit file (an existing file needs --force)")
+    p.add_argument("--calib", required=True, help="calibration text file")
+    p.add_argument("--teacher", default=None,
+                   help="the float checkpoint the file was converted from (default: the file's recorded source)")
+    p.add_argument("--samples", type=int, default=32, help="calibration sequences (default 32)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--steps", type=int, default=64, help="most optimizer steps per block (default 64)")
+    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate of the log-scales (default 0.005)")
+    p.add_argument("--time-budget", type=float, default=600.0,
+                   help="seconds for the whole run; blocks get the steps that fit (default 600)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file (never the input)")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+
     p = sub.add_parser("export", parents=[verbose],
                        help="write a .lowbit file as a GGUF for llama.cpp, Ollama and LM Studio")
     p.add_argument("model", help="a .lowbit file")

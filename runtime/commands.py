@@ -294,6 +294,24 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from lowbit.convert.tune import TuneOptions, tune
+
+    src, out = Path(args.model), Path(args.output)
+    if not src.is_file():
+        raise LowbitError(f"{src}: no such .lowbit file")
+    check_output(out, sources=[src], force=args.force, what="-o")
+    if args.samples < 1 or args.seq_len < 8 or args.steps < 0 or args.lr <= 0 or args.time_budget <= 0:
+        raise LowbitError("--samples >= 1, --seq-len >= 8, --steps >= 0, --lr > 0 and --time-budget > 0, please")
+    opts = TuneOptions(calib=args.calib, teacher=args.teacher, samples=args.samples, seq_len=args.seq_len,
+                       steps=args.steps, lr=args.lr, time_budget=args.time_budget, threads=args.threads)
+    report = tune(src, out, opts, progress=not args.no_progress)
+    before, after = float(np.mean(report.loss_before)), float(np.mean(report.loss_after))
+    print(f"wrote {out}: {sum(report.steps)} steps over {len(report.steps)} blocks in {report.seconds:.0f} s; "
+          f"block output error (mean over blocks) {before:.4g} -> {after:.4g}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from lowbit.convert.gguf_export import export_gguf
 

@@ -1,0 +1,215 @@
+"""``lowbit tune IN.lowbit -o OUT.lowbit --calib FILE``: quantization-aware tuning of an already quantized model.
+
+The codes stay as they are; each quantized matrix of the decoder blocks learns its group scales (and mins) by
+distillation from the float model, block by block, as mlx-lm's DWQ and OmniQuant's block reconstruction do:
+
+1. the calibration text runs through the float model (the teacher: the checkpoint the file was converted from) and
+   through the quantized model as tuned so far (the student);
+2. for each block, Adam fits ``scale = s0 * exp(a)`` and ``min = m0 + b * s0`` per group (``a = b = 0`` at the
+   start: the stored file) so that the block, fed the *student's* hidden states, gives the *teacher's* outputs
+   (mean squared error) — so each block also makes up for what the blocks before it lost;
+3. the student's hidden states move on through the tuned block.
+
+The result is a .lowbit file of the same types and codes, so the runtime needs nothing new. Gradients come from
+PyTorch (``pip install 'lowbit[tune]'``): a block's backward pass by hand in numpy would be much more code for the same
+arithmetic. ``time_budget`` seconds bound the whole run: after the first block's timing, each block gets as many
+steps as the remaining time allows (at most ``steps``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lowbit.convert.calibration import file_tokens
+from lowbit.convert.progress import stage
+from lowbit.errors import LowbitError
+from lowbit.formats.reader import Container
+from lowbit.formats.tokenizer import Tokenizer
+from lowbit.formats.writer import ContainerWriter, TensorPlan
+from lowbit.kernels.ref import dequantize
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+FIRST_STEPS = 3  # steps timed on the first block to size the others to the time budget
+
+
+@dataclass
+class TuneOptions:
+    calib: str
+    teacher: str | None = None  # the float checkpoint; None: the file's provenance source
+    samples: int = 32
+    seq_len: int = 256
+    batch: int = 8
+    steps: int = 64  # most steps per block
+    lr: float = 5e-3
+    time_budget: float = 600.0  # seconds for the whole run
+    threads: int | None = None
+
+
+@dataclass
+class TuneReport:
+    seconds: float = 0.0
+    steps: list[int] = field(default_factory=list)  # per block
+    loss_before: list[float] = field(default_factory=list)  # per block: the mean squared error untuned / tuned
+    loss_after: list[float] = field(default_factory=list)
+
+
+def _need_torch():
+    try:
+        import torch
+    except ImportError:
+        raise LowbitError("lowbit tune needs PyTorch: pip install 'lowbit[tune]'") from None
+    return torch
+
+
+def teacher_weights(source: str, family, args) -> dict[str, np.ndarray]:
+    """The float checkpoint's tensors by canonical name, as float32."""
+    from lowbit.convert.gguf_source import GGUFSource, is_gguf
+    from lowbit.convert.source import Checkpoint, resolve_source, to_f32
+
+    path = Path(source).expanduser()
+    if is_gguf(path):
+        src = GGUFSource(path)
+        names = {c: c for c in src.names()}
+    else:
+        src = Checkpoint(resolve_source(source))
+        names = {c: h for h in src.names() if (c := family.sanitize(h)) is not None}
+    try:
+        missing = [n for n in family.expected_tensors(args) if n not in names]
+        if missing:
+            raise LowbitError(f"teacher {source}: missing {missing[0]} (not the model this file was converted from?)")
+        return {c: to_f32(*src.raw(h)) for c, h in names.items()}
+    finally:
+        src.close()
+
+
+def _block_weights(c: Container, teacher: dict, i: int, quant: bool):
+    from lowbit.convert.tune_model import LINEARS, QuantLinear
+
+    out = {}
+    prefix = f"blk.{i}."
+    for name in c.tensor_names:
+        if not name.startswith(prefix) or name.rsplit(".", 1)[-1] not in ("weight", "bias"):
+            continue
+        short = name[len(prefix) :].removesuffix(".weight")
+        t = c.tensor(name)
+        if not quant:
+            out[short] = teacher[name]
+        elif short in LINEARS and not t.qtype.is_float:
+            out[short] = QuantLinear(t.parts, t.qtype, t.shape)
+        else:
+            out[short] = np.asarray(t.parts["data"], dtype=np.float32) if t.qtype.is_float else dequantize(
+                t.parts, t.qtype, t.shape)  # fmt: skip
+    return out
+
+
+def tune(src: str | Path, out: str | Path, opts: TuneOptions, progress: bool = True) -> TuneReport:
+    torch = _need_torch()
+    from lowbit.convert.tune_model import Block, QuantLinear, rope_tables
+    from lowbit.models import FAMILIES as MODEL_FAMILIES
+    from lowbit.models.common import rope_inv_freq
+
+    t0 = time.perf_counter()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    report = TuneReport()
+    with Container(src) as c:
+        meta = c.meta
+        fam = meta["architecture"]["family"]
+        if fam not in FAMILIES:
+            raise LowbitError(f"lowbit tune supports the {', '.join(FAMILIES)} families; this model is {fam!r}")
+        family = MODEL_FAMILIES[fam]
+        args = family.ModelArgs.from_dict(meta["architecture"]["args"])
+        if args.sliding_window:
+            raise LowbitError("lowbit tune does not handle sliding attention windows yet")
+        if any(n.rsplit(".", 1)[-1] in ("had", "lr_a", "lr_b") for n in c.tensor_names):
+            raise LowbitError("lowbit tune does not handle Hadamard-rotated or low-rank-corrected files yet")
+        teacher_src = opts.teacher or meta.get("provenance", {}).get("source")
+        if not teacher_src:
+            raise LowbitError("no teacher: pass --teacher, the float checkpoint this file was converted from")
+        teacher = teacher_weights(teacher_src, family, args)
+        for name in c.tensor_names:
+            if name in teacher and tuple(teacher[name].shape) != tuple(c.tensor_shape(name)):
+                raise LowbitError(f"teacher {teacher_src}: {name} is {teacher[name].shape}, the file's "
+                                  f"{c.tensor_shape(name)} (not the model this file was converted from?)")
+        tok = Tokenizer(meta["tokenizer"], c.blobs())
+        tokens = np.stack(file_tokens(opts.calib, tok, opts.samples, opts.seq_len))
+        cos, sin = rope_tables(rope_inv_freq(args.rotary_dim or args.head_dim, args.rope_theta, args.rope_scaling,
+                                             opts.seq_len), opts.seq_len)  # fmt: skip
+        emb_t = c.tensor("token_embd.weight")
+        student_emb = dequantize(emb_t.parts, emb_t.qtype, emb_t.shape) if not emb_t.qtype.is_float else np.asarray(
+            emb_t.parts["data"], dtype=np.float32)  # fmt: skip
+        x_s = torch.from_numpy(student_emb[tokens])
+        x_t = torch.from_numpy(teacher["token_embd.weight"][tokens])
+        tuned: dict[str, dict[str, np.ndarray]] = {}
+        n_layers = args.num_hidden_layers
+        per_step = None
+        bar = stage("tune", n_layers, "block", progress, range(n_layers))
+        for i in bar:
+            with torch.no_grad():
+                y_t = Block(args, _block_weights(c, teacher, i, quant=False), cos, sin)(x_t)
+            student = Block(args, _block_weights(c, teacher, i, quant=True), cos, sin)
+            params = [p for p in student.parameters() if p.requires_grad]
+            steps = opts.steps
+            if per_step is not None:
+                left = opts.time_budget - (time.perf_counter() - t0)
+                steps = max(0, min(opts.steps, int(left / max(n_layers - i, 1) / per_step)))
+            report.loss_before.append(_mse(torch, student, x_s, y_t, opts.batch))
+            if params and steps:
+                opt = torch.optim.Adam(params, lr=opts.lr)
+                rng = np.random.default_rng(i)
+                t_step = time.perf_counter()
+                for s in range(steps):
+                    idx = torch.from_numpy(rng.choice(len(tokens), size=min(opts.batch, len(tokens)), replace=False))
+                    loss = torch.nn.functional.mse_loss(student(x_s[idx]), y_t[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    if per_step is None and s + 1 == FIRST_STEPS:
+                        per_step = (time.perf_counter() - t_step) / FIRST_STEPS
+                        left = opts.time_budget - (time.perf_counter() - t0)
+                        steps = max(FIRST_STEPS, min(opts.steps, int(left / n_layers / per_step)))
+                        log.info("tune: %.2f s per step; %d steps per block for the %.0f s budget",
+                                 per_step, steps, opts.time_budget)
+                    if s + 1 >= steps:
+                        break
+                report.steps.append(s + 1)
+            else:
+                report.steps.append(0)
+            report.loss_after.append(_mse(torch, student, x_s, y_t, opts.batch))
+            bar.set_postfix_str(f"mse {report.loss_before[-1]:.3g} -> {report.loss_after[-1]:.3g}", refresh=False)
+            for short, mod in student.quant.items():
+                if isinstance(mod, QuantLinear):
+                    tuned[f"blk.{i}.{short}.weight"] = mod.stored()
+            with torch.no_grad():
+                x_s = torch.cat([student(x_s[j : j + opts.batch]) for j in range(0, len(x_s), opts.batch)])
+            x_t = y_t
+        report.seconds = time.perf_counter() - t0
+        _write(c, out, tuned, opts, report)
+    return report
+
+
+def _mse(torch, block, x, y, batch: int) -> float:
+    with torch.no_grad():
+        total = sum(float(((block(x[j : j + batch]) - y[j : j + batch]) ** 2).sum()) for j in range(0, len(x), batch))
+    return total / y.numel()
+
+
+def _write(c: Container, out, tuned: dict, opts: TuneOptions, report: TuneReport) -> None:
+    meta = {k: v for k, v in c.meta.items() if k not in ("format", "tensors", "blobs")}
+    meta["quantization"] = {**meta.get("quantization", {}), "tuned": {
+        "method": "block-wise distillation of group scales and mins (codes kept)",
+        "calib": Path(opts.calib).name, "samples": opts.samples, "length": opts.seq_len,
+        "steps_per_block": report.steps, "seconds": round(report.seconds, 1)}}  # fmt: skip
+    plans = [TensorPlan(n, c.tensor(n).qtype, c.tensor_shape(n)) for n in c.tensor_names]
+    with ContainerWriter(out, meta, plans, c.blobs()) as w:
+        for p in plans:
+            parts = dict(c.tensor(p.name).parts)
+            parts.update(tuned.get(p.name, {}))
+            w.write_tensor(p.name, parts)

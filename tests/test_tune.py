@@ -1,0 +1,95 @@
+"""lowbit tune: the PyTorch block against transformers (the numerics oracle), and tuning that lowers the error it
+optimizes and the model's KL against its float teacher, with codes and types unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from lbtest import CALIB, DEV_EVAL, assert_clean_error, rel_err, run_cli
+from test_gguf_import import _build
+
+from lowbit.convert.converter import ConvertOptions, convert
+from lowbit.convert.tune import TuneOptions, _block_weights, teacher_weights, tune
+from lowbit.formats.qtypes import unpack_codes
+from lowbit.formats.reader import Container
+from lowbit.kernels.ref import dequantize
+from lowbit.runtime.engine import Engine
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_the_torch_blocks_compute_what_transformers_computes(kind, tmp_path):
+    """Teacher blocks (float weights) from embeddings to the final norm and lm_head: transformers' logits; student
+    blocks at the stored scales: exactly the stored dequantized weights."""
+    from lowbit.convert.tune_model import Block, QuantLinear, rms_norm, rope_tables
+    from lowbit.models import FAMILIES
+    from lowbit.models.common import rope_inv_freq
+
+    model = _build(tmp_path / "hf", kind)
+    lb = convert(str(tmp_path / "hf"), tmp_path / "m.lowbit", ConvertOptions(bits=4), progress=False)
+    c = Container(lb)
+    family = FAMILIES[c.meta["architecture"]["family"]]
+    args = family.ModelArgs.from_dict(c.meta["architecture"]["args"])
+    teacher = teacher_weights(str(tmp_path / "hf"), family, args)
+    ids = np.random.default_rng(1).integers(3, 4000, size=(2, 24))
+    cos, sin = rope_tables(rope_inv_freq(args.rotary_dim or args.head_dim, args.rope_theta, args.rope_scaling, 24),
+                           24)  # fmt: skip
+    x = torch.from_numpy(teacher["token_embd.weight"][ids])
+    with torch.no_grad():
+        for i in range(args.num_hidden_layers):
+            x = Block(args, _block_weights(c, teacher, i, quant=False), cos, sin)(x)
+        head = torch.from_numpy(teacher.get("output.weight", teacher["token_embd.weight"]))
+        got = (rms_norm(x, torch.from_numpy(teacher["output_norm.weight"]), args.rms_norm_eps) @ head.T).numpy()
+        want = model(torch.from_numpy(ids)).logits.numpy()
+    assert rel_err(got, want) < 1e-4
+    student = _block_weights(c, teacher, 0, quant=True)
+    for short, mod in student.items():
+        if isinstance(mod, QuantLinear):
+            t = c.tensor(f"blk.0.{short}.weight")
+            with torch.no_grad():
+                np.testing.assert_array_equal(mod.weight().numpy(), dequantize(t.parts, t.qtype, t.shape))
+
+
+def _kl(model: str, reference: str) -> float:
+    import json
+
+    res = run_cli("eval", model, "--reference", reference, "--text", DEV_EVAL, "--eval-ctx", "128", "--max-tokens",
+                  "2048", "--json", "--exact-activations")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])["kl_mean"]
+
+
+def test_tuning_lowers_block_error_and_kl_and_keeps_the_codes(tiny_models, tmp_path):
+    lb = convert(str(tiny_models["llama"]), tmp_path / "q.lowbit", ConvertOptions(bits=3), progress=False)
+    out = tmp_path / "t.lowbit"
+    report = tune(lb, out, TuneOptions(calib=str(CALIB), samples=16, seq_len=64, steps=40, time_budget=120),
+                  progress=False)
+    assert all(s > 0 for s in report.steps)
+    assert all(a < b for a, b in zip(report.loss_after, report.loss_before, strict=True))
+    a, b = Container(lb), Container(out)
+    assert b.meta["quantization"]["tuned"]["steps_per_block"] == report.steps
+    changed = 0
+    for name in a.tensor_names:
+        ta, tb = a.tensor(name), b.tensor(name)
+        assert ta.qtype == tb.qtype
+        if ta.qtype.is_float:
+            np.testing.assert_array_equal(tb.parts["data"], ta.parts["data"])
+            continue
+        np.testing.assert_array_equal(unpack_codes(tb.parts["codes"], tb.qtype, tb.shape[1]),
+                                      unpack_codes(ta.parts["codes"], ta.qtype, ta.shape[1]))  # fmt: skip
+        changed += not np.array_equal(tb.parts["scales"], ta.parts["scales"])
+    assert changed == 2 * 7  # every matrix of the two blocks; embeddings and lm_head as stored
+    assert _kl(out, str(tiny_models["llama"])) < _kl(lb, str(tiny_models["llama"]))
+    assert np.isfinite(Engine(out, ctx=64).logits_all([1, 5, 9])).all()
+
+
+def test_bad_tune_input_is_one_line(tiny_models, tmp_path):
+    lb = convert(str(tiny_models["llama"]), tmp_path / "q.lowbit", ConvertOptions(bits=4), progress=False)
+    assert_clean_error(run_cli("tune", lb, "-o", tmp_path / "t.lowbit", "--calib", tmp_path / "none.txt"), "no such")
+    assert_clean_error(run_cli("tune", lb, "-o", lb, "--calib", CALIB, "--force"), "input")
+    assert_clean_error(run_cli("tune", lb, "-o", tmp_path / "t.lowbit", "--calib", CALIB, "--teacher",
+                               tiny_models["qwen2"]), "teacher")  # fmt: skip
+    assert_clean_error(run_cli("tune", lb, "-o", tmp_path / "t.lowbit", "--calib", CALIB, "--time-budget", "0"),
+                       "--time-budget")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.lowbit"]
