@@ -149,39 +149,16 @@ def tune(src: str | Path, out: str | Path, opts: TuneOptions, progress: bool = T
         x_t = torch.from_numpy(teacher["token_embd.weight"][tokens])
         tuned: dict[str, dict[str, np.ndarray]] = {}
         n_layers = args.num_hidden_layers
-        per_step = None
+        clock = Budget(opts, n_layers, t0, len(tokens))
         bar = stage("tune", n_layers, "block", progress, range(n_layers))
         for i in bar:
+            start = time.perf_counter()
             with torch.no_grad():
                 y_t = Block(args, _block_weights(c, teacher, i, quant=False), cos, sin)(x_t)
             student = Block(args, _block_weights(c, teacher, i, quant=True), cos, sin)
-            params = [p for p in student.parameters() if p.requires_grad]
-            steps = opts.steps
-            if per_step is not None:
-                left = opts.time_budget - (time.perf_counter() - t0)
-                steps = max(0, min(opts.steps, int(left / max(n_layers - i, 1) / per_step)))
             report.loss_before.append(_mse(torch, student, x_s, y_t, opts.batch))
-            if params and steps:
-                opt = torch.optim.Adam(params, lr=opts.lr)
-                rng = np.random.default_rng(i)
-                t_step = time.perf_counter()
-                for s in range(steps):
-                    idx = torch.from_numpy(rng.choice(len(tokens), size=min(opts.batch, len(tokens)), replace=False))
-                    loss = torch.nn.functional.mse_loss(student(x_s[idx]), y_t[idx])
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    if per_step is None and s + 1 == FIRST_STEPS:
-                        per_step = (time.perf_counter() - t_step) / FIRST_STEPS
-                        left = opts.time_budget - (time.perf_counter() - t0)
-                        steps = max(FIRST_STEPS, min(opts.steps, int(left / n_layers / per_step)))
-                        log.info("tune: %.2f s per step; %d steps per block for the %.0f s budget",
-                                 per_step, steps, opts.time_budget)
-                    if s + 1 >= steps:
-                        break
-                report.steps.append(s + 1)
-            else:
-                report.steps.append(0)
+            done, step_seconds = _fit(torch, student, x_s, y_t, clock.steps(i), opts, i, clock)
+            report.steps.append(done)
             report.loss_after.append(_mse(torch, student, x_s, y_t, opts.batch))
             bar.set_postfix_str(f"mse {report.loss_before[-1]:.3g} -> {report.loss_after[-1]:.3g}", refresh=False)
             for short, mod in student.quant.items():
@@ -190,9 +167,63 @@ def tune(src: str | Path, out: str | Path, opts: TuneOptions, progress: bool = T
             with torch.no_grad():
                 x_s = torch.cat([student(x_s[j : j + opts.batch]) for j in range(0, len(x_s), opts.batch)])
             x_t = y_t
+            clock.observe(done, step_seconds, time.perf_counter() - start)
         report.seconds = time.perf_counter() - t0
         _write(c, out, tuned, opts, report)
     return report
+
+
+class Budget:
+    """Steps per block that keep the run within ``opts.time_budget``, from the step and per-block times measured as
+    the run goes (the first block is sized after its first :data:`FIRST_STEPS` steps)."""
+
+    def __init__(self, opts: TuneOptions, n_layers: int, t0: float, n_seqs: int):
+        self.opts, self.n, self.t0 = opts, n_layers, t0
+        self.per_step: float | None = None
+        self.overhead: float | None = None  # seconds per block outside the steps (forward passes over every sequence)
+        self.passes = -(-n_seqs // opts.batch)
+
+    def steps(self, i: int) -> int:
+        if self.per_step is None:
+            return self.opts.steps
+        left = self.opts.time_budget - (time.perf_counter() - self.t0)
+        per_block = left / max(self.n - i, 1) - (self.overhead or 0.0)
+        return max(0, min(self.opts.steps, int(per_block / self.per_step)))
+
+    def first_steps(self, per_step: float) -> int:
+        """Steps for the first block once its first steps are timed."""
+        self.per_step = per_step
+        self.overhead = 1.5 * self.passes * per_step  # four forward passes over every batch, ~1/3 step each
+        steps = max(FIRST_STEPS, self.steps(0))
+        log.info("tune: %.2f s per step; about %d steps per block for the %.0f s budget", per_step, steps,
+                 self.opts.time_budget)
+        return steps
+
+    def observe(self, done: int, step_seconds: float, block_seconds: float) -> None:
+        if done:
+            self.per_step = step_seconds / done  # as the machine is now (it may be shared)
+        self.overhead = block_seconds - step_seconds
+
+
+def _fit(torch, student, x_s, y_t, steps: int, opts: TuneOptions, seed: int, clock: Budget) -> tuple[int, float]:
+    """Adam on the block's scales and mins: (steps done, seconds they took)."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params or not steps:
+        return 0, 0.0
+    opt = torch.optim.Adam(params, lr=opts.lr)
+    rng = np.random.default_rng(seed)
+    t = time.perf_counter()
+    done = 0
+    while done < steps:
+        idx = torch.from_numpy(rng.choice(len(x_s), size=min(opts.batch, len(x_s)), replace=False))
+        loss = torch.nn.functional.mse_loss(student(x_s[idx]), y_t[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        done += 1
+        if clock.per_step is None and done == FIRST_STEPS:
+            steps = clock.first_steps((time.perf_counter() - t) / FIRST_STEPS)
+    return done, time.perf_counter() - t
 
 
 def _mse(torch, block, x, y, batch: int) -> float:
