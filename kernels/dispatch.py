@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from lowbit.errors import FormatError
+from lowbit.formats.layout import EXTRA_SUFFIXES
 from lowbit.formats.qtypes import PLANES
 from lowbit.formats.reader import StoredTensor
 from lowbit.kernels import act_quant, cpu, cpu_attention, cpu_kv, cpu_quant, hadamard, packed
@@ -17,7 +18,6 @@ SMALL_BATCH = 8  # up to this many tokens: fused dequantize-and-dot; beyond: the
 PARALLEL_ROWS = 16  # element-wise kernels run their rows in parallel from this many tokens on (prompts)
 TILE_ELEMS = 1 << 21  # elements of one dequantized prefill tile (8 MiB of float32)
 # optional tensors stored next to `<name>.weight` (formats/SPEC.md, "Extra tensors of a weight")
-EXTRA_SUFFIXES = ("had", "lr_a", "lr_b", "act_scale")
 EXTRA_KWARGS = ("had_signs", "lr_a", "lr_b", "act_scale")  # the Weight keyword each suffix is passed as
 
 

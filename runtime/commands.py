@@ -172,7 +172,7 @@ def cmd_bench(args) -> int:
 def summarize(c) -> dict:
     """Parameter counts, bytes and bits per weight of a container (every byte of tensor data counts, including a
     method's extra tensors; parameters are the model's own)."""
-    from lowbit.kernels.dispatch import EXTRA_SUFFIXES
+    from lowbit.formats.layout import EXTRA_SUFFIXES
 
     params = 0
     qparams = 0
