@@ -177,7 +177,7 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike, strict: bool = F
             for name, shape, kind, _ in plan:
                 size = nbytes(kind, shape)
                 if kind in ("F32", "F16"):
-                    writer.add_tensor_info(name, shape, np.dtype(kind.lower().replace("f", "float")), size)
+                    writer.add_tensor_info(name, shape, np.dtype({"F32": np.float32, "F16": np.float16}[kind]), size)
                 elif kind == "BF16":
                     writer.add_tensor_info(name, shape, np.dtype(np.uint16), size, GGMLQuantizationType.BF16)
                 else:  # the writer takes the shape of the bytes: [rows, bytes per row]
