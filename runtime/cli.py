@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a .lowbit file")
     p.add_argument("-o", "--output", required=True,
                    help="output .gguf file, or folder for compressed-tensors (an existing one needs --force)")
-    p.add_argument("--format", choices=["gguf", "compressed-tensors"], default="gguf",
+    p.add_argument("--format", default="gguf", metavar="{gguf,compressed-tensors}",
                    help="gguf (llama.cpp, Ollama, LM Studio) or compressed-tensors (a Hugging Face checkpoint for vLLM "
                    "and transformers; symmetric 4- and 8-bit files); default gguf")
     p.add_argument("--strict", action="store_true",

@@ -316,6 +316,8 @@ def cmd_export(args) -> int:
     from lowbit.convert.gguf_export import export_gguf
 
     src, out = Path(args.model), Path(args.output)
+    if args.format not in ("gguf", "compressed-tensors"):
+        raise LowbitError(f"unknown --format {args.format!r}; choose gguf or compressed-tensors")
     if not src.is_file():
         raise LowbitError(f"{src}: no such .lowbit file")
     if args.format == "compressed-tensors":

@@ -211,6 +211,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, tiny_models):
     assert res.returncode == 0 and "re-quantized" in res.stdout and out.is_file()
     assert_clean_error(run_cli("export", lb, "-o", out), "file exists")
     assert_clean_error(run_cli("export", lb, "-o", tmp_path / "m.bin"), ".gguf")
+    assert_clean_error(run_cli("export", lb, "-o", tmp_path / "m.onnx", "--format", "onnx"), "unknown --format")
     assert_clean_error(run_cli("export", out, "-o", tmp_path / "x.gguf"), "not a lowbit container")
     assert_clean_error(run_cli("export", tmp_path / "none.lowbit", "-o", tmp_path / "x.gguf"), "no such")
     assert_clean_error(run_cli("export", lb, "-o", tmp_path / "no" / "x.gguf"), "cannot write")
