@@ -111,7 +111,7 @@ class _GenerationBlock(jinja2.ext.Extension):
 class _Namespace(jinja2.utils.Namespace):
     """``namespace()`` that refuses underscore attributes, so templates cannot reach interpreter internals."""
 
-    def __init__(*args, **kwargs):  # noqa: N805 - same signature trick as jinja2.utils.Namespace
+    def __init__(*args, **kwargs):  # self comes in args: the same signature trick as jinja2.utils.Namespace
         self, rest = args[0], args[1:]
         attrs = dict(*rest, **kwargs)
         for key in attrs:

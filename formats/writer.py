@@ -183,7 +183,7 @@ def _open_temp(folder: Path, named: Path):
             pass
         else:
             return os.fdopen(fd, "w+b"), True
-    return open(named, "w+b"), False  # noqa: SIM115 - closed by the writer
+    return open(named, "w+b"), False  # closed by the writer
 
 
 def _link_unnamed(fd: int, name: Path) -> None:

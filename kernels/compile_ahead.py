@@ -50,7 +50,7 @@ def cached(spec: KVSpec) -> bool:
             return False
         kernel.add_overload(cres)  # loaded now rather than again at the first call
         return True
-    except Exception:  # noqa: BLE001 - numba internals moved: say cached, so nothing is started
+    except Exception:  # numba internals moved: say cached, so nothing is started (logged)
         log.debug("cannot look into numba's cache", exc_info=True)
         return True
 

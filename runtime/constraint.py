@@ -96,7 +96,7 @@ def lark_grammar(text: str) -> str:
 
         try:
             text = gbnf_to_lark(text)
-        except Exception as e:  # the converter raises plain exceptions for bad input
+        except Exception as e:  # noqa: BLE001 - the converter raises plain exceptions for bad input
             raise GrammarError(f"cannot read the GBNF grammar: {_first_line(str(e))}") from None
     return llg.LLMatcher.grammar_from_lark(text)
 
@@ -172,7 +172,7 @@ class GrammarCompiler:
                 if source is None:
                     source = _Wrapper(self.tokenizer, self.tokenizer.token_bytes(), eos[0])
                 self._ll = llg.LLTokenizer(source, n_vocab=self.vocab_size, eos_token=eos)
-            except Exception as e:  # the Rust side raises plain exceptions
+            except Exception as e:  # noqa: BLE001 - the Rust side raises plain exceptions
                 raise GrammarError(f"the grammar engine cannot read this model's tokenizer: {e}") from None
         return self._ll
 

@@ -43,7 +43,7 @@ def cuda_unavailable_reason() -> str | None:
         if cuda.is_available():
             return None
         detail = cuda.cuda_error()
-    except Exception as e:  # a broken driver or toolkit install surfaces as anything
+    except Exception as e:  # noqa: BLE001 - a broken driver or toolkit install surfaces as anything
         detail = e
     return f"no usable NVIDIA GPU was found ({_one_line(detail) if detail else 'no CUDA device'})"
 

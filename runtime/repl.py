@@ -417,7 +417,7 @@ def _warm_up(engine, notice: CompileNotice) -> None:
     engine.compile_notice = notice
     try:
         engine.warm_up()
-    except Exception:  # noqa: BLE001 - the first reply then compiles what it needs, and reports any real error
+    except Exception:  # logged; the first reply then compiles what it needs, and reports any real error
         log.debug("warm-up failed", exc_info=True)
 
 

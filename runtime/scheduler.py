@@ -245,7 +245,7 @@ class Scheduler:
     def _advance(self, a: Active, logits: np.ndarray) -> list[Finished]:
         try:
             events = a.seq.step(logits)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a sequence whose step fails ends alone; the batch goes on
             self.drop(a)
             return [Finished(a, "error", e)]
         if a.first_token is None:
