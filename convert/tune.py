@@ -130,6 +130,11 @@ def tune(src: str | Path, out: str | Path, opts: TuneOptions, progress: bool = T
             raise LowbitError("lowbit tune does not handle sliding attention windows yet")
         if any(n.rsplit(".", 1)[-1] in ("had", "lr_a", "lr_b") for n in c.tensor_names):
             raise LowbitError("lowbit tune does not handle Hadamard-rotated or low-rank-corrected files yet")
+        from lowbit.convert.tune_model import LINEARS
+
+        if not any(n.startswith("blk.") and n.split(".")[2] in LINEARS and not c.tensor(n).qtype.is_float
+                   for n in c.tensor_names):  # fmt: skip
+            raise LowbitError("nothing to tune: the file's block matrices are not quantized")
         teacher_src = opts.teacher or meta.get("provenance", {}).get("source")
         if not teacher_src:
             raise LowbitError("no teacher: pass --teacher, the float checkpoint this file was converted from")

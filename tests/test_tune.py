@@ -92,4 +92,6 @@ def test_bad_tune_input_is_one_line(tiny_models, tmp_path):
                                tiny_models["qwen2"]), "teacher")  # fmt: skip
     assert_clean_error(run_cli("tune", lb, "-o", tmp_path / "t.lowbit", "--calib", CALIB, "--time-budget", "0"),
                        "--time-budget")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.lowbit"]
+    full = convert(str(tiny_models["llama"]), tmp_path / "f.lowbit", ConvertOptions(bits=16), progress=False)
+    assert_clean_error(run_cli("tune", full, "-o", tmp_path / "t.lowbit", "--calib", CALIB), "nothing to tune")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.lowbit", "q.lowbit"]
