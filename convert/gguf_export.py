@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.convert.gguf_encode import encode, gguf_type, nbytes, requantize
+from lowbit.convert.gguf_source import qk_rows
 from lowbit.convert.gguf_vocab import vocab_fields
 from lowbit.errors import LowbitError
 from lowbit.formats.layout import EXTRA_SUFFIXES
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 # llama.cpp's general.file_type for the type most weights have
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
-PERMUTED = (".attn_q.weight", ".attn_k.weight", ".attn_q.bias", ".attn_k.bias")
 
 
 @dataclass
@@ -54,16 +54,6 @@ class ExportReport:
         pairs = Counter((lt, gt, ex) for lt, gt, ex in self.tensors.values())
         return [f"{n:4d} x {lt:<9} -> {gt:<5} {'exact' if ex else 're-quantized from the dequantized weights'}"
                 for (lt, gt, ex), n in sorted(pairs.items())]  # fmt: skip
-
-
-def _llama_rows(name: str, rows: int, args: dict) -> np.ndarray | None:
-    """Row order that interleaves RoPE pairs as llama.cpp's converter does for the llama architecture."""
-    if not name.endswith(PERMUTED):
-        return None
-    heads = args["num_attention_heads"] if ".attn_q." in name else args["num_key_value_heads"]
-    if rows % (2 * heads):
-        raise LowbitError(f"{name}: {rows} rows are not a multiple of 2 x {heads} heads")
-    return np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(-1)
 
 
 def _arch_fields(arch: str, args: dict) -> dict[str, tuple[str, object]]:
@@ -121,6 +111,17 @@ def _add(writer, key: str, kind: str, value) -> None:
     writer.add_key_value(key, value, vtype)
 
 
+def model_tensors(c: Container, target: str) -> list[str]:
+    """The container's tensors an export writes: the model's own. Static activation scales are left out (the
+    target quantizes activations itself); Hadamard signs and low-rank factors are refused, since the weights
+    they belong to compute the model only together with them."""
+    for name in c.tensor_names:
+        if name.rsplit(".", 1)[-1] in ("had", "lr_a", "lr_b"):
+            raise LowbitError(f"{name}: Hadamard-rotated and low-rank-corrected weights have no {target} "
+                              "counterpart; convert without the hadamard/lowrank method steps to export")  # fmt: skip
+    return [n for n in c.tensor_names if n.rsplit(".", 1)[-1] not in EXTRA_SUFFIXES]
+
+
 def plan_export(c: Container) -> tuple[str, dict, list[tuple[str, tuple[int, ...], str, bool]]]:
     """(llama.cpp architecture, model args, [(tensor name, shape, GGUF type, exact)]) of a container; LowbitError
     for what llama.cpp cannot hold."""
@@ -130,12 +131,7 @@ def plan_export(c: Container) -> tuple[str, dict, list[tuple[str, tuple[int, ...
         raise LowbitError(f"export to GGUF supports the {', '.join(ARCHITECTURES)} families; this model is {family!r}")
     args = arch_meta["args"]
     plan = []
-    for name in c.tensor_names:
-        if name.rsplit(".", 1)[-1] in EXTRA_SUFFIXES:
-            if name.endswith(".act_scale"):  # static activation scales: llama.cpp quantizes activations itself
-                continue
-            raise LowbitError(f"{name}: Hadamard-rotated and low-rank-corrected weights have no llama.cpp "
-                              "counterpart; convert without the hadamard/lowrank method steps to export")  # fmt: skip
+    for name in model_tensors(c, "llama.cpp"):
         shape = c.tensor_shape(name)
         kind, exact = gguf_type(c.tensor(name).qtype, shape)
         plan.append((name, shape, kind, exact))
@@ -206,7 +202,7 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike, strict: bool = F
 
 def _tensor_data(c: Container, name: str, shape, kind: str, exact: bool, arch: str, args: dict) -> np.ndarray:
     t = c.tensor(name)
-    rows = _llama_rows(name, shape[0], args) if arch == "llama" else None
+    rows = qk_rows(name, shape[0], args, interleaved=False) if arch == "llama" else None
     if t.qtype.is_float:
         data = np.asarray(t.parts["data"])
         if kind == "BF16":

@@ -34,6 +34,19 @@ ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_s
 FLOAT_TYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16", "F64": "f32"}
 
 
+def qk_rows(name: str, rows: int, cfg: dict, interleaved: bool) -> np.ndarray | None:
+    """llama.cpp's q/k row permutation of the ``llama`` architecture (each head's two rotary halves interleaved row
+    by row), for tensor ``name`` of ``rows`` rows; None for tensors it does not touch. ``interleaved``: the order
+    that reads a llama.cpp tensor back into halves (import), else the order that interleaves halves (export)."""
+    if not name.endswith((".attn_q.weight", ".attn_k.weight", ".attn_q.bias", ".attn_k.bias")):
+        return None
+    heads = cfg["num_attention_heads"] if ".attn_q." in name else cfg["num_key_value_heads"]
+    if rows % (2 * heads):
+        raise SourceError(f"{name} has {rows} rows, not a multiple of 2 x {heads} heads")
+    order = np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(-1)  # halves -> pairs
+    return np.argsort(order) if interleaved else order
+
+
 def is_gguf(path: Path) -> bool:
     """Whether ``path`` is a file that should be read as GGUF (named .gguf, or starting with the GGUF magic)."""
     if not path.is_file():
@@ -211,13 +224,9 @@ class GGUFSource:
 
     def _rows(self, canon: str) -> np.ndarray | None:
         """The row order that undoes llama.cpp's q/k permutation, or None when the tensor was not permuted."""
-        if self.arch != "llama" or not canon.endswith((".attn_q.weight", ".attn_k.weight")):
+        if self.arch != "llama":
             return None
-        heads = self.config["num_attention_heads"] if ".attn_q." in canon else self.config["num_key_value_heads"]
-        rows = self.shape(canon)[0]
-        if rows % (2 * heads):
-            raise SourceError(f"{self.path}: {canon} has {rows} rows, not a multiple of 2 x {heads} heads")
-        return np.arange(rows).reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(-1)
+        return qk_rows(canon, self.shape(canon)[0], self.config, interleaved=True)
 
     def _dequantize(self, gguf_name: str, rows: slice = slice(None)) -> np.ndarray:
         """gguf-py's float32 dequantization of (some rows of) a tensor; SourceError for a type it cannot read."""

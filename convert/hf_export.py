@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lowbit.convert.gguf_export import model_tensors
 from lowbit.errors import LowbitError
-from lowbit.formats.layout import EXTRA_SUFFIXES
 from lowbit.formats.qtypes import PER_CHANNEL, QType
 from lowbit.formats.reader import Container
 from lowbit.kernels.ref import dequantize
@@ -74,12 +74,7 @@ def plan_hf(c: Container) -> tuple[str, dict[str, QType]]:
         raise LowbitError(f"export to compressed-tensors supports the llama, qwen2 and qwen3 families; this model is "
                           f"{family!r}")  # fmt: skip
     linears = {}
-    for name in c.tensor_names:
-        if name.rsplit(".", 1)[-1] in EXTRA_SUFFIXES:
-            if name.endswith(".act_scale"):
-                continue
-            raise LowbitError(f"{name}: Hadamard-rotated and low-rank-corrected weights have no compressed-tensors "
-                              "counterpart; convert without the hadamard/lowrank method steps to export")
+    for name in model_tensors(c, "compressed-tensors"):
         qt = c.tensor(name).qtype
         if name.split(".")[-2] in LINEARS and name.endswith(".weight") and not qt.is_float:
             if qt.asym or qt.bits not in (4, 8):
@@ -99,9 +94,7 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, force: bool = Fals
         family, linears = plan_hf(c)
         tensors: dict[str, np.ndarray] = {}
         groups: dict[str, dict] = {}
-        for name in c.tensor_names:
-            if name.endswith(".act_scale"):
-                continue
+        for name in model_tensors(c, "compressed-tensors"):
             t = c.tensor(name)
             hf = hf_name(name, family)
             if name in linears:
@@ -110,10 +103,8 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, force: bool = Fals
                 tensors[f"{module}.weight_scale"] = np.asarray(t.parts["scales"], dtype=np.float32)
                 tensors[f"{module}.weight_shape"] = np.asarray(t.shape, dtype=np.int64)
                 groups.setdefault(t.qtype.name, {"targets": [], "weights": _scheme(t.qtype)})["targets"].append(module)
-            elif t.qtype.is_float:
-                tensors[hf] = _float32(t)
             else:
-                tensors[hf] = dequantize(t.parts, t.qtype, t.shape)
+                tensors[hf] = dequantize(t.parts, t.qtype, t.shape)  # float tensors as float32 too
         config = _config(c.meta, family, groups)
         try:
             tmp.mkdir(parents=False)
@@ -132,13 +123,6 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, force: bool = Fals
             raise
     return {"packed": len(linears), "dense": len(tensors) - 3 * len(linears),
             "bytes": sum(a.nbytes for a in tensors.values())}  # fmt: skip
-
-
-def _float32(t) -> np.ndarray:
-    data = np.asarray(t.parts["data"])
-    if t.qtype.name == "bf16":
-        return (data.astype(np.uint32) << 16).view(np.float32)
-    return data.astype(np.float32)
 
 
 def _config(meta: dict, family: str, groups: dict[str, dict]) -> dict:

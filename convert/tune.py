@@ -104,16 +104,15 @@ def _block_weights(c: Container, teacher: dict, i: int, quant: bool):
         elif short in LINEARS and not t.qtype.is_float:
             out[short] = QuantLinear(t.parts, t.qtype, t.shape)
         else:
-            out[short] = np.asarray(t.parts["data"], dtype=np.float32) if t.qtype.is_float else dequantize(
-                t.parts, t.qtype, t.shape)  # fmt: skip
+            out[short] = dequantize(t.parts, t.qtype, t.shape)  # float tensors as float32 too
     return out
 
 
 def tune(src: str | Path, out: str | Path, opts: TuneOptions, progress: bool = True) -> TuneReport:
     torch = _need_torch()
-    from lowbit.convert.tune_model import Block, QuantLinear, rope_tables
+    from lowbit.convert.tune_model import Block, QuantLinear
     from lowbit.models import FAMILIES as MODEL_FAMILIES
-    from lowbit.models.common import rope_inv_freq
+    from lowbit.models.common import rope_attention_factor, rope_inv_freq, rope_tables
 
     t0 = time.perf_counter()
     if opts.threads:
@@ -145,12 +144,10 @@ def tune(src: str | Path, out: str | Path, opts: TuneOptions, progress: bool = T
                                   f"{c.tensor_shape(name)} (not the model this file was converted from?)")
         tok = Tokenizer(meta["tokenizer"], c.blobs())
         tokens = np.stack(file_tokens(opts.calib, tok, opts.samples, opts.seq_len))
-        cos, sin = rope_tables(rope_inv_freq(args.rotary_dim or args.head_dim, args.rope_theta, args.rope_scaling,
-                                             opts.seq_len), opts.seq_len)  # fmt: skip
-        emb_t = c.tensor("token_embd.weight")
-        student_emb = dequantize(emb_t.parts, emb_t.qtype, emb_t.shape) if not emb_t.qtype.is_float else np.asarray(
-            emb_t.parts["data"], dtype=np.float32)  # fmt: skip
-        x_s = torch.from_numpy(student_emb[tokens])
+        inv = rope_inv_freq(args.rotary_dim or args.head_dim, args.rope_theta, args.rope_scaling, opts.seq_len)
+        cos, sin = rope_tables(inv, opts.seq_len, rope_attention_factor(args.rope_scaling))  # what the runtime uses
+        emb = c.tensor("token_embd.weight")
+        x_s = torch.from_numpy(dequantize(emb.parts, emb.qtype, emb.shape)[tokens])
         x_t = torch.from_numpy(teacher["token_embd.weight"][tokens])
         tuned: dict[str, dict[str, np.ndarray]] = {}
         n_layers = args.num_hidden_layers

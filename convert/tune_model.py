@@ -58,14 +58,9 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def rope_tables(inv_freq: np.ndarray, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    pos = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]
-    ang = np.concatenate([pos, pos], axis=1)
-    return torch.from_numpy(np.cos(ang).astype(np.float32)), torch.from_numpy(np.sin(ang).astype(np.float32))
-
-
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> torch.Tensor:
-    """RoPE on the first ``rot`` dims of each head (halves rotated, as transformers' rotate_half); x [B, H, T, D]."""
+    """RoPE on the first ``rot`` dims of each head (halves rotated, as transformers' rotate_half); x [B, H, T, D],
+    ``cos``/``sin`` [T, rot] (models/common.py's half tables, repeated for both halves)."""
     xr, rest = x[..., :rot], x[..., rot:]
     half = rot // 2
     rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
@@ -74,17 +69,18 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> to
 
 class Block(torch.nn.Module):
     """One decoder layer. ``weights``: canonical short name (``attn_q``, ``attn_norm``, ``attn_q.bias``, ...) ->
-    a float array, or a :class:`QuantLinear` for the tuned matrices."""
+    a float array, or a :class:`QuantLinear` for the tuned matrices; ``cos``/``sin``: the runtime's rope tables
+    ``[T, rotated dims / 2]`` (models/common.py's ``rope_tables``)."""
 
-    def __init__(self, args, weights: dict, cos: torch.Tensor, sin: torch.Tensor):
+    def __init__(self, args, weights: dict, cos: np.ndarray, sin: np.ndarray):
         super().__init__()
         self.args = args
         self.quant = torch.nn.ModuleDict({k: v for k, v in weights.items() if isinstance(v, QuantLinear)})
         for k, v in weights.items():
             if not isinstance(v, QuantLinear):
                 self.register_buffer(k.replace(".", "_"), torch.from_numpy(np.array(v, dtype=np.float32)))
-        self.register_buffer("cos", cos)
-        self.register_buffer("sin", sin)
+        self.register_buffer("cos", torch.from_numpy(np.concatenate([cos, cos], axis=1)))  # both halves
+        self.register_buffer("sin", torch.from_numpy(np.concatenate([sin, sin], axis=1)))
 
     def _w(self, name: str) -> torch.Tensor:
         return self.quant[name].weight() if name in self.quant else getattr(self, name)

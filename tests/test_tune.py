@@ -22,9 +22,9 @@ torch = pytest.importorskip("torch")
 def test_the_torch_blocks_compute_what_transformers_computes(kind, tmp_path):
     """Teacher blocks (float weights) from embeddings to the final norm and lm_head: transformers' logits; student
     blocks at the stored scales: exactly the stored dequantized weights."""
-    from lowbit.convert.tune_model import Block, QuantLinear, rms_norm, rope_tables
+    from lowbit.convert.tune_model import Block, QuantLinear, rms_norm
     from lowbit.models import FAMILIES
-    from lowbit.models.common import rope_inv_freq
+    from lowbit.models.common import rope_inv_freq, rope_tables
 
     model = _build(tmp_path / "hf", kind)
     lb = convert(str(tmp_path / "hf"), tmp_path / "m.lowbit", ConvertOptions(bits=4), progress=False)
