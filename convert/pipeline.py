@@ -29,7 +29,7 @@ import numpy as np
 
 from lowbit.convert import awq, lowrank, rotation, smoothquant
 from lowbit.convert.calibration import FloatStore, LayerRecorder, record
-from lowbit.convert.gptq import gptq_quantize
+from lowbit.convert.gptq import PreparedHessian, gptq_quantize, prepare_hessian
 from lowbit.convert.methods import Method
 from lowbit.convert.progress import stage
 from lowbit.convert.quantize import quantize
@@ -58,6 +58,38 @@ class Encoded:
     qtype: QType
     parts: dict[str, np.ndarray]
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    """One matrix on its way to the file: the weight as it will be rounded, its input statistics, its parts."""
+
+    name: str
+    qt: QType
+    w: np.ndarray
+    h: np.ndarray | None  # the input Hessian (rotated/rescaled with the weight), GPTQ and Hadamard only
+    imp: np.ndarray | None  # per-input-column importance
+    extras: dict[str, np.ndarray]
+    hkey: str  # jobs with one key have one Hessian (a shared input, neither rescaled nor rotated)
+    parts: dict[str, np.ndarray] | None = None
+
+
+GPTQ_BLOCK_ROWS = (128, 4096)  # GPTQ row blocks: fewest rows (products stay efficient), most rows (memory)
+
+
+def row_blocks(shapes: list[tuple[int, int]], workers: int) -> list[tuple[int, int, int]]:
+    """GPTQ work of matrices ``shapes`` as row blocks ``(matrix index, first row, end row)``, costliest first.
+
+    A row costs ~cols^2 (every product is a row block times the Hessian); blocks aim at a third of one worker's
+    share of the total, within :data:`GPTQ_BLOCK_ROWS`, so largest-first scheduling leaves the pool balanced."""
+    total = sum(r * c * c for r, c in shapes)
+    target = total / (3 * max(1, workers))
+    lo, hi = GPTQ_BLOCK_ROWS
+    out = []
+    for i, (rows, cols) in enumerate(shapes):
+        step = min(hi, max(lo, -(-int(target) // (cols * cols))))
+        out += [(i, r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+    return sorted(out, key=lambda b: -(b[2] - b[1]) * shapes[b[0]][1] ** 2)
 
 
 @dataclass
@@ -125,10 +157,7 @@ class Pipeline:
             scales = self._awq_layer(prefix, names, rec)
         elif self.method.smoothquant:
             scales = smoothquant.migrate_layer(self, prefix, names, rec, NORM_GROUPS)
-        # the layer's matrices on a pool of threads, BLAS on one thread each: GPTQ's and the search's numpy and BLAS
-        # work release the GIL
-        with ThreadPoolExecutor(max_workers=max(1, len(os.sched_getaffinity(0)))) as pool, blas.one_thread():
-            list(pool.map(lambda short: self._encode(f"{prefix}{short}.weight", rec, scales.get(short)), names))
+        self._encode_all([(f"{prefix}{short}.weight", scales.get(short)) for short in names], rec)
 
     def _awq_layer(self, prefix: str, names: list[str], rec: LayerRecorder) -> dict[str, np.ndarray]:
         """Search AWQ scales for each input group of the layer, fold them, return linear -> s."""
@@ -188,20 +217,51 @@ class Pipeline:
         w = dispatch.Weight(StoredTensor(name, enc.qtype, shape, enc.parts), bias, **_weight_extras(enc.extras))
         return dispatch.exact_activations(w)  # the same file from every CPU
 
-    # ------------------------------------------------------------------------------------------ one matrix
-    def _encode(self, name: str, rec: LayerRecorder | None, awq_scale: np.ndarray | None) -> None:
+    # ------------------------------------------------------------------------------------------ matrices
+    def _encode_all(self, items: list[tuple[str, np.ndarray | None]], rec: LayerRecorder | None) -> None:
+        """Encode the matrices ``[(name, AWQ input scale or None)]`` on a pool of threads, BLAS on one thread each
+        (numpy's, BLAS's and the numba sweep's work release the GIL). GPTQ's work is cut into row blocks of similar
+        cost, largest first, so the pool stays busy to the end (a layer's ffn_down alone is ~60% of it); matrices
+        reading the same input (q/k/v, gate/up) share one :class:`PreparedHessian`, whose O(cols^3) factorisation
+        runs before, on every BLAS thread."""
+        workers = max(1, len(os.sched_getaffinity(0)))
+        with ThreadPoolExecutor(max_workers=workers) as pool, blas.one_thread():
+            jobs = [j for j in pool.map(lambda it: self._job(it[0], rec, it[1]), items) if j is not None]
+        gptq = [j for j in jobs if j.h is not None and self.method.rounding == "gptq"]
+        prepared: dict[str, PreparedHessian] = {}
+        for j in gptq:
+            if j.hkey not in prepared:
+                prepared[j.hkey] = prepare_hessian(j.h)
+            j.h = None
+        blocks = row_blocks([j.w.shape for j in gptq], workers)
+        with ThreadPoolExecutor(max_workers=workers) as pool, blas.one_thread():
+            done = pool.map(lambda b: gptq_quantize(gptq[b[0]].w[b[1]:b[2]], prepared[gptq[b[0]].hkey], gptq[b[0]].qt,
+                                                    importance=gptq[b[0]].imp), blocks)
+            by_job: dict[int, list] = {}
+            for (i, _, _), parts in sorted(zip(blocks, done), key=lambda bp: bp[0][:2]):
+                by_job.setdefault(i, []).append(parts)
+            for i, j in enumerate(gptq):
+                j.parts = {k: np.concatenate([p[k] for p in by_job[i]]) for k in by_job[i][0]}
+            prepared.clear()
+            list(pool.map(self._finish, jobs))
+
+    def _job(self, name: str, rec: LayerRecorder | None, awq_scale: np.ndarray | None) -> _Job | None:
+        """The weight as it will be rounded (rotated with ``hadamard``) and its input statistics."""
         qt = self.qtypes[name]
         w = self.store.arrays[name]
         if qt.is_float:
-            return
+            return None
         m = self.method
         h = imp = None
+        hkey = name
         if rec is not None and m.calibrated:
             inv = None if awq_scale is None else 1.0 / awq_scale.astype(np.float64)  # the input is now x / s
             if rec.full:
                 h = rec.hessian(name)
                 if inv is not None:
                     h = h * inv[:, None] * inv[None, :]
+                else:
+                    hkey = rec.key(name)  # the same input's Hessian, as it was recorded
             else:
                 imp = rec.importance(name) * (1.0 if inv is None else inv * inv)
         extras: dict[str, np.ndarray] = {}
@@ -209,17 +269,22 @@ class Pipeline:
             w, signs = rotation.rotate_weight(w, _tensor_seed(self.opts.seed, name))
             h = rotation.rotate_hessian(h, signs)
             extras["had"] = signs
+            hkey = name
         if h is not None:
             imp = np.diag(h)
         if imp is not None:
             imp = imp.astype(np.float32)
         if m.awq and awq_scale is not None and m.rounding != "gptq":
             w = awq.awq_clip(w, rec.rows(name) / awq_scale, qt, **AWQ_SEARCH)
-        if m.rounding == "gptq" and h is not None:
-            parts = gptq_quantize(w, h, qt, importance=imp)
-        elif m.rounding == "imatrix" and imp is not None:
+        return _Job(name, qt, w, h, imp, extras, hkey)
+
+    def _finish(self, job: _Job) -> None:
+        """Round (unless GPTQ's row blocks did), add the low-rank correction, store the encoding."""
+        m, qt, w, imp = self.method, job.qt, job.w, job.imp
+        parts = job.parts
+        if parts is None and m.rounding == "imatrix" and imp is not None:
             parts = quantize(w, qt, "search", importance=imp)
-        else:
+        elif parts is None:
             parts = quantize(w, qt, "rtn" if m.rounding == "rtn" else "search")
         if m.lowrank and imp is not None and self.opts.lowrank_bpw > 0:
             w_hat = dequantize(parts, qt, w.shape)
@@ -227,8 +292,8 @@ class Pipeline:
             rank = lowrank.rank_for_budget(w.shape, self.opts.lowrank_bpw)
             if rank > 0:
                 a, b = lowrank.lowrank_correction(w, w_hat, rank=rank, act_scale=act)
-                extras["lr_a"], extras["lr_b"] = a, b
-        self.encoded[name] = Encoded(qt, parts, extras)
+                job.extras["lr_a"], job.extras["lr_b"] = a, b
+        self.encoded[job.name] = Encoded(qt, parts, job.extras)
 
     # ------------------------------------------------------------------------------------------ head, embedding
     def _quantize_head(self, rec: LayerRecorder, hidden: list[np.ndarray]) -> None:
@@ -245,7 +310,7 @@ class Pipeline:
             scale = s
         elif self.method.smoothquant:
             scale = smoothquant.migrate_head(self, name, rec)
-        self._encode(name, rec, scale)
+        self._encode_all([(name, scale)], rec)
 
     def _quantize_embedding(self) -> None:
         name = "token_embd.weight"

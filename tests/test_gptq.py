@@ -5,7 +5,18 @@ import logging
 import numpy as np
 import pytest
 
-from lowbit.convert.gptq import HessianAccumulator, _damped, _inverse_cholesky, _sweep, gptq_quantize
+from lowbit.convert import gptq
+from lowbit.convert.gptq import (
+    HessianAccumulator,
+    _damped,
+    _inverse_cholesky,
+    _lower_inverse,
+    _refit,
+    _sweep,
+    gptq_quantize,
+    prepare_hessian,
+)
+from lowbit.convert.pipeline import GPTQ_BLOCK_ROWS, row_blocks
 from lowbit.convert.quantize import quantize
 from lowbit.errors import FormatError, LowbitError
 from lowbit.formats.qtypes import get_qtype, quant_type, unpack_codes
@@ -117,6 +128,85 @@ def test_rows_never_worse_than_search_or_rtn(calib):
             assert (ours <= row_obj(other) * (1 + 1e-9)).all(), method
 
 
+@pytest.mark.parametrize("name", ["q4a_g32", "q3_g32", "q2a_pc", "q4_pc"])
+def test_refit_reaches_the_exact_least_squares(calib, name):
+    """The conjugate-gradient refit lands on the dense normal equations' solution (same codes, same objective)."""
+    w, _, h = calib
+    qt = get_qtype(name)
+    hd, _ = _damped(h, 0.01)
+    grid = quantize(w, qt, method="rtn")
+    u = unpack_codes(grid["codes"], qt, w.shape[1]).astype(np.uint8)
+    d16, m16 = _refit(w, u, prepare_hessian(h, 0.01), qt, grid["scales"], grid.get("mins"))
+
+    rows, cols = w.shape
+    g = qt.layout_group(cols)
+    ng = cols // g
+    v = u.astype(np.float64) - (0 if qt.asym else qt.zero_point)
+
+    def obj(d, m):
+        parts = {"codes": grid["codes"], "scales": d.astype(np.float16)}
+        if qt.asym:
+            parts["mins"] = m.astype(np.float16)
+        e = w.astype(np.float64) - dequantize(parts, qt, w.shape)
+        return np.einsum("ij,ij->i", e @ hd, e)
+
+    d_ex, m_ex = np.empty((rows, ng)), np.empty((rows, ng))
+    for r in range(rows):  # the dense normal equations of every row: basis columns per group (scale, min)
+        cols_b = [np.where(np.arange(cols) // g == k, v[r], 0.0) for k in range(ng)]
+        if qt.asym:
+            cols_b += [-(np.arange(cols) // g == k).astype(np.float64) for k in range(ng)]
+        b = np.stack(cols_b, axis=1)
+        theta = np.linalg.solve(b.T @ hd @ b, b.T @ hd @ w[r].astype(np.float64))
+        d_ex[r], m_ex[r] = theta[:ng], theta[ng:] if qt.asym else 0.0
+    ours, exact, before = obj(d16, m16), obj(d_ex, m_ex), obj(grid["scales"], grid.get("mins"))
+    assert ours.sum() < before.sum()
+    assert ours.sum() <= exact.sum() * 1.002  # within float16 rounding of the exact minimum
+    assert (ours <= np.maximum(exact * 1.02, before)).all()
+
+
+@pytest.mark.parametrize("n", [5, 128, 129, 300])
+def test_inverse_cholesky_by_triangular_halves(calib, n):
+    """U^T U = H^-1 with U upper, as the general inverse and a second Cholesky give it."""
+    _, x, _ = calib
+    rng = np.random.default_rng(n)
+    xs = rng.standard_normal((2 * n, n)) @ (np.eye(n) + rng.standard_normal((n, n)) / np.sqrt(n))
+    hd, _ = _damped(xs.T @ xs / len(xs), 0.01)
+    u = _inverse_cholesky(hd, 0.01)
+    assert np.allclose(u, np.triu(u))
+    assert np.allclose(u.T @ u, np.linalg.inv(hd), rtol=1e-8, atol=1e-10 * np.abs(np.linalg.inv(hd)).max())
+    hinv = np.linalg.inv(hd)
+    assert np.allclose(u, np.linalg.cholesky((hinv + hinv.T) / 2).T, rtol=1e-7, atol=1e-9)
+    low = np.tril(rng.standard_normal((n, n))) + n * np.eye(n)
+    assert np.allclose(_lower_inverse(low) @ low, np.eye(n), atol=1e-10)
+
+
+def test_row_blocks_with_one_prepared_hessian_equal_the_whole(calib):
+    """Rows are independent: row blocks sharing one PreparedHessian, concatenated, give the whole matrix's parts."""
+    w, _, h = calib
+    qt = get_qtype("q4a_g32")
+    prep = prepare_hessian(h)
+    whole = gptq_quantize(w, h, qt)
+    cuts = [0, 7, 30, len(w)]
+    blocks = [gptq_quantize(w[a:b], prep, qt) for a, b in zip(cuts, cuts[1:])]
+    for k, v in whole.items():
+        got = np.concatenate([b[k] for b in blocks])
+        assert got.shape == v.shape
+        assert np.mean(got == v) > 0.99, k  # float32 products of other heights may flip a rare near-tie
+
+
+def test_row_blocks_cover_every_row_costliest_first():
+    shapes = [(2048, 8192), (8192, 2048), (512, 2048), (3, 64)]
+    blocks = row_blocks(shapes, workers=2)
+    for i, (rows, _) in enumerate(shapes):
+        mine = sorted((r0, r1) for j, r0, r1 in blocks if j == i)
+        assert mine[0][0] == 0 and mine[-1][1] == rows
+        assert all(a[1] == b[0] for a, b in zip(mine, mine[1:]))
+        assert all(r1 - r0 <= GPTQ_BLOCK_ROWS[1] for r0, r1 in mine)
+    cost = [(r1 - r0) * shapes[i][1] ** 2 for i, r0, r1 in blocks]
+    assert cost == sorted(cost, reverse=True)
+    assert sum(1 for i, *_ in blocks if i == 0) > 1  # the largest matrix is shared out
+
+
 def test_sweep_matches_unblocked_reference():
     """The lazy-block numba sweep equals a plain column-by-column float64 GPTQ on a fixed grid."""
     w, x = layer(seed=1, rows=8, cols=64, n=256)
@@ -126,7 +216,7 @@ def test_sweep_matches_unblocked_reference():
     hd, _ = _damped(h, 0.01)
     perm = np.argsort(-np.diag(h), kind="stable")
     u_chol = _inverse_cholesky(hd[np.ix_(perm, perm)], 0.01)
-    codes = _sweep(w, u_chol, perm, grid["scales"], grid["mins"], qt, block=16)
+    codes = _sweep(w, u_chol.astype(np.float32), perm, grid["scales"], grid["mins"], qt, block=16)
 
     d = grid["scales"].astype(np.float64)
     m = grid["mins"].astype(np.float64)
@@ -148,12 +238,15 @@ def test_block_size_does_not_change_the_result_much(calib):
     assert max(e) <= min(e) * 1.02
 
 
-def test_hessian_accumulator_chunks():
-    """float32 products per chunk, summed in float64: float32 accuracy of the direct float64 computation."""
+@pytest.mark.parametrize("chunk", [64, 2048])
+def test_hessian_accumulator_chunks(monkeypatch, chunk):
+    """float32 products per chunk of buffered rows, summed in float64: float32 accuracy of the direct float64
+    computation, whether the calls' rows fill a chunk exactly, cross it, or never fill it."""
+    monkeypatch.setattr(gptq, "CHUNK_ROWS", chunk)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((301, 40)).astype(np.float32)
     acc = HessianAccumulator(40)
-    for a, b in ((0, 1), (1, 100), (100, 101), (101, 301)):
+    for a, b in ((0, 1), (1, 100), (100, 101), (101, 128), (128, 301)):
         acc.add(x[a:b])
     xd = x.astype(np.float64)
     assert acc.n == 301
