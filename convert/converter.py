@@ -20,7 +20,7 @@ from lowbit.convert.progress import stage
 from lowbit.convert.quantize import quantize
 from lowbit.convert.source import Checkpoint, read_json, resolve_source, to_f32
 from lowbit.errors import FormatError, LowbitError, SourceError
-from lowbit.formats.qtypes import GROUP_SIZES, PER_CHANNEL, QUANT_BITS, QType, get_qtype, quant_type
+from lowbit.formats.qtypes import GROUP_SIZES, PER_CHANNEL, PER_TENSOR, QUANT_BITS, QType, get_qtype, quant_type
 from lowbit.formats.tokenizer import read_tokenizer_source
 from lowbit.formats.writer import ContainerWriter, TensorPlan
 from lowbit.models import family_for
@@ -98,8 +98,11 @@ class ConvertOptions:
             raise LowbitError(f"unsupported --bits {self.bits}; choose one of {_BITS_CHOICES} or 16 (unquantized)")
         if self.embed_bits is not None and self.embed_bits not in (*QUANT_BITS, FLOAT_BITS):
             raise LowbitError(f"unsupported --embed-bits {self.embed_bits}; choose one of {_BITS_CHOICES} or 16")
-        if self.group_size is not None and self.group_size not in (PER_CHANNEL, *GROUP_SIZES):
-            raise LowbitError(f"unsupported --group-size {self.group_size}; choose 32, 64, 128 or 0 (per-channel)")
+        if self.group_size is not None and self.group_size not in (PER_CHANNEL, *GROUP_SIZES, PER_TENSOR):
+            raise LowbitError(f"unsupported --group-size {self.group_size}; choose 32, 64, 128, 0 (per-channel) or "
+                              "-1 (per-tensor)")
+        if self.group_size == PER_TENSOR and self.budget:
+            raise LowbitError("--group-size -1 (per-tensor) is not a mixed-precision ladder; give --bits instead")
         if self.gguf_compatible and (method.hadamard or method.lowrank):
             raise LowbitError("--gguf-compatible: the hadamard and lowrank method steps have no llama.cpp counterpart")
 
@@ -133,8 +136,8 @@ def choose_qtype(name: str, shape: tuple[int, ...], src_dtype: str, opts: Conver
         bits, group = GGUF_BITS[bits], 32
         asym = asym and bits < 8
     groups = [group] + [g for g in sorted(GROUP_SIZES, reverse=True) if g < group]
-    if group == PER_CHANNEL:
-        groups = [PER_CHANNEL]
+    if group in (PER_CHANNEL, PER_TENSOR):
+        groups = [group]
     for g in [*groups, PER_CHANNEL]:
         qt = quant_type(bits, g, asym)
         if qt.check_shape(shape) is None:

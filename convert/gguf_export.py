@@ -201,7 +201,7 @@ def export_gguf(src: str | os.PathLike, out: str | os.PathLike, strict: bool = F
 
 
 def _tensor_data(c: Container, name: str, shape, kind: str, exact: bool, arch: str, args: dict) -> np.ndarray:
-    t = c.tensor(name)
+    t = c.tensor(name).per_row()  # a per-tensor scale repeats in every block
     rows = qk_rows(name, shape[0], args, interleaved=False) if arch == "llama" else None
     if t.qtype.is_float:
         data = np.asarray(t.parts["data"])

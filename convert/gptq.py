@@ -449,6 +449,25 @@ def _sweep(w, u32, perm, d16, m16, qt, block):
     return codes
 
 
+def _gptq_per_tensor(w: np.ndarray, prep: PreparedHessian, qt: QType, block: int, imp: np.ndarray):
+    """A per-tensor type: the per-tensor search's one grid, the sweep on it, per row the better of the sweep's and
+    the search's codes. No refit (it would give every row its own scale), and no RTN candidate (another grid); so a
+    per-tensor matrix is never cut into row blocks."""
+    twin = qt.row_twin
+    rows, cols = w.shape
+    grid = quantize_search(w, qt, importance=imp)
+    d16 = np.repeat(grid["scales"], rows, axis=0)
+    m16 = np.repeat(grid["mins"], rows, axis=0) if qt.asym else None
+    best = _Best(w, prep.h32, twin)
+    best.offer("gptq", _sweep(w, prep.u32, prep.perm, d16, m16, twin, block), d16, m16)
+    best.offer("search", unpack_codes(grid["codes"], twin, cols).astype(np.uint8), d16, m16)
+    log.debug("%s %s gptq: rows kept per candidate %s", qt.name, w.shape, best.kept)
+    parts = {"codes": pack_codes(best.u, twin), "scales": grid["scales"]}
+    if qt.asym:
+        parts["mins"] = grid["mins"]
+    return parts
+
+
 def gptq_quantize(
     w: np.ndarray,
     hessian: np.ndarray | PreparedHessian,
@@ -489,6 +508,8 @@ def gptq_quantize(
     w, importance = _check_inputs(w, prep, qt, block, importance)
     cols = w.shape[1]
     imp = np.diag(prep.h) if importance is None else importance
+    if qt.per_tensor:
+        return _gptq_per_tensor(w, prep, qt, int(block), imp)
 
     rtn = quantize_rtn(w, qt)
     search = quantize_search(w, qt, importance=imp)

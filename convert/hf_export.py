@@ -75,7 +75,7 @@ def plan_hf(c: Container) -> tuple[str, dict[str, QType]]:
                           f"{family!r}")  # fmt: skip
     linears = {}
     for name in model_tensors(c, "compressed-tensors"):
-        qt = c.tensor(name).qtype
+        qt = c.tensor(name).per_row().qtype  # a per-tensor scale is written per channel, repeated
         if name.split(".")[-2] in LINEARS and name.endswith(".weight") and not qt.is_float:
             if qt.asym or qt.bits not in (4, 8):
                 raise LowbitError(f"{name} is {qt.name}: compressed-tensors export holds symmetric 4- and 8-bit "
@@ -95,7 +95,7 @@ def export_hf(src: str | os.PathLike, out: str | os.PathLike, force: bool = Fals
         tensors: dict[str, np.ndarray] = {}
         groups: dict[str, dict] = {}
         for name in model_tensors(c, "compressed-tensors"):
-            t = c.tensor(name)
+            t = c.tensor(name).per_row()
             hf = hf_name(name, family)
             if name in linears:
                 module = hf.removesuffix(".weight")

@@ -77,17 +77,19 @@ class _Job:
 GPTQ_BLOCK_ROWS = (128, 4096)  # GPTQ row blocks: fewest rows (products stay efficient), most rows (memory)
 
 
-def row_blocks(shapes: list[tuple[int, int]], workers: int) -> list[tuple[int, int, int]]:
+def row_blocks(shapes: list[tuple[int, int]], workers: int,
+               whole: list[bool] | None = None) -> list[tuple[int, int, int]]:
     """GPTQ work of matrices ``shapes`` as row blocks ``(matrix index, first row, end row)``, costliest first.
 
     A row costs ~cols^2 (every product is a row block times the Hessian); blocks aim at a third of one worker's
-    share of the total, within :data:`GPTQ_BLOCK_ROWS`, so largest-first scheduling leaves the pool balanced."""
+    share of the total, within :data:`GPTQ_BLOCK_ROWS`, so largest-first scheduling leaves the pool balanced.
+    ``whole[i]``: matrix ``i`` stays one block (a per-tensor type: its one scale is chosen from every row)."""
     total = sum(r * c * c for r, c in shapes)
     target = total / (3 * max(1, workers))
     lo, hi = GPTQ_BLOCK_ROWS
     out = []
     for i, (rows, cols) in enumerate(shapes):
-        step = min(hi, max(lo, -(-int(target) // (cols * cols))))
+        step = rows if whole and whole[i] else min(hi, max(lo, -(-int(target) // (cols * cols))))
         out += [(i, r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
     return sorted(out, key=lambda b: -(b[2] - b[1]) * shapes[b[0]][1] ** 2)
 
@@ -233,7 +235,7 @@ class Pipeline:
             if j.hkey not in prepared:
                 prepared[j.hkey] = prepare_hessian(j.h)
             j.h = None
-        blocks = row_blocks([j.w.shape for j in gptq], workers)
+        blocks = row_blocks([j.w.shape for j in gptq], workers, [j.qt.per_tensor for j in gptq])
         with ThreadPoolExecutor(max_workers=workers) as pool, blas.one_thread():
             done = pool.map(lambda b: gptq_quantize(gptq[b[0]].w[b[1]:b[2]], prepared[gptq[b[0]].hkey], gptq[b[0]].qt,
                                                     importance=gptq[b[0]].imp), blocks)

@@ -164,10 +164,48 @@ def _warn_saturated(d16: np.ndarray, m16: np.ndarray | None, qt: QType) -> None:
 # ------------------------------------------------------------------------------------------------ RTN
 
 
+PT_SAMPLE = 1 << 20  # elements (whole rows) the per-tensor scale search looks at
+
+
+def _per_tensor(w: np.ndarray, qt: QType, method: str, importance: np.ndarray | None) -> dict[str, np.ndarray]:
+    """One ``d`` (and ``m``) for the whole matrix: RTN from the matrix's range; the search runs on an even spread of
+    whole rows (at most PT_SAMPLE elements, the rows holding the extremes included) as one group of the per-channel
+    twin, and keeps its grid only when it beats RTN's on the whole matrix (importance-weighted squared error).
+    Every element then takes its nearest code on the chosen grid."""
+    w, _ = _prepare(w, qt)
+    rows, cols = w.shape
+    twin = qt.row_twin
+    imp = _check_importance(importance, cols)
+    flat = w.reshape(1, -1)
+    grids = [_rtn_params(flat, qt)]
+    if method == "search":
+        picks = np.linspace(0, rows - 1, min(rows, max(1, PT_SAMPLE // cols))).astype(np.int64)
+        picks = np.unique(np.concatenate([picks, [int(np.argmax(w)) // cols, int(np.argmin(w)) // cols]]))
+        sample = w[picks].reshape(1, -1)
+        sub = quantize_search(sample, twin, importance=None if imp is None else np.tile(imp, len(picks)))
+        d = sub["scales"].astype(np.float32).reshape(1)
+        grids.append((d, sub["mins"].astype(np.float32).reshape(1) if qt.asym else None))
+    best = None
+    colw = np.ones(cols, np.float32) if imp is None else imp.astype(np.float32)
+    for d, m in grids:
+        d16, m16, u, xhat = _encode(w, np.repeat(d, rows), None if m is None else np.repeat(m, rows), qt)
+        err = float(np.einsum("rc,c->", (xhat - w) ** 2, colw, dtype=np.float64))
+        if best is None or err < best[0]:
+            best = (err, d16, m16, u)
+    _, d16, m16, u = best
+    parts = {"codes": pack_codes(u, twin), "scales": d16[:1].reshape(1, 1).copy()}
+    if qt.asym:
+        parts["mins"] = m16[:1].reshape(1, 1).copy()
+    _warn_saturated(parts["scales"], parts.get("mins"), qt)
+    return parts
+
+
 def quantize_rtn(w: np.ndarray, qt: QType) -> dict[str, np.ndarray]:
     """Plain round-to-nearest: symmetric ``d = -max / z`` (the largest magnitude lands on level ``-z``),
     asymmetric ``d = (max - min) / max_code, m = -min``."""
     w, g = _prepare(w, qt)
+    if qt.per_tensor:
+        return _per_tensor(w, qt, "rtn", None)
     return _run(w, qt, g, lambda x, r0, r1: _encode(x, *_rtn_params(x, qt), qt)[:3])
 
 
@@ -267,6 +305,8 @@ def quantize_search(
     rows, cols = w.shape
     if not isinstance(n_candidates, (int, np.integer)) or n_candidates < 1:
         raise LowbitError(f"n_candidates must be a positive integer, got {n_candidates!r}")
+    if qt.per_tensor:
+        return _per_tensor(w, qt, "search", importance)
     imp = _check_importance(importance, cols)
     ng = cols // g
     n_search = 0

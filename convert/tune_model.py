@@ -32,8 +32,9 @@ class QuantLinear(torch.nn.Module):
         m0 = np.asarray(parts["mins"], dtype=np.float32) if qt.asym else d0 * np.float32(qt.zero_point)
         self.register_buffer("d0", torch.from_numpy(d0.copy()))
         self.register_buffer("m0", torch.from_numpy(m0.copy()))
-        self.a = torch.nn.Parameter(torch.zeros(rows, ng))
-        self.b = torch.nn.Parameter(torch.zeros(rows, ng)) if qt.asym else None
+        # one parameter per stored scale: [rows, ng], or [1, 1] for a per-tensor type (broadcast over the rows)
+        self.a = torch.nn.Parameter(torch.zeros(d0.shape))
+        self.b = torch.nn.Parameter(torch.zeros(d0.shape)) if qt.asym else None
 
     def scales_mins(self) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.d0 * torch.exp(self.a)

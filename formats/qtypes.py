@@ -6,6 +6,10 @@ A quantized 2-D tensor ``W[rows, cols]`` is stored as three parts:
 - ``scales`` float16 ``[rows, n_groups]``: ``d`` per group;
 - ``mins``   float16 ``[rows, n_groups]`` (asymmetric types only): ``m`` per group.
 
+Per-tensor types (``q4_pt``, ``q4a_pt``, ...) store one ``d`` (and ``m``) for the whole matrix: ``scales``/``mins``
+are ``[1, 1]`` and the codes are packed as the per-channel type's (a row is one group). The kernels run them as that
+per-channel twin with the scale repeated per row (:meth:`lowbit.formats.reader.StoredTensor.per_row`).
+
 Dequantization: ``x = d * u - m``; symmetric types have no stored min and use ``m = d * 2**(bits-1)``,
 i.e. ``x = d * (u - 2**(bits-1))``.
 
@@ -30,6 +34,7 @@ PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6:
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 PER_CHANNEL = 0  # group_size value meaning "one group per row"
+PER_TENSOR = -1  # group_size value meaning "one scale (and min) for the whole matrix", codes packed as per-channel
 
 FLOAT_DTYPES = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "bf16": np.dtype(np.uint16)}
 
@@ -39,13 +44,25 @@ class QType:
     name: str
     id: int
     bits: int
-    group_size: int = PER_CHANNEL  # 32/64/128, or PER_CHANNEL; meaningless for floats
+    group_size: int = PER_CHANNEL  # 32/64/128, PER_CHANNEL or PER_TENSOR; meaningless for floats
     asym: bool = False
     is_float: bool = False
 
     def layout_group(self, cols: int) -> int:
-        """The number of elements in one group for a row of ``cols`` elements."""
-        return cols if self.group_size == PER_CHANNEL else self.group_size
+        """The number of elements in one group for a row of ``cols`` elements (the packing's group: a per-tensor
+        type packs its codes row by row, as per-channel)."""
+        return cols if self.group_size in (PER_CHANNEL, PER_TENSOR) else self.group_size
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.group_size == PER_TENSOR
+
+    @property
+    def row_twin(self) -> QType:
+        """The per-channel type whose kernels run this per-tensor type (its scale repeated per row)."""
+        if not self.per_tensor:
+            raise FormatError(f"internal: {self.name} is not a per-tensor type")
+        return REGISTRY[self.name.replace("_pt", "_pc")]
 
     def check_shape(self, shape: tuple[int, ...]) -> str | None:
         """Return why ``shape`` cannot use this type, or None when it can."""
@@ -71,9 +88,10 @@ class QType:
             raise FormatError(why)
         rows, cols = shape
         ng = cols // self.layout_group(cols)
-        parts = {"codes": ((rows, cols * self.bits // 8), "uint8"), "scales": ((rows, ng), "float16")}
+        srows = 1 if self.per_tensor else rows
+        parts = {"codes": ((rows, cols * self.bits // 8), "uint8"), "scales": ((srows, ng), "float16")}
         if self.asym:
-            parts["mins"] = ((rows, ng), "float16")
+            parts["mins"] = ((srows, ng), "float16")
         return parts
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
@@ -92,7 +110,11 @@ class QType:
 
 
 def _group_code(g: int) -> int:
-    return {PER_CHANNEL: 0, 32: 1, 64: 2, 128: 3}[g]
+    return {PER_CHANNEL: 0, 32: 1, 64: 2, 128: 3, PER_TENSOR: 4}[g]
+
+
+def _group_name(g: int) -> str:
+    return {PER_CHANNEL: "pc", PER_TENSOR: "pt"}.get(g, f"g{g}")
 
 
 def _build_registry() -> dict[str, QType]:
@@ -103,8 +125,8 @@ def _build_registry() -> dict[str, QType]:
     }
     for bits in QUANT_BITS:
         for asym in (False, True):
-            for g in (PER_CHANNEL, *GROUP_SIZES):
-                name = f"q{bits}{'a' if asym else ''}_{'pc' if g == PER_CHANNEL else f'g{g}'}"
+            for g in (PER_CHANNEL, *GROUP_SIZES, PER_TENSOR):
+                name = f"q{bits}{'a' if asym else ''}_{_group_name(g)}"
                 # stable id: never renumber; new kinds get new digits
                 qid = 1000 + bits * 100 + (10 if asym else 0) + _group_code(g)
                 reg[name] = QType(name, qid, bits, g, asym)
@@ -125,10 +147,10 @@ def get_qtype(name: str) -> QType:
 def quant_type(bits: int, group_size: int, asym: bool) -> QType:
     if bits not in QUANT_BITS:
         raise FormatError(f"unsupported bit-width {bits}; choose one of {', '.join(map(str, QUANT_BITS))}")
-    if group_size not in (PER_CHANNEL, *GROUP_SIZES):
-        raise FormatError(f"unsupported group size {group_size}; choose 32, 64, 128 or 0 (per-channel)")
-    g = "pc" if group_size == PER_CHANNEL else f"g{group_size}"
-    return REGISTRY[f"q{bits}{'a' if asym else ''}_{g}"]
+    if group_size not in (PER_CHANNEL, *GROUP_SIZES, PER_TENSOR):
+        raise FormatError(f"unsupported group size {group_size}; choose 32, 64, 128, 0 (per-channel) or -1 "
+                          "(per-tensor)")
+    return REGISTRY[f"q{bits}{'a' if asym else ''}_{_group_name(group_size)}"]
 
 
 # ----------------------------------------------------------------------------------------------- packing

@@ -69,6 +69,18 @@ class StoredTensor:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts.values())
 
+    def per_row(self) -> StoredTensor:
+        """The tensor as the kernels and exports read it: a per-tensor type becomes its per-channel twin with the
+        one scale (and min) repeated for every row; any other tensor is returned as it is."""
+        if self.qtype.is_float or not self.qtype.per_tensor:
+            return self
+        rows = self.shape[0]
+        parts = dict(self.parts)
+        for k in ("scales", "mins"):
+            if k in parts:
+                parts[k] = np.repeat(np.asarray(parts[k]).reshape(1, 1), rows, axis=0)
+        return StoredTensor(self.name, self.qtype.row_twin, self.shape, parts)
+
 
 class Container:
     """A validated, memory-mapped .lowbit file. Arrays returned are read-only views on the mapping."""

@@ -41,6 +41,7 @@ class Weight:
         lr_b: np.ndarray | None = None,
         act_scale: np.ndarray | None = None,
     ):
+        st = st.per_row()  # per-tensor types run as their per-channel twins
         self.name = st.name
         self.qtype = st.qtype
         if len(st.shape) != 2:

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="2, 3, 4, 5, 6, 8; 16 keeps weights unquantized (default 4; a GGUF keeps its own types unless "
                    "a quantization option is given)")
     p.add_argument("--group-size", type=int, default=None,
-                   help="32, 64, 128, or 0 for per-channel (default 32 at 4 bits, else 64)")
+                   help="32, 64, 128, 0 for per-channel, or -1 for per-tensor (one scale per matrix) (default 32 "
+                   "at 4 bits, else 64)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--sym", dest="asym", action="store_false", default=None,
                    help="symmetric groups (no min; the default at 8 bits)")

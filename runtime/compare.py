@@ -12,7 +12,8 @@ Configuration grammar (``--configs``, comma-separated)::
     mixed:TARGET[:METHOD][:GROUP][:OPTION...]   TARGET = 2.5bpw (target_bpw) or 12MB / 1.5GB (max_size)
     f16 | 16                                    the unquantized model as a row of its own
 
-METHOD is the converter's "+"-joined step string; BITS 2|3|4|5|6|8|16; GROUP g32|g64|g128|pc (default g64);
+METHOD is the converter's "+"-joined step string; BITS 2|3|4|5|6|8|16; GROUP g32|g64|g128|pc|pt (default g64;
+pt: one scale per matrix);
 OPTION sym | asym | embed=B | lowrank=X (extra bits per weight for the lowrank step) | act=dynamic|static (evaluate
 with int8 activations, ``--act-quant``; static needs the smoothquant step) | kv=16|32|8|4|k8v4 (evaluate with that
 KV cache, ``--kv-bits``; f16 takes this option too: ``f16:kv=8`` is what a quantized cache alone costs). Rows that
@@ -34,7 +35,7 @@ import numpy as np
 
 from lowbit.convert.converter import FLOAT_BITS, ConvertOptions
 from lowbit.errors import LowbitError
-from lowbit.formats.qtypes import GROUP_SIZES, PER_CHANNEL, QUANT_BITS
+from lowbit.formats.qtypes import GROUP_SIZES, PER_CHANNEL, PER_TENSOR, QUANT_BITS
 from lowbit.kernels.kv_formats import KVSpec
 from lowbit.runtime.evaluate import Accumulator, EvalResult, count_windows, too_short_message, windows
 
@@ -47,7 +48,7 @@ except ImportError:
     METHOD_STEPS: tuple[str, ...] = ("rtn", "search", "imatrix", "awq", "gptq", "hadamard", "lowrank")
 
 BITS = (*QUANT_BITS, FLOAT_BITS)
-GROUPS = {f"g{g}": g for g in GROUP_SIZES} | {"pc": PER_CHANNEL}
+GROUPS = {f"g{g}": g for g in GROUP_SIZES} | {"pc": PER_CHANNEL, "pt": PER_TENSOR}
 GROUP_NAMES = {v: k for k, v in GROUPS.items()}
 DEFAULT_GROUP = 64
 UNQUANTIZED = ("f16", "16")

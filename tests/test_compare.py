@@ -24,7 +24,7 @@ from lowbit.runtime.engine import Engine
 
 CTX = 32
 MAX_TOKENS = 200  # 6 windows of 31 scored tokens
-CONFIGS = "rtn:8,search:4:g32,rtn:2:pc,f16"
+CONFIGS = "rtn:8,search:4:g32,rtn:2:pc,search:8:pt,f16"
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,7 @@ def test_parse_configs_labels_and_options():
                                                                                        "c.txt", 7)
     assert got["hadamard+gptq+lowrank:2:pc:lowrank=0.1"].opts.group_size == 0
     assert got["hadamard+gptq+lowrank:2:pc:lowrank=0.1"].opts.lowrank_bpw == 0.1
+    assert parse_configs("gptq:4:pt", converter.ConvertOptions())[0].opts.group_size == -1
     assert got["mixed:2.5bpw"].opts.target_bpw == 2.5 and got["mixed:2.5bpw"].method == "mixed"
     assert got["mixed:12MB:rtn:g32"].opts.max_size == 12_000_000 and got["mixed:12MB:rtn:g32"].method == "mixed(rtn)"
     assert got["f16"].opts.bits == 16 and got["f16"].opts.calib == "c.txt"
@@ -128,7 +129,7 @@ def test_end_to_end_writes_table_csv_json_png(run):
     table = run["stdout"]
     head = "| method | bits | group | bpw | size | ppl | Δppl % | KL mean | top-1 % | convert s | decode tok/s |"
     assert head in table
-    assert table.count("\n| ") == 1 + 4 and "error" not in table
+    assert table.count("\n| ") == 1 + 5 and "error" not in table
     for f in ("results.json", "results.csv", "results.md", "pareto.png"):
         assert (out / f).stat().st_size > 0, f
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -137,7 +138,7 @@ def test_end_to_end_writes_table_csv_json_png(run):
     doc = json.loads((out / "results.json").read_text(encoding="utf-8"))
     rows = list(csv.DictReader((out / "results.csv").open(encoding="utf-8")))
     assert [r["label"] for r in doc["results"]] == [r["label"] for r in rows] == [
-        "rtn:8:g64", "search:4:g32", "rtn:2:pc", "f16"]
+        "rtn:8:g64", "search:4:g32", "rtn:2:pc", "search:8:pt", "f16"]
     for j, c in zip(doc["results"], rows):
         assert j["status"] == c["status"] == "ok" and j["error"] is None
         assert float(c["kl_mean"]) == j["kl_mean"] and float(c["bpw"]) == j["bpw"]
@@ -150,6 +151,9 @@ def test_end_to_end_writes_table_csv_json_png(run):
     assert 0.0 <= by["f16"]["kl_mean"] < 1e-6 and by["f16"]["top1"] > 0.99
     assert by["f16"]["ppl"] == pytest.approx(doc["reference"]["ppl"], rel=1e-4)
     assert by["rtn:2:pc"]["kl_mean"] > by["search:4:g32"]["kl_mean"] > by["rtn:8:g64"]["kl_mean"] > 0
+    # one scale per matrix: fewer bits than groups of 64, and more error
+    assert by["search:8:pt"]["bpw"] < by["rtn:8:g64"]["bpw"]
+    assert by["search:8:pt"]["kl_mean"] > by["rtn:8:g64"]["kl_mean"]
     assert "eval" in run["stderr"] and "wrote" in run["stderr"]
 
 

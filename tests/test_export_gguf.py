@@ -40,8 +40,8 @@ def test_every_type_exports_to_the_numbers_lowbit_computes(cols):
     rows = 5
     seen_exact = set()
     for name, qt in REGISTRY.items():
-        if qt.is_float or qt.check_shape((rows, cols)) is not None:
-            continue
+        if qt.is_float or qt.per_tensor or qt.check_shape((rows, cols)) is not None:
+            continue  # per-tensor types export as their per-channel twins (test_per_tensor_types_...)
         ng = cols // qt.layout_group(cols)
         parts = {"codes": pack_codes(rng.integers(0, qt.max_code + 1, (rows, cols)), qt),
                  "scales": (rng.standard_normal((rows, ng)) * 0.05).astype(np.float16)}  # fmt: skip
@@ -155,6 +155,29 @@ def test_transformers_reads_the_exported_gguf_as_lowbit_computes_it(kind, tiny_m
     gg = tmp_path / "m.gguf"
     export_gguf(lb, gg, strict=True)
     ids = [1, *np.random.default_rng(3).integers(3, 4000, size=30).tolist()]
+    want = Engine(lb, ctx=64, kv="32", exact_activations=True).logits_all(ids)
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = model(torch.tensor([ids])).logits[0].numpy()
+    assert rel_err(got, want) < 1e-4
+
+
+def test_per_tensor_types_export_exactly_and_compute_as_transformers_reads_them(tiny_models, tmp_path):
+    """A per-tensor file (one scale and min per matrix): its kernels (the per-channel twin's, scale repeated) give
+    the logits transformers computes from the strict GGUF export (the one scale repeated in every Q4_1 block)."""
+    import torch
+    import transformers as tf
+
+    lb = convert(str(tiny_models["llama"]), tmp_path / "m.lowbit",
+                 ConvertOptions(bits=4, group_size=-1, embed_bits=4), progress=False)
+    c = Container(lb)
+    quantized = [c.tensor(n) for n in c.tensor_names if not c.tensor(n).qtype.is_float]
+    assert quantized and {t.qtype.name for t in quantized} == {"q4a_pt"}
+    assert all(t.parts["scales"].shape == (1, 1) == t.parts["mins"].shape for t in quantized)
+    gg = tmp_path / "m.gguf"
+    report = export_gguf(lb, gg, strict=True)
+    assert ("q4a_pt", "Q4_1", True) in set(report.tensors.values())
+    ids = [1, *np.random.default_rng(4).integers(3, 4000, size=30).tolist()]
     want = Engine(lb, ctx=64, kv="32", exact_activations=True).logits_all(ids)
     model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
     with torch.no_grad():

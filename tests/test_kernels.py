@@ -11,21 +11,21 @@ QUANT = [q for q in REGISTRY.values() if not q.is_float]
 
 
 def random_parts(qt: QType, rows: int, cols: int, rng) -> dict[str, np.ndarray]:
-    g = qt.layout_group(cols)
     u = rng.integers(0, qt.max_code + 1, size=(rows, cols))
+    sshape = qt.part_shapes((rows, cols))["scales"][0]  # [rows, groups], or [1, 1] for a per-tensor type
     parts = {
         "codes": pack_codes(u, qt),
-        "scales": (rng.standard_normal((rows, cols // g)) * 0.05).astype(np.float16),
+        "scales": (rng.standard_normal(sshape) * 0.05).astype(np.float16),
     }
     if qt.asym:
-        parts["mins"] = (rng.standard_normal((rows, cols // g)) * 0.1).astype(np.float16)
+        parts["mins"] = (rng.standard_normal(sshape) * 0.1).astype(np.float16)
     return parts
 
 
 def shape_for(qt: QType) -> tuple[int, int]:
     # 13 groups: the byte kernels' block of eight plus five one by one; the int16 kernels' three blocks of four
     # plus one
-    return (13, 96) if qt.group_size == 0 else (13, 13 * qt.group_size)
+    return (13, 96) if qt.group_size <= 0 else (13, 13 * qt.group_size)  # per-channel, per-tensor: one group a row
 
 
 @pytest.mark.parametrize("qt", QUANT, ids=lambda q: q.name)
@@ -144,12 +144,13 @@ def test_integer_kernels_cover_every_grouped_type():
     for qt in QUANT:
         rows, cols = shape_for(qt)
         w = dispatch.Weight(StoredTensor("w", qt, (rows, cols), random_parts(qt, rows, cols, np.random.default_rng(0))))
-        assert (w.int_kernels is not None) == (qt.group_size != 0) == specialised(qt.bits, w.g), qt.name
+        grouped = qt.group_size > 0  # per-channel and per-tensor (run as per-channel) rows are one group
+        assert (w.int_kernels is not None) == grouped == specialised(qt.bits, w.g), qt.name
 
 
 MODES = ["int16", "split", "int8"] if cpu_quant.HAS_VNNI else ["int16"]
 QMAX = {"int16": cpu_quant.XQ_MAX, "split": cpu_quant.XQ_MAX_SPLIT, "int8": cpu_quant.XQ_MAX_INT8}
-GROUPED = [q for q in QUANT if q.group_size]
+GROUPED = [q for q in QUANT if q.group_size > 0]  # the integer kernels of real groups (not pc/pt)
 
 
 # (mode, tokens): one token (matvec), a few (small-batch matmul), a prompt (the GEMM, which int16 does not have)

@@ -9,11 +9,13 @@ from lowbit.formats.qtypes import REGISTRY, QType, get_qtype, unpack_codes
 from lowbit.kernels.ref import dequantize
 
 QUANT = [q for q in REGISTRY.values() if not q.is_float]
+GROUPWISE = [q for q in QUANT if not q.per_tensor]  # per-group promises; per-tensor types have their own tests
+PER_TENSOR = [q for q in QUANT if q.per_tensor]
 ROWS = (3, 17)
 
 
 def shape_for(qt: QType, rows: int) -> tuple[int, int]:
-    return (rows, 96) if qt.group_size == 0 else (rows, 2 * qt.group_size)
+    return (rows, 96) if qt.group_size <= 0 else (rows, 2 * qt.group_size)  # per-channel, per-tensor
 
 
 def make(kind: str, shape: tuple[int, int], seed: int) -> np.ndarray:
@@ -78,7 +80,7 @@ def test_rtn_round_trip_half_step(qt, rows):
     assert (outside <= np.abs(d) * (1 + 1e-5) + amax * 2.0**-9).all()  # the largest magnitude is on the grid
 
 
-@pytest.mark.parametrize("qt", QUANT, ids=lambda q: q.name)
+@pytest.mark.parametrize("qt", GROUPWISE, ids=lambda q: q.name)
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("kind", ["gauss", "student"])
 @pytest.mark.parametrize("use_importance", [False, True], ids=["plain", "importance"])
@@ -121,7 +123,7 @@ def test_search_improves_on_rtn(name):
     assert rel_rms(w, quantize_search(w, qt), qt) < rel_rms(w, quantize_rtn(w, qt), qt)
 
 
-@pytest.mark.parametrize("qt", QUANT, ids=lambda q: q.name)
+@pytest.mark.parametrize("qt", GROUPWISE, ids=lambda q: q.name)
 @pytest.mark.parametrize("method", ["rtn", "search"])
 def test_zero_and_constant_rows(qt, method):
     shape = shape_for(qt, 5)
@@ -197,3 +199,43 @@ def test_dispatcher_and_input_errors():
     with pytest.raises(LowbitError, match="n_candidates"):
         quantize_search(w, qt, n_candidates=0)
 
+
+
+@pytest.mark.parametrize("qt", PER_TENSOR, ids=lambda q: q.name)
+@pytest.mark.parametrize("use_importance", [False, True], ids=["plain", "importance"])
+def test_per_tensor_types_store_one_scale_and_the_search_never_loses(qt, use_importance):
+    """One d (and m) for the matrix; every element on that grid's nearest code; the search's grid is kept only when
+    its importance-weighted squared error over the whole matrix beats RTN's."""
+    w = make("student", (23, 96), qt.id)
+    rng = np.random.default_rng(qt.id)
+    imp = rng.gamma(0.5, 1.0, 96).astype(np.float32) if use_importance else None
+    colw = np.ones(96) if imp is None else imp / imp.max()
+
+    def err(parts):
+        return float((((dequantize(parts, qt, w.shape) - w) ** 2) * colw).sum())
+
+    rtn, search = quantize_rtn(w, qt), quantize_search(w, qt, importance=imp)
+    for parts in (rtn, search):
+        check_parts(parts, qt, w.shape)
+        assert parts["scales"].shape == (1, 1)
+        d = float(parts["scales"][0, 0])
+        m = float(parts["mins"][0, 0]) if qt.asym else d * qt.zero_point
+        u = unpack_codes(parts["codes"], qt, 96)
+        best = np.clip(np.rint((w + m) / d), 0, qt.max_code)  # the nearest code on the one grid
+        assert np.mean(u == best) > 0.999
+    assert err(search) <= err(rtn) * (1 + 1e-6)
+    if 4 <= qt.bits <= 6:  # a real search beats the range on heavy tails (at 8 bits the range may stay)
+        assert err(search) < err(rtn)
+    per_channel = quantize_search(w, qt.row_twin, importance=imp)
+    assert err(search) >= float((((dequantize(per_channel, qt.row_twin, w.shape) - w) ** 2) * colw).sum())
+
+
+@pytest.mark.parametrize("name", ["q4_pt", "q4a_pt", "q8_pt"])
+@pytest.mark.parametrize("method", ["rtn", "search"])
+def test_per_tensor_zero_and_constant_matrices(name, method):
+    qt = get_qtype(name)
+    for value in (0.0, 0.0375, -1.7):
+        w = np.full((5, 64), value, np.float32)
+        back = dequantize(quantize(w, qt, method=method), qt, w.shape)
+        assert np.isfinite(back).all()
+        np.testing.assert_allclose(back, value, rtol=2e-3, atol=1e-12)

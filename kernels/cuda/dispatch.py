@@ -32,6 +32,7 @@ class Weight:
     or float32 data for float tensors; bias f32[rows] (zeros when the tensor has none)."""
 
     def __init__(self, st: StoredTensor, bias: np.ndarray | None = None):
+        st = st.per_row()  # per-tensor types run as their per-channel twins
         if len(st.shape) != 2:
             raise FormatError(f"tensor {st.name} must be 2-D, got shape {st.shape}")
         self.name = st.name

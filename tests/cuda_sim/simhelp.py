@@ -13,11 +13,11 @@ def random_parts(qt: QType, rows: int, cols: int, rng, scale: float = 0.05) -> d
         if qt.name == "bf16":
             return {"data": (x.view(np.uint32) >> 16).astype(np.uint16)}
         return {"data": x.astype(np.float16 if qt.name == "f16" else np.float32)}
-    g = qt.layout_group(cols)
+    sshape = qt.part_shapes((rows, cols))["scales"][0]  # [rows, groups], or [1, 1] for a per-tensor type
     u = rng.integers(0, qt.max_code + 1, size=(rows, cols))
-    parts = {"codes": pack_codes(u, qt), "scales": (rng.standard_normal((rows, cols // g)) * scale).astype(np.float16)}
+    parts = {"codes": pack_codes(u, qt), "scales": (rng.standard_normal(sshape) * scale).astype(np.float16)}
     if qt.asym:
-        parts["mins"] = (rng.standard_normal((rows, cols // g)) * scale * 2).astype(np.float16)
+        parts["mins"] = (rng.standard_normal(sshape) * scale * 2).astype(np.float16)
     return parts
 
 

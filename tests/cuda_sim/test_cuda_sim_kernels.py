@@ -17,7 +17,7 @@ ALL_TYPES = list(REGISTRY.values())  # f32, f16, bf16 and every quantized type
 
 def shape_for(qt: QType) -> tuple[int, int]:
     # two groups per row (group indexing), per-channel rows of 48 (not a power of two)
-    return (3, 48) if qt.is_float or qt.group_size == 0 else (3, 2 * qt.group_size)
+    return (3, 48) if qt.is_float or qt.group_size <= 0 else (3, 2 * qt.group_size)  # pc, pt: a row is a group
 
 
 def dev(a):
