@@ -28,7 +28,7 @@ to the columns after the block by one BLAS product.
   per row, so GPTQ never stores a row that is worse (for the damped calibration Hessian) than what the data-free
   methods would have stored.
 - Cost: everything but the O(cols^3) factorisation of ``H`` (:func:`prepare_hessian`, once per distinct input) is
-  a product of the rows with ``H``, O(rows * cols^2), about 13 of them with the defaults; rows are independent, so
+  a product of the rows with ``H``, O(rows * cols^2), about 8 of them with the defaults; rows are independent, so
   a large matrix is quantized in row blocks on a pool of threads (:mod:`lowbit.convert.pipeline`).
 
 The objective everywhere is the damped Hessian ``H + damp * mean(diag H) * I``: GPTQ optimises it, and it keeps the
@@ -52,9 +52,10 @@ log = logging.getLogger(__name__)
 INITS = ("search", "rtn")  # where the static group grids come from
 CHUNK_ELEMS = 1 << 20  # row chunks of the vectorised scoring/refit: temporaries stay O(chunk + cols^2)
 # sweep + refit rounds (each later sweep uses the grids the previous refit chose). On SmolLM2-135M, 3-bit g64:
-# KL 0.279 / 0.281 / 0.275 with 1 / 2 / 3 passes: later passes are worth little at model level and each costs
-# ~5 products of the weight with H
-PASSES = 2
+# KL 0.279 / 0.281 / 0.275 with 1 / 2 / 3 passes (0.276 with the exact refit and 3 passes before): later passes
+# are worth nothing measurable at model level, and each costs ~5 products of the weight with H (~40% of a 1B
+# conversion's GPTQ time)
+PASSES = 1
 REFIT_ITERS = 3  # conjugate-gradient iterations of a refit (see _refit)
 MAX_DAMP_RETRIES = 6  # each retry multiplies the damping by 10 when H + damp*I is not numerically positive definite
 

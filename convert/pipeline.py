@@ -301,7 +301,8 @@ class Pipeline:
     def _quantize_head(self, rec: LayerRecorder, hidden: list[np.ndarray]) -> None:
         model = self.model
         name = "output.weight" if "output.weight" in self.store else "token_embd.weight"
-        record(model, rec, hidden, model.head)
+        # the head's input is all calibration needs: no logits (a 1B model's would be ~9 TFLOP of the conversion)
+        record(model, rec, hidden, lambda h: rec.observe(model.lm_head.name, model.head_input(h)))
         scale = None
         if self.method.awq and name == "output.weight" and not self.qtypes[name].is_float:
             s, alpha, _ = awq.awq_scales([self.store.arrays[name]], rec.rows(name), self.qtypes[name], **AWQ_SEARCH)

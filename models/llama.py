@@ -413,9 +413,13 @@ class Model:
         x, h = self.add_norm(x, a, layer["ffn_norm"])
         return self.add(x, self.mlp_block(h, layer))
 
+    def head_input(self, x: np.ndarray) -> np.ndarray:
+        """The lm_head's input: the final norm of x[T, hidden]."""
+        return self.rmsnorm(np.ascontiguousarray(x), self.out_norm)
+
     def head(self, x: np.ndarray) -> np.ndarray:
         """Final norm, lm_head and (if the family has one) logit soft-capping: [T, hidden] -> [T, vocab]."""
-        logits = self.linear(self.lm_head, self.rmsnorm(np.ascontiguousarray(x), self.out_norm))
+        logits = self.linear(self.lm_head, self.head_input(x))
         return self.softcap(logits, self.final_softcap) if self.final_softcap > 0 else logits
 
     def forward(self, tokens: np.ndarray, start: int, cache: KVCache, all_logits: bool = False,
