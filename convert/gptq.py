@@ -262,7 +262,10 @@ class PreparedHessian:
 
 def prepare_hessian(hessian: np.ndarray, damp: float = 0.01, act_order: bool = True) -> PreparedHessian:
     """Check, damp and factor ``hessian`` (``[cols, cols]``, e.g. :meth:`HessianAccumulator.hessian`) for GPTQ."""
-    h = _check_hessian(hessian, damp)
+    return _factor(_check_hessian(hessian, damp), damp, act_order)
+
+
+def _factor(h: np.ndarray, damp: float, act_order: bool) -> PreparedHessian:
     hd, dead = _damped(h, float(damp))
     cols = len(h)
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
@@ -498,14 +501,13 @@ def gptq_quantize(
     if not isinstance(passes, (int, np.integer)) or passes < 1:
         raise LowbitError(f"GPTQ: passes must be a positive integer, got {passes!r}")
     prep = hessian if isinstance(hessian, PreparedHessian) else None
-    if prep is None:
-        _check_hessian(hessian, damp)  # the Hessian's own errors before the weight's shape is compared with it
+    h = None if prep else _check_hessian(hessian, damp)  # its own errors before its shape is compared with w's
     w, _ = _prepare(w, qt)
     if prep is None:
-        if np.shape(hessian) != (w.shape[1], w.shape[1]):
+        if h.shape != (w.shape[1], w.shape[1]):
             raise LowbitError(f"GPTQ: the Hessian must be [{w.shape[1]}, {w.shape[1]}] for a weight of shape "
-                              f"{w.shape}, got {np.shape(hessian)}")
-        prep = prepare_hessian(hessian, damp, act_order)
+                              f"{w.shape}, got {h.shape}")
+        prep = _factor(h, damp, act_order)
     w, importance = _check_inputs(w, prep, qt, block, importance)
     cols = w.shape[1]
     imp = np.diag(prep.h) if importance is None else importance
