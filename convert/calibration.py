@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowbit.convert.gptq import HessianAccumulator
+from lowbit.convert.hessian import HessianAccumulator
 from lowbit.errors import LowbitError
 from lowbit.formats.qtypes import get_qtype
 from lowbit.formats.reader import StoredTensor

@@ -38,11 +38,11 @@ refit from over-fitting a small calibration set.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numba as nb
 import numpy as np
 
+from lowbit.convert.hessian import PreparedHessian, check_hessian, factor
 from lowbit.convert.quantize import F16_MAX, _prepare, quantize_rtn, quantize_search
 from lowbit.errors import LowbitError
 from lowbit.formats.qtypes import QType, pack_codes, unpack_codes
@@ -57,70 +57,7 @@ CHUNK_ELEMS = 1 << 20  # row chunks of the vectorised scoring/refit: temporaries
 # conversion's GPTQ time)
 PASSES = 1
 REFIT_ITERS = 3  # conjugate-gradient iterations of a refit (see _refit)
-MAX_DAMP_RETRIES = 6  # each retry multiplies the damping by 10 when H + damp*I is not numerically positive definite
 
-
-# ------------------------------------------------------------------------------------------------ Hessian
-
-
-# rows per float32 product: relative rounding ~ sqrt(2048) * 6e-8, far below sampling noise; calls bring one
-# sequence (256 rows) at a time, so rows are buffered: the float64 sum costs O(cols^2) memory traffic per product
-CHUNK_ROWS = 2048
-
-
-class HessianAccumulator:
-    """Running ``X^T X`` (float64) and row count over calibration inputs of one linear layer; O(cols^2) memory."""
-
-    def __init__(self, cols: int):
-        if not isinstance(cols, (int, np.integer)) or cols < 1:
-            raise LowbitError(f"HessianAccumulator needs a positive column count, got {cols!r}")
-        self.cols = int(cols)
-        self.xtx = np.zeros((self.cols, self.cols), np.float64)
-        self.n = 0
-        self._buf: np.ndarray | None = None  # rows not yet in xtx (float32 [CHUNK_ROWS, cols])
-        self._fill = 0
-
-    def add(self, x: np.ndarray) -> None:
-        """Accumulate inputs ``x`` (``[n, cols]``, or ``[..., cols]``: leading axes are flattened)."""
-        x = np.asarray(x)
-        if x.ndim < 1 or x.shape[-1] != self.cols:
-            raise LowbitError(f"calibration input must have {self.cols} columns, got shape {x.shape}")
-        x = np.ascontiguousarray(x.reshape(-1, self.cols), dtype=np.float32)
-        if not np.isfinite(x).all():
-            raise LowbitError("calibration input contains NaN or infinite values")
-        # float32 products (BLAS ssyrk, ~2x dgemm) over chunks of CHUNK_ROWS rows, summed in float64
-        if self._buf is None:
-            self._buf = np.empty((CHUNK_ROWS, self.cols), np.float32)
-        r0 = 0
-        while r0 < len(x):
-            k = min(len(x) - r0, CHUNK_ROWS - self._fill)
-            self._buf[self._fill : self._fill + k] = x[r0 : r0 + k]
-            self._fill += k
-            r0 += k
-            if self._fill == CHUNK_ROWS:
-                self._flush()
-        self.n += len(x)
-
-    def _flush(self) -> None:
-        if self._fill:
-            xc = self._buf[: self._fill]
-            self.xtx += (xc.T @ xc).astype(np.float64)
-            self._fill = 0
-
-    def hessian(self) -> np.ndarray:
-        """``H = X^T X / n`` (float64 ``[cols, cols]``)."""
-        if self.n == 0:
-            raise LowbitError("no calibration inputs were accumulated")
-        self._flush()
-        h = self.xtx / self.n
-        return (h + h.T) * 0.5  # exact symmetry whatever the summation order did
-
-    def diag(self) -> np.ndarray:
-        """Mean squared input per column (float64 ``[cols]``): the importance vector."""
-        if self.n == 0:
-            raise LowbitError("no calibration inputs were accumulated")
-        self._flush()
-        return np.diag(self.xtx) / self.n
 
 
 # ------------------------------------------------------------------------------------------------ kernel
@@ -156,23 +93,6 @@ def _quantize_block(w1, err1, codes1, u1, d, m, gidx, max_code, fill):
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _check_hessian(hessian, damp) -> np.ndarray:
-    h = np.asarray(hessian, dtype=np.float64)
-    if h.ndim != 2 or h.shape[0] != h.shape[1] or h.shape[0] < 1:
-        raise LowbitError(f"GPTQ: the Hessian must be a square [cols, cols] matrix, got shape {h.shape}")
-    if not np.isfinite(h).all():
-        raise LowbitError("GPTQ: the Hessian contains NaN or infinite values")
-    diag = np.diag(h)
-    if (diag < 0).any():
-        raise LowbitError(f"GPTQ: the Hessian has {int((diag < 0).sum())} negative diagonal entries")
-    top = float(np.abs(h).max())
-    if top > 0 and float(np.abs(h - h.T).max()) > 1e-6 * top:
-        raise LowbitError("GPTQ: the Hessian is not symmetric")
-    if not np.isfinite(damp) or damp < 0:
-        raise LowbitError(f"GPTQ: damp must be a finite non-negative number, got {damp!r}")
-    return (h + h.T) * 0.5
-
-
 def _check_inputs(w, prep: PreparedHessian, qt, block, importance):
     w, _ = _prepare(w, qt)  # the same checks as every quantizer: a quant type, a fitting shape, finite values
     cols = w.shape[1]
@@ -188,90 +108,6 @@ def _check_inputs(w, prep: PreparedHessian, qt, block, importance):
         if not np.isfinite(importance).all() or (importance < 0).any():
             raise LowbitError("importance values must be finite and non-negative")
     return w, importance
-
-
-def _damped(h: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
-    """(H with dead columns set to 1 and ``damp * mean(diag)`` added, dead-column mask)."""
-    h = h.copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    idx = np.arange(len(h))
-    h[idx, idx] += damp * float(np.mean(np.diag(h)))
-    return h, dead
-
-
-TRI_BASE = 128  # below this size a triangular block is inverted by LAPACK directly
-
-
-def _lower_inverse(low: np.ndarray) -> np.ndarray:
-    """Inverse of a lower-triangular matrix by halves, ``[[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]``:
-    ~n^3/3 multiply-adds, all in BLAS products (numpy has no triangular inverse)."""
-    n = len(low)
-    if n <= TRI_BASE:
-        return np.tril(np.linalg.inv(low))
-    k = n // 2
-    a_inv = _lower_inverse(low[:k, :k])
-    c_inv = _lower_inverse(low[k:, k:])
-    out = np.zeros_like(low)
-    out[:k, :k] = a_inv
-    out[k:, k:] = c_inv
-    out[k:, :k] = -(c_inv @ (low[k:, :k] @ a_inv))
-    return out
-
-
-def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper ``U`` with ``U^T U = (H + extra)^-1``; the damping grows tenfold while H is not positive definite.
-
-    With ``P`` the order reversal and ``P H P = L L^T`` (lower Cholesky), ``U = P L^-1 P``: one Cholesky and one
-    triangular inverse instead of a general inverse and a second Cholesky (~4x fewer operations).
-    """
-    mean = float(np.mean(np.diag(h)))
-    extra = 0.0
-    idx = np.arange(len(h))
-    rev = idx[::-1]
-    for _ in range(MAX_DAMP_RETRIES + 1):
-        try:
-            hh = h[np.ix_(rev, rev)]
-            hh[idx, idx] += extra
-            u = _lower_inverse(np.linalg.cholesky(hh))[np.ix_(rev, rev)]
-            if np.isfinite(u).all() and (np.diag(u) > 0).all():
-                if extra:
-                    log.warning("GPTQ: the Hessian needed %.3g extra damping to be positive definite", extra / mean)
-                return u
-        except np.linalg.LinAlgError:
-            pass
-        extra = max(extra * 10.0, max(damp, 1e-4) * mean * 10.0)
-    raise LowbitError("GPTQ: the Hessian is not positive definite even after heavy damping")
-
-
-@dataclass(frozen=True)
-class PreparedHessian:
-    """What GPTQ needs of one input's Hessian, computed once (:func:`prepare_hessian`) and shared by every matrix
-    and row block that reads the same input (q/k/v, gate/up, a matrix split by rows): the O(cols^3) work."""
-
-    h: np.ndarray  # float64 [cols, cols], symmetrised, undamped: its diagonal is the default importance
-    hd: np.ndarray  # damped (see _damped), float64: the objective
-    h32: np.ndarray  # hd as float32: the objective's products
-    perm: np.ndarray  # column order of the sweep (act-order, dead columns last)
-    u32: np.ndarray  # float32 upper Cholesky factor of hd[perm][:, perm]^-1
-
-    @property
-    def cols(self) -> int:
-        return len(self.h)
-
-
-def prepare_hessian(hessian: np.ndarray, damp: float = 0.01, act_order: bool = True) -> PreparedHessian:
-    """Check, damp and factor ``hessian`` (``[cols, cols]``, e.g. :meth:`HessianAccumulator.hessian`) for GPTQ."""
-    return _factor(_check_hessian(hessian, damp), damp, act_order)
-
-
-def _factor(h: np.ndarray, damp: float, act_order: bool) -> PreparedHessian:
-    hd, dead = _damped(h, float(damp))
-    cols = len(h)
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
-    perm = np.concatenate([perm[~dead[perm]], perm[dead[perm]]])  # dead columns last: they affect nothing
-    u_chol = _inverse_cholesky(hd[np.ix_(perm, perm)], float(damp))
-    return PreparedHessian(h, hd, hd.astype(np.float32), perm, u_chol.astype(np.float32))
 
 
 def _dequant(u: np.ndarray, d16: np.ndarray, m16: np.ndarray | None, qt: QType) -> np.ndarray:
@@ -501,13 +337,13 @@ def gptq_quantize(
     if not isinstance(passes, (int, np.integer)) or passes < 1:
         raise LowbitError(f"GPTQ: passes must be a positive integer, got {passes!r}")
     prep = hessian if isinstance(hessian, PreparedHessian) else None
-    h = None if prep else _check_hessian(hessian, damp)  # its own errors before its shape is compared with w's
+    h = None if prep else check_hessian(hessian, damp)  # its own errors before its shape is compared with w's
     w, _ = _prepare(w, qt)
     if prep is None:
         if h.shape != (w.shape[1], w.shape[1]):
             raise LowbitError(f"GPTQ: the Hessian must be [{w.shape[1]}, {w.shape[1]}] for a weight of shape "
                               f"{w.shape}, got {h.shape}")
-        prep = _factor(h, damp, act_order)
+        prep = factor(h, damp, act_order)
     w, importance = _check_inputs(w, prep, qt, block, importance)
     cols = w.shape[1]
     imp = np.diag(prep.h) if importance is None else importance

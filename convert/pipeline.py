@@ -29,7 +29,8 @@ import numpy as np
 
 from lowbit.convert import awq, lowrank, rotation, smoothquant
 from lowbit.convert.calibration import FloatStore, LayerRecorder, record
-from lowbit.convert.gptq import PreparedHessian, gptq_quantize, prepare_hessian
+from lowbit.convert.gptq import gptq_quantize
+from lowbit.convert.hessian import PreparedHessian, prepare_hessian
 from lowbit.convert.methods import Method
 from lowbit.convert.progress import stage
 from lowbit.convert.quantize import quantize

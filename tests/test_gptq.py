@@ -1,21 +1,14 @@
-"""GPTQ (convert/gptq.py): output error against RTN and the search, the Hessian accumulator, parts, edge cases."""
+"""GPTQ (convert/gptq.py, convert/hessian.py): output error against RTN and the search, the Hessian accumulator,
+parts, edge cases."""
 
 import logging
 
 import numpy as np
 import pytest
 
-from lowbit.convert import gptq
-from lowbit.convert.gptq import (
-    HessianAccumulator,
-    _damped,
-    _inverse_cholesky,
-    _lower_inverse,
-    _refit,
-    _sweep,
-    gptq_quantize,
-    prepare_hessian,
-)
+from lowbit.convert import hessian
+from lowbit.convert.gptq import _refit, _sweep, gptq_quantize
+from lowbit.convert.hessian import HessianAccumulator, damped, inverse_cholesky, lower_inverse, prepare_hessian
 from lowbit.convert.pipeline import GPTQ_BLOCK_ROWS, row_blocks
 from lowbit.convert.quantize import quantize
 from lowbit.errors import FormatError, LowbitError
@@ -114,7 +107,7 @@ def test_refit_and_passes_help(calib):
 def test_rows_never_worse_than_search_or_rtn(calib):
     """Per row, on the damped Hessian objective, GPTQ's stored row is at most the search's and RTN's."""
     w, _, h = calib
-    hd, _ = _damped(h, 0.01)
+    hd, _ = damped(h, 0.01)
     for name in ("q2_g64", "q4a_pc"):
         qt = get_qtype(name)
 
@@ -133,7 +126,7 @@ def test_refit_reaches_the_exact_least_squares(calib, name):
     """The conjugate-gradient refit lands on the dense normal equations' solution (same codes, same objective)."""
     w, _, h = calib
     qt = get_qtype(name)
-    hd, _ = _damped(h, 0.01)
+    hd, _ = damped(h, 0.01)
     grid = quantize(w, qt, method="rtn")
     u = unpack_codes(grid["codes"], qt, w.shape[1]).astype(np.uint8)
     d16, m16 = _refit(w, u, prepare_hessian(h, 0.01), qt, grid["scales"], grid.get("mins"))
@@ -170,14 +163,14 @@ def test_inverse_cholesky_by_triangular_halves(calib, n):
     _, x, _ = calib
     rng = np.random.default_rng(n)
     xs = rng.standard_normal((2 * n, n)) @ (np.eye(n) + rng.standard_normal((n, n)) / np.sqrt(n))
-    hd, _ = _damped(xs.T @ xs / len(xs), 0.01)
-    u = _inverse_cholesky(hd, 0.01)
+    hd, _ = damped(xs.T @ xs / len(xs), 0.01)
+    u = inverse_cholesky(hd, 0.01)
     assert np.allclose(u, np.triu(u))
     assert np.allclose(u.T @ u, np.linalg.inv(hd), rtol=1e-8, atol=1e-10 * np.abs(np.linalg.inv(hd)).max())
     hinv = np.linalg.inv(hd)
     assert np.allclose(u, np.linalg.cholesky((hinv + hinv.T) / 2).T, rtol=1e-7, atol=1e-9)
     low = np.tril(rng.standard_normal((n, n))) + n * np.eye(n)
-    assert np.allclose(_lower_inverse(low) @ low, np.eye(n), atol=1e-10)
+    assert np.allclose(lower_inverse(low) @ low, np.eye(n), atol=1e-10)
 
 
 def test_row_blocks_with_one_prepared_hessian_equal_the_whole(calib):
@@ -205,7 +198,7 @@ def test_per_tensor_types_keep_one_scale_and_beat_their_search(calib, name):
     assert got["scales"].shape == (1, 1) and got["scales"] == search["scales"]
     if qt.asym:
         assert got["mins"] == search["mins"]
-    hd, _ = _damped(h, 0.01)
+    hd, _ = damped(h, 0.01)
 
     def row_obj(parts):
         e = w.astype(np.float64) - dequantize(parts, qt, w.shape)
@@ -236,9 +229,9 @@ def test_sweep_matches_unblocked_reference():
     h = hessian_of(x)
     qt = get_qtype("q3a_g32")
     grid = quantize(w, qt, method="rtn")
-    hd, _ = _damped(h, 0.01)
+    hd, _ = damped(h, 0.01)
     perm = np.argsort(-np.diag(h), kind="stable")
-    u_chol = _inverse_cholesky(hd[np.ix_(perm, perm)], 0.01)
+    u_chol = inverse_cholesky(hd[np.ix_(perm, perm)], 0.01)
     codes = _sweep(w, u_chol.astype(np.float32), perm, grid["scales"], grid["mins"], qt, block=16)
 
     d = grid["scales"].astype(np.float64)
@@ -265,7 +258,7 @@ def test_block_size_does_not_change_the_result_much(calib):
 def test_hessian_accumulator_chunks(monkeypatch, chunk):
     """float32 products per chunk of buffered rows, summed in float64: float32 accuracy of the direct float64
     computation, whether the calls' rows fill a chunk exactly, cross it, or never fill it."""
-    monkeypatch.setattr(gptq, "CHUNK_ROWS", chunk)
+    monkeypatch.setattr(hessian, "CHUNK_ROWS", chunk)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((301, 40)).astype(np.float32)
     acc = HessianAccumulator(40)
@@ -380,7 +373,7 @@ def test_indefinite_hessian_is_damped_not_fatal(calib, caplog):
     bad = (bad + bad.T) / 2
     qt = get_qtype("q4_g64")
     assert np.diag(bad).min() > 0
-    with caplog.at_level(logging.WARNING, logger="lowbit.convert.gptq"):
+    with caplog.at_level(logging.WARNING, logger="lowbit.convert.hessian"):
         parts = gptq_quantize(w, bad, qt, damp=0.0)
     assert "extra damping" in caplog.text
     check_parts(parts, qt, w.shape)
