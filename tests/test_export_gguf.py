@@ -143,31 +143,34 @@ def test_gptq_round_trip_gives_the_same_logits(toy_gptq):
     assert float((pa * (lpa - lpb)).sum(-1).mean()) <= 1e-6
 
 
+def _lowbit_and_transformers_logits(lb, gg, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of 31 random tokens from transformers' GGUF loader reading ``gg`` and from lowbit running ``lb``
+    (exact activations, float32 cache)."""
+    import torch
+    import transformers as tf
+
+    ids = [1, *np.random.default_rng(seed).integers(3, 4000, size=30).tolist()]
+    want = Engine(lb, ctx=64, kv="32", exact_activations=True).logits_all(ids)
+    model = tf.AutoModelForCausalLM.from_pretrained(gg.parent, gguf_file=gg.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = model(torch.tensor([ids])).logits[0].numpy()
+    return got, want
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_transformers_reads_the_exported_gguf_as_lowbit_computes_it(kind, tiny_models, tmp_path):
     """transformers' own GGUF loader (gguf-py dequantization, its own q/k un-permutation, the hyper-parameters from
     the keys it reads, tied embeddings) gives the logits lowbit computes from the .lowbit file."""
-    import torch
-    import transformers as tf
-
     lb = convert(str(tiny_models[kind]), tmp_path / "m.lowbit", ConvertOptions(bits=8, group_size=32),
                  progress=False)
     gg = tmp_path / "m.gguf"
     export_gguf(lb, gg, strict=True)
-    ids = [1, *np.random.default_rng(3).integers(3, 4000, size=30).tolist()]
-    want = Engine(lb, ctx=64, kv="32", exact_activations=True).logits_all(ids)
-    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
-    with torch.no_grad():
-        got = model(torch.tensor([ids])).logits[0].numpy()
-    assert rel_err(got, want) < 1e-4
+    assert rel_err(*_lowbit_and_transformers_logits(lb, gg, seed=3)) < 1e-4
 
 
 def test_per_tensor_types_export_exactly_and_compute_as_transformers_reads_them(tiny_models, tmp_path):
     """A per-tensor file (one scale and min per matrix): its kernels (the per-channel twin's, scale repeated) give
     the logits transformers computes from the strict GGUF export (the one scale repeated in every Q4_1 block)."""
-    import torch
-    import transformers as tf
-
     lb = convert(str(tiny_models["llama"]), tmp_path / "m.lowbit",
                  ConvertOptions(bits=4, group_size=-1, embed_bits=4), progress=False)
     c = Container(lb)
@@ -177,12 +180,7 @@ def test_per_tensor_types_export_exactly_and_compute_as_transformers_reads_them(
     gg = tmp_path / "m.gguf"
     report = export_gguf(lb, gg, strict=True)
     assert ("q4a_pt", "Q4_1", True) in set(report.tensors.values())
-    ids = [1, *np.random.default_rng(4).integers(3, 4000, size=30).tolist()]
-    want = Engine(lb, ctx=64, kv="32", exact_activations=True).logits_all(ids)
-    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
-    with torch.no_grad():
-        got = model(torch.tensor([ids])).logits[0].numpy()
-    assert rel_err(got, want) < 1e-4
+    assert rel_err(*_lowbit_and_transformers_logits(lb, gg, seed=4)) < 1e-4
 
 
 def test_llama3_rope_scaling_becomes_llama_cpps_rope_freqs(tiny_models, tmp_path):
