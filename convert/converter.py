@@ -47,6 +47,7 @@ class ConvertOptions:
     bits: int = 4
     group_size: int | None = None  # None: DEFAULT_GROUP (32 at 4 bits, else 64); EMBED_GROUP for embeddings
     asym: bool | None = None  # None: asymmetric below 8 bits, symmetric at 8
+    scale_bits: int = 16  # 16: float16 group scales/mins; 8: uint8 codes on a per-matrix grid (the ..s8 types)
     embed_bits: int | None = None  # None: DEFAULT_EMBED_BITS or --bits if more (16 with --bits 16)
     # "+"-joined method steps (convert/methods.py): rtn | search | imatrix | awq | gptq | hadamard | lowrank,
     # e.g. "search", "awq+gptq", "hadamard+gptq+lowrank". Steps other than rtn/search need calibration data.
@@ -101,6 +102,10 @@ class ConvertOptions:
         if self.group_size is not None and self.group_size not in (PER_CHANNEL, *GROUP_SIZES, PER_TENSOR):
             raise LowbitError(f"unsupported --group-size {self.group_size}; choose 32, 64, 128, 0 (per-channel) or "
                               "-1 (per-tensor)")
+        if self.scale_bits not in (8, 16):
+            raise LowbitError(f"unsupported --scale-bits {self.scale_bits}; choose 16 or 8")
+        if self.scale_bits == 8 and self.group_size in (PER_CHANNEL, PER_TENSOR):
+            raise LowbitError("--scale-bits 8 codes group scales; per-channel and per-tensor scales stay float16")
         if self.group_size == PER_TENSOR and self.budget:
             raise LowbitError("--group-size -1 (per-tensor) is not a mixed-precision ladder; give --bits instead")
         if self.gguf_compatible and (method.hadamard or method.lowrank):
@@ -139,7 +144,7 @@ def choose_qtype(name: str, shape: tuple[int, ...], src_dtype: str, opts: Conver
     if group in (PER_CHANNEL, PER_TENSOR):
         groups = [group]
     for g in [*groups, PER_CHANNEL]:
-        qt = quant_type(bits, g, asym)
+        qt = quant_type(bits, g, asym, opts.scale_bits if g in GROUP_SIZES else 16)
         if qt.check_shape(shape) is None:
             if g != group:
                 log.info("%s %s: group size %d does not fit, using %s", name, shape, group, qt.name)
@@ -321,7 +326,7 @@ def _uniform_options(opts: ConvertOptions, gguf) -> dict:
     """The options every tensor was quantized with; a GGUF import keeps the file's own types instead (see recipe)."""
     if gguf is not None and not opts.requantize:
         return {"bits": None, "group_size": None, "asym": None, "embed_bits": None}
-    return {"bits": opts.bits, "group_size": opts.group, "asym": opts.is_asym(opts.bits),
+    return {"bits": opts.bits, "group_size": opts.group, "asym": opts.is_asym(opts.bits), "scale_bits": opts.scale_bits,
             "embed_bits": opts.embedding_bits}
 
 

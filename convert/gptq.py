@@ -43,8 +43,9 @@ import numba as nb
 import numpy as np
 
 from lowbit.convert.hessian import PreparedHessian, check_hessian, factor
-from lowbit.convert.quantize import F16_MAX, _prepare, quantize_rtn, quantize_search
+from lowbit.convert.quantize import F16_MAX, _prepare, matrix_grid, quantize_rtn, quantize_search
 from lowbit.errors import LowbitError
+from lowbit.formats import scale_codes
 from lowbit.formats.qtypes import QType, pack_codes, unpack_codes
 
 log = logging.getLogger(__name__)
@@ -259,7 +260,10 @@ class _Best:
 
 
 def _unpacked(parts: dict[str, np.ndarray], qt: QType, cols: int):
+    """(codes uint8 [rows, cols], d16, m16 or None): a coded-scale type's scales decoded to their float16 values."""
     u = unpack_codes(parts["codes"], qt, cols).astype(np.uint8)
+    if qt.coded_scales:
+        return u, *scale_codes.decode(parts["scales"], parts.get("mins"), parts["grid"], qt)
     return u, parts["scales"], parts.get("mins")
 
 
@@ -320,6 +324,7 @@ def gptq_quantize(
     refit: bool = True,
     passes: int = PASSES,
     init: str = "search",
+    grid: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Quantize float32 ``w[rows, cols]`` to ``qt`` with GPTQ for the input Hessian ``hessian`` (``[cols, cols]``,
     e.g. :meth:`HessianAccumulator.hessian`, or a :class:`PreparedHessian`, which carries its own ``damp`` and
@@ -330,7 +335,10 @@ def gptq_quantize(
     ``importance``: per-column weights for the static group-grid search (default ``diag(hessian)``); ``refit``: the
     least-squares re-solve of scales/mins for the chosen codes; ``passes``: sweep + refit rounds when refitting;
     ``init``: where the static group grids come from,
-    "search" (weighted scale search) or "rtn" (plain ranges). See the module docstring.
+    "search" (weighted scale search) or "rtn" (plain ranges); ``grid``: a coded-scale type's scale grid (default
+    :func:`lowbit.convert.quantize.matrix_grid` of ``w``: row blocks of one matrix must share the whole matrix's).
+    Every candidate's scales (the refit's too) are coded on that one grid and scored as decoded. See the module
+    docstring.
     """
     if init not in INITS:
         raise LowbitError(f"GPTQ: unknown init {init!r}; choose one of {', '.join(INITS)}")
@@ -350,12 +358,13 @@ def gptq_quantize(
     if qt.per_tensor:
         return _gptq_per_tensor(w, prep, qt, int(block), imp)
 
-    rtn = quantize_rtn(w, qt)
-    search = quantize_search(w, qt, importance=imp)
-    grid = search if init == "search" else rtn
-    codes = _sweep(w, prep.u32, prep.perm, grid["scales"], grid.get("mins"), qt, int(block))
+    if qt.coded_scales and grid is None:
+        grid = matrix_grid(w, qt)
+    rtn = quantize_rtn(w, qt, grid=grid)
+    search = quantize_search(w, qt, importance=imp, grid=grid)
+    _, d16, m16 = _unpacked(search if init == "search" else rtn, qt, cols)
+    codes = _sweep(w, prep.u32, prep.perm, d16, m16, qt, int(block))
 
-    d16, m16 = grid["scales"], grid.get("mins")
     best = _Best(w, prep.h32, qt)
     if not refit:
         best.offer("gptq", codes, d16, m16)  # with a refit, the same codes on the least-squares grid beat these
@@ -363,12 +372,18 @@ def gptq_quantize(
         if k:  # a further sweep on the grids the last refit chose; not scored: its refit can only be better
             codes = _sweep(w, prep.u32, prep.perm, d16, m16, qt, int(block))
         d16, m16 = _refit(w, codes, prep, qt, d16, m16)
+        if qt.coded_scales:
+            d16, m16 = scale_codes.project(d16, m16, grid, qt)
         best.offer(f"gptq{k + 1}+refit", codes, d16, m16)
     best.offer("search", *_unpacked(search, qt, cols))
     best.offer("rtn", *_unpacked(rtn, qt, cols))
     log.debug("%s %s gptq: rows kept per candidate %s; objective %.4g", qt.name, w.shape, best.kept, best.err.sum())
     u_out, d_out, m_out = best.u, best.d, best.m
+    if qt.coded_scales:  # every candidate's values lie on the grid: their own codes come back
+        d_out, m_out = scale_codes.encode(d_out, m_out, grid, qt)
     parts = {"codes": pack_codes(u_out, qt), "scales": d_out}
     if qt.asym:
         parts["mins"] = m_out
+    if qt.coded_scales:
+        parts["grid"] = np.asarray(grid, np.float32).copy()
     return parts

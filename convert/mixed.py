@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 
 # candidate types, cheapest first (bits per weight: 2.25, 2.5, 3.25, 3.5, 4.25, 4.5, 5.5, 6.5, 8.25)
 LADDER = ("q2a_g128", "q2a_g64", "q3a_g128", "q3a_g64", "q4a_g128", "q4a_g64", "q5a_g64", "q6a_g64", "q8_g64")
+# --scale-bits 8: the same bit-widths with 8-bit coded scales, groups of 64 and 32 (2.25, 2.5, 3.25, 3.5, 4.25, 4.5,
+# 5.5, 6.5, 8.25): a group of 32 costs what a group of 64 did with float16 scales
+S8_LADDER = ("q2a_g64s8", "q2a_g32s8", "q3a_g64s8", "q3a_g32s8", "q4a_g64s8", "q4a_g32s8", "q5a_g32s8", "q6a_g32s8",
+             "q8_g32s8")
 # --gguf-compatible: the types GGUF holds exactly at their own size (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: 4.5 to 8.5 bits)
 GGUF_LADDER = ("q4_g32", "q4a_g32", "q5_g32", "q5a_g32", "q8_g32")
 # calibration tokens (whole sequences, at least one, spread over the calibration set) for the error proxies and for
@@ -94,7 +98,7 @@ def allocate(job, opts, store, tokens: list[np.ndarray], qtypes: dict[str, QType
     names = [n for n, qt in qtypes.items() if not qt.is_float and store.arrays[n].ndim == 2]
     if opts.recipe is not None:
         log.info("--recipe given with a budget: the recipe's types are replaced by the allocation")
-    ladder = GGUF_LADDER if opts.gguf_compatible else LADDER
+    ladder = ladder_names(opts)
     ladders = {n: ladder_for(store.arrays[n].shape, ladder) for n in names}
     errors, cheapest = _errors(model, store, spread(tokens, SENSITIVITY_TOKENS), ladders, opts.seed, progress)
     kl = _kl_at_cheapest(model, cheapest, spread(tokens, KL_TOKENS), progress)
@@ -135,7 +139,7 @@ def check_budget(plans, opts, overhead: int = 0) -> None:
     least = 0
     for p in plans:
         matrix = not p.qtype.is_float and len(p.shape) == 2
-        cheapest = ladder_for(p.shape, GGUF_LADDER if opts.gguf_compatible else LADDER)[0] if matrix else p.qtype
+        cheapest = ladder_for(p.shape, ladder_names(opts))[0] if matrix else p.qtype
         least += cheapest.nbytes(p.shape)
     if least > budget:
         if opts.max_size is not None:
@@ -146,6 +150,13 @@ def check_budget(plans, opts, overhead: int = 0) -> None:
                           f"met; the cheapest types need {least:,} bytes ({least * 8 / params:.3f} bits per weight)")
 
 
+def ladder_names(opts) -> tuple[str, ...]:
+    """The candidate types for the options: :data:`GGUF_LADDER`, :data:`S8_LADDER` or :data:`LADDER`."""
+    if opts.gguf_compatible:
+        return GGUF_LADDER
+    return S8_LADDER if opts.scale_bits == 8 else LADDER
+
+
 def ladder_for(shape: tuple[int, ...], ladder: tuple[str, ...] = LADDER) -> list[QType]:
     """The ``ladder`` (:data:`LADDER` or :data:`GGUF_LADDER`) for a matrix of ``shape``: a group size the columns do
     not divide falls back to the next smaller one (then per-channel), as plain conversion does; cheapest first,
@@ -154,7 +165,7 @@ def ladder_for(shape: tuple[int, ...], ladder: tuple[str, ...] = LADDER) -> list
     for name in ladder:
         qt = get_qtype(name)
         for g in [g for g in (128, 64, 32) if g <= qt.group_size] + [PER_CHANNEL]:
-            cand = quant_type(qt.bits, g, qt.asym)
+            cand = quant_type(qt.bits, g, qt.asym, qt.scale_bits if g != PER_CHANNEL else 16)
             if cand.check_shape(shape) is None:
                 out.setdefault(cand.name, cand)
                 break

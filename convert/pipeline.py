@@ -33,7 +33,7 @@ from lowbit.convert.gptq import gptq_quantize
 from lowbit.convert.hessian import PreparedHessian, prepare_hessian
 from lowbit.convert.methods import Method
 from lowbit.convert.progress import stage
-from lowbit.convert.quantize import quantize
+from lowbit.convert.quantize import matrix_grid, quantize
 from lowbit.formats.qtypes import QType
 from lowbit.formats.reader import StoredTensor
 from lowbit.kernels import blas, dispatch
@@ -237,14 +237,18 @@ class Pipeline:
                 prepared[j.hkey] = prepare_hessian(j.h)
             j.h = None
         blocks = row_blocks([j.w.shape for j in gptq], workers, [j.qt.per_tensor for j in gptq])
+        # a coded-scale type's blocks share the whole matrix's scale grid
+        grids = [matrix_grid(j.w, j.qt) if j.qt.coded_scales else None for j in gptq]
         with ThreadPoolExecutor(max_workers=workers) as pool, blas.one_thread():
             done = pool.map(lambda b: gptq_quantize(gptq[b[0]].w[b[1]:b[2]], prepared[gptq[b[0]].hkey], gptq[b[0]].qt,
-                                                    importance=gptq[b[0]].imp), blocks)
+                                                    importance=gptq[b[0]].imp, grid=grids[b[0]]), blocks)
             by_job: dict[int, list] = {}
             for (i, _, _), parts in sorted(zip(blocks, done), key=lambda bp: bp[0][:2]):
                 by_job.setdefault(i, []).append(parts)
             for i, j in enumerate(gptq):
-                j.parts = {k: np.concatenate([p[k] for p in by_job[i]]) for k in by_job[i][0]}
+                j.parts = {k: np.concatenate([p[k] for p in by_job[i]]) for k in by_job[i][0] if k != "grid"}
+                if grids[i] is not None:
+                    j.parts["grid"] = grids[i]
             prepared.clear()
             list(pool.map(self._finish, jobs))
 

@@ -29,6 +29,7 @@ import logging
 import numpy as np
 
 from lowbit.errors import FormatError, LowbitError
+from lowbit.formats import scale_codes
 from lowbit.formats.qtypes import QType, pack_codes
 
 log = logging.getLogger(__name__)
@@ -92,23 +93,31 @@ def _signed_absmax(x: np.ndarray) -> np.ndarray:
 
 
 def _rtn_params(x: np.ndarray, qt: QType) -> tuple[np.ndarray, np.ndarray | None]:
-    """Round-to-nearest (d, m) per group of ``x`` (``[n, g]``); m is None for symmetric types."""
+    """Round-to-nearest (d, m) per group of ``x`` (``[n, g]``); m is None for symmetric types. A coded-scale
+    type's range always spans zero (its zero point lies in ``[0, max_code]``)."""
     if qt.asym:
         lo, hi = x.min(axis=1), x.max(axis=1)
+        if qt.coded_scales:
+            lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
         return (hi - lo) / np.float32(qt.max_code), -lo
     return -_signed_absmax(x) / np.float32(qt.zero_point), None
 
 
-def _encode(x: np.ndarray, d: np.ndarray, m: np.ndarray | None, qt: QType):
-    """Round (d, m) to float16 and pick the nearest code for every element with the rounded values.
+def _encode(x: np.ndarray, d: np.ndarray, m: np.ndarray | None, qt: QType, grid: np.ndarray | None = None):
+    """Round (d, m) to float16 (a coded-scale type: to the nearest codes on ``grid``) and pick the nearest code
+    for every element with the rounded values.
 
     Returns (d16, m16 or None, u uint8 [n, g], xhat float32 [n, g]) where ``xhat`` is computed exactly as
-    :func:`lowbit.kernels.ref.dequantize` does.
+    :func:`lowbit.kernels.ref.dequantize` does; for a coded-scale type d16/m16 are the uint8 scale/min codes.
     """
-    d16 = np.clip(d, -F16_MAX, F16_MAX).astype(np.float16)
+    if qt.coded_scales:
+        sc, mc = scale_codes.encode(d, m, grid, qt)
+        d16, m16 = scale_codes.decode(sc, mc, grid, qt)
+    else:
+        d16 = np.clip(d, -F16_MAX, F16_MAX).astype(np.float16)
+        m16 = np.clip(m, -F16_MAX, F16_MAX).astype(np.float16) if qt.asym else None
     df = d16.astype(np.float32)[:, None]
     if qt.asym:
-        m16 = np.clip(m, -F16_MAX, F16_MAX).astype(np.float16)
         mf = m16.astype(np.float32)[:, None]
         fill = 0.0
     else:
@@ -122,6 +131,8 @@ def _encode(x: np.ndarray, d: np.ndarray, m: np.ndarray | None, qt: QType):
     np.clip(u, 0, qt.max_code, out=u)
     with np.errstate(over="ignore", invalid="ignore"):
         xhat = df * u - mf
+    if qt.coded_scales:
+        return sc, mc, u.astype(np.uint8), xhat
     return d16, m16, u.astype(np.uint8), xhat
 
 
@@ -131,26 +142,51 @@ def _wsse(x: np.ndarray, xhat: np.ndarray, wt: np.ndarray) -> np.ndarray:
         return np.einsum("ij,ij->i", wt * e, e)
 
 
-def _run(w: np.ndarray, qt: QType, g: int, encode_chunk) -> dict[str, np.ndarray]:
-    """Apply ``encode_chunk(x_groups, r0, r1) -> (d16, m16, u)`` to chunks of whole rows; pack the parts."""
-    rows, cols = w.shape
+def _chunks(rows: int, cols: int, g: int):
+    """(r0, r1, slice of the groups) for chunks of whole rows of about CHUNK_ELEMS elements."""
     ng = cols // g
-    x_all = w.reshape(-1, g)
-    d_out = np.empty(len(x_all), np.float16)
-    m_out = np.empty(len(x_all), np.float16) if qt.asym else None
-    u_out = np.empty(x_all.shape, np.uint8)
     step = max(1, CHUNK_ELEMS // cols)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        sl = slice(r0 * ng, r1 * ng)
+        yield r0, r1, slice(r0 * ng, r1 * ng)
+
+
+def _run(w: np.ndarray, qt: QType, g: int, encode_chunk, grid: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Apply ``encode_chunk(x_groups, r0, r1) -> (d16, m16, u)`` to chunks of whole rows; pack the parts (a
+    coded-scale type's ``grid`` with them)."""
+    rows, cols = w.shape
+    ng = cols // g
+    x_all = w.reshape(-1, g)
+    sdt = np.uint8 if qt.coded_scales else np.float16
+    d_out = np.empty(len(x_all), sdt)
+    m_out = np.empty(len(x_all), sdt) if qt.asym else None
+    u_out = np.empty(x_all.shape, np.uint8)
+    for r0, r1, sl in _chunks(rows, cols, g):
         d_out[sl], m16, u_out[sl] = encode_chunk(x_all[sl], r0, r1)
         if qt.asym:
             m_out[sl] = m16
-    _warn_saturated(d_out, m_out, qt)
     parts = {"codes": pack_codes(u_out.reshape(rows, cols), qt), "scales": d_out.reshape(rows, ng)}
     if qt.asym:
         parts["mins"] = m_out.reshape(rows, ng)
+    if qt.coded_scales:
+        parts["grid"] = np.asarray(grid, np.float32).copy()
+    else:
+        _warn_saturated(d_out, m_out, qt)
     return parts
+
+
+def _group_params(w: np.ndarray, qt: QType, g: int, params_chunk):
+    """Float (d, m) for every group of ``w``: ``params_chunk(x_groups, r0, r1) -> (d, m or None)`` over chunks."""
+    rows, cols = w.shape
+    x_all = w.reshape(-1, g)
+    d_all = np.empty(len(x_all), np.float32)
+    m_all = np.empty(len(x_all), np.float32) if qt.asym else None
+    for r0, r1, sl in _chunks(rows, cols, g):
+        d, m = params_chunk(x_all[sl], r0, r1)
+        d_all[sl] = d
+        if qt.asym:
+            m_all[sl] = m
+    return d_all, m_all
 
 
 def _warn_saturated(d16: np.ndarray, m16: np.ndarray | None, qt: QType) -> None:
@@ -200,13 +236,26 @@ def _per_tensor(w: np.ndarray, qt: QType, method: str, importance: np.ndarray | 
     return parts
 
 
-def quantize_rtn(w: np.ndarray, qt: QType) -> dict[str, np.ndarray]:
+GRID_HEADROOM = 1.0 / 16  # octaves above the largest RTN scale: searched and refitted scales may stretch a little
+
+
+def matrix_grid(w: np.ndarray, qt: QType) -> np.ndarray:
+    """The scale grid of a coded-scale type for the matrix ``w``, from its groups' round-to-nearest scales (one
+    grid for the whole matrix, whichever method and however many row blocks quantize it)."""
+    w, g = _prepare(w, qt)
+    d = _group_params(w, qt, g, lambda x, r0, r1: _rtn_params(x, qt))[0]
+    return scale_codes.fit_grid(d, qt, headroom=GRID_HEADROOM)
+
+
+def quantize_rtn(w: np.ndarray, qt: QType, grid: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Plain round-to-nearest: symmetric ``d = -max / z`` (the largest magnitude lands on level ``-z``),
-    asymmetric ``d = (max - min) / max_code, m = -min``."""
+    asymmetric ``d = (max - min) / max_code, m = -min``; ``grid`` as in :func:`quantize_search`."""
     w, g = _prepare(w, qt)
     if qt.per_tensor:
         return _per_tensor(w, qt, "rtn", None)
-    return _run(w, qt, g, lambda x, r0, r1: _encode(x, *_rtn_params(x, qt), qt)[:3])
+    if qt.coded_scales and grid is None:
+        grid = matrix_grid(w, qt)
+    return _run(w, qt, g, lambda x, r0, r1: _encode(x, *_rtn_params(x, qt), qt, grid)[:3], grid)
 
 
 # ------------------------------------------------------------------------------------------------ search
@@ -295,11 +344,13 @@ def _search_asym(x: np.ndarray, wt: np.ndarray, qt: QType, n_candidates: int, re
 
 
 def quantize_search(
-    w: np.ndarray, qt: QType, importance: np.ndarray | None = None, n_candidates: int = 20
+    w: np.ndarray, qt: QType, importance: np.ndarray | None = None, n_candidates: int = 20,
+    grid: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Weighted least-squares scale (and min) search per group; see the module docstring.
 
-    ``importance``: optional per-input-channel weights (shape ``[cols]``, e.g. mean squared activations).
+    ``importance``: optional per-input-channel weights (shape ``[cols]``, e.g. mean squared activations);
+    ``grid``: a coded-scale type's scale grid (default :func:`matrix_grid` of ``w``).
     """
     w, g = _prepare(w, qt)
     rows, cols = w.shape
@@ -311,26 +362,35 @@ def quantize_search(
     ng = cols // g
     n_search = 0
 
-    def encode_chunk(x, r0, r1):
-        nonlocal n_search
+    def weights(x, r0, r1):
         amax = np.abs(x).max(axis=1)
         s = np.where(amax > 0, amax, np.float32(1))
         xn = x / s[:, None]  # scale-free search: no overflow/underflow, same argmin per group
         tile = None if imp is None else np.broadcast_to(imp.reshape(1, ng, g), (r1 - r0, ng, g)).reshape(-1, g)
-        wt = element_weights(xn, tile)
+        return s, xn, element_weights(xn, tile)
+
+    def search_chunk(x, r0, r1):
+        s, xn, wt = weights(x, r0, r1)
         if qt.asym:
             d, m = _search_asym(xn, wt, qt, n_candidates)
-            d, m = d * s, m * s
-        else:
-            d, m = _search_sym(xn, wt, qt, n_candidates) * s, None
-        cand = _encode(x, d, m, qt)
-        base = _encode(x, *_rtn_params(x, qt), qt)
+            return d * s, m * s
+        return _search_sym(xn, wt, qt, n_candidates) * s, None
+
+    if qt.coded_scales and grid is None:
+        grid = matrix_grid(w, qt)
+
+    def encode_chunk(x, r0, r1):
+        nonlocal n_search
+        d, m = search_chunk(x, r0, r1)
+        wt = weights(x, r0, r1)[2]
+        cand = _encode(x, d, m, qt, grid)
+        base = _encode(x, *_rtn_params(x, qt), qt, grid)
         pick = _wsse(x, cand[3], wt) < _wsse(x, base[3], wt)  # strict: ties keep RTN
         n_search += int(pick.sum())
         m16 = np.where(pick, cand[1], base[1]) if qt.asym else None
         return np.where(pick, cand[0], base[0]), m16, np.where(pick[:, None], cand[2], base[2])
 
-    parts = _run(w, qt, g, encode_chunk)
+    parts = _run(w, qt, g, encode_chunk, grid)
     log.debug("%s %s: search beat RTN in %d of %d groups", qt.name, w.shape, n_search, rows * ng)
     return parts
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lowbit.formats import scale_codes
 from lowbit.formats.qtypes import QType, unpack_codes
 
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -28,8 +29,13 @@ class QuantLinear(torch.nn.Module):
         ng = cols // self.group
         u = unpack_codes(np.asarray(parts["codes"]), qt, cols).astype(np.float32).reshape(rows, ng, self.group)
         self.register_buffer("u", torch.from_numpy(u))
-        d0 = np.asarray(parts["scales"], dtype=np.float32)
-        m0 = np.asarray(parts["mins"], dtype=np.float32) if qt.asym else d0 * np.float32(qt.zero_point)
+        scales, mins = parts["scales"], parts.get("mins")
+        self.grid = None
+        if qt.coded_scales:  # learn the decoded values; stored() puts them back on the matrix's grid
+            self.grid = np.asarray(parts["grid"], np.float32)
+            scales, mins = scale_codes.decode(scales, mins, self.grid, qt)
+        d0 = np.asarray(scales, dtype=np.float32)
+        m0 = np.asarray(mins, dtype=np.float32) if qt.asym else d0 * np.float32(qt.zero_point)
         self.register_buffer("d0", torch.from_numpy(d0.copy()))
         self.register_buffer("m0", torch.from_numpy(m0.copy()))
         # one parameter per stored scale: [rows, ng], or [1, 1] for a per-tensor type (broadcast over the rows)
@@ -46,9 +52,13 @@ class QuantLinear(torch.nn.Module):
         return (d[:, :, None] * self.u - m[:, :, None]).reshape(self.shape)
 
     def stored(self) -> dict[str, np.ndarray]:
-        """The tuned scales (and mins) as the container stores them: float16."""
+        """The tuned scales (and mins) as the container stores them: float16, or a coded-scale type's nearest codes on
+        its grid (the grid itself is kept)."""
         with torch.no_grad():
             d, m = self.scales_mins()
+        if self.grid is not None:
+            sc, mc = scale_codes.encode(d.numpy(), m.numpy() if self.qt.asym else None, self.grid, self.qt)
+            return {"scales": sc, **({"mins": mc} if self.qt.asym else {})}
         out = {"scales": d.numpy().astype(np.float16)}
         if self.qt.asym:
             out["mins"] = m.numpy().astype(np.float16)

@@ -10,6 +10,10 @@ Per-tensor types (``q4_pt``, ``q4a_pt``, ...) store one ``d`` (and ``m``) for th
 are ``[1, 1]`` and the codes are packed as the per-channel type's (a row is one group). The kernels run them as that
 per-channel twin with the scale repeated per row (:meth:`lowbit.formats.reader.StoredTensor.per_row`).
 
+Coded-scale types (``q4a_g32s8``, ...; ``scale_bits == 8``) store ``scales`` (and ``mins``) as uint8 codes against a
+per-matrix ``grid`` (float32 ``[2]``), see :mod:`lowbit.formats.scale_codes`; codes are packed as their float16 twin's
+(``q4a_g32``), which the kernels run with the decoded scales.
+
 Dequantization: ``x = d * u - m``; symmetric types have no stored min and use ``m = d * 2**(bits-1)``,
 i.e. ``x = d * (u - 2**(bits-1))``.
 
@@ -35,6 +39,7 @@ QUANT_BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 PER_CHANNEL = 0  # group_size value meaning "one group per row"
 PER_TENSOR = -1  # group_size value meaning "one scale (and min) for the whole matrix", codes packed as per-channel
+CODED_SUFFIX = "s8"  # name suffix of the coded-scale types (8-bit scale/min codes, group sizes only)
 
 FLOAT_DTYPES = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "bf16": np.dtype(np.uint16)}
 
@@ -47,6 +52,7 @@ class QType:
     group_size: int = PER_CHANNEL  # 32/64/128, PER_CHANNEL or PER_TENSOR; meaningless for floats
     asym: bool = False
     is_float: bool = False
+    scale_bits: int = 16  # 16: float16 scales/mins; 8: uint8 codes on a per-matrix grid (formats/scale_codes.py)
 
     def layout_group(self, cols: int) -> int:
         """The number of elements in one group for a row of ``cols`` elements (the packing's group: a per-tensor
@@ -63,6 +69,17 @@ class QType:
         if not self.per_tensor:
             raise FormatError(f"internal: {self.name} is not a per-tensor type")
         return REGISTRY[self.name.replace("_pt", "_pc")]
+
+    @property
+    def coded_scales(self) -> bool:
+        return self.scale_bits == 8
+
+    @property
+    def f16_twin(self) -> QType:
+        """The float16-scale type whose layout and kernels a coded-scale type shares."""
+        if not self.coded_scales:
+            raise FormatError(f"internal: {self.name} has no coded scales")
+        return REGISTRY[self.name[: -len(CODED_SUFFIX)]]
 
     def check_shape(self, shape: tuple[int, ...]) -> str | None:
         """Return why ``shape`` cannot use this type, or None when it can."""
@@ -89,9 +106,12 @@ class QType:
         rows, cols = shape
         ng = cols // self.layout_group(cols)
         srows = 1 if self.per_tensor else rows
-        parts = {"codes": ((rows, cols * self.bits // 8), "uint8"), "scales": ((srows, ng), "float16")}
+        sdt = "uint8" if self.coded_scales else "float16"
+        parts = {"codes": ((rows, cols * self.bits // 8), "uint8"), "scales": ((srows, ng), sdt)}
         if self.asym:
-            parts["mins"] = ((srows, ng), "float16")
+            parts["mins"] = ((srows, ng), sdt)
+        if self.coded_scales:
+            parts["grid"] = ((2,), "float32")
         return parts
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
@@ -113,6 +133,9 @@ def _group_code(g: int) -> int:
     return {PER_CHANNEL: 0, 32: 1, 64: 2, 128: 3, PER_TENSOR: 4}[g]
 
 
+CODED_ID = 5  # added to a group type's id for its coded-scale twin: 1006/1007/1008 + 100 bits (+10 asym)
+
+
 def _group_name(g: int) -> str:
     return {PER_CHANNEL: "pc", PER_TENSOR: "pt"}.get(g, f"g{g}")
 
@@ -130,6 +153,9 @@ def _build_registry() -> dict[str, QType]:
                 # stable id: never renumber; new kinds get new digits
                 qid = 1000 + bits * 100 + (10 if asym else 0) + _group_code(g)
                 reg[name] = QType(name, qid, bits, g, asym)
+                if g in GROUP_SIZES:
+                    coded = name + CODED_SUFFIX
+                    reg[coded] = QType(coded, qid + CODED_ID, bits, g, asym, scale_bits=8)
     return reg
 
 
@@ -144,13 +170,17 @@ def get_qtype(name: str) -> QType:
         raise FormatError(f"unknown quant type {name!r}") from None
 
 
-def quant_type(bits: int, group_size: int, asym: bool) -> QType:
+def quant_type(bits: int, group_size: int, asym: bool, scale_bits: int = 16) -> QType:
+    if scale_bits not in (8, 16):
+        raise FormatError(f"unsupported scale width {scale_bits}; choose 16 (float16) or 8 (coded)")
+    if scale_bits == 8 and group_size not in GROUP_SIZES:
+        raise FormatError("8-bit coded scales need a group size (32, 64 or 128), not per-channel or per-tensor scales")
     if bits not in QUANT_BITS:
         raise FormatError(f"unsupported bit-width {bits}; choose one of {', '.join(map(str, QUANT_BITS))}")
     if group_size not in (PER_CHANNEL, *GROUP_SIZES, PER_TENSOR):
         raise FormatError(f"unsupported group size {group_size}; choose 32, 64, 128, 0 (per-channel) or -1 "
                           "(per-tensor)")
-    return REGISTRY[f"q{bits}{'a' if asym else ''}_{_group_name(group_size)}"]
+    return REGISTRY[f"q{bits}{'a' if asym else ''}_{_group_name(group_size)}{CODED_SUFFIX if scale_bits == 8 else ''}"]
 
 
 # ----------------------------------------------------------------------------------------------- packing

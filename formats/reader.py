@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.errors import FormatError
+from lowbit.formats import scale_codes
 from lowbit.formats.checksum import crc32
 from lowbit.formats.layout import MAGIC, PREAMBLE, VERSION_MAJOR, data_start
 from lowbit.formats.qtypes import QType, get_qtype
@@ -71,8 +72,18 @@ class StoredTensor:
 
     def per_row(self) -> StoredTensor:
         """The tensor as the kernels and exports read it: a per-tensor type becomes its per-channel twin with the
-        one scale (and min) repeated for every row; any other tensor is returned as it is."""
-        if self.qtype.is_float or not self.qtype.per_tensor:
+        one scale (and min) repeated for every row; a coded-scale type becomes its float16 twin with the decoded
+        scales (and mins); any other tensor is returned as it is."""
+        if self.qtype.is_float:
+            return self
+        if self.qtype.coded_scales:
+            d16, m16 = scale_codes.decode(self.parts["scales"], self.parts.get("mins"), self.parts["grid"],
+                                          self.qtype)
+            parts = {"codes": self.parts["codes"], "scales": d16}
+            if m16 is not None:
+                parts["mins"] = m16
+            return StoredTensor(self.name, self.qtype.f16_twin, self.shape, parts)
+        if not self.qtype.per_tensor:
             return self
         rows = self.shape[0]
         parts = dict(self.parts)

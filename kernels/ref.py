@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lowbit.formats import scale_codes
 from lowbit.formats.qtypes import QType, unpack_codes
 
 
@@ -20,8 +21,11 @@ def dequantize(parts: dict[str, np.ndarray], qt: QType, shape: tuple[int, ...]) 
     rows, cols = shape
     g = qt.layout_group(cols)
     u = unpack_codes(parts["codes"], qt, cols).astype(np.float32).reshape(rows, cols // g, g)
-    d = parts["scales"].astype(np.float32)[:, :, None]
-    m = parts["mins"].astype(np.float32)[:, :, None] if qt.asym else d * np.float32(qt.zero_point)
+    scales, mins = parts["scales"], parts.get("mins")
+    if qt.coded_scales:  # 8-bit codes on the matrix's grid: their float16 values (formats/scale_codes.py)
+        scales, mins = scale_codes.decode(scales, mins, parts["grid"], qt)
+    d = scales.astype(np.float32)[:, :, None]
+    m = mins.astype(np.float32)[:, :, None] if qt.asym else d * np.float32(qt.zero_point)
     return (d * u - m).reshape(rows, cols)
 
 

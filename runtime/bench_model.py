@@ -14,6 +14,7 @@ import numpy as np
 import lowbit
 from lowbit.convert.converter import ConvertOptions, choose_qtype
 from lowbit.errors import LowbitError
+from lowbit.formats import scale_codes
 from lowbit.formats.qtypes import QType
 from lowbit.formats.writer import ContainerWriter, TensorPlan
 from lowbit.models import family_for
@@ -82,6 +83,11 @@ def random_parts(qt: QType, shape: tuple[int, ...], rng: np.random.Generator) ->
         if qt.name == "bf16":
             return {"data": (w.view(np.uint32) >> 16).astype(np.uint16)}
         return {"data": w.astype(np.float16 if qt.name == "f16" else np.float32)}
+    if qt.coded_scales:  # the float16 twin's random scales, coded on their grid
+        parts = random_parts(qt.f16_twin, shape, rng)
+        grid = scale_codes.fit_grid(parts["scales"], qt)
+        sc, mc = scale_codes.encode(parts["scales"], parts.get("mins"), grid, qt)
+        return {"codes": parts["codes"], "scales": sc, **({"mins": mc} if qt.asym else {}), "grid": grid}
     parts = {}
     span = 2.0 / np.sqrt(shape[1])
     for name, (pshape, _dtype) in qt.part_shapes(shape).items():

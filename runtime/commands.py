@@ -66,13 +66,14 @@ def cmd_convert(args) -> int:
     from lowbit.convert.converter import ConvertOptions, convert
 
     given = [args.bits, args.group_size, args.asym, args.embed_bits, args.target_bpw, args.max_size, args.recipe,
-             args.gguf_compatible or None]
+             args.gguf_compatible or None, args.scale_bits]
     opts = ConvertOptions(
         bits=4 if args.bits is None else args.bits,
         group_size=args.group_size,
         requantize=any(v is not None for v in given) or args.method != "auto",
         kernel_activations="exact" if args.exact_activations else None,
         asym=args.asym,
+        scale_bits=16 if args.scale_bits is None else args.scale_bits,
         embed_bits=args.embed_bits,
         method=args.method,
         calib=args.calib,

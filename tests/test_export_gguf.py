@@ -40,8 +40,8 @@ def test_every_type_exports_to_the_numbers_lowbit_computes(cols):
     rows = 5
     seen_exact = set()
     for name, qt in REGISTRY.items():
-        if qt.is_float or qt.per_tensor or qt.check_shape((rows, cols)) is not None:
-            continue  # per-tensor types export as their per-channel twins (test_per_tensor_types_...)
+        if qt.is_float or qt.per_tensor or qt.coded_scales or qt.check_shape((rows, cols)) is not None:
+            continue  # per-tensor and coded-scale types export as their twins (test_per_tensor_and_coded_...)
         ng = cols // qt.layout_group(cols)
         parts = {"codes": pack_codes(rng.integers(0, qt.max_code + 1, (rows, cols)), qt),
                  "scales": (rng.standard_normal((rows, ng)) * 0.05).astype(np.float16)}  # fmt: skip
@@ -168,18 +168,24 @@ def test_transformers_reads_the_exported_gguf_as_lowbit_computes_it(kind, tiny_m
     assert rel_err(*_lowbit_and_transformers_logits(lb, gg, seed=3)) < 1e-4
 
 
-def test_per_tensor_types_export_exactly_and_compute_as_transformers_reads_them(tiny_models, tmp_path):
-    """A per-tensor file (one scale and min per matrix): its kernels (the per-channel twin's, scale repeated) give
-    the logits transformers computes from the strict GGUF export (the one scale repeated in every Q4_1 block)."""
+@pytest.mark.parametrize("group_size,scale_bits,name", [(-1, 16, "q4a_pt"), (32, 8, "q4a_g32s8")])
+def test_per_tensor_and_coded_scale_types_export_exactly_and_compute_as_transformers_reads_them(
+        group_size, scale_bits, name, tiny_models, tmp_path):  # fmt: skip
+    """A per-tensor file (one scale and min per matrix) and a coded-scale one (8-bit scale and min codes): their
+    kernels (the float16 twin's, with the scale repeated or decoded) give the logits transformers computes from the
+    strict GGUF export (Q4_1 blocks holding those float16 values)."""
     lb = convert(str(tiny_models["llama"]), tmp_path / "m.lowbit",
-                 ConvertOptions(bits=4, group_size=-1, embed_bits=4), progress=False)
+                 ConvertOptions(bits=4, group_size=group_size, embed_bits=4, scale_bits=scale_bits), progress=False)
     c = Container(lb)
     quantized = [c.tensor(n) for n in c.tensor_names if not c.tensor(n).qtype.is_float]
-    assert quantized and {t.qtype.name for t in quantized} == {"q4a_pt"}
-    assert all(t.parts["scales"].shape == (1, 1) == t.parts["mins"].shape for t in quantized)
+    assert quantized and {t.qtype.name for t in quantized} == {name}
+    if group_size == -1:
+        assert all(t.parts["scales"].shape == (1, 1) == t.parts["mins"].shape for t in quantized)
+    else:
+        assert all(t.parts["scales"].dtype == np.uint8 == t.parts["mins"].dtype for t in quantized)
     gg = tmp_path / "m.gguf"
     report = export_gguf(lb, gg, strict=True)
-    assert ("q4a_pt", "Q4_1", True) in set(report.tensors.values())
+    assert (name, "Q4_1", True) in set(report.tensors.values())
     assert rel_err(*_lowbit_and_transformers_logits(lb, gg, seed=4)) < 1e-4
 
 

@@ -7,7 +7,9 @@ from lowbit.formats.qtypes import REGISTRY, QType, pack_codes
 from lowbit.formats.reader import StoredTensor
 from lowbit.kernels import amx, cpu_quant, dispatch, ref
 
-QUANT = [q for q in REGISTRY.values() if not q.is_float]
+# coded-scale types (..s8) never reach a kernel: they run as their float16 twins with decoded scales
+# (StoredTensor.per_row); tests/test_scale_codes.py runs every one of them through the dispatcher
+QUANT = [q for q in REGISTRY.values() if not q.is_float and not q.coded_scales]
 
 
 def random_parts(qt: QType, rows: int, cols: int, rng) -> dict[str, np.ndarray]:
