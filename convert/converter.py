@@ -20,7 +20,16 @@ from lowbit.convert.progress import stage
 from lowbit.convert.quantize import quantize
 from lowbit.convert.source import Checkpoint, read_json, resolve_source, to_f32
 from lowbit.errors import FormatError, LowbitError, SourceError
-from lowbit.formats.qtypes import GROUP_SIZES, PER_CHANNEL, PER_TENSOR, QUANT_BITS, QType, get_qtype, quant_type
+from lowbit.formats.qtypes import (
+    CODED_MAX_BITS,
+    GROUP_SIZES,
+    PER_CHANNEL,
+    PER_TENSOR,
+    QUANT_BITS,
+    QType,
+    get_qtype,
+    quant_type,
+)
 from lowbit.formats.tokenizer import read_tokenizer_source
 from lowbit.formats.writer import ContainerWriter, TensorPlan
 from lowbit.models import family_for
@@ -47,7 +56,9 @@ class ConvertOptions:
     bits: int = 4
     group_size: int | None = None  # None: DEFAULT_GROUP (32 at 4 bits, else 64); EMBED_GROUP for embeddings
     asym: bool | None = None  # None: asymmetric below 8 bits, symmetric at 8
-    scale_bits: int = 16  # 16: float16 group scales/mins; 8: uint8 codes on a per-matrix grid (the ..s8 types)
+    # 16: float16 group scales/mins; 8: uint8 codes on a per-matrix grid (the ..s8 types, up to CODED_MAX_BITS bits;
+    # wider types keep float16 scales); None: 8 with a size budget, else 16
+    scale_bits: int | None = None
     embed_bits: int | None = None  # None: DEFAULT_EMBED_BITS or --bits if more (16 with --bits 16)
     # "+"-joined method steps (convert/methods.py): rtn | search | imatrix | awq | gptq | hadamard | lowrank,
     # e.g. "search", "awq+gptq", "hadamard+gptq+lowrank". Steps other than rtn/search need calibration data.
@@ -102,10 +113,13 @@ class ConvertOptions:
         if self.group_size is not None and self.group_size not in (PER_CHANNEL, *GROUP_SIZES, PER_TENSOR):
             raise LowbitError(f"unsupported --group-size {self.group_size}; choose 32, 64, 128, 0 (per-channel) or "
                               "-1 (per-tensor)")
-        if self.scale_bits not in (8, 16):
+        if self.scale_bits not in (None, 8, 16):
             raise LowbitError(f"unsupported --scale-bits {self.scale_bits}; choose 16 or 8")
         if self.scale_bits == 8 and self.group_size in (PER_CHANNEL, PER_TENSOR):
             raise LowbitError("--scale-bits 8 codes group scales; per-channel and per-tensor scales stay float16")
+        if self.scale_bits == 8 and not self.budget and self.bits > CODED_MAX_BITS:
+            raise LowbitError(f"--scale-bits 8 codes the scales of 2- to {CODED_MAX_BITS}-bit types; --bits "
+                              f"{self.bits} keeps float16 scales")
         if self.group_size == PER_TENSOR and self.budget:
             raise LowbitError("--group-size -1 (per-tensor) is not a mixed-precision ladder; give --bits instead")
         if self.gguf_compatible and (method.hadamard or method.lowrank):
@@ -115,6 +129,14 @@ class ConvertOptions:
     def group(self) -> int:
         """The group size: --group-size, else :data:`DEFAULT_GROUP` for --bits."""
         return self.group_size if self.group_size is not None else DEFAULT_GROUP.get(self.bits, 64)
+
+    @property
+    def scale_width(self) -> int:
+        """Bits per group scale: --scale-bits, else 8 with a size budget (measured better at every budget on
+        SmolLM2-135M, README) and 16 without."""
+        if self.scale_bits is not None:
+            return self.scale_bits
+        return 8 if self.budget else 16
 
     @property
     def embedding_bits(self) -> int:
@@ -144,7 +166,8 @@ def choose_qtype(name: str, shape: tuple[int, ...], src_dtype: str, opts: Conver
     if group in (PER_CHANNEL, PER_TENSOR):
         groups = [group]
     for g in [*groups, PER_CHANNEL]:
-        qt = quant_type(bits, g, asym, opts.scale_bits if g in GROUP_SIZES else 16)
+        coded = opts.scale_width == 8 and g in GROUP_SIZES and bits <= CODED_MAX_BITS
+        qt = quant_type(bits, g, asym, 8 if coded else 16)
         if qt.check_shape(shape) is None:
             if g != group:
                 log.info("%s %s: group size %d does not fit, using %s", name, shape, group, qt.name)
@@ -326,8 +349,8 @@ def _uniform_options(opts: ConvertOptions, gguf) -> dict:
     """The options every tensor was quantized with; a GGUF import keeps the file's own types instead (see recipe)."""
     if gguf is not None and not opts.requantize:
         return {"bits": None, "group_size": None, "asym": None, "embed_bits": None}
-    return {"bits": opts.bits, "group_size": opts.group, "asym": opts.is_asym(opts.bits), "scale_bits": opts.scale_bits,
-            "embed_bits": opts.embedding_bits}
+    return {"bits": opts.bits, "group_size": opts.group, "asym": opts.is_asym(opts.bits),
+            "scale_bits": opts.scale_width, "embed_bits": opts.embedding_bits}
 
 
 def _method_name(opts: ConvertOptions, gguf) -> str:

@@ -45,10 +45,12 @@ log = logging.getLogger(__name__)
 
 # candidate types, cheapest first (bits per weight: 2.25, 2.5, 3.25, 3.5, 4.25, 4.5, 5.5, 6.5, 8.25)
 LADDER = ("q2a_g128", "q2a_g64", "q3a_g128", "q3a_g64", "q4a_g128", "q4a_g64", "q5a_g64", "q6a_g64", "q8_g64")
-# --scale-bits 8: the same bit-widths with 8-bit coded scales, groups of 64 and 32 (2.25, 2.5, 3.25, 3.5, 4.25, 4.5,
-# 5.5, 6.5, 8.25): a group of 32 costs what a group of 64 did with float16 scales
-S8_LADDER = ("q2a_g64s8", "q2a_g32s8", "q3a_g64s8", "q3a_g32s8", "q4a_g64s8", "q4a_g32s8", "q5a_g32s8", "q6a_g32s8",
-             "q8_g32s8")
+# 8-bit coded scales (the default with a budget): the same bit-widths, groups of 64 and 32 (2.25, 2.5, 3.25, 3.5, 4.25,
+# 4.5, 5.5 bits), so a group of 32 costs what a group of 64 did with float16 scales; 6 and 8 bits keep float16 scales
+# (6.5, 8.25). On SmolLM2-135M with GPTQ, KL at 4.5 / 3.5 / 2.75 bpw: 0.033 / 0.26 / 0.85 against LADDER's
+# 0.087 / 0.375 / 1.085 (README)
+S8_LADDER = ("q2a_g64s8", "q2a_g32s8", "q3a_g64s8", "q3a_g32s8", "q4a_g64s8", "q4a_g32s8", "q5a_g32s8", "q6a_g64",
+             "q8_g64")
 # --gguf-compatible: the types GGUF holds exactly at their own size (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: 4.5 to 8.5 bits)
 GGUF_LADDER = ("q4_g32", "q4a_g32", "q5_g32", "q5a_g32", "q8_g32")
 # calibration tokens (whole sequences, at least one, spread over the calibration set) for the error proxies and for
@@ -122,6 +124,11 @@ def allocate(job, opts, store, tokens: list[np.ndarray], qtypes: dict[str, QType
     }
     log.info("mixed precision: %.4f bits/weight (budget %.4f), predicted KL %.5f", info["bpw"],
              budget * 8 / params, info["predicted_kl"])
+    if log.isEnabledFor(logging.INFO):  # -v: the largest predicted contributors
+        pred = {n: _pred(kl, errors, n, ladders[n].index(out[n])) for n in names}
+        for n in sorted(pred, key=pred.get, reverse=True)[:8]:
+            log.info("  %s %s: predicted KL %.5f (at each type: %s)", n, out[n].name, pred[n],
+                      " ".join(f"{q.name}={_pred(kl, errors, n, i):.4f}" for i, q in enumerate(ladders[n])))
     return out, info
 
 
@@ -154,7 +161,7 @@ def ladder_names(opts) -> tuple[str, ...]:
     """The candidate types for the options: :data:`GGUF_LADDER`, :data:`S8_LADDER` or :data:`LADDER`."""
     if opts.gguf_compatible:
         return GGUF_LADDER
-    return S8_LADDER if opts.scale_bits == 8 else LADDER
+    return S8_LADDER if opts.scale_width == 8 else LADDER
 
 
 def ladder_for(shape: tuple[int, ...], ladder: tuple[str, ...] = LADDER) -> list[QType]:

@@ -18,6 +18,11 @@ then rounded to float16 and the codes recomputed with the rounded values, so wha
 scored; that result is compared, group by group, with the RTN encoding scored the same way, so the search can
 never lose to RTN.
 
+Coded-scale types (``..s8``, :mod:`lowbit.formats.scale_codes`) take the same candidates, but a candidate's ``d``
+and ``m`` are put on the matrix's 8-bit grid (:func:`matrix_grid`, fitted to the RTN scales so that every method and
+every row block of a matrix shares it) instead of rounded to float16, and the codes are recomputed for the coded
+values.
+
 Everything is vectorised over all groups of a chunk of rows; the per-group loop of llama.cpp becomes a short
 Python loop over candidates.
 """

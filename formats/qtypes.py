@@ -40,6 +40,9 @@ GROUP_SIZES = (32, 64, 128)
 PER_CHANNEL = 0  # group_size value meaning "one group per row"
 PER_TENSOR = -1  # group_size value meaning "one scale (and min) for the whole matrix", codes packed as per-channel
 CODED_SUFFIX = "s8"  # name suffix of the coded-scale types (8-bit scale/min codes, group sizes only)
+# coded scales exist up to this bit-width: a code's ~1% scale step, times the distance of a code from the zero point,
+# is small next to the rounding error at 2-5 bits (+1% squared error at 4 bits) but not at 6 (+16%) or 8 (+250%)
+CODED_MAX_BITS = 5
 
 FLOAT_DTYPES = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "bf16": np.dtype(np.uint16)}
 
@@ -153,7 +156,7 @@ def _build_registry() -> dict[str, QType]:
                 # stable id: never renumber; new kinds get new digits
                 qid = 1000 + bits * 100 + (10 if asym else 0) + _group_code(g)
                 reg[name] = QType(name, qid, bits, g, asym)
-                if g in GROUP_SIZES:
+                if g in GROUP_SIZES and bits <= CODED_MAX_BITS:
                     coded = name + CODED_SUFFIX
                     reg[coded] = QType(coded, qid + CODED_ID, bits, g, asym, scale_bits=8)
     return reg
@@ -175,6 +178,8 @@ def quant_type(bits: int, group_size: int, asym: bool, scale_bits: int = 16) -> 
         raise FormatError(f"unsupported scale width {scale_bits}; choose 16 (float16) or 8 (coded)")
     if scale_bits == 8 and group_size not in GROUP_SIZES:
         raise FormatError("8-bit coded scales need a group size (32, 64 or 128), not per-channel or per-tensor scales")
+    if scale_bits == 8 and bits > CODED_MAX_BITS:
+        raise FormatError(f"8-bit coded scales exist up to {CODED_MAX_BITS} bits, not {bits}")
     if bits not in QUANT_BITS:
         raise FormatError(f"unsupported bit-width {bits}; choose one of {', '.join(map(str, QUANT_BITS))}")
     if group_size not in (PER_CHANNEL, *GROUP_SIZES, PER_TENSOR):

@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="asymmetric groups (fp16 min per group; the default below 8 bits)")
     p.add_argument("--scale-bits", type=int, default=None, choices=(16, 8),
                    help="bits per group scale (and min): 16 stores float16, 8 codes them on a per-matrix grid "
-                   "(4-bit groups of 32 in 4.5 instead of 5.0 bits per weight; the ..s8 types) (default 16)")
+                   "(4-bit groups of 32 in 4.5 instead of 5.0 bits per weight; the ..s8 types, 2-5 bits) (default 8 "
+                   "with --target-bpw/--max-size, else 16)")
     p.add_argument("--gguf-compatible", action="store_true",
                    help="only types that `lowbit export` writes to GGUF exactly (groups of 32; 4, 5 or 8 bits; no min "
                    "at 8), so that llama.cpp computes this file's numbers (default: off)")

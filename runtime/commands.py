@@ -73,7 +73,7 @@ def cmd_convert(args) -> int:
         requantize=any(v is not None for v in given) or args.method != "auto",
         kernel_activations="exact" if args.exact_activations else None,
         asym=args.asym,
-        scale_bits=16 if args.scale_bits is None else args.scale_bits,
+        scale_bits=args.scale_bits,
         embed_bits=args.embed_bits,
         method=args.method,
         calib=args.calib,
@@ -93,7 +93,9 @@ def cmd_convert(args) -> int:
     c = Container(out)
     s = summarize(c)
     quantized = "" if np.isnan(s["bpw_matrices"]) else f", {s['bpw_matrices']:.3f} in the quantized matrices"
-    print(f"wrote {out}: {c.size / 1e6:.2f} MB, {s['bpw_all']:.3f} bits/weight overall{quantized}")
+    loaded = (f"; {s['bpw_loaded']:.3f} once loaded (8-bit scales run as float16)"
+              if s["bpw_loaded"] > s["bpw_all"] + 1e-9 else "")
+    print(f"wrote {out}: {c.size / 1e6:.2f} MB, {s['bpw_all']:.3f} bits/weight overall{quantized}{loaded}")
     q = c.meta.get("quantization", {})
     cal = q.get("calibration")
     if cal:
@@ -178,11 +180,14 @@ def summarize(c) -> dict:
     params = 0
     qparams = 0
     qbytes = 0
+    expand = 0  # bytes coded scales gain at load (decoded to float16 for the kernels)
     for name in c.tensor_names:
         if name.rsplit(".", 1)[-1] in EXTRA_SUFFIXES:
             continue  # a method's extra tensors (low-rank factors, rotation signs): bytes, not parameters
         t = c.tensor(name)
         n = int(np.prod(t.shape))
+        if t.qtype.coded_scales:
+            expand += t.qtype.f16_twin.nbytes(t.shape) - t.nbytes
         params += n
         if not t.qtype.is_float and name not in ("token_embd.weight", "output.weight"):
             qparams += n
@@ -193,6 +198,7 @@ def summarize(c) -> dict:
         "data_bytes": data,
         "bpw_all": data * 8 / max(params, 1),
         "bpw_matrices": qbytes * 8 / max(qparams, 1) if qparams else float("nan"),
+        "bpw_loaded": (data + expand) * 8 / max(params, 1),  # in memory: 8-bit scale codes run as float16 scales
     }
 
 
@@ -259,6 +265,8 @@ def cmd_inspect(args) -> int:
     print(f"parameters:    {s['params']:,}")
     print(f"bits/weight:   {s['bpw_all']:.3f} overall (all tensor data / parameters), "
           f"{s['bpw_matrices']:.3f} in the quantized matrices")
+    if s["bpw_loaded"] > s["bpw_all"] + 1e-9:
+        print(f"in memory:     {s['bpw_loaded']:.3f} bits/weight (8-bit scale codes run as float16 scales)")
     kv = kv_cache_line(arch.get("args", {}))
     if kv:
         print(f"KV cache:      {kv}")
@@ -393,6 +401,7 @@ def cmd_eval(args) -> int:
         "ctx": args.eval_ctx,
         **({"stride": args.stride} if args.stride else {}),
         "bpw": s["bpw_all"],
+        "bpw_loaded": s["bpw_loaded"],
         "file_bytes": engine.container.size,
         "act_quant": args.act_quant,
         "kv_cache": engine.kv.label,

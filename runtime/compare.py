@@ -14,10 +14,10 @@ Configuration grammar (``--configs``, comma-separated)::
 
 METHOD is the converter's "+"-joined step string; BITS 2|3|4|5|6|8|16; GROUP g32|g64|g128|pc|pt (default g64;
 pt: one scale per matrix);
-OPTION sym | asym | embed=B | lowrank=X (extra bits per weight for the lowrank step) | act=dynamic|static (evaluate
-with int8 activations, ``--act-quant``; static needs the smoothquant step) | kv=16|32|8|4|k8v4 (evaluate with that
-KV cache, ``--kv-bits``; f16 takes this option too: ``f16:kv=8`` is what a quantized cache alone costs). Rows that
-differ only in runtime options (act, kv) share one conversion.
+OPTION sym | asym | embed=B | scales=8|16 (``--scale-bits``) | lowrank=X (extra bits per weight for the lowrank
+step) | act=dynamic|static (evaluate with int8 activations, ``--act-quant``; static needs the smoothquant step) |
+kv=16|32|8|4|k8v4 (evaluate with that KV cache, ``--kv-bits``; f16 takes this option too: ``f16:kv=8`` is what a
+quantized cache alone costs). Rows that differ only in runtime options (act, kv) share one conversion.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ DEFAULT_GROUP = 64
 UNQUANTIZED = ("f16", "16")
 _TARGET = re.compile(r"^(\d+(?:\.\d+)?)(bpw|kb|mb|gb)$", re.IGNORECASE)
 _SIZE_UNITS = {"kb": 1e3, "mb": 1e6, "gb": 1e9}
-_OPTION_FIELDS = {"embed": "embed_bits", "lowrank": "lowrank_bpw", "act": "act", "kv": "kv"}
+_OPTION_FIELDS = {"embed": "embed_bits", "lowrank": "lowrank_bpw", "act": "act", "kv": "kv", "scales": "scale_bits"}
 ACT_MODES = ("dynamic", "static")
 GRAMMAR = "METHOD:BITS[:GROUP][:OPTION...], mixed:TARGET[:METHOD][:GROUP][:OPTION...] or f16"
 
@@ -197,6 +197,8 @@ def _parse_options(parts: Sequence[str], method: str) -> tuple[int, dict, tuple[
                 raise LowbitError(f"option {key}= given twice")
             if key == "embed":
                 fields["embed_bits"] = _int_in(val, BITS, "embed")
+            elif key == "scales":
+                fields["scale_bits"] = _int_in(val, (8, 16), "scales")
             elif key == "lowrank":
                 if "lowrank" not in method.split("+"):
                     raise LowbitError(f"lowrank={val} needs the lowrank method step (e.g. gptq+lowrank)")
@@ -210,8 +212,8 @@ def _parse_options(parts: Sequence[str], method: str) -> tuple[int, dict, tuple[
                     raise LowbitError("act=static needs the smoothquant method step (e.g. smoothquant+rtn)")
                 fields["act"] = val
             else:
-                raise LowbitError(f"unknown option {key!r}; options are sym, asym, embed=BITS, lowrank=BPW, "
-                                  "act=dynamic|static, kv=BITS")
+                raise LowbitError(f"unknown option {key!r}; options are sym, asym, embed=BITS, scales=8|16, "
+                                  "lowrank=BPW, act=dynamic|static, kv=BITS")
         elif low.startswith("g") and low[1:].isdigit():
             raise LowbitError(f"unknown group {p!r}; use {', '.join(GROUPS)}")
         else:
@@ -227,6 +229,8 @@ def _option_labels(fields: dict) -> list[str]:
         out.append("asym" if fields["asym"] else "sym")
     if "embed_bits" in fields:
         out.append(f"embed={fields['embed_bits']}")
+    if "scale_bits" in fields:
+        out.append(f"scales={fields['scale_bits']}")
     if "lowrank_bpw" in fields:
         out.append(f"lowrank={fields['lowrank_bpw']:g}")
     if "act" in fields:

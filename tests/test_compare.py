@@ -52,6 +52,9 @@ def test_parse_configs_labels_and_options():
     assert got["hadamard+gptq+lowrank:2:pc:lowrank=0.1"].opts.group_size == 0
     assert got["hadamard+gptq+lowrank:2:pc:lowrank=0.1"].opts.lowrank_bpw == 0.1
     assert parse_configs("gptq:4:pt", converter.ConvertOptions())[0].opts.group_size == -1
+    s8 = parse_configs("search:4:g32:scales=8", converter.ConvertOptions())[0]
+    assert s8.label == "search:4:g32:scales=8" and s8.opts.scale_bits == 8 and s8.opts.scale_width == 8
+    assert got["mixed:2.5bpw"].opts.scale_width == 8 and got["rtn:4:g64"].opts.scale_width == 16
     assert got["mixed:2.5bpw"].opts.target_bpw == 2.5 and got["mixed:2.5bpw"].method == "mixed"
     assert got["mixed:12MB:rtn:g32"].opts.max_size == 12_000_000 and got["mixed:12MB:rtn:g32"].method == "mixed(rtn)"
     assert got["f16"].opts.bits == 16 and got["f16"].opts.calib == "c.txt"
@@ -70,6 +73,7 @@ def test_parse_configs_labels_and_options():
     ("rtn:4:lowrank=0.1", "needs the lowrank method step"),
     ("gptq+lowrank:4:lowrank=x", "lowrank=x: expected a positive number"),
     ("rtn:4:embed=7", "embed=7"),
+    ("rtn:4:scales=4", "scales=4"),
     ("rtn:4:g32:g64", "group given twice"),
     ("rtn:4:colour=red", "unknown option 'colour'"),
     ("rtn:4:sym:asym", "sym/asym given twice"),

@@ -125,6 +125,7 @@ def test_target_bpw_is_met_and_recipe_reproduces_it(tiny_llama, tmp_path, llama_
     recipe = c.meta["quantization"]["recipe"]
     types = {recipe[n] for n in recipe if n.endswith(".weight") and "norm" not in n}
     assert len(types) > 1, types  # really mixed
+    assert any(t.endswith("s8") for t in types), types  # a budget codes its group scales in 8 bits by default
     assert c.meta["quantization"]["mixed"]["bpw"] == pytest.approx(s["bpw_all"], abs=1e-3)
     rfile = tmp_path / "recipe.json"
     res = run_cli("inspect", out, "--save-recipe", rfile)
@@ -198,6 +199,8 @@ def test_sampled_calibration_is_seeded(tiny_llama, tmp_path):
         (["--target-bpw", "1.2", "--calib", str(CALIB), "--calib-samples", "2", "--calib-len", "16"], "budget"),
         (["--recipe", "/nonexistent.json"], "no such file"),
         (["--bits", "16", "--method", "gptq"], "need --bits below 16"),
+        (["--scale-bits", "8", "--group-size", "0"], "per-channel and per-tensor scales stay float16"),
+        (["--scale-bits", "8", "--bits", "8"], "--bits 8 keeps float16 scales"),
     ],
 )
 def test_cli_errors(tiny_llama, tmp_path, extra, needle):

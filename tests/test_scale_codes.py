@@ -17,14 +17,16 @@ CODED = [q for q in REGISTRY.values() if q.coded_scales]
 
 def test_registry_has_a_coded_twin_for_every_group_type():
     groups = [q for q in REGISTRY.values() if not q.is_float and q.group_size > 0 and not q.coded_scales]
-    assert len(CODED) == len(groups) == 36
-    for q in groups:
+    assert len(CODED) == 24  # 2-5 bits, sym/asym, groups of 32/64/128
+    for q in [q for q in groups if q.bits <= 5]:
         c = REGISTRY[q.name + "s8"]
         assert c.f16_twin is q and c.id == q.id + 5 and (c.bits, c.group_size, c.asym) == (q.bits, q.group_size, q.asym)
         assert quant_type(q.bits, q.group_size, q.asym, 8) is c
     assert len({q.id for q in REGISTRY.values()}) == len(REGISTRY)
     with pytest.raises(FormatError, match="group size"):
         quant_type(4, 0, True, 8)
+    with pytest.raises(FormatError, match="up to 5 bits"):
+        quant_type(8, 32, False, 8)
     parts = get_qtype("q4a_g32s8").part_shapes((64, 576))
     assert parts == {"codes": ((64, 288), "uint8"), "scales": ((64, 18), "uint8"), "mins": ((64, 18), "uint8"),
                      "grid": ((2,), "float32")}
@@ -34,7 +36,7 @@ def test_registry_has_a_coded_twin_for_every_group_type():
     assert get_qtype("q3_g64s8").nbytes((64, 576)) == 64 * 576 * 3.125 / 8 + 8
 
 
-@pytest.mark.parametrize("name", ["q4a_g32s8", "q2a_g64s8", "q8a_g32s8", "q4_g32s8", "q3_g128s8", "q8_g32s8"])
+@pytest.mark.parametrize("name", ["q4a_g32s8", "q2a_g64s8", "q5a_g32s8", "q4_g32s8", "q3_g128s8", "q5_g64s8"])
 def test_codes_round_trip_and_stay_within_half_a_step(name):
     qt = get_qtype(name)
     rng = np.random.default_rng(qt.id)
@@ -134,7 +136,27 @@ def test_gptq_on_coded_scales_keeps_one_grid_across_row_blocks(name):
 
 def test_the_s8_ladder_keeps_coded_scales_where_groups_fit():
     names = [q.name for q in ladder_for((64, 576), S8_LADDER)]
-    assert names[0] == "q2a_g64s8" and "q4a_g32s8" in names and all(n.endswith("s8") for n in names)
+    assert names[0] == "q2a_g64s8" and "q4a_g32s8" in names and names[-2:] == ["q6a_g64", "q8_g64"]
+    assert all(n.endswith("s8") for n in names[:-2])
     # 80 columns: no group of 32 fits, per-channel float16 scales are the fallback
     assert {q.name for q in ladder_for((8, 80), S8_LADDER)} <= {f"q{b}{a}_pc" for b in (2, 3, 4, 5, 6, 8)
                                                                  for a in ("", "a")}
+
+
+def test_convert_cli_writes_coded_scales_and_says_what_they_take_in_memory(tiny_llama, tmp_path):
+    from lbtest import run_cli
+
+    from lowbit.formats.reader import Container
+
+    out = tmp_path / "m.lowbit"
+    res = run_cli("convert", tiny_llama, "-o", out, "--no-progress", "--scale-bits", "8", "--bits", "3")
+    assert res.returncode == 0, res.stderr
+    c = Container(out)
+    types = {c.tensor(n).qtype.name for n in c.tensor_names if not c.tensor(n).qtype.is_float}
+    assert "q3a_g64s8" in types and not any(t.endswith("s8") and int(t[1]) > 5 for t in types)
+    assert c.meta["quantization"]["scale_bits"] == 8
+    assert "once loaded (8-bit scales run as float16)" in res.stdout
+    info = run_cli("inspect", out)
+    assert info.returncode == 0 and "in memory:" in info.stdout
+    gen = run_cli("generate", out, "-p", "hello", "-n", "4")
+    assert gen.returncode == 0, gen.stderr
