@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 LADDER = ("q2a_g128", "q2a_g64", "q3a_g128", "q3a_g64", "q4a_g128", "q4a_g64", "q5a_g64", "q6a_g64", "q8_g64")
 # 8-bit coded scales (the default with a budget): the same bit-widths, groups of 64 and 32 (2.25, 2.5, 3.25, 3.5, 4.25,
 # 4.5, 5.5 bits), so a group of 32 costs what a group of 64 did with float16 scales; 6 and 8 bits keep float16 scales
-# (6.5, 8.25). On SmolLM2-135M with GPTQ, KL at 4.5 / 3.5 / 2.75 bpw: 0.033 / 0.26 / 0.85 against LADDER's
+# (6.5, 8.25). On SmolLM2-135M with GPTQ, KL at 4.5 / 3.5 / 2.75 bpw: 0.032 / 0.26 / 0.85 against LADDER's
 # 0.087 / 0.375 / 1.085 (README)
 S8_LADDER = ("q2a_g64s8", "q2a_g32s8", "q3a_g64s8", "q3a_g32s8", "q4a_g64s8", "q4a_g32s8", "q5a_g32s8", "q6a_g64",
              "q8_g64")

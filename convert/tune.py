@@ -8,7 +8,9 @@ distillation from the float model, block by block, as mlx-lm's DWQ and OmniQuant
 2. for each block, Adam fits ``scale = s0 * exp(a)`` and ``min = m0 + b * s0`` per group (``a = b = 0`` at the
    start: the stored file) so that the block, fed the *student's* hidden states, gives the *teacher's* outputs
    (mean squared error) — so each block also makes up for what the blocks before it lost;
-3. the student's hidden states move on through the tuned block.
+3. a quarter of the sequences (every fourth, when there are four or more) is held out: a block whose held-out error
+   the fit did not lower keeps its stored scales (the fit only learned the training sequences);
+4. the student's hidden states move on through the tuned block.
 
 The result is a .lowbit file of the same types and codes, so the runtime needs nothing new. Gradients come from
 PyTorch (``pip install 'lowbit[tune]'``): a block's backward pass by hand in numpy would be much more code for the same
@@ -58,6 +60,7 @@ class TuneReport:
     steps: list[int] = field(default_factory=list)  # per block
     loss_before: list[float] = field(default_factory=list)  # per block: the mean squared error untuned / tuned
     loss_after: list[float] = field(default_factory=list)
+    kept: list[bool] = field(default_factory=list)  # per block: the tuned scales were kept (held-out error lower)
 
 
 def _need_torch():
@@ -144,6 +147,9 @@ def tune(src: str | Path, out: str | Path, opts: TuneOptions, progress: bool = T
                                   f"{c.tensor_shape(name)} (not the model this file was converted from?)")
         tok = Tokenizer(meta["tokenizer"], c.blobs())
         tokens = np.stack(file_tokens(opts.calib, tok, opts.samples, opts.seq_len))
+        order = np.arange(len(tokens))
+        held = order[3::4] if len(tokens) >= 4 else order[:0]  # every fourth sequence: the held-out check
+        train = np.setdiff1d(order, held)
         inv = rope_inv_freq(args.rotary_dim or args.head_dim, args.rope_theta, args.rope_scaling, opts.seq_len)
         cos, sin = rope_tables(inv, opts.seq_len, rope_attention_factor(args.rope_scaling))  # what the runtime uses
         emb = c.tensor("token_embd.weight")
@@ -158,13 +164,20 @@ def tune(src: str | Path, out: str | Path, opts: TuneOptions, progress: bool = T
             with torch.no_grad():
                 y_t = Block(args, _block_weights(c, teacher, i, quant=False), cos, sin)(x_t)
             student = Block(args, _block_weights(c, teacher, i, quant=True), cos, sin)
-            report.loss_before.append(_mse(torch, student, x_s, y_t, opts.batch))
-            done, step_seconds = _fit(torch, student, x_s, y_t, clock.steps(i), opts, i, clock)
+            report.loss_before.append(_mse(torch, student, x_s[train], y_t[train], opts.batch))
+            held_before = _mse(torch, student, x_s[held], y_t[held], opts.batch) if len(held) else 0.0
+            done, step_seconds = _fit(torch, student, x_s[train], y_t[train], clock.steps(i), opts, i, clock)
             report.steps.append(done)
-            report.loss_after.append(_mse(torch, student, x_s, y_t, opts.batch))
+            keep = not len(held) or _mse(torch, student, x_s[held], y_t[held], opts.batch) < held_before
+            if not keep:  # back to the stored scales: every parameter starts at zero
+                with torch.no_grad():
+                    for prm in student.parameters():
+                        prm.zero_()
+            report.kept.append(bool(keep and done))
+            report.loss_after.append(_mse(torch, student, x_s[train], y_t[train], opts.batch))
             bar.set_postfix_str(f"mse {report.loss_before[-1]:.3g} -> {report.loss_after[-1]:.3g}", refresh=False)
             for short, mod in student.quant.items():
-                if isinstance(mod, QuantLinear):
+                if isinstance(mod, QuantLinear) and report.kept[-1]:
                     tuned[f"blk.{i}.{short}.weight"] = mod.stored()
             with torch.no_grad():
                 x_s = torch.cat([student(x_s[j : j + opts.batch]) for j in range(0, len(x_s), opts.batch)])
@@ -239,7 +252,8 @@ def _write(c: Container, out, tuned: dict, opts: TuneOptions, report: TuneReport
     meta["quantization"] = {**meta.get("quantization", {}), "tuned": {
         "method": "block-wise distillation of group scales and mins (codes kept)",
         "calib": Path(opts.calib).name, "samples": opts.samples, "length": opts.seq_len,
-        "steps_per_block": report.steps, "seconds": round(report.seconds, 1)}}  # fmt: skip
+        "steps_per_block": report.steps, "blocks_kept": report.kept,
+        "seconds": round(report.seconds, 1)}}  # fmt: skip
     plans = [TensorPlan(n, c.tensor(n).qtype, c.tensor_shape(n)) for n in c.tensor_names]
     with ContainerWriter(out, meta, plans, c.blobs()) as w:
         for p in plans:

@@ -77,8 +77,11 @@ class StoredTensor:
         if self.qtype.is_float:
             return self
         if self.qtype.coded_scales:
-            d16, m16 = scale_codes.decode(self.parts["scales"], self.parts.get("mins"), self.parts["grid"],
-                                          self.qtype)
+            try:
+                d16, m16 = scale_codes.decode(self.parts["scales"], self.parts.get("mins"), self.parts["grid"],
+                                              self.qtype)
+            except FormatError as e:
+                raise FormatError(f"tensor {self.name}: {e}") from None
             parts = {"codes": self.parts["codes"], "scales": d16}
             if m16 is not None:
                 parts["mins"] = m16

@@ -71,6 +71,13 @@ def test_grid_clips_rare_tiny_scales_instead_of_coarsening_every_level():
     assert 2.0 ** b > 1e-6
     with pytest.raises(FormatError, match="corrupt scale grid"):
         scale_codes.decode(np.ones(3, np.uint8), np.ones(3, np.uint8), np.array([0.0, np.nan], np.float32), qt)
+    # a hostile file's grid: refused with the tensor's name when the kernels load it, never decoded to garbage
+    w = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    parts = quantize_rtn(w, qt)
+    for bad in ([0.0, 0.0], [0.0, 2.0], [1e9, 0.03], [np.inf, 0.03]):
+        st = StoredTensor("blk.0.attn_q.weight", qt, w.shape, {**parts, "grid": np.array(bad, np.float32)})
+        with pytest.raises(FormatError, match="^tensor blk.0.attn_q.weight: corrupt scale grid"):
+            dispatch.Weight(st)
 
 
 def _rel_err(w, parts, qt):
@@ -160,3 +167,23 @@ def test_convert_cli_writes_coded_scales_and_says_what_they_take_in_memory(tiny_
     assert info.returncode == 0 and "in memory:" in info.stdout
     gen = run_cli("generate", out, "-p", "hello", "-n", "4")
     assert gen.returncode == 0, gen.stderr
+
+
+def test_tuning_learns_decoded_scales_and_stores_codes_on_the_same_grid():
+    torch = pytest.importorskip("torch")
+    from lowbit.convert.tune_model import QuantLinear
+
+    qt = get_qtype("q3a_g32s8")
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((8, 96)) * 0.05).astype(np.float32)
+    parts = quantize_search(w, qt)
+    lin = QuantLinear(parts, qt, w.shape)
+    with torch.no_grad():  # untuned: the stored tensor exactly, and its own codes back
+        np.testing.assert_array_equal(lin.weight().numpy(), ref.dequantize(parts, qt, w.shape))
+    same = lin.stored()
+    assert np.array_equal(same["scales"], parts["scales"]) and np.array_equal(same["mins"], parts["mins"])
+    with torch.no_grad():
+        lin.a += 0.1  # scales up by ~10.5%: about 4.6 grid steps of 2.2%
+    moved = lin.stored()
+    k0, k1 = parts["scales"].astype(int), moved["scales"].astype(int)
+    assert moved["scales"].dtype == np.uint8 and np.all((k1 - k0 >= 4) & (k1 - k0 <= 5))

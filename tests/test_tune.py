@@ -95,3 +95,18 @@ def test_bad_tune_input_is_one_line(tiny_models, tmp_path):
     full = convert(str(tiny_models["llama"]), tmp_path / "f.lowbit", ConvertOptions(bits=16), progress=False)
     assert_clean_error(run_cli("tune", full, "-o", tmp_path / "t.lowbit", "--calib", CALIB), "nothing to tune")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.lowbit", "q.lowbit"]
+
+
+def test_a_block_that_does_worse_on_held_out_sequences_keeps_its_stored_scales(tiny_models, tmp_path):
+    """Every fourth calibration sequence is held out; a fit that raises the held-out error (here: a learning rate
+    that blows the scales up) is undone, and the file keeps what it stored."""
+    lb = convert(str(tiny_models["llama"]), tmp_path / "q.lowbit", ConvertOptions(bits=3), progress=False)
+    out = tmp_path / "t.lowbit"
+    report = tune(lb, out, TuneOptions(calib=str(CALIB), samples=8, seq_len=64, steps=5, lr=50.0, time_budget=120),
+                  progress=False)
+    assert report.kept == [False, False] and report.loss_after == pytest.approx(report.loss_before)
+    a, b = Container(lb), Container(out)
+    assert b.meta["quantization"]["tuned"]["blocks_kept"] == [False, False]
+    for name in a.tensor_names:
+        for part, arr in a.tensor(name).parts.items():
+            np.testing.assert_array_equal(b.tensor(name).parts[part], arr)
