@@ -40,8 +40,8 @@ GROUP_SIZES = (32, 64, 128)
 PER_CHANNEL = 0  # group_size value meaning "one group per row"
 PER_TENSOR = -1  # group_size value meaning "one scale (and min) for the whole matrix", codes packed as per-channel
 CODED_SUFFIX = "s8"  # name suffix of the coded-scale types (8-bit scale/min codes, group sizes only)
-# coded scales exist up to this bit-width: a code's ~1% scale step, times the distance of a code from the zero point,
-# is small next to the rounding error at 2-5 bits (+1% squared error at 4 bits) but not at 6 (+16%) or 8 (+250%)
+# coded scales exist up to this bit-width: a scale up to 1.1% off moves a weight by that much of its distance from the
+# zero point, small next to half a rounding step at 2-5 bits, not at 6 or 8 (steps 4 and 16 times finer than at 4)
 CODED_MAX_BITS = 5
 
 FLOAT_DTYPES = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "bf16": np.dtype(np.uint16)}
