@@ -263,7 +263,7 @@ def _unpacked(parts: dict[str, np.ndarray], qt: QType, cols: int):
     """(codes uint8 [rows, cols], d16, m16 or None): a coded-scale type's scales decoded to their float16 values."""
     u = unpack_codes(parts["codes"], qt, cols).astype(np.uint8)
     if qt.coded_scales:
-        return u, *scale_codes.decode(parts["scales"], parts.get("mins"), parts["grid"], qt)
+        return u, *scale_codes.decode_parts(parts, qt)
     return u, parts["scales"], parts.get("mins")
 
 

@@ -180,20 +180,6 @@ def _run(w: np.ndarray, qt: QType, g: int, encode_chunk, grid: np.ndarray | None
     return parts
 
 
-def _group_params(w: np.ndarray, qt: QType, g: int, params_chunk):
-    """Float (d, m) for every group of ``w``: ``params_chunk(x_groups, r0, r1) -> (d, m or None)`` over chunks."""
-    rows, cols = w.shape
-    x_all = w.reshape(-1, g)
-    d_all = np.empty(len(x_all), np.float32)
-    m_all = np.empty(len(x_all), np.float32) if qt.asym else None
-    for r0, r1, sl in _chunks(rows, cols, g):
-        d, m = params_chunk(x_all[sl], r0, r1)
-        d_all[sl] = d
-        if qt.asym:
-            m_all[sl] = m
-    return d_all, m_all
-
-
 def _warn_saturated(d16: np.ndarray, m16: np.ndarray | None, qt: QType) -> None:
     big = np.abs(d16.astype(np.float32)) >= F16_MAX
     if m16 is not None:
@@ -248,7 +234,8 @@ def matrix_grid(w: np.ndarray, qt: QType) -> np.ndarray:
     """The scale grid of a coded-scale type for the matrix ``w``, from its groups' round-to-nearest scales (one
     grid for the whole matrix, whichever method and however many row blocks quantize it)."""
     w, g = _prepare(w, qt)
-    d = _group_params(w, qt, g, lambda x, r0, r1: _rtn_params(x, qt))[0]
+    x_all = w.reshape(-1, g)
+    d = np.concatenate([_rtn_params(x_all[sl], qt)[0] for _, _, sl in _chunks(*w.shape, g)])
     return scale_codes.fit_grid(d, qt, headroom=GRID_HEADROOM)
 
 
@@ -367,27 +354,21 @@ def quantize_search(
     ng = cols // g
     n_search = 0
 
-    def weights(x, r0, r1):
-        amax = np.abs(x).max(axis=1)
-        s = np.where(amax > 0, amax, np.float32(1))
-        xn = x / s[:, None]  # scale-free search: no overflow/underflow, same argmin per group
-        tile = None if imp is None else np.broadcast_to(imp.reshape(1, ng, g), (r1 - r0, ng, g)).reshape(-1, g)
-        return s, xn, element_weights(xn, tile)
-
-    def search_chunk(x, r0, r1):
-        s, xn, wt = weights(x, r0, r1)
-        if qt.asym:
-            d, m = _search_asym(xn, wt, qt, n_candidates)
-            return d * s, m * s
-        return _search_sym(xn, wt, qt, n_candidates) * s, None
-
     if qt.coded_scales and grid is None:
         grid = matrix_grid(w, qt)
 
     def encode_chunk(x, r0, r1):
         nonlocal n_search
-        d, m = search_chunk(x, r0, r1)
-        wt = weights(x, r0, r1)[2]
+        amax = np.abs(x).max(axis=1)
+        s = np.where(amax > 0, amax, np.float32(1))
+        xn = x / s[:, None]  # scale-free search: no overflow/underflow, same argmin per group
+        tile = None if imp is None else np.broadcast_to(imp.reshape(1, ng, g), (r1 - r0, ng, g)).reshape(-1, g)
+        wt = element_weights(xn, tile)
+        if qt.asym:
+            d, m = _search_asym(xn, wt, qt, n_candidates)
+            d, m = d * s, m * s
+        else:
+            d, m = _search_sym(xn, wt, qt, n_candidates) * s, None
         cand = _encode(x, d, m, qt, grid)
         base = _encode(x, *_rtn_params(x, qt), qt, grid)
         pick = _wsse(x, cand[3], wt) < _wsse(x, base[3], wt)  # strict: ties keep RTN

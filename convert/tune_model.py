@@ -29,11 +29,9 @@ class QuantLinear(torch.nn.Module):
         ng = cols // self.group
         u = unpack_codes(np.asarray(parts["codes"]), qt, cols).astype(np.float32).reshape(rows, ng, self.group)
         self.register_buffer("u", torch.from_numpy(u))
-        scales, mins = parts["scales"], parts.get("mins")
-        self.grid = None
-        if qt.coded_scales:  # learn the decoded values; stored() puts them back on the matrix's grid
-            self.grid = np.asarray(parts["grid"], np.float32)
-            scales, mins = scale_codes.decode(scales, mins, self.grid, qt)
+        # a coded-scale type learns its decoded values; stored() puts them back on the matrix's grid
+        self.grid = np.asarray(parts["grid"], np.float32) if qt.coded_scales else None
+        scales, mins = scale_codes.decode_parts(parts, qt) if qt.coded_scales else (parts["scales"], parts.get("mins"))
         d0 = np.asarray(scales, dtype=np.float32)
         m0 = np.asarray(mins, dtype=np.float32) if qt.asym else d0 * np.float32(qt.zero_point)
         self.register_buffer("d0", torch.from_numpy(d0.copy()))

@@ -78,8 +78,7 @@ class StoredTensor:
             return self
         if self.qtype.coded_scales:
             try:
-                d16, m16 = scale_codes.decode(self.parts["scales"], self.parts.get("mins"), self.parts["grid"],
-                                              self.qtype)
+                d16, m16 = scale_codes.decode_parts(self.parts, self.qtype)
             except FormatError as e:
                 raise FormatError(f"tensor {self.name}: {e}") from None
             parts = {"codes": self.parts["codes"], "scales": d16}

@@ -125,3 +125,16 @@ def encode(d: np.ndarray, m: np.ndarray | None, grid: np.ndarray, qt: QType):
 def project(d: np.ndarray, m: np.ndarray | None, grid: np.ndarray, qt: QType):
     """(d16, m16 or None): the float16 values of the codes :func:`encode` gives ``d`` and ``m``."""
     return decode(*encode(d, m, grid, qt), grid, qt)
+
+
+def decode_parts(parts: dict[str, np.ndarray], qt: QType):
+    """(d16, m16 or None) of a coded-scale tensor's stored parts (``scales``, ``mins``, ``grid``)."""
+    return decode(parts["scales"], parts.get("mins"), parts["grid"], qt)
+
+
+def code_parts(parts: dict[str, np.ndarray], qt: QType) -> dict[str, np.ndarray]:
+    """The parts of coded-scale type ``qt`` for the float16 twin's ``parts``: the scales (and mins) coded on a grid
+    fitted to those scales, the codes as they are."""
+    grid = fit_grid(parts["scales"], qt)
+    sc, mc = encode(parts["scales"], parts.get("mins"), grid, qt)
+    return {"codes": parts["codes"], "scales": sc, **({"mins": mc} if qt.asym else {}), "grid": grid}

@@ -21,9 +21,8 @@ def dequantize(parts: dict[str, np.ndarray], qt: QType, shape: tuple[int, ...]) 
     rows, cols = shape
     g = qt.layout_group(cols)
     u = unpack_codes(parts["codes"], qt, cols).astype(np.float32).reshape(rows, cols // g, g)
-    scales, mins = parts["scales"], parts.get("mins")
-    if qt.coded_scales:  # 8-bit codes on the matrix's grid: their float16 values (formats/scale_codes.py)
-        scales, mins = scale_codes.decode(scales, mins, parts["grid"], qt)
+    # coded-scale types: the float16 values of their 8-bit codes (formats/scale_codes.py)
+    scales, mins = scale_codes.decode_parts(parts, qt) if qt.coded_scales else (parts["scales"], parts.get("mins"))
     d = scales.astype(np.float32)[:, :, None]
     m = mins.astype(np.float32)[:, :, None] if qt.asym else d * np.float32(qt.zero_point)
     return (d * u - m).reshape(rows, cols)

@@ -84,10 +84,7 @@ def random_parts(qt: QType, shape: tuple[int, ...], rng: np.random.Generator) ->
             return {"data": (w.view(np.uint32) >> 16).astype(np.uint16)}
         return {"data": w.astype(np.float16 if qt.name == "f16" else np.float32)}
     if qt.coded_scales:  # the float16 twin's random scales, coded on their grid
-        parts = random_parts(qt.f16_twin, shape, rng)
-        grid = scale_codes.fit_grid(parts["scales"], qt)
-        sc, mc = scale_codes.encode(parts["scales"], parts.get("mins"), grid, qt)
-        return {"codes": parts["codes"], "scales": sc, **({"mins": mc} if qt.asym else {}), "grid": grid}
+        return scale_codes.code_parts(random_parts(qt.f16_twin, shape, rng), qt)
     parts = {}
     span = 2.0 / np.sqrt(shape[1])
     for name, (pshape, _dtype) in qt.part_shapes(shape).items():

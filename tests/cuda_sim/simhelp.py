@@ -16,9 +16,9 @@ def random_parts(qt: QType, rows: int, cols: int, rng, scale: float = 0.05) -> d
         return {"data": x.astype(np.float16 if qt.name == "f16" else np.float32)}
     if qt.coded_scales:  # the float16 twin's random scales, coded on their grid
         parts = random_parts(qt.f16_twin, rows, cols, rng, scale)
-        grid = scale_codes.fit_grid(parts["scales"], qt)
-        sc, mc = scale_codes.encode(parts["scales"], np.abs(parts["mins"]) if qt.asym else None, grid, qt)
-        return {"codes": parts["codes"], "scales": sc, **({"mins": mc} if qt.asym else {}), "grid": grid}
+        if qt.asym:
+            parts["mins"] = np.abs(parts["mins"])  # a coded zero point lies in [0, max_code]
+        return scale_codes.code_parts(parts, qt)
     sshape = qt.part_shapes((rows, cols))["scales"][0]  # [rows, groups], or [1, 1] for a per-tensor type
     u = rng.integers(0, qt.max_code + 1, size=(rows, cols))
     parts = {"codes": pack_codes(u, qt), "scales": (rng.standard_normal(sshape) * scale).astype(np.float16)}
