@@ -18,9 +18,10 @@ from functools import partial
 import numpy as np
 
 from lowbit.kernels import dispatch
+from lowbit.kernels.kv_cache import KVCache
 from lowbit.kernels.kv_formats import KVSpec
 from lowbit.models import family_for
-from lowbit.models.common import KVCache, cache_for
+from lowbit.models.common import cache_for
 
 SHAPES = {
     "gemma2-2b": dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,

@@ -23,6 +23,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.qtypes import get_qtype
 from lowbit.formats.reader import StoredTensor
 from lowbit.formats.tokenizer import Tokenizer
+from lowbit.kernels.ops import ObservingOps
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +156,13 @@ class LayerRecorder:
 
 
 def observe(model, recorder: LayerRecorder):
-    """Make ``model``'s matrix products report their inputs to ``recorder`` (its ``observer``); returns a function
-    that undoes it."""
-    model.observer = recorder
+    """Make ``model``'s matrix products report their inputs to ``recorder``: its ops object is wrapped in an
+    observing one (kernels/ops.py); returns a function that undoes it."""
+    inner = model.ops
+    model.ops = ObservingOps(inner, recorder)
 
     def undo() -> None:
-        model.observer = None
+        model.ops = inner
 
     return undo
 

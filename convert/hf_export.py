@@ -36,9 +36,10 @@ LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "f
 def _hf_names(family: str) -> tuple[dict[str, str], dict[str, str]]:
     """(canonical layer name -> HF module path inside a layer, canonical top name -> HF module path)."""
     from lowbit.models import FAMILIES, llama
+    from lowbit.models.names import TOP_NAMES
 
     layer = getattr(FAMILIES[family], "LAYER_NAMES", llama.LAYER_NAMES)
-    return {v: k for k, v in layer.items()}, {v: k for k, v in llama.TOP_NAMES.items()}
+    return {v: k for k, v in layer.items()}, {v: k for k, v in TOP_NAMES.items()}
 
 
 def hf_name(canon: str, family: str) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import numpy as np
 
 from lowbit.errors import FormatError
@@ -57,6 +60,7 @@ class Weight:
         self.packed = None  # (wb, dsc, nmc, matmul): blocks unpacked for batched decoding (pack_for_batches)
         if st.qtype.is_float:
             self.f32 = np.ascontiguousarray(dequantize(st.parts, st.qtype, st.shape))
+            self.paths = choose_paths(self)
             return
         self.f32 = None
         qt = st.qtype
@@ -71,6 +75,7 @@ class Weight:
         if cpu_quant.specialised(qt.bits, self.g):
             self.act_mode = cpu_quant.activation_mode(qt.bits)
             self.int_kernels = cpu_quant.make_kernels(qt.bits, self.g, self.act_mode)
+        self.paths = choose_paths(self)
 
     def set_activation_mode(self, mode: str | None) -> None:
         """Activation mode of this weight's integer kernels (``cpu_quant.ACT_MODES``; None: the default for its
@@ -79,8 +84,10 @@ class Weight:
             return
         self.act_mode = cpu_quant.activation_mode(self.bits) if mode is None else mode
         self.int_kernels = cpu_quant.make_kernels(self.bits, self.g, self.act_mode)
-        if self.packed is not None:  # packed for the old mode's kernels
-            self.packed = None
+        repack = self.packed is not None  # packed for the old mode's kernels
+        self.packed = None
+        self.paths = choose_paths(self)
+        if repack:
             pack_for_batches(self)
 
     def _set_extras(self, had_signs, lr_a, lr_b) -> None:
@@ -179,6 +186,7 @@ def pack_for_batches(w: Weight) -> int:
     prepack, matmul = packed.packed_kernels(w.bits, w.g, w.act_mode == "split")
     wb, dsc, nmc = kernel_call(prepack, w.codes, w.scales, w.mins, w.asym)
     w.packed = (wb, dsc, nmc, matmul)
+    w.paths = choose_paths(w)
     return wb.nbytes + dsc.nbytes + nmc.nbytes
 
 
@@ -218,41 +226,90 @@ _NO_ROWS_CODES = np.empty((0, 1), dtype=np.uint8)
 _NO_ROWS_SCALES = np.empty((0, 1), dtype=np.uint16)
 
 
-def _product(w: Weight, x: np.ndarray, prompt: bool = False) -> np.ndarray:
-    """x[T, cols] @ W.T for the stored matrix alone (``prompt``: see :func:`linear`)."""
-    t = x.shape[0]
-    gemm = w.int_kernels.gemm if w.int_kernels is not None else None
+class Paths(NamedTuple):
+    """The product kernels one weight uses, chosen once (at load, and again when its activation mode or packing
+    changes): each a function (w, x[T, cols]) -> y[T, rows]. ``prompt`` is None where a prompt pass takes the
+    kernel of its token count."""
+
+    one: Callable  # T = 1 (decode)
+    few: Callable  # 2 <= T <= SMALL_BATCH (a decode pass of several sequences)
+    many: Callable  # T > SMALL_BATCH (a prompt)
+    prompt: Callable | None  # every T of a prompt pass
+
+    def names(self) -> dict[str, str | None]:
+        return {k: None if f is None else f.__name__.lstrip("_") for k, f in self._asdict().items()}
+
+
+def choose_paths(w: Weight) -> Paths:
     if w.f32 is not None:
-        y = kernel_call(np.matmul, x, w.f32.T)
-    elif prompt and gemm is not None:
-        y = np.empty((t, w.rows), dtype=np.float32)
-        kernel_call(gemm, y, *w._qargs(), np.ascontiguousarray(x), w.asym)
-    elif w.packed is not None and 2 <= t <= SMALL_BATCH:
-        y = np.empty((t, w.rows), dtype=np.float32)
-        wb, dsc, nmc, matmul = w.packed
-        kernel_call(matmul, y, wb, dsc, nmc, *w._qargs(), np.ascontiguousarray(x), w.asym)
-    elif t <= SMALL_BATCH and w.int_kernels is not None:
-        y = np.empty((t, w.rows), dtype=np.float32)
-        kernel = w.int_kernels.matvec if t == 1 else w.int_kernels.matmul_small
-        kernel_call(kernel, y[0] if t == 1 else y, *w._qargs(), np.ascontiguousarray(x), w.asym)
-    elif gemm is not None:  # a prompt: the integer GEMM
-        y = np.empty((t, w.rows), dtype=np.float32)
-        kernel_call(gemm, y, *w._qargs(), np.ascontiguousarray(x), w.asym)
-    elif t == 1:
-        y = np.empty((1, w.rows), dtype=np.float32)
-        kernel_call(cpu.qmatvec, y[0], *w._qargs(), x[0], *w._rest())
-    elif t <= SMALL_BATCH:
-        y = np.empty((t, w.rows), dtype=np.float32)
-        kernel_call(cpu.qmatmul_small, y, *w._qargs(), x, *w._rest())
-    else:
-        y = np.empty((t, w.rows), dtype=np.float32)
-        step = max(1, TILE_ELEMS // w.cols)
-        tile = np.empty((min(step, w.rows), w.cols), dtype=np.float32)
-        for r0 in range(0, w.rows, step):
-            r1 = min(w.rows, r0 + step)
-            buf = tile[: r1 - r0]
-            kernel_call(cpu.dequant_rows, buf, *w._qargs(), np.arange(r0, r1, dtype=np.int64), *w._rest())
-            kernel_call(np.matmul, x, buf.T, y[:, r0:r1])
+        return Paths(_float, _float, _float, None)
+    k = w.int_kernels
+    if k is None:  # no integer kernels for this bits/group (per-channel types): generic numba kernels and BLAS
+        return Paths(_generic_matvec, _generic_small, _dequantized_tiles, None)
+    few = _packed_small if w.packed is not None else _int_small
+    many = _int_gemm if k.gemm is not None else _dequantized_tiles
+    return Paths(_int_matvec, few, many, _int_gemm if k.gemm is not None else None)
+
+
+def _product(w: Weight, x: np.ndarray, prompt: bool = False) -> np.ndarray:
+    """x[T, cols] @ W.T for the stored matrix alone (``prompt``: see :func:`linear`): a lookup in ``w.paths``."""
+    p = w.paths
+    if prompt and p.prompt is not None:
+        return p.prompt(w, x)
+    t = x.shape[0]
+    return (p.one if t == 1 else p.few if t <= SMALL_BATCH else p.many)(w, x)
+
+
+def _float(w: Weight, x: np.ndarray) -> np.ndarray:
+    return kernel_call(np.matmul, x, w.f32.T)
+
+
+def _int_gemm(w: Weight, x: np.ndarray) -> np.ndarray:
+    y = np.empty((x.shape[0], w.rows), dtype=np.float32)
+    kernel_call(w.int_kernels.gemm, y, *w._qargs(), np.ascontiguousarray(x), w.asym)
+    return y
+
+
+def _packed_small(w: Weight, x: np.ndarray) -> np.ndarray:
+    y = np.empty((x.shape[0], w.rows), dtype=np.float32)
+    wb, dsc, nmc, matmul = w.packed
+    kernel_call(matmul, y, wb, dsc, nmc, *w._qargs(), np.ascontiguousarray(x), w.asym)
+    return y
+
+
+def _int_matvec(w: Weight, x: np.ndarray) -> np.ndarray:
+    y = np.empty((1, w.rows), dtype=np.float32)
+    kernel_call(w.int_kernels.matvec, y[0], *w._qargs(), np.ascontiguousarray(x), w.asym)
+    return y
+
+
+def _int_small(w: Weight, x: np.ndarray) -> np.ndarray:
+    y = np.empty((x.shape[0], w.rows), dtype=np.float32)
+    kernel_call(w.int_kernels.matmul_small, y, *w._qargs(), np.ascontiguousarray(x), w.asym)
+    return y
+
+
+def _generic_matvec(w: Weight, x: np.ndarray) -> np.ndarray:
+    y = np.empty((1, w.rows), dtype=np.float32)
+    kernel_call(cpu.qmatvec, y[0], *w._qargs(), x[0], *w._rest())
+    return y
+
+
+def _generic_small(w: Weight, x: np.ndarray) -> np.ndarray:
+    y = np.empty((x.shape[0], w.rows), dtype=np.float32)
+    kernel_call(cpu.qmatmul_small, y, *w._qargs(), x, *w._rest())
+    return y
+
+
+def _dequantized_tiles(w: Weight, x: np.ndarray) -> np.ndarray:
+    y = np.empty((x.shape[0], w.rows), dtype=np.float32)
+    step = max(1, TILE_ELEMS // w.cols)
+    tile = np.empty((min(step, w.rows), w.cols), dtype=np.float32)
+    for r0 in range(0, w.rows, step):
+        r1 = min(w.rows, r0 + step)
+        buf = tile[: r1 - r0]
+        kernel_call(cpu.dequant_rows, buf, *w._qargs(), np.arange(r0, r1, dtype=np.int64), *w._rest())
+        kernel_call(np.matmul, x, buf.T, y[:, r0:r1])
     return y
 
 

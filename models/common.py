@@ -1,4 +1,5 @@
-"""Pieces shared by model families: config parsing helpers, RoPE frequencies, the KV cache."""
+"""Pieces shared by model families: config parsing helpers, RoPE frequencies, the cache a model makes, several
+sequences in one pass."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 
 from lowbit.errors import SourceError
 from lowbit.kernels import kv_formats
+from lowbit.kernels.kv_cache import KVCache
 from lowbit.kernels.kv_formats import KVSpec
 
 
@@ -119,100 +121,11 @@ def rope_tables(inv_freq: np.ndarray, n_pos: int, mscale: float = 1.0) -> tuple[
     return cos, sin
 
 
-RING_TOKENS = 512  # a sliding-window layer's ring holds its window plus this many positions (see KVCache)
-
-
-def ring_rows(window: int, ctx: int) -> int:
-    """Rows of a layer's cache: the whole context, or for a sliding window of w keys a ring of w + RING_TOKENS - 1
-    rows where that is smaller."""
-    return min(ctx, window + RING_TOKENS - 1) if window > 0 else ctx
-
-
-class KVCache:
-    """Preallocated keys and values per layer in the storage formats of ``spec`` (kernels/kv_formats.py): data
-    [n_kv_heads, rows, width] and scales [n_kv_heads, rows, groups] (empty for float formats) for keys and values.
-
-    Position p is row p % rows. A layer has a row per position of the context, or, with a sliding window of w keys
-    (``windows``), a ring of w + RING_TOKENS - 1 rows (``ring_rows``): enough that one forward pass of up to
-    RING_TOKENS tokens finds every key its queries see after writing its own, and that the last RING_TOKENS
-    positions can be taken back (a cached prefix reused from a shorter point, ``can_rewind``)."""
-
-    def __init__(self, n_layers: int, n_kv: int, ctx: int, head_dim: int, spec: KVSpec = kv_formats.DEFAULT,
-                 windows: list[int] | None = None):
-        spec.check(head_dim)
-        self.ctx = ctx
-        self.spec = spec
-        self.head_dim = head_dim
-        self.rows = [ring_rows(w, ctx) for w in (windows or [0] * n_layers)]
-        if len(self.rows) != n_layers:
-            raise ValueError("one window per layer")
-        ring = [r for r in self.rows if r < ctx]
-        # tokens one forward pass may write, and positions that may be taken back (ctx: no limit)
-        self.max_tokens = RING_TOKENS if ring else ctx
-        self.k, self.ks, self.v, self.vs = [], [], [], []
-        for rows in self.rows:
-            kd, ks = spec.k.shapes((n_kv, rows), head_dim)
-            vd, vs = spec.v.shapes((n_kv, rows), head_dim)
-            self.k.append(np.zeros(kd, dtype=spec.k.dtype))
-            self.ks.append(np.zeros(ks, dtype=np.uint16))
-            self.v.append(np.zeros(vd, dtype=spec.v.dtype))
-            self.vs.append(np.zeros(vs, dtype=np.uint16))
-
-    def can_rewind(self, held: int, keep: int) -> bool:
-        """Whether a cache holding positions 0..held-1 can go on from position ``keep`` (reusing 0..keep-1): always
-        without rings; with them only if the positions a window still needs were not overwritten."""
-        return held - keep <= self.max_tokens
-
-    def layer(self, li: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(key data, key scales, value data, value scales) of layer li, as the kernels take them."""
-        return self.k[li], self.ks[li], self.v[li], self.vs[li]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for arrays in (self.k, self.ks, self.v, self.vs) for a in arrays)
-
-    def shift(self, held: int, keep: int, discard: int, rotate) -> None:
-        """Context shift of a cache holding positions 0..held-1: positions keep..keep+discard-1 are dropped and
-        keep+discard..held-1 become keep..held-discard-1, their keys passed through ``rotate(layer, keys)`` (float32
-        [n_kv, m, head_dim] -> the same, re-rotated to the new positions) and stored again in the cache's format.
-        A ring layer moves only the positions it still holds (the older ones lie outside its window anyway)."""
-        if not (0 <= keep and discard >= 1 and keep + discard <= held <= self.ctx):
-            raise ValueError(f"bad context shift: keep {keep}, discard {discard} of {held}")
-        for li, rows in enumerate(self.rows):
-            moved = np.arange(max(keep + discard, held - rows), held)
-            if moved.size == 0:
-                continue
-            old, new = moved % rows, (moved - discard) % rows
-            keys = kv_formats.dequantize(self.spec.k, self.k[li][:, old], self.ks[li][:, old], self.head_dim)
-            kd, ks = kv_formats.quantize(self.spec.k, rotate(li, keys))
-            vd, vs = self.v[li][:, old], self.vs[li][:, old]  # fancy indexing: copies, so the moves cannot overlap
-            self.k[li][:, new], self.ks[li][:, new] = kd, ks
-            self.v[li][:, new], self.vs[li][:, new] = vd, vs
-
-    def copy_prefix(self, src: KVCache, n: int) -> None:
-        """Positions 0..n-1 of every layer from ``src`` (a cache of the same formats and rows; with rings, only
-        where ``src.can_rewind(its length, n)``)."""
-        if src.spec != self.spec or src.rows != self.rows:
-            raise ValueError("copy_prefix needs caches of one format and shape")
-        for mine, theirs in zip((self.k, self.ks, self.v, self.vs), (src.k, src.ks, src.v, src.vs)):
-            for dst, s in zip(mine, theirs):
-                m = min(n, dst.shape[1])
-                dst[:, :m] = s[:, :m]
-
-    def keys(self, li: int, n: int) -> np.ndarray:
-        """Keys of positions 0..n-1 of layer li as float32 [n_kv, n, head_dim] (decoded: for tests and tools; a
-        ring layer needs n <= its rows)."""
-        return kv_formats.dequantize(self.spec.k, self.k[li][:, :n], self.ks[li][:, :n], self.head_dim)
-
-    def values(self, li: int, n: int) -> np.ndarray:
-        return kv_formats.dequantize(self.spec.v, self.v[li][:, :n], self.vs[li][:, :n], self.head_dim)
-
-
-def cache_for(args, ctx: int, spec: KVSpec = kv_formats.DEFAULT) -> KVCache:
-    """An empty cache for a model of ``args`` (a family's ModelArgs) at ``ctx`` positions: sliding-window layers get
-    rings (KVCache)."""
+def cache_for(args, ctx: int, spec: KVSpec = kv_formats.DEFAULT, new=KVCache):
+    """An empty cache for a model of ``args`` (a family's ModelArgs) at ``ctx`` positions, made by ``new`` (a
+    backend's ``new_cache``; the CPU's :class:`KVCache` by default): sliding-window layers get rings."""
     windows = [args.window(i) for i in range(args.num_hidden_layers)]
-    return KVCache(args.num_hidden_layers, args.num_key_value_heads, ctx, args.head_dim, spec, windows)
+    return new(args.num_hidden_layers, args.num_key_value_heads, ctx, args.head_dim, spec, windows)
 
 
 class Segments:

@@ -67,10 +67,10 @@ class GemmaMixin:
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
         scale = self.args.embed_scale or math.sqrt(self.args.hidden_size)
-        return self.scale_by(super().embed_tokens(tokens), scale)
+        return self.ops.scale_by(super().embed_tokens(tokens), scale)
 
     def act_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-        return self.gelu_tanh_mul(gate, up)
+        return self.ops.gelu_tanh_mul(gate, up)
 
 
 class Model(GemmaMixin, llama.Model):

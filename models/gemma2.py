@@ -15,6 +15,7 @@ import numpy as np
 from lowbit.errors import SourceError
 from lowbit.models import gemma, llama
 from lowbit.models.gemma import adapt_to_checkpoint
+from lowbit.models.names import make_expected, make_sanitize
 
 __all__ = ["Model", "ModelArgs", "expected_tensors", "sanitize", "args_from_hf", "adapt_to_checkpoint"]
 
@@ -24,8 +25,8 @@ LAYER_NAMES = {
     "pre_feedforward_layernorm": "ffn_norm",
     "post_feedforward_layernorm": "ffn_post_norm",
 }
-sanitize = llama.make_sanitize(LAYER_NAMES)
-expected_tensors = llama.make_expected(LAYER_NAMES)
+sanitize = make_sanitize(LAYER_NAMES)
+expected_tensors = make_expected(LAYER_NAMES)
 
 
 @dataclass
@@ -76,9 +77,12 @@ class SandwichMixin:
 
     def block(self, x: np.ndarray, layer: dict, li: int, start: int, cache) -> np.ndarray:
         h = self.attention_block(self.rmsnorm(x, layer["attn_norm"]), layer, li, start, cache)
-        x = self.add(x, self.rmsnorm(h, layer["attn_post_norm"]))
+        x = self.ops.add(x, self.rmsnorm(h, layer["attn_post_norm"]))
         h = self.mlp_block(self.rmsnorm(x, layer["ffn_norm"]), layer)
-        return self.add(x, self.rmsnorm(h, layer["ffn_post_norm"]))
+        return self.ops.add(x, self.rmsnorm(h, layer["ffn_post_norm"]))
+
+    def layers_forward(self, x: np.ndarray, start: int, cache) -> np.ndarray:
+        return self.each_block(x, start, cache)
 
 
 class Model(SandwichMixin, gemma.GemmaMixin, llama.Model):

@@ -22,6 +22,7 @@ from lowbit.errors import SourceError
 from lowbit.models import gemma, gemma2, llama
 from lowbit.models.common import SUPPORTED_ROPE, rope_attention_factor, rope_config, rope_inv_freq, rope_tables
 from lowbit.models.gemma import adapt_to_checkpoint
+from lowbit.models.names import make_expected, make_sanitize
 from lowbit.models.qwen3 import QKNormMixin
 
 __all__ = ["Model", "ModelArgs", "expected_tensors", "sanitize", "args_from_hf", "adapt_to_checkpoint"]
@@ -36,8 +37,8 @@ MULTIMODAL_PREFIXES = (
     ("model.vision_tower.", None),
     ("model.multi_modal_projector.", None),
 )
-sanitize = llama.make_sanitize(LAYER_NAMES, prefixes=MULTIMODAL_PREFIXES)
-expected_tensors = llama.make_expected(LAYER_NAMES)
+sanitize = make_sanitize(LAYER_NAMES, prefixes=MULTIMODAL_PREFIXES)
+expected_tensors = make_expected(LAYER_NAMES)
 
 # Gemma3TextConfig defaults (transformers 5), for the sparse text_config of multimodal checkpoints
 DEFAULTS = dict(
@@ -118,7 +119,7 @@ class Model(QKNormMixin, gemma2.SandwichMixin, gemma.GemmaMixin, llama.Model):
         a = self.args
         inv = rope_inv_freq(self.rot, a.rope_local_theta, a.rope_local_scaling, self.ctx)
         cos, sin = rope_tables(inv, self.ctx, rope_attention_factor(a.rope_local_scaling))
-        self.cos_local, self.sin_local = self.resident(cos), self.resident(sin)
+        self.cos_local, self.sin_local = self.ops.table(cos), self.ops.table(sin)
 
     def rope_for(self, li: int) -> tuple[np.ndarray, np.ndarray]:
         types = self.args.layer_types

@@ -12,6 +12,7 @@ import numpy as np
 
 from lowbit.models import llama
 from lowbit.models.llama import ModelArgs
+from lowbit.models.names import make_expected, make_sanitize
 
 __all__ = ["Model", "ModelArgs", "expected_tensors", "sanitize", "args_from_hf"]
 
@@ -23,8 +24,8 @@ LAYER_NAMES = {
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
 }
-sanitize = llama.make_sanitize(LAYER_NAMES)
-expected_tensors = llama.make_expected(LAYER_NAMES)
+sanitize = make_sanitize(LAYER_NAMES)
+expected_tensors = make_expected(LAYER_NAMES)
 
 
 def args_from_hf(cfg: dict) -> ModelArgs:
@@ -50,15 +51,16 @@ class Model(llama.Model):
         a = self.args
         t = h.shape[0]
         nq, nkv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
-        qkv = self.linear(layer["attn_qkv"], h)
-        q = self.columns(qkv, 0, nq).reshape(t, a.num_attention_heads, a.head_dim)
-        k = self.columns(qkv, nq, nq + nkv).reshape(t, a.num_key_value_heads, a.head_dim)
+        qkv = self.ops.linear(layer["attn_qkv"], h)
+        q = self.ops.columns(qkv, 0, nq).reshape(t, a.num_attention_heads, a.head_dim)
+        k = self.ops.columns(qkv, nq, nq + nkv).reshape(t, a.num_key_value_heads, a.head_dim)
         # v is only copied into the cache: a view is enough on the CPU
-        v = self.columns(qkv, nq + nkv, qkv.shape[1], contiguous=False).reshape(t, a.num_key_value_heads, a.head_dim)
+        v = self.ops.columns(qkv, nq + nkv, qkv.shape[1], contiguous=False)
+        v = v.reshape(t, a.num_key_value_heads, a.head_dim)
         return q, k, v
 
     def mlp_block(self, h: np.ndarray, layer: dict) -> np.ndarray:
-        gate_up = self.linear(layer["ffn_gate_up"], h)
+        gate_up = self.ops.linear(layer["ffn_gate_up"], h)
         n = gate_up.shape[1] // 2
-        act = self.act_mul(self.columns(gate_up, 0, n), self.columns(gate_up, n, 2 * n))
-        return self.linear(layer["ffn_down"], act)
+        act = self.act_mul(self.ops.columns(gate_up, 0, n), self.ops.columns(gate_up, n, 2 * n))
+        return self.ops.linear(layer["ffn_down"], act)

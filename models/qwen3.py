@@ -7,12 +7,13 @@ import numpy as np
 
 from lowbit.models import llama
 from lowbit.models.llama import ModelArgs
+from lowbit.models.names import make_expected, make_sanitize
 
 __all__ = ["Model", "ModelArgs", "expected_tensors", "sanitize", "args_from_hf"]
 
 LAYER_NAMES = {**llama.LAYER_NAMES, "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
-sanitize = llama.make_sanitize(LAYER_NAMES)
-expected_tensors = llama.make_expected(LAYER_NAMES)
+sanitize = make_sanitize(LAYER_NAMES)
+expected_tensors = make_expected(LAYER_NAMES)
 
 
 def args_from_hf(cfg: dict) -> ModelArgs:

@@ -80,7 +80,7 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
     else:
         ahead = compile_ahead.start(KVSpec.parse(kv))  # as the engine does: attention compiles beside (cold start)
         model = family.Model(args, container, ctx)
-        model.compile_ahead = ahead
+        model.ops.compile_ahead = ahead
         if kernel_activations_exact(container.meta, exact):
             from lowbit.kernels.act_quant import set_kernel_precision
 

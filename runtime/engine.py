@@ -197,7 +197,7 @@ class Engine:
             # and compiles the rest of the first prompt's kernels
             ahead = compile_ahead.start(self.kv)
             self.model = self.family.Model(self.args, self.container, self.ctx)
-            self.model.compile_ahead = ahead
+            self.model.ops.compile_ahead = ahead
             act_quant_mode.apply(self.model, self.act_quant)
             exact_activations = kernel_activations_exact(meta, exact_activations)
             if exact_activations:

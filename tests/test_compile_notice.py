@@ -64,10 +64,10 @@ def test_warm_up_leaves_the_conversation_cache_alone_and_label_names_types():
     engine = Engine(TOY_MODEL, threads=1)
     ids = engine.tokenizer.encode("Hello there, how are you?")
     engine.prefill(ids)
-    keys = engine.cache.layer(0)[0].copy()
+    keys = engine.cache.layer(0).k.copy()
     engine.compile_notice = CompileNotice("x", stream=io.StringIO(), live=False)
     engine.warm_up()  # its own small cache: positions 0.. of the conversation's are not touched
-    assert engine.cached == ids and np.array_equal(engine.cache.layer(0)[0], keys)
+    assert engine.cached == ids and np.array_equal(engine.cache.layer(0).k, keys)
     after = engine.step(7)  # continues the conversation as if no warm-up had run
     engine.reset()
     np.testing.assert_allclose(after, engine.prefill([*ids, 7]), rtol=1e-5, atol=1e-5)

@@ -348,7 +348,7 @@ def test_sliding_window_ring_cache_matches_transformers(kind, oracles):
     decoding past the ring's wrap, and going back to an earlier point of the conversation all match transformers."""
     import torch
 
-    from lowbit.models.common import RING_TOKENS
+    from lowbit.kernels.kv_cache import RING_TOKENS
 
     o = oracles(kind)
     ids = [int(t) for t in np.random.default_rng(11).integers(3, 4096, size=700)]

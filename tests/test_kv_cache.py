@@ -9,8 +9,8 @@ import pytest
 from lowbit.errors import LowbitError
 from lowbit.kernels import dispatch, kv_formats, ref
 from lowbit.kernels.cpu_kv import soft_float_to_half
+from lowbit.kernels.kv_cache import KVCache
 from lowbit.kernels.kv_formats import FORMATS, KVSpec
-from lowbit.models.common import KVCache
 
 SPECS = ["32", "16", "8", "4", "k8,v4", "k16,v8", "k4,v16"]
 ATTENTION_SPECS = ["32", "16", "8", "4", "k8,v4"]  # each pair of formats compiles its own kernels
@@ -128,7 +128,7 @@ def test_sliding_window_ring_matches_full_cache(spec):
     """A sliding-window layer keeps its window plus RING_TOKENS positions in a ring (position p in row p % rows);
     attention over the ring, decoding and prompt passes, long after it wrapped, equals attention over a cache of the
     whole context."""
-    from lowbit.models.common import RING_TOKENS
+    from lowbit.kernels.kv_cache import RING_TOKENS
 
     s = KVSpec.parse(spec)
     rng = np.random.default_rng(5)

@@ -162,6 +162,10 @@ class KVCache:
         self.k = [cuda.device_array((n_kv, ctx, head_dim), dtype=np.float32) for _ in range(n_layers)]
         self.v = [cuda.device_array((n_kv, ctx, head_dim), dtype=np.float32) for _ in range(n_layers)]
 
+    def layer(self, li: int) -> tuple:
+        """(keys, values) of layer li, as :func:`attention` takes them."""
+        return self.k[li], self.v[li]
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
