@@ -118,8 +118,8 @@ def decode_ms_1b(steps: int) -> float:
     from lowbit.convert.converter import ConvertOptions
     from lowbit.formats.reader import Container
     from lowbit.models import family_for
-    from lowbit.runtime.bench_model import build_random_container
     from lowbit.runtime.engine import set_threads
+    from lowbit.runtime.measure.bench_model import build_random_container
 
     set_threads(None)
     with tempfile.TemporaryDirectory() as d:

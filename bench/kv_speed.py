@@ -21,8 +21,8 @@ import numpy as np
 from lowbit.convert.converter import ConvertOptions
 from lowbit.kernels.kv_formats import KVSpec
 from lowbit.models import family_for
-from lowbit.runtime.bench_model import build_random_container
 from lowbit.runtime.engine import open_container, set_threads
+from lowbit.runtime.measure.bench_model import build_random_container
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ matrix (a few MB) stays in cache, so this is the kernels' compute rate, not memo
 
 With ``--stream MB`` it measures memory-bound decode instead: one pass of the default kernel over distinct copies of
 the matrix totalling MB megabytes (codes and scales; best of 3 passes), against a parallel sum over a fresh 1 GiB
-array in the same process (lowbit.runtime.membw, the roofline `lowbit bench` uses), per type and thread count.
+array in the same process (lowbit.runtime.measure.membw, the roofline `lowbit bench` uses), per type and thread count.
 
 With ``--gemm TOKENS`` it measures the prompt GEMM instead: x[TOKENS, cols] @ W.T in GFLOP/s (best of 5) for the
 AVX-512 VNNI kernel and, where this process may use AMX, the AMX one, against numpy's float32 GEMM of the same
@@ -28,7 +28,7 @@ from threadpoolctl import threadpool_limits
 from lowbit.formats.qtypes import PLANES, quant_type
 from lowbit.kernels import cpu
 from lowbit.kernels.cpu_quant import HAS_VNNI, make_kernels
-from lowbit.runtime.bench_model import random_parts
+from lowbit.runtime.measure.bench_model import random_parts
 
 
 def _weights(qt, rows: int, cols: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,7 +89,7 @@ def main() -> None:
 
 
 def stream(args) -> None:
-    from lowbit.runtime.membw import read_bandwidth
+    from lowbit.runtime.measure.membw import read_bandwidth
 
     rng = np.random.default_rng(0)
     print("| threads | type | matvec streaming | parallel sum (1 GiB) | ratio |")
@@ -111,7 +111,7 @@ def stream(args) -> None:
 
 
 def gemm(args) -> None:
-    from lowbit.kernels.amx import host_has_amx
+    from lowbit.kernels.ir.amx import host_has_amx
 
     if not HAS_VNNI:
         raise SystemExit("the integer prompt GEMM needs AVX-512 VNNI or AVX-VNNI")

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from lowbit.convert.converter import ConvertOptions, convert
 from lowbit.formats.reader import Container
-from lowbit.runtime.commands import summarize
+from lowbit.formats.summary import summarize
 from lowbit.runtime.engine import Engine
-from lowbit.runtime.evaluate import evaluate_many, perplexity
+from lowbit.runtime.measure.evaluate import evaluate_many, perplexity
 
 
 def transformers_ppl(src: str, text: str, ctx: int, max_tokens: int) -> float:

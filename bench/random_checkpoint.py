@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.convert.hf_export import hf_name
-from lowbit.runtime.bench_model import SHAPES, tensor_shapes
+from lowbit.runtime.measure.bench_model import SHAPES, tensor_shapes
 
 
 def main() -> None:

@@ -54,8 +54,8 @@ def random_model(shape: str, workdir: Path) -> Path:
     """A random-weight 4-bit container of ``shape`` carrying the bundled model's tokenizer (to be served by text)."""
     from lowbit.convert.converter import ConvertOptions
     from lowbit.formats.reader import Container
-    from lowbit.runtime.bench_model import build_random_container
     from lowbit.runtime.engine import default_model_path
+    from lowbit.runtime.measure.bench_model import build_random_container
 
     out = workdir / f"{shape}-q4-tok.lowbit"
     if not out.exists():

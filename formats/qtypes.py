@@ -162,8 +162,9 @@ def _build_registry() -> dict[str, QType]:
     return reg
 
 
-REGISTRY: dict[str, QType] = _build_registry()
-BY_ID: dict[int, QType] = {q.id: q for q in REGISTRY.values()}
+REGISTRY: dict[str, QType] = _build_registry()  # name -> type: names are the key files store (formats/SPEC.md)
+if len({q.id for q in REGISTRY.values()}) != len(REGISTRY):
+    raise RuntimeError("two quant types share an id")
 
 
 def get_qtype(name: str) -> QType:

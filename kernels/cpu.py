@@ -16,7 +16,7 @@ import math
 import numba as nb
 import numpy as np
 
-from lowbit.kernels.simd import bits_to_float, half_to_float, host_has_f16c
+from lowbit.kernels.ir.simd import bits_to_float, half_to_float, host_has_f16c
 
 # 2**(e - 25) for the 5-bit float16 exponent e (e == 0 handled as subnormal)
 _POW2 = np.array([math.ldexp(1.0, max(e, 1) - 25) for e in range(32)], dtype=np.float32)

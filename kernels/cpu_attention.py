@@ -30,7 +30,7 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic, overload
 
 from lowbit.kernels.cpu import JIT, PRANGE, fast_exp, h2f
-from lowbit.kernels.simd import prefetch_line
+from lowbit.kernels.ir.simd import prefetch_line
 
 _F32 = ir.FloatType()
 _I32 = ir.IntType(32)

@@ -17,7 +17,7 @@ from numba.core import errors
 from numba.extending import intrinsic, overload
 
 from lowbit.kernels.cpu import JIT, h2f, rope_inplace
-from lowbit.kernels.simd import host_has_f16c
+from lowbit.kernels.ir.simd import host_has_f16c
 
 
 @intrinsic

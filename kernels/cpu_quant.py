@@ -6,8 +6,8 @@ rounded values ``xs = dx · Σxq`` are kept for the min term. A row is then
 dot ``u_g · xq_g`` runs on SIMD integer multiply-adds (no float conversion of the codes). Three activation
 modes (``ACT_MODES``):
 
-- ``int16``: xq in ±32767 (relative error ~1e-5, far below the weights' own); ``kernels.simd`` (portable IR).
-- ``split``: the same int16 numbers fed to the byte dot product of ``kernels.vnni`` as two signed bytes
+- ``int16``: xq in ±32767 (relative error ~1e-5, far below the weights' own); ``kernels.ir.simd`` (portable IR).
+- ``split``: the same int16 numbers fed to the byte dot product of ``kernels.ir.vnni`` as two signed bytes
   (|xq| <= 32639); identical results, ~1.6x the rate. Needs AVX-512 VNNI or AVX-VNNI.
 - ``int8``: xq in ±127 per group (as llama.cpp's Q8 activations), one byte dot product per 32 codes, ~2x the rate
   of ``int16``; adds an activation rounding error of ~0.4% of the group's largest value.
@@ -31,17 +31,17 @@ import numba as nb
 import numpy as np
 
 from lowbit.formats.qtypes import GROUP_SIZES
-from lowbit.kernels.amx import TILE, amx_block, host_has_amx, pack_tokens
 from lowbit.kernels.cpu import JIT, PRANGE, h2f
-from lowbit.kernels.gemm_vnni import tile_gemm, unpack_row
-from lowbit.kernels.simd import group_idot, host_has_f16c, quad_fdot
-from lowbit.kernels.vnni import host_has_avx512_vnni, host_has_vnni, row_fdot8
+from lowbit.kernels.ir.amx import TILE, amx_block, host_has_amx, pack_tokens
+from lowbit.kernels.ir.gemm_vnni import tile_gemm, unpack_row
+from lowbit.kernels.ir.simd import group_idot, host_has_f16c, quad_fdot
+from lowbit.kernels.ir.vnni import host_has_avx512_vnni, host_has_vnni, row_fdot8
 
 XQ_MAX = 32767.0
 XQ_MAX_SPLIT = 32639.0  # 127 * 256 + 127: the high byte of round(x / dx) + 128 stays a signed byte
 XQ_MAX_INT8 = 127.0
 ACT_MODES = ("int16", "split", "int8")
-# prefill GEMM tile (kernels.gemm_vnni): tokens per tile, per activation mode (split needs two integer accumulators
+# prefill GEMM tile (kernels.ir.gemm_vnni): tokens per tile, per activation mode (split needs two integer accumulators
 # per token, so fewer tokens keep a tile in registers)
 TILE_TOKENS = {"split": 4, "int8": 8}
 
@@ -50,7 +50,8 @@ def _dependency_key() -> int:
     """CRC of the modules these kernels inline code from. numba's on-disk cache checks only the kernel's own source
     file; the factory's kernels capture this value, and numba keys closures by their captured values, so an edit to
     the intrinsic or the fp16 decoder invalidates the cached kernels too."""
-    from lowbit.kernels import amx, cpu, gemm_vnni, simd, vnni
+    from lowbit.kernels import cpu
+    from lowbit.kernels.ir import amx, gemm_vnni, simd, vnni
 
     return zlib.crc32("".join(inspect.getsource(m) for m in (cpu, simd, vnni, gemm_vnni, amx)).encode())
 
@@ -159,12 +160,12 @@ class Kernels(NamedTuple):
 def make_kernels(bits: int, g: int, mode: str | None = None, amx: bool | None = None) -> Kernels:
     """:class:`Kernels` for ``bits``-bit groups of ``g`` with activation ``mode`` (default:
     :func:`activation_mode`), compiled with all three as constants. ``amx``: whether the prompt GEMM runs on AMX
-    tiles (kernels/amx.py; default: where this process may use them)."""
+    tiles (kernels/ir/amx.py; default: where this process may use them)."""
     mode = activation_mode(bits) if mode is None else mode
     if amx is None:
         amx = mode != "int16" and HAS_VNNI and host_has_amx()
     elif amx and not host_has_amx():
-        raise ValueError("this process may not use AMX (see kernels/amx.py host_has_amx)")
+        raise ValueError("this process may not use AMX (see kernels/ir/amx.py host_has_amx)")
     return _make_kernels(bits, g, mode, bool(amx))
 
 
@@ -207,7 +208,7 @@ def quantize8(x, g, split):
 
 @nb.njit(**JIT)
 def pack_block(codes, scales, mins, r0, asym, bits, g, br):
-    """Rows r0..r0+br of W for kernels.gemm_vnni.tile_gemm: the codes interleaved as u8[group][chunk of 4][row][4],
+    """Rows r0..r0+br of W for kernels.ir.gemm_vnni.tile_gemm: the codes interleaved as u8[group][chunk of 4][row][4],
     d and −m (m = d · 2**(bits-1) unless asym) as f32[group, row]. bits, g and br arrive as literals."""
     cols = codes.shape[1] * 8 // bits
     ng = cols // g
@@ -260,7 +261,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
     @nb.njit(parallel=PRANGE, **JIT)
     def qgemm(y, codes, scales, mins, x, asym):
         """y[T, rows] = x @ W.T for a prompt: blocks of GEMM_ROWS rows, each unpacked once into an interleaved
-        buffer and multiplied with tiles of tokens (kernels.gemm_vnni); the last rows % GEMM_ROWS rows one
+        buffer and multiplied with tiles of tokens (kernels.ir.gemm_vnni); the last rows % GEMM_ROWS rows one
         (row, token) at a time. Arguments as in qmatmul_small."""
         rows = codes.shape[0]
         t_n, cols = x.shape
@@ -305,7 +306,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
 
     @nb.njit(parallel=PRANGE, **JIT)
     def qgemm_amx(y, codes, scales, mins, x, asym):
-        """qgemm on AMX tiles (kernels/amx.py): the activations packed once into B tiles, then blocks of 16 rows,
+        """qgemm on AMX tiles (kernels/ir/amx.py): the activations packed once into B tiles, then blocks of 16 rows,
         each unpacked once into row-major codes and multiplied with every 16-token block."""
         rows = codes.shape[0]
         t_n, cols = x.shape

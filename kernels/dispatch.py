@@ -17,7 +17,7 @@ from lowbit.kernels.timing import kernel_call
 
 DECODE_CHUNK = 128  # one-token attention over more cached positions than this is split into chunks of this many
 SMALL_BATCH = 8  # up to this many tokens: fused dequantize-and-dot; beyond: the integer GEMM where the CPU has
-# the byte dot product (kernels/gemm_vnni.py), else dequantized tiles + BLAS
+# the byte dot product (kernels/ir/gemm_vnni.py), else dequantized tiles + BLAS
 PARALLEL_ROWS = 16  # element-wise kernels run their rows in parallel from this many tokens on (prompts)
 TILE_ELEMS = 1 << 21  # elements of one dequantized prefill tile (8 MiB of float32)
 # optional tensors stored next to `<name>.weight` (formats/SPEC.md, "Extra tensors of a weight")

@@ -1,8 +1,8 @@
 """Weights pre-packed for decoding several sequences at once (continuous batching).
 
 The prompt GEMM (``cpu_quant`` qgemm) unpacks each block of ``GEMM_ROWS`` rows into the interleaved layout of
-:func:`lowbit.kernels.gemm_vnni.tile_gemm` and multiplies it with tiles of tokens: one byte dot product covers several
-rows of one token, so a few tokens cost little more than one. For a prompt the unpacking is paid once per block
+:func:`lowbit.kernels.ir.gemm_vnni.tile_gemm` and multiplies it with tiles of tokens: one byte dot product covers
+several rows of one token, so a few tokens cost little more than one. For a prompt the unpacking is paid once per block
 and amortised over hundreds of tokens; for a decode step of 2..8 sequences it would cost more than the product.
 Here the blocks are unpacked once, when batched decoding is switched on (``dispatch.pack_for_batches``), and kept:
 one byte per weight plus two float32 per group and row, about twice a 4-bit matrix. A decode pass of T sequences
@@ -25,7 +25,7 @@ import numpy as np
 from lowbit.kernels import cpu_quant
 from lowbit.kernels.cpu import JIT, PRANGE
 from lowbit.kernels.cpu_quant import DEPS, GEMM_ROWS, TILE_TOKENS, pack_block, quantize8, row_dot8
-from lowbit.kernels.gemm_vnni import tile_gemm
+from lowbit.kernels.ir.gemm_vnni import tile_gemm
 
 
 @lru_cache(maxsize=None)

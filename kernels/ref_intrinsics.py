@@ -12,7 +12,7 @@ import numpy as np
 
 from lowbit.formats.qtypes import quant_type, unpack_codes
 
-# ---------------------------------------------------------------------------------------------- kernels/simd.py
+# ---------------------------------------------------------------------------------------------- kernels/ir/simd.py
 
 
 def codes_of_group(codes: np.ndarray, boff: int, bits: int, g: int) -> np.ndarray:
@@ -52,7 +52,7 @@ def bits_to_float(i) -> np.float32:
     return np.uint32(int(i) & 0xFFFFFFFF).view(np.float32)
 
 
-# ---------------------------------------------------------------------------------------------- kernels/vnni.py
+# ---------------------------------------------------------------------------------------------- kernels/ir/vnni.py
 
 
 def split_activations(xh: np.ndarray, xl: np.ndarray | None, split: bool) -> np.ndarray:
@@ -68,7 +68,7 @@ def row_fdot8(crow, scales, mins, r, xh, xl, dx, xs, bits, g, asym, split) -> fl
     return float(_group_terms(crow, scales, mins, r, range(ng), x, dx, xs, bits, g, asym).sum())
 
 
-# ---------------------------------------------------------------------------------------------- kernels/gemm_vnni.py
+# ---------------------------------------------------------------------------------------------- kernels/ir/gemm_vnni.py
 
 
 def unpack_row(crow, cols: int, bits: int, g: int) -> np.ndarray:
@@ -92,7 +92,7 @@ def tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, R, T) -> np.n
     return out
 
 
-# ---------------------------------------------------------------------------------------------- kernels/amx.py
+# ---------------------------------------------------------------------------------------------- kernels/ir/amx.py
 
 
 def amx_block(abuf, dsc, nmc, xb, xbl, dxT, xsT, tb, g, split, tile: int = 16) -> np.ndarray:

@@ -12,10 +12,10 @@ from lowbit.convert.converter import ConvertOptions, convert
 from lowbit.convert.methods import parse_method
 from lowbit.errors import LowbitError
 from lowbit.formats.reader import Container
+from lowbit.formats.summary import summarize
 from lowbit.kernels import act_quant
-from lowbit.runtime.commands import summarize
-from lowbit.runtime.compare import parse_configs
 from lowbit.runtime.engine import Engine
+from lowbit.runtime.measure.compare import parse_configs
 
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 

@@ -15,8 +15,8 @@ from lowbit.formats.reader import Container
 from lowbit.kernels import dispatch
 from lowbit.kernels.timing import KernelTimer
 from lowbit.models import family_for
-from lowbit.runtime.bench import decode_bytes_per_token, matrix_shapes
-from lowbit.runtime.bench_model import SHAPES, build_random_container, tensor_shapes
+from lowbit.runtime.measure.bench import decode_bytes_per_token, matrix_shapes
+from lowbit.runtime.measure.bench_model import SHAPES, build_random_container, tensor_shapes
 
 TINY = dict(
     model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=320, num_hidden_layers=2,

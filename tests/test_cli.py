@@ -11,7 +11,7 @@ import numpy as np
 from lbtest import DEV_EVAL, TOY_MODEL
 
 from lowbit.runtime.engine import Engine, default_model_path
-from lowbit.runtime.evaluate import log_softmax, perplexity, windows
+from lowbit.runtime.measure.evaluate import log_softmax, perplexity, windows
 
 
 def lowbit(*args, timeout=300):

@@ -1,5 +1,5 @@
 """`lowbit compare`: the config grammar, clean errors, and an end-to-end run on a tiny model whose numbers must equal
-what runtime.evaluate gives on the same containers."""
+what runtime.measure.evaluate gives on the same containers."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from lbtest import DEV_EVAL, assert_clean_error, run_cli
 
 from lowbit.convert import converter
 from lowbit.errors import LowbitError
-from lowbit.runtime import compare_report
-from lowbit.runtime import evaluate as ev
 from lowbit.runtime.cli import main
-from lowbit.runtime.compare import parse_configs
 from lowbit.runtime.engine import Engine
+from lowbit.runtime.measure import compare_report
+from lowbit.runtime.measure import evaluate as ev
+from lowbit.runtime.measure.compare import parse_configs
 
 CTX = 32
 MAX_TOKENS = 200  # 6 windows of 31 scored tokens

@@ -61,8 +61,8 @@ def test_device_bandwidth_and_bench_row(tmp_path):
     from numba import cuda
 
     from lowbit.kernels.cuda.bandwidth import device_read_bandwidth, device_sum
-    from lowbit.runtime.bench import bench_one
     from lowbit.runtime.engine import default_model_path
+    from lowbit.runtime.measure.bench import bench_one
 
     a = np.random.default_rng(0).random(100_003).astype(np.float32)
     assert device_sum(cuda.to_device(a)) == pytest.approx(float(a.astype(np.float64).sum()), rel=1e-5)

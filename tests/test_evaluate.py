@@ -11,9 +11,9 @@ import pytest
 from lbtest import DEV_EVAL, REFSMALL, TOKENIZER_FILES, TOY_MODEL, assert_clean_error, run_cli
 
 from lowbit.convert.converter import ConvertOptions, convert
-from lowbit.runtime import evaluate as ev
 from lowbit.runtime.cli import main
 from lowbit.runtime.engine import Engine
+from lowbit.runtime.measure import evaluate as ev
 
 CTX = 32  # tiny models allow 256 positions
 

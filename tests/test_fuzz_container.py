@@ -22,8 +22,8 @@ from lowbit.convert.converter import ConvertOptions
 from lowbit.errors import LowbitError
 from lowbit.formats.layout import MAGIC, PREAMBLE, data_start
 from lowbit.formats.reader import Container
-from lowbit.runtime.bench_model import build_random_container
 from lowbit.runtime.engine import Engine
+from lowbit.runtime.measure.bench_model import build_random_container
 
 EXAMPLES = int(os.environ.get("LOWBIT_FUZZ_EXAMPLES", "700"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=5000, derandomize=True, database=None,

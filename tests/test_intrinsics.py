@@ -9,12 +9,12 @@ import pytest
 
 from lowbit.formats.qtypes import pack_codes, quant_type
 from lowbit.kernels import ref_intrinsics as ref
-from lowbit.kernels.amx import TILE, host_has_amx
 from lowbit.kernels.cpu_attention import dequant8_q4, dequant8_q8, prefetch, scores8, values8
 from lowbit.kernels.cpu_kv import float_bits, float_to_half
-from lowbit.kernels.gemm_vnni import tile_gemm, unpack_row
-from lowbit.kernels.simd import bits_to_float, group_idot, half_to_float, host_has_f16c, quad_fdot
-from lowbit.kernels.vnni import host_has_vnni, row_fdot8
+from lowbit.kernels.ir.amx import TILE, host_has_amx
+from lowbit.kernels.ir.gemm_vnni import tile_gemm, unpack_row
+from lowbit.kernels.ir.simd import bits_to_float, group_idot, half_to_float, host_has_f16c, quad_fdot
+from lowbit.kernels.ir.vnni import host_has_vnni, row_fdot8
 
 RNG = np.random.default_rng(7)
 # (bits, group) pairs: every bit-width once, every group size more than once (one compile each)
@@ -160,7 +160,7 @@ def test_tile_gemm(g, split, R, T):
 def _amx_inputs(g: int, ng: int, tokens: int) -> dict:
     """Random operands of amx_block: 16 weight rows (abuf), d/−m per group and row, int8 activations (xh, xl) also
     packed in the B-tile layout (xb, xbl), dx/xs per group and token (zero beyond the last token)."""
-    from lowbit.kernels.amx import pack_tokens
+    from lowbit.kernels.ir.amx import pack_tokens
 
     cols = ng * g
     nbt = (tokens + TILE - 1) // TILE
@@ -181,7 +181,7 @@ def _amx_inputs(g: int, ng: int, tokens: int) -> dict:
 @pytest.mark.skipif(not host_has_amx(), reason="needs AMX-INT8 and the kernel's permission for the tile state")
 @pytest.mark.parametrize("g,split", [(32, False), (128, True)])
 def test_amx_block(g, split):
-    from lowbit.kernels.amx import amx_block
+    from lowbit.kernels.ir.amx import amx_block
 
     @nb.njit
     def call(obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, tb):

@@ -5,7 +5,8 @@ import pytest
 
 from lowbit.formats.qtypes import REGISTRY, QType, pack_codes
 from lowbit.formats.reader import StoredTensor
-from lowbit.kernels import amx, cpu_quant, dispatch, ref
+from lowbit.kernels import cpu_quant, dispatch, ref
+from lowbit.kernels.ir import amx
 
 # coded-scale types (..s8) never reach a kernel: they run as their float16 twins with decoded scales
 # (StoredTensor.per_row); tests/test_scale_codes.py runs every one of them through the dispatcher

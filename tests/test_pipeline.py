@@ -15,7 +15,7 @@ from lowbit.convert.converter import ConvertOptions, convert
 from lowbit.convert.methods import parse_method
 from lowbit.errors import LowbitError
 from lowbit.formats.reader import Container
-from lowbit.runtime.commands import summarize
+from lowbit.formats.summary import summarize
 from lowbit.runtime.engine import Engine
 
 

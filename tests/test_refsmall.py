@@ -7,9 +7,9 @@ import pytest
 from lbtest import DEV_EVAL, REFSMALL
 
 from lowbit.formats.reader import Container
-from lowbit.runtime.commands import summarize
+from lowbit.formats.summary import summarize
 from lowbit.runtime.engine import Engine
-from lowbit.runtime.evaluate import perplexity, windows
+from lowbit.runtime.measure.evaluate import perplexity, windows
 
 CTX = 256
 N_TOKENS = 16384

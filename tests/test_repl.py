@@ -18,8 +18,8 @@ from lbtest import TOY_MODEL
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
+from lowbit.runtime.cli.repl import Chat, ChatSettings, Repl
 from lowbit.runtime.engine import Engine
-from lowbit.runtime.repl import Chat, ChatSettings, Repl
 from lowbit.runtime.sampling import SamplingParams
 from lowbit.runtime.sequence import common_prefix
 
@@ -392,7 +392,7 @@ def test_real_terminal_ctrl_c_stops_reply_then_exits(tmp_path):
 def test_replies_are_word_wrapped_to_the_width(engine, tmp_path):
     """A reply streams word-wrapped to the terminal's width: lines break between words, and the words are the
     reply's own (a pipe, width 0, gets the text as it is)."""
-    from lowbit.runtime.wrap import StreamWrap
+    from lowbit.runtime.cli.wrap import StreamWrap
 
     engine.reset()
     out = io.StringIO()

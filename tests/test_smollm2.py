@@ -119,8 +119,8 @@ def test_three_turn_chat_from_the_cache_equals_fresh_prefills(which, requantized
     and a 4-bit re-quantization with int8 activations, where the last bit of any number computed differently can
     change a later token. Prompt passes give the same numbers however a prompt is cut (and replies are computed
     again as a prompt pass), so the two paths agree bit for bit."""
+    from lowbit.runtime.cli.repl import Chat, ChatSettings
     from lowbit.runtime.engine import default_model_path
-    from lowbit.runtime.repl import Chat, ChatSettings
 
     path = default_model_path() if which == "bundled" else requantized
     questions = ("What is the capital of France?", "What is a famous landmark there?", "How tall is it?")

@@ -44,8 +44,8 @@ class CudaOps:
     def loaded(self, weights) -> None:
         pass
 
-    def new_cache(self, n_layers: int, n_kv: int, ctx: int, head_dim: int, spec, windows) -> cd.KVCache:
-        return cd.KVCache(n_layers, n_kv, ctx, head_dim)
+    def new_cache(self, n_layers: int, n_kv: int, ctx: int, head_dim: int, spec, windows) -> cd.DeviceKVCache:
+        return cd.DeviceKVCache(n_layers, n_kv, ctx, head_dim)
 
     def pack_for_batches(self, weights) -> int:
         return 0

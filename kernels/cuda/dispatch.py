@@ -154,7 +154,7 @@ def softcap(x, cap: float):
     return out
 
 
-class KVCache:
+class DeviceKVCache:
     """Preallocated device keys/values per layer: [n_kv_heads, ctx, head_dim] float32 (same shape as the CPU one)."""
 
     def __init__(self, n_layers: int, n_kv: int, ctx: int, head_dim: int):

@@ -22,7 +22,7 @@ from numba import types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
-from lowbit.kernels.vnni import check_literals, codes_ir
+from lowbit.kernels.ir.vnni import check_literals, codes_ir
 
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)

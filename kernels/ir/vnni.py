@@ -4,7 +4,7 @@ VNNI), written as LLVM IR through numba intrinsics.
 A group's packed codes (``formats.qtypes`` bit planes) are unpacked by shift-and-mask into one ``<g x i8>`` vector of
 unsigned codes in element order; ``vpdpbusd`` then multiplies 32 (or 64) codes at a time with signed 8-bit
 activations and adds each four neighbouring products into a 32-bit lane. Codes are never widened, which is what
-makes this about twice the multiply-add rate of the 16-bit path of :mod:`lowbit.kernels.simd`.
+makes this about twice the multiply-add rate of the 16-bit path of :mod:`lowbit.kernels.ir.simd`.
 
 Two activation formats:
 
@@ -13,7 +13,7 @@ Two activation formats:
   hi, lo signed. Two instructions per chunk, results identical to the 16-bit path's (``|xq| <= 32639`` so hi fits).
 
 ``bits``, ``g``, ``asym`` and ``split`` are compile-time constants, so one definition serves every quant type.
-Bounds are the caller's (as in :mod:`lowbit.kernels.simd`). Sums cannot overflow: |u·lo| < 2**8·2**7 and
+Bounds are the caller's (as in :mod:`lowbit.kernels.ir.simd`). Sums cannot overflow: |u·lo| < 2**8·2**7 and
 256·|u·hi| < 2**8·2**8·2**7 per element, g <= 128 elements.
 """
 
@@ -25,7 +25,7 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 from lowbit.formats.qtypes import PLANES
-from lowbit.kernels.simd import bit_plane, concat_vectors, host_cpu_features, load_planes, plane_slots, prefetch_line
+from lowbit.kernels.ir.simd import bit_plane, concat_vectors, host_cpu_features, load_planes, plane_slots, prefetch_line
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)

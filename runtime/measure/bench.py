@@ -1,7 +1,7 @@
 """`lowbit bench`: load time, prefill and decode speed, decode as a fraction of the memory-bandwidth roofline
 measured in the same run, time outside kernels, peak RSS, cold vs warm start.
 
-Each measurement runs in a child process (runtime/bench_worker.py): once with an empty numba cache (cold start:
+Each measurement runs in a child process (runtime/measure/bench_worker.py): once with an empty numba cache (cold start:
 everything compiles) and once more with the cache the first one left (warm start: should compile nothing).
 """
 
@@ -24,8 +24,8 @@ from lowbit.convert.converter import ConvertOptions
 from lowbit.errors import LowbitError
 from lowbit.formats.reader import Container
 from lowbit.kernels.kv_formats import KVSpec
-from lowbit.runtime.bench_model import SHAPES, build_random_container
-from lowbit.runtime.membw import read_bandwidth
+from lowbit.runtime.measure.bench_model import SHAPES, build_random_container
+from lowbit.runtime.measure.membw import read_bandwidth
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,10 @@ def run_worker(path: Path, prompt: int, gen: int, threads: int | None, cache_dir
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = str(cache_dir)
     proc = subprocess.run(
-        [sys.executable, "-m", "lowbit.runtime.bench_worker", json.dumps(req)], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "lowbit.runtime.measure.bench_worker", json.dumps(req)],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise LowbitError(f"benchmark process failed: {proc.stderr.strip().splitlines()[-1:]}")

@@ -37,7 +37,7 @@ from lowbit.convert.converter import FLOAT_BITS, ConvertOptions
 from lowbit.errors import LowbitError
 from lowbit.formats.qtypes import GROUP_SIZES, PER_CHANNEL, PER_TENSOR, QUANT_BITS
 from lowbit.kernels.kv_formats import KVSpec
-from lowbit.runtime.evaluate import Accumulator, EvalResult, count_windows, too_short_message, windows
+from lowbit.runtime.measure.evaluate import Accumulator, EvalResult, count_windows, too_short_message, windows
 
 log = logging.getLogger(__name__)
 
@@ -362,9 +362,9 @@ def run(args) -> int:
 
     from tqdm import tqdm
 
-    from lowbit.runtime import compare_report as report
     from lowbit.runtime.engine import Engine, set_threads
-    from lowbit.runtime.evaluate import reference_engine
+    from lowbit.runtime.measure import compare_report as report
+    from lowbit.runtime.measure.evaluate import reference_engine
 
     _check_args(args)
     shared = ConvertOptions(calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
@@ -469,7 +469,7 @@ def _convert_all(rows: list[Row], src: str, out_dir: Path, quiet: bool) -> None:
 
     from lowbit.convert.converter import convert
     from lowbit.formats.reader import Container
-    from lowbit.runtime.commands import summarize
+    from lowbit.formats.summary import summarize
 
     bar = tqdm(rows, desc="convert", unit="config", disable=quiet, dynamic_ncols=True)
     done: dict[ConvertOptions, Row] = {}  # rows that differ only in runtime options (act, kv) share a conversion

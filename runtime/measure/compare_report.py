@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lowbit.convert.converter import ConvertOptions
-from lowbit.runtime.evaluate import EvalResult
+from lowbit.runtime.measure.evaluate import EvalResult
 
 if TYPE_CHECKING:
-    from lowbit.runtime.compare import Row
+    from lowbit.runtime.measure.compare import Row
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 def check_outputs(out_dir: Path, model_files: list[str], source: str, force: bool) -> None:
     """compare writes these containers and the results files into ``out_dir`` (and deletes the containers again
     unless --keep-models): refuse one that exists already unless ``force``, and an input of the run always."""
-    from lowbit.runtime.commands import check_output, source_files
+    from lowbit.runtime.outputs import check_output, source_files
 
     sources = source_files(source)
     for name in [*model_files, *FILES.values()]:

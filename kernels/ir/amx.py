@@ -4,7 +4,7 @@ assembly (numba's LLVM target is the host CPU model, which may not name AMX even
 
 :func:`amx_block` computes one 16-row × 16-token block of ``y = x @ W.T``:
 
-- A tile: 16 weight rows' unsigned codes, unpacked row-major into ``abuf[16, cols]`` (kernels.gemm_vnni.unpack_row),
+- A tile: 16 weight rows' unsigned codes, unpacked row-major into ``abuf[16, cols]`` (kernels.ir.gemm_vnni.unpack_row),
   ``K = min(g, 64)`` bytes of each row per tile;
 - B tile: 16 tokens' int8 activations for the same K columns, packed once per GEMM by :func:`pack_tokens` in the
   layout ``tdpbusd`` reads (``xb[block][col/4][token][4]``, 64 bytes per four columns);
@@ -14,7 +14,7 @@ assembly (numba's LLVM target is the host CPU model, which may not name AMX even
 
 The result is written to ``obuf[16 rows, 16 tokens]``; the caller copies the valid part into ``y``. Rows beyond a
 matrix's last and tokens beyond the prompt's last are zeros in the buffers (so their products are zero) and never
-copied out. Sums cannot overflow (kernels/vnni.py, same bounds).
+copied out. Sums cannot overflow (kernels/ir/vnni.py, same bounds).
 
 AMX needs the kernel's permission per process (``arch_prctl(ARCH_REQ_XCOMP_PERM)``): :func:`host_has_amx` asks for
 it and is the only way the kernels decide to use these instructions, so they never run where the permission was
@@ -34,7 +34,7 @@ from numba import types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
-from lowbit.kernels.simd import host_cpu_features
+from lowbit.kernels.ir.simd import host_cpu_features
 
 log = logging.getLogger(__name__)
 

@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    from lowbit.runtime import commands
+    from lowbit.runtime.cli import commands
 
     handler = getattr(commands, f"cmd_{args.command}")
     prev = signal.signal(signal.SIGTERM, _sigterm)
@@ -333,6 +333,3 @@ class Terminated(KeyboardInterrupt):
 def _sigterm(signum, frame):
     raise Terminated
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Implementations of the CLI sub-commands (argument parsing lives in cli.py)."""
+"""Implementations of the CLI sub-commands (argument parsing lives in entry.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.errors import LowbitError
+from lowbit.formats.summary import summarize
+from lowbit.runtime.outputs import check_output, source_files, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -20,23 +22,6 @@ def _model_path(value: str | None) -> Path:
     from lowbit.runtime.store import resolve_model
 
     return resolve_model(value)
-
-
-def source_files(source: str) -> list[Path]:
-    """The files a conversion reads (a GGUF, or every file of a checkpoint folder), to never write onto them."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return [path]
-    return [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else []
-
-
-def check_output(out: Path, sources: list[Path], force: bool, what: str) -> None:
-    """Refuse to write onto an input (always) or onto an existing file (unless ``force``)."""
-    if out.exists() and out.is_file():
-        if any(out.resolve() == p.resolve() for p in sources):
-            raise LowbitError(f"{what} {out}: that is an input of this command; refusing to overwrite it")
-        if not force:
-            raise LowbitError(f"{what} {out}: file exists; pass --force to replace it")
 
 
 def cmd_list(args) -> int:
@@ -155,7 +140,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from lowbit.runtime.repl import run_command
+    from lowbit.runtime.cli.repl import run_command
 
     return run_command(args)
 
@@ -167,49 +152,9 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from lowbit.runtime.bench import cmd_bench
+    from lowbit.runtime.measure.bench import cmd_bench
 
     return cmd_bench(args)
-
-
-def summarize(c) -> dict:
-    """Parameter counts, bytes and bits per weight of a container (every byte of tensor data counts, including a
-    method's extra tensors; parameters are the model's own)."""
-    from lowbit.formats.layout import EXTRA_SUFFIXES
-
-    params = 0
-    qparams = 0
-    qbytes = 0
-    expand = 0  # bytes coded scales gain at load (decoded to float16 for the kernels)
-    for name in c.tensor_names:
-        if name.rsplit(".", 1)[-1] in EXTRA_SUFFIXES:
-            continue  # a method's extra tensors (low-rank factors, rotation signs): bytes, not parameters
-        t = c.tensor(name)
-        n = int(np.prod(t.shape))
-        if t.qtype.coded_scales:
-            expand += t.qtype.f16_twin.nbytes(t.shape) - t.nbytes
-        params += n
-        if not t.qtype.is_float and name not in ("token_embd.weight", "output.weight"):
-            qparams += n
-            qbytes += t.nbytes
-    data = c.data_bytes
-    return {
-        "params": params,
-        "data_bytes": data,
-        "bpw_all": data * 8 / max(params, 1),
-        "bpw_matrices": qbytes * 8 / max(qparams, 1) if qparams else float("nan"),
-        "bpw_loaded": (data + expand) * 8 / max(params, 1),  # in memory: 8-bit scale codes run as float16 scales
-    }
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise LowbitError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def kv_cache_line(a: dict) -> str:
@@ -293,7 +238,7 @@ def cmd_inspect(args) -> int:
             print(f"{kind:<24} {qt:<9} {cnt:>5} {n:>12,} {nbytes:>12,} {nbytes * 8 / n:>7.3f}")
     if args.save_recipe:
         recipe = {n: c.tensor(n).qtype.name for n in c.tensor_names if n.rsplit(".", 1)[-1] not in EXTRA_SUFFIXES}
-        _write_json_atomic(Path(args.save_recipe), recipe)
+        write_json_atomic(Path(args.save_recipe), recipe)
         print(f"wrote the recipe of {len(recipe)} tensors to {args.save_recipe}")
     if args.verify:
         bad = c.verify()
@@ -369,7 +314,13 @@ def cmd_eval(args) -> int:
 
     from lowbit.formats.reader import Container
     from lowbit.runtime.engine import Engine
-    from lowbit.runtime.evaluate import check_same_tokens, count_windows, evaluate, reference_engine, too_short_message
+    from lowbit.runtime.measure.evaluate import (
+        check_same_tokens,
+        count_windows,
+        evaluate,
+        reference_engine,
+        too_short_message,
+    )
 
     path = Path(args.text)
     try:
@@ -425,6 +376,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from lowbit.runtime.compare import run
+    from lowbit.runtime.measure.compare import run
 
     return run(args)

@@ -1,7 +1,8 @@
 """The measuring child process of `lowbit bench`.
 
-Run as ``python -m lowbit.runtime.bench_worker '<json>'``; prints one JSON object on stdout. A separate process so
-that peak RSS is the runtime's alone and so numba's on-disk cache can be cold (empty NUMBA_CACHE_DIR) or warm.
+Run as ``python -m lowbit.runtime.measure.bench_worker '<json>'``; prints one JSON object on stdout. A separate
+process so that peak RSS is the runtime's alone and so numba's on-disk cache can be cold (empty NUMBA_CACHE_DIR) or
+warm.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowbit.runtime.membw import mapped_read_bandwidth
+from lowbit.runtime.measure.membw import mapped_read_bandwidth
 
 PROBE_EVERY = 16  # decode steps between two bandwidth probes
 

@@ -1,6 +1,6 @@
 """Slash commands of the `lowbit run` REPL: /help, /reset, /system, /set, /stats, /save, /load, /exit.
 
-Every handler takes the :class:`~lowbit.runtime.repl.Repl` and the argument text. Bad input raises
+Every handler takes the :class:`~lowbit.runtime.cli.repl.Repl` and the argument text. Bad input raises
 :class:`CommandError`, which the REPL shows as one line; nothing here prints a traceback.
 """
 
@@ -18,7 +18,7 @@ from prompt_toolkit.completion import Completer, Completion
 from lowbit.errors import LowbitError
 
 if TYPE_CHECKING:
-    from lowbit.runtime.repl import Repl
+    from lowbit.runtime.cli.repl import Repl
 
 log = logging.getLogger(__name__)
 

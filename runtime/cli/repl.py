@@ -4,7 +4,7 @@
 model's chat template, drops the oldest turns when the conversation would no longer fit the context, and streams a
 reply. :class:`Repl` is the terminal front end: a prompt_toolkit session for input (injectable input/output, so
 tests drive the real session through a pipe), a text stream for the transcript, slash commands
-(:mod:`lowbit.runtime.repl_commands`) and a dim status line after each reply.
+(:mod:`lowbit.runtime.cli.repl_commands`) and a dim status line after each reply.
 
 Prompt caching: the engine keeps the longest common token prefix of its cache and the next prompt, so turn N only
 prefills what the template renders after the previous turn's cached tokens (the reply tokens stay cached).
@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import TextIO
 
 from lowbit.errors import ContextOverflowError, LowbitError
+from lowbit.runtime.cli.wrap import StreamWrap
 from lowbit.runtime.compile_notice import CompileNotice
 from lowbit.runtime.sampling import SamplingParams
-from lowbit.runtime.wrap import StreamWrap
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class Repl:
         from prompt_toolkit import PromptSession
         from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
 
-        from lowbit.runtime.repl_commands import SlashCompleter
+        from lowbit.runtime.cli.repl_commands import SlashCompleter
 
         return PromptSession(
             [("bold", PROMPT)],
@@ -330,7 +330,7 @@ class Repl:
         self.chat.engine.compile_notice = notice
 
     def handle(self, line: str) -> None:
-        from lowbit.runtime.repl_commands import dispatch
+        from lowbit.runtime.cli.repl_commands import dispatch
 
         text = line.strip()
         if not text:
