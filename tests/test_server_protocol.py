@@ -150,3 +150,31 @@ def test_framework_errors_have_openai_shape():
     assert client.get("/v1/typed/3").json() == {"n": 3}
     r = client.post("/v1/completions", json={"prompt": "hi"})
     assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"  # worker not running
+
+
+@pytest.mark.parametrize(
+    "extra, param, code",
+    [
+        ({"seed": "5"}, "seed", "invalid_type"),  # no string-to-number coercion
+        ({"temperature": True}, "temperature", "invalid_type"),  # nor bool-to-number
+        ({"top_p": 1.5}, "top_p", "invalid_value"),
+        ({"top_k": -2}, "top_k", "invalid_value"),
+        ({"n": 2}, "n", "invalid_value"),
+        ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage", "invalid_type"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+    ],
+)
+def test_scalar_fields_are_checked_by_their_declarations(extra, param, code):
+    """runtime/server/schema.py declares each setting's type and range; an error names the field and says why."""
+    with pytest.raises(P.APIError) as e:
+        P.parse_chat({"messages": USER, **extra})
+    err = e.value.body()["error"]
+    assert (e.value.status, err["param"], err["code"]) == (400, param, code)
+    assert err["message"].startswith(f"'{param}': ")
+
+
+def test_integral_floats_count_as_integers():
+    o = P.parse_chat({"messages": USER, "max_tokens": 12.0, "seed": 3.0, "top_k": 5.0}).options
+    assert (o.max_tokens, o.params.seed, o.params.top_k) == (12, 3, 5)
+    with pytest.raises(P.APIError):
+        P.parse_chat({"messages": USER, "max_tokens": 12.5})

@@ -19,6 +19,7 @@ from lowbit.runtime.constraint import GrammarError, json_schema_grammar
 from lowbit.runtime.server import protocol as P
 from lowbit.runtime.server.generation import JobStream, Run, log_summary, sse
 from lowbit.runtime.server.requests import authorize, chat_prompt, check_model, json_body
+from lowbit.runtime.server.schema import Sampling
 from lowbit.runtime.server.tools import ToolError, ToolSpec, anthropic_choice, new_call_id, parse_tools
 from lowbit.runtime.server.worker import Outcome
 
@@ -107,10 +108,7 @@ def parse_messages_request(body: Any, defaults: dict) -> tuple[P.GenerationOptio
     max_tokens = body.get("max_tokens")
     if max_tokens is None:
         raise P.bad_request("'max_tokens' is required", "max_tokens", "missing_required_parameter")
-    max_tokens = P.integer(body, "max_tokens", None, 1)
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise P.bad_request("'model' must be a string", "model", "invalid_type")
+    f = P.fields(Sampling, body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise P.bad_request("'messages' must be a non-empty list of messages", "messages", "invalid_type")
@@ -127,11 +125,11 @@ def parse_messages_request(body: Any, defaults: dict) -> tuple[P.GenerationOptio
     except ToolError as e:
         raise P.bad_request(str(e), e.param, "invalid_tools") from None
     options = P.GenerationOptions(
-        model=model or None,
-        max_tokens=max_tokens,
-        params=P.sampling_params(body, defaults),
+        model=f.model or None,
+        max_tokens=f.max_tokens,
+        params=P.sampling_params(f, defaults),
         stop=P.stop_strings(stop_body),
-        stream=P.boolean(body, "stream"),
+        stream=bool(f.stream),
         grammar=_output_format(body.get("output_config")),
     )
     if options.grammar is not None and tools and choice != "none":

@@ -8,22 +8,24 @@ JSON objects that the OpenAI clients expect.
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from lowbit.errors import LowbitError
 from lowbit.runtime.constraint import GrammarError, json_object_grammar, json_schema_grammar, lark_grammar
 from lowbit.runtime.sampling import SamplingParams
+from lowbit.runtime.server.schema import RANGE_ERRORS, ChatFields, CompletionFields, OpenAIFields, Sampling
 from lowbit.runtime.server.tools import ToolCall, ToolError, ToolSpec, openai_choice, parse_tools
 
 MAX_STOP_STRINGS = 16
-MAX_TOP_LOGPROBS = 20
+F = TypeVar("F", bound=BaseModel)
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0}  # what OpenAI does when a request leaves them out
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
@@ -96,38 +98,24 @@ def _is_number(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _number(body: Mapping, key: str, default: float, lo: float, hi: float) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not _is_number(value) or not math.isfinite(value):
-        raise bad_request(f"'{key}' must be a number, got {value!r}", key, "invalid_type")
-    if not lo <= value <= hi:
-        raise bad_request(f"'{key}' must be between {lo:g} and {hi:g}, got {value}", key, "invalid_value")
-    return float(value)
+def _param(loc: tuple) -> str:
+    """A pydantic error location as OpenAI names a parameter: ``messages[0].content``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
-def integer(body: Mapping, key: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not _is_int(value):
-        raise bad_request(f"'{key}' must be an integer, got {value!r}", key, "invalid_type")
-    if value < lo or (hi is not None and value > hi):
-        bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
-        raise bad_request(f"'{key}' must be {bounds}, got {value}", key, "invalid_value")
-    return int(value)
-
-
-def boolean(body: Mapping, key: str, default: bool = False) -> bool:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise bad_request(f"'{key}' must be a boolean, got {value!r}", key, "invalid_type")
-    return value
+def fields(cls: type[F], body: Mapping) -> F:
+    """``body``'s scalar settings validated by ``cls`` (runtime/server/schema.py); the first error as a 400 naming
+    the field."""
+    try:
+        return cls.model_validate(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        param = _param(err["loc"])
+        code = "invalid_value" if err["type"] in RANGE_ERRORS else "invalid_type"
+        raise bad_request(f"'{param}': {err['msg']}, got {err.get('input')!r}", param, code) from None
 
 
 def _unsupported(body: Mapping, key: str, allowed: Callable[[Any], bool], what: str) -> None:
@@ -149,32 +137,33 @@ def stop_strings(body: Mapping) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def sampling_params(body: Mapping, defaults: Mapping) -> SamplingParams:
-    """Sampling settings: the request's, else the model's generation defaults, else OpenAI's defaults."""
+def sampling_params(f: Sampling, defaults: Mapping) -> SamplingParams:
+    """Sampling settings: the request's (validated ``f``), else the model's generation defaults, else OpenAI's."""
 
-    def default(key: str, fallback):
+    def given(value, key: str, fallback):
+        if value is not None:
+            return value
         value = defaults.get(key, fallback)
         return value if _is_number(value) else fallback
 
     if defaults.get("do_sample") is False:
         base_temperature = 0.0
     else:
-        base_temperature = default("temperature", OPENAI_DEFAULTS["temperature"])
-    temperature = _number(body, "temperature", base_temperature, 0.0, 2.0)
-    top_p = _number(body, "top_p", default("top_p", OPENAI_DEFAULTS["top_p"]), 0.0, 1.0)
-    top_k = max(integer(body, "top_k", int(default("top_k", 0)), -1), 0)  # -1 means off, as in vLLM
+        base_temperature = given(None, "temperature", OPENAI_DEFAULTS["temperature"])
+    temperature = float(f.temperature if f.temperature is not None else base_temperature)
+    top_p = float(given(f.top_p, "top_p", OPENAI_DEFAULTS["top_p"]))
+    top_k = max(int(given(f.top_k, "top_k", 0)), 0)  # -1 means off, as in vLLM
     if top_p == 0.0:  # OpenAI accepts 0: only the most likely token survives
         top_p, top_k = 1.0, 1
-    seed = integer(body, "seed", None, -(2**63), 2**64 - 1)
     params = SamplingParams(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        min_p=_number(body, "min_p", default("min_p", 0.0), 0.0, 1.0),
-        repetition_penalty=_number(body, "repetition_penalty", default("repetition_penalty", 1.0), 0.01, 10.0),
-        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        seed=None if seed is None else seed % 2**64,
+        min_p=float(given(f.min_p, "min_p", 0.0)),
+        repetition_penalty=float(given(f.repetition_penalty, "repetition_penalty", 1.0)),
+        presence_penalty=float(f.presence_penalty or 0.0),
+        frequency_penalty=float(f.frequency_penalty or 0.0),
+        seed=None if f.seed is None else f.seed % 2**64,
     )
     try:
         params.validate()
@@ -183,40 +172,26 @@ def sampling_params(body: Mapping, defaults: Mapping) -> SamplingParams:
     return params
 
 
-def _options(body: Mapping, defaults: Mapping, logprobs: int | None) -> GenerationOptions:
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request(f"'model' must be a string, got {model!r}", "model", "invalid_type")
-    n = body.get("n")
-    if n is not None and (not _is_int(n) or n != 1):
-        raise bad_request(f"only n = 1 is supported, got {n!r}", "n", "invalid_value")
-    max_tokens = integer(body, "max_completion_tokens", None, 1)
-    if max_tokens is None:
-        max_tokens = integer(body, "max_tokens", None, 1)
-    stream = boolean(body, "stream")
-    stream_options = body.get("stream_options")
+def _options(f: OpenAIFields, body: Mapping, defaults: Mapping, logprobs: int | None) -> GenerationOptions:
+    max_tokens = f.max_completion_tokens if f.max_completion_tokens is not None else f.max_tokens
+    stream = bool(f.stream)
     include_usage = False
-    if stream_options is not None:
-        if not isinstance(stream_options, dict):
-            raise bad_request("'stream_options' must be an object", "stream_options", "invalid_type")
+    if f.stream_options is not None:
         if not stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true", "stream_options")
-        include_usage = boolean(stream_options, "include_usage")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise bad_request("'user' must be a string", "user", "invalid_type")
+        include_usage = bool(f.stream_options.include_usage)
     _unsupported(body, "logit_bias", lambda v: isinstance(v, dict) and not v, "logit_bias")
     grammar = _response_format(body)
     return GenerationOptions(
-        model=model or None,
+        model=f.model or None,
         max_tokens=max_tokens,
-        params=sampling_params(body, defaults),
+        params=sampling_params(f, defaults),
         stop=stop_strings(body),
         stream=stream,
         include_usage=include_usage,
         logprobs=logprobs,
         grammar=grammar,
-        ignore_eos=boolean(body, "ignore_eos"),
+        ignore_eos=bool(f.ignore_eos),
     )
 
 
@@ -306,19 +281,20 @@ def parse_chat(body: Any, defaults: Mapping | None = None) -> ChatRequest:
                 "invalid_value",
             )
         out.append(_message(m, i, role))
-    logprobs = boolean(body, "logprobs")
-    top = integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    f = fields(ChatFields, body)
+    logprobs, top = bool(f.logprobs), f.top_logprobs
     if top is not None and not logprobs:
         raise bad_request("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
     _unsupported(body, "functions", lambda v: isinstance(v, list) and not v, "use 'tools'")
     _unsupported(body, "function_call", lambda v: v == "none", "use 'tool_choice'")
-    options = _options(body, defaults, (top or 0) if logprobs else None)
+    options = _options(f, body, defaults, (top or 0) if logprobs else None)
     try:
         tools = parse_tools(body["tools"]) if body.get("tools") is not None else []
         choice = openai_choice(body.get("tool_choice"), tools)
     except ToolError as e:
         raise bad_request(str(e), e.param, "invalid_tools") from None
-    spec = ToolSpec(tools, choice, boolean(body, "parallel_tool_calls", True)) if tools else None
+    parallel = True if f.parallel_tool_calls is None else f.parallel_tool_calls
+    spec = ToolSpec(tools, choice, parallel) if tools else None
     if spec is not None and choice != "none" and options.grammar is not None:
         raise bad_request("'response_format' cannot be combined with tools unless 'tool_choice' is 'none'",
                           "response_format", "invalid_value")  # fmt: skip
@@ -380,8 +356,8 @@ def parse_completion(body: Any, defaults: Mapping | None = None, vocab_size: int
     _unsupported(body, "echo", lambda v: v is False, "echo")
     _unsupported(body, "suffix", lambda v: v == "", "suffix")
     _unsupported(body, "best_of", lambda v: v == 1, "best_of must be 1")
-    logprobs = integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
-    return CompletionRequest(_options(body, defaults, logprobs), prompt)
+    f = fields(CompletionFields, body)
+    return CompletionRequest(_options(f, body, defaults, f.logprobs), prompt)
 
 
 # ------------------------------------------------------------------------------------------------ responses
