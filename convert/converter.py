@@ -68,6 +68,7 @@ class ConvertOptions:
     calib_len: int = 256  # tokens per calibration sequence
     seed: int = 0
     lowrank_bpw: float = 0.0  # extra bits per weight spent on low-rank correction (method step "lowrank")
+    tune_seconds: float = 600.0  # time budget of the method step "tune"
     target_bpw: float | None = None  # mixed precision: choose per-tensor types to fit this many bits per weight
     max_size: int | None = None  # mixed precision: ... or this many bytes of tensors
     recipe: str | None = None  # a saved recipe (JSON: tensor name -> quant type) to reuse
@@ -124,6 +125,12 @@ class ConvertOptions:
             raise LowbitError("--group-size -1 (per-tensor) is not a mixed-precision ladder; give --bits instead")
         if self.gguf_compatible and (method.hadamard or method.lowrank):
             raise LowbitError("--gguf-compatible: the hadamard and lowrank method steps have no llama.cpp counterpart")
+        if method.tune and (method.hadamard or method.lowrank):
+            raise LowbitError("the tune step does not handle the hadamard or lowrank steps' files yet")
+        if method.tune and self.calib is None:
+            raise LowbitError("the tune step learns from calibration text: give --calib FILE")
+        if method.tune and not 0 < self.tune_seconds <= 86400:
+            raise LowbitError(f"tune time budget {self.tune_seconds} s: expected (0, 86400] seconds")
 
     @property
     def group(self) -> int:
@@ -206,12 +213,29 @@ def plan_conversion(ckpt: Checkpoint, family, args, opts: ConvertOptions) -> tup
     return plans, hf_of
 
 
+def _convert_then_tune(src: str, out: Path, opts: ConvertOptions, first: str, progress: bool) -> Path:
+    """The ``tune`` step: the other steps' file, written hidden beside ``out``, then tuned into ``out`` against the
+    float source (convert/tune.py)."""
+    from lowbit.convert.tune import TuneOptions, tune
+
+    untuned = out.with_name(f".{out.name}.untuned")
+    try:
+        convert(src, untuned, replace(opts, method=first), progress)
+        tune(untuned, out, TuneOptions(calib=opts.calib, teacher=src, time_budget=opts.tune_seconds), progress)
+    finally:
+        untuned.unlink(missing_ok=True)
+    return out
+
+
 def convert(src: str, out: str | Path, opts: ConvertOptions, progress: bool = True) -> Path:
     """Convert ``src`` (HF folder, hub repo id or GGUF file) into the container ``out``. Returns the written path."""
     opts.validate()
     out = Path(out)
     if out.exists() and out.is_dir():
         raise LowbitError(f"{out}: is a directory; give a file name such as model.lowbit")
+    method = opts.resolved_method()
+    if method.tune:
+        return _convert_then_tune(src, out, opts, replace(method, tune=False).name, progress)
     gguf, notes, kept = None, None, set()
     if is_gguf(Path(src).expanduser()):
         if opts.budget or opts.recipe or opts.resolved_method().calibrated:

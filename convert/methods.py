@@ -3,8 +3,9 @@
 A method string joins steps with "+", e.g. ``search``, ``gptq``, ``awq+gptq``, ``hadamard+gptq+lowrank``. Steps run in
 a fixed order whatever the order written: first at most one transform of the weight's input space (``hadamard``,
 ``awq`` or ``smoothquant``), then exactly one rounding step (``rtn``, ``search``, ``imatrix`` or ``gptq``; ``search``
-when none is named), then ``lowrank`` on the remaining error. Every step but ``rtn`` and ``search`` needs calibration
-activations.
+when none is named), then ``lowrank`` on the remaining error, then ``tune`` (quantization-aware tuning of the
+written file, convert/tune.py). Every step but ``rtn`` and ``search`` needs calibration activations; ``tune`` needs
+a calibration text file.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from lowbit.errors import LowbitError
 ROUNDING = ("rtn", "search", "imatrix", "gptq")
 TRANSFORMS = ("hadamard", "awq", "smoothquant")
 CORRECTIONS = ("lowrank",)
-METHOD_STEPS = (*TRANSFORMS, *ROUNDING, *CORRECTIONS)
-CALIBRATED = ("imatrix", "gptq", "awq", "hadamard", "smoothquant", "lowrank")
+FINISHING = ("tune",)
+METHOD_STEPS = (*TRANSFORMS, *ROUNDING, *CORRECTIONS, *FINISHING)
+CALIBRATED = ("imatrix", "gptq", "awq", "hadamard", "smoothquant", "lowrank", "tune")
 DESCRIPTIONS = {
     "rtn": "round to nearest from the group's range",
     "search": "weighted least-squares scale/min search (k-quants style), no data needed",
@@ -28,6 +30,8 @@ DESCRIPTIONS = {
     "smoothquant": "SmoothQuant: activation outliers migrated into the weights (s = max|x|^0.5 / max|w|^0.5, folded "
     "into the previous norm/linear), plus static int8 activation scales for --act-quant static",
     "lowrank": "rank-r correction of the quantization error stored as two fp16 factors",
+    "tune": "quantization-aware tuning of the converted file: each block's scales and mins learned by distillation "
+    "against the float model on the calibration text (lowbit tune; needs PyTorch, lowbit[tune])",
 }
 
 
@@ -38,10 +42,12 @@ class Method:
     awq: bool = False
     smoothquant: bool = False
     lowrank: bool = False
+    tune: bool = False
 
     @property
     def calibrated(self) -> bool:
-        return self.rounding in CALIBRATED or self.hadamard or self.awq or self.smoothquant or self.lowrank
+        return (self.rounding in CALIBRATED or self.hadamard or self.awq or self.smoothquant or self.lowrank
+                or self.tune)
 
     @property
     def name(self) -> str:
@@ -50,6 +56,8 @@ class Method:
         steps.append(self.rounding)
         if self.lowrank:
             steps.append("lowrank")
+        if self.tune:
+            steps.append("tune")
         return "+".join(steps)
 
 
@@ -77,4 +85,5 @@ def parse_method(text: str) -> Method:
         awq="awq" in steps,
         smoothquant="smoothquant" in steps,
         lowrank="lowrank" in steps,
+        tune="tune" in steps,
     )

@@ -15,7 +15,7 @@ from lowbit.formats.reader import Container
 from lowbit.formats.summary import summarize
 from lowbit.kernels import act_quant
 from lowbit.runtime.engine import Engine
-from lowbit.runtime.measure.compare import parse_configs
+from lowbit.runtime.measure.configs import parse_configs
 
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from lbtest import DEV_EVAL, assert_clean_error, run_cli
+from lbtest import CALIB, DEV_EVAL, assert_clean_error, run_cli
 
 from lowbit.convert import converter
 from lowbit.errors import LowbitError
@@ -20,7 +20,7 @@ from lowbit.runtime.cli import main
 from lowbit.runtime.engine import Engine
 from lowbit.runtime.measure import compare_report
 from lowbit.runtime.measure import evaluate as ev
-from lowbit.runtime.measure.compare import parse_configs
+from lowbit.runtime.measure.configs import parse_configs
 
 CTX = 32
 MAX_TOKENS = 200  # 6 windows of 31 scored tokens
@@ -98,6 +98,11 @@ def test_cli_errors_are_one_line_and_convert_nothing(tiny_models, text_file, tmp
     assert_clean_error(run_cli(*_argv(tiny_models["llama"], short, out, "rtn:4")), "text is too short")
     assert not out.exists()
     assert_clean_error(run_cli(*_argv(text_file, text_file, out, "rtn:4")), "not a file")
+    no_configs = [a for a in _argv(tiny_models["llama"], text_file, out) if a != CONFIGS and a != "--configs"]
+    assert_clean_error(run_cli(*no_configs), "give --configs")
+    assert_clean_error(run_cli(*no_configs, "--preset", "seeds", "--preset-bits", "4"), "give --calib FILE")
+    assert_clean_error(run_cli(*_argv(tiny_models["llama"], text_file, out, "rtn:8:pt", "--preset", "seeds",
+                                      "--preset-bits", "8")), "in --configs and in --preset")  # fmt: skip
 
 
 def test_existing_files_in_the_out_dir_need_force(tiny_models, text_file, tmp_path):
@@ -219,3 +224,24 @@ def test_crash_while_writing_leaves_no_result_files(tiny_models, text_file, tmp_
 def test_pareto_front():
     pts = [(4.5, 0.01), (2.5, 0.3), (3.5, 0.05), (3.6, 0.2), (8.5, 0.001), (2.5, 0.5)]
     assert compare_report.pareto_front(pts) == [(2.5, 0.3), (3.5, 0.05), (4.5, 0.01), (8.5, 0.001)]
+
+
+def test_the_seeds_preset_names_the_twelve_approaches():
+    from lowbit.convert.converter import ConvertOptions
+    from lowbit.runtime.measure.presets import parse_bits, preset_configs
+
+    cfgs = preset_configs("seeds", (8, 4, 3, 2), ConvertOptions(calib=str(CALIB)))
+    assert len({c.method for c in cfgs}) == 12
+    per_width = {b: [c for c in cfgs if c.bits == str(b)] for b in (8, 4, 3, 2)}
+    assert [len(per_width[b]) for b in (8, 4, 3, 2)] == [9, 11, 11, 12]
+    assert len({c.label for c in cfgs}) == len(cfgs)
+    assert {c.act for c in cfgs} == {"none", "dynamic", "static"}
+    assert all(not c.opts.resolved_method().tune for c in per_width[8])
+    with pytest.raises(LowbitError, match="--calib"):
+        preset_configs("seeds", (4,), ConvertOptions())
+    assert len(preset_configs("seeds", (8,), ConvertOptions())) == 9  # no tuning row at 8 bits: no text needed
+    with pytest.raises(LowbitError, match="unknown --preset"):
+        preset_configs("nope", (4,), ConvertOptions())
+    for bad in ("4,4", "7", "x", ""):
+        with pytest.raises(LowbitError, match="--preset-bits"):
+            parse_bits(bad)

@@ -176,7 +176,7 @@ def test_cli_kv_bits(tmp_path):
 
 
 def test_compare_kv_option():
-    from lowbit.runtime.measure.compare import parse_configs
+    from lowbit.runtime.measure.configs import parse_configs
 
     rows = parse_configs("f16,f16:kv=8,rtn:4:g64:kv=k8v4,mixed:3bpw:kv=4,rtn:4:g64")
     assert [(c.label, c.kv) for c in rows] == [

@@ -110,3 +110,24 @@ def test_a_block_that_does_worse_on_held_out_sequences_keeps_its_stored_scales(t
     for name in a.tensor_names:
         for part, arr in a.tensor(name).parts.items():
             np.testing.assert_array_equal(b.tensor(name).parts[part], arr)
+
+
+def test_the_tune_method_step_converts_then_tunes(tiny_models, tmp_path):
+    """``--method rtn+tune``: the rtn file, tuned against the source in the same command; codes as rtn wrote them,
+    scales learned, no file left behind but the output."""
+    from lowbit.errors import LowbitError
+
+    src = str(tiny_models["llama"])
+    plain = convert(src, tmp_path / "p.lowbit", ConvertOptions(bits=3, method="rtn"), progress=False)
+    out = convert(src, tmp_path / "t.lowbit", ConvertOptions(bits=3, method="rtn+tune", calib=str(CALIB),
+                                                             tune_seconds=60), progress=False)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.lowbit", "t.lowbit"]
+    a, b = Container(plain), Container(out)
+    assert b.meta["quantization"]["tuned"]["steps_per_block"]
+    t_a, t_b = a.tensor("blk.0.attn_q.weight"), b.tensor("blk.0.attn_q.weight")
+    np.testing.assert_array_equal(t_b.parts["codes"], t_a.parts["codes"])
+    assert not np.array_equal(t_b.parts["scales"], t_a.parts["scales"])
+    with pytest.raises(LowbitError, match="--calib"):
+        ConvertOptions(bits=3, method="gptq+tune").validate()
+    with pytest.raises(LowbitError, match="lowrank"):
+        ConvertOptions(bits=3, method="gptq+lowrank+tune", calib=str(CALIB)).validate()

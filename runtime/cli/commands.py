@@ -66,6 +66,7 @@ def cmd_convert(args) -> int:
         calib_len=args.calib_len,
         seed=args.seed,
         lowrank_bpw=args.lowrank_bpw,
+        tune_seconds=args.tune_seconds,
         target_bpw=args.target_bpw,
         max_size=args.max_size,
         recipe=args.recipe,

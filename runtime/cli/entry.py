@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         default="auto",
         help="quantization method: steps joined by '+' from rtn, search, imatrix, gptq, awq, hadamard, smoothquant, "
-        "lowrank (e.g. gptq, awq+gptq, hadamard+gptq+lowrank, smoothquant+rtn); auto (default): search, or the "
-        "best measured calibrated method with --target-bpw/--max-size",
+        "lowrank, tune (e.g. gptq, awq+gptq, hadamard+gptq+lowrank, smoothquant+rtn, gptq+tune: tuned after "
+        "conversion, needs --calib and PyTorch); auto (default): search, or the best measured calibrated method "
+        "with --target-bpw/--max-size",
     )
     p.add_argument("--calib", default=None, help="calibration text file (default: text sampled from the model)")
     p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for sampled calibration text and rotations (default 0)")
     p.add_argument("--lowrank-bpw", type=float, default=0.0,
                    help="extra bits per weight for the low-rank correction (method step lowrank; default 0)")
+    p.add_argument("--tune-seconds", type=float, default=600.0,
+                   help="time budget of the method step tune, in seconds (default 600)")
     p.add_argument("--target-bpw", type=float, default=None,
                    help="mixed precision: choose per-tensor types to fit this many bits per weight over all tensors "
                         "(default: off, one type)")
@@ -279,8 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", parents=[verbose], help="convert a checkpoint several ways; one table of size, quality and speed"
     )
     p.add_argument("source", help="local checkpoint folder or hub repo id (org/name)")
-    p.add_argument("--configs", required=True, help="comma-separated METHOD:BITS[:GROUP][:OPTION...] items, e.g. "
+    p.add_argument("--configs", default=None, help="comma-separated METHOD:BITS[:GROUP][:OPTION...] items, e.g. "
                    "rtn:4:g64,gptq:3:g64,awq+gptq:4:g128:sym,mixed:2.5bpw,f16 (see the README)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="a named set of configurations (added to --configs): seeds, the twelve approaches of the seed "
+                   "articles (static/dynamic PTQ, tuning, symmetric, asymmetric, per-tensor, per-channel, group-wise, "
+                   "weight-only, activation-aware, low-rank, extreme 2-bit) at --preset-bits; its tuning rows need "
+                   "--calib")
+    p.add_argument("--preset-bits", default="8,4,3,2", help="bit-widths of --preset's rows (default 8,4,3,2)")
     p.add_argument("--text", required=True, help="UTF-8 text file to evaluate on")
     p.add_argument("--eval-ctx", type=int, default=256, help="window length incl. BOS (default 256)")
     p.add_argument("--max-tokens", type=int, default=32768, help="only the first N tokens of the text (default 32768)")
