@@ -290,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "weight-only, activation-aware, low-rank, extreme 2-bit) at --preset-bits; its tuning rows need "
                    "--calib")
     p.add_argument("--preset-bits", default="8,4,3,2", help="bit-widths of --preset's rows (default 8,4,3,2)")
+    p.add_argument("--tune-seconds", type=float, default=600.0,
+                   help="time budget of each configuration's tune step, in seconds (default 600)")
     p.add_argument("--text", required=True, help="UTF-8 text file to evaluate on")
     p.add_argument("--eval-ctx", type=int, default=256, help="window length incl. BOS (default 256)")
     p.add_argument("--max-tokens", type=int, default=32768, help="only the first N tokens of the text (default 32768)")

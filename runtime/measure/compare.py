@@ -139,7 +139,7 @@ def run(args) -> int:
 
     _check_args(args)
     shared = ConvertOptions(calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
-                            seed=args.seed)
+                            seed=args.seed, tune_seconds=getattr(args, "tune_seconds", 600.0))
     configs = _configs(args, shared)
     text = _read_text(args.text)
     out_dir = Path(args.out_dir) if args.out_dir else Path(f"compare-{_source_name(args.source)}")
