@@ -1,4 +1,5 @@
-"""Backend dispatch: models call these functions and never pick kernels themselves."""
+"""The CPU kernels behind kernels/ops.py's CpuOps: a Weight with the product kernels it records once (Paths), and one
+function per primitive that allocates the output and calls the numba kernel. Models never call these directly."""
 
 from __future__ import annotations
 
