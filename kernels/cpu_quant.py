@@ -34,7 +34,7 @@ from lowbit.formats.qtypes import GROUP_SIZES
 from lowbit.kernels.cpu import JIT, PRANGE, h2f
 from lowbit.kernels.ir.amx import TILE, amx_block, host_has_amx, pack_tokens
 from lowbit.kernels.ir.gemm_vnni import tile_gemm, unpack_row
-from lowbit.kernels.ir.simd import group_idot, host_has_f16c, quad_fdot
+from lowbit.kernels.ir.simd import group_idot, host_has_f16c, quad_fdot, quad_fdot_unpacked
 from lowbit.kernels.ir.vnni import host_has_avx512_vnni, host_has_vnni, row_fdot8
 
 XQ_MAX = 32767.0
@@ -393,27 +393,36 @@ def _int16_kernels(bits: int, g: int):
 
     @nb.njit(parallel=PRANGE, **JIT)
     def qmatmul_small(y, codes, scales, mins, x, asym):
-        """y[T, rows] = x @ W.T for a few tokens. x: f32[T, cols]; other arguments as in qmatvec."""
+        """y[T, rows] = x @ W.T for a few tokens (x: f32[T, cols]), each row and token as the one-token kernel
+        computes it, so a decode pass of several sequences gives each one's numbers bit for bit. Each row's codes
+        are unpacked once (one byte per element) and taken through every token."""
         rows = codes.shape[0]
         ng = scales.shape[1]
         t_n = x.shape[0]
-        cols = ng * g
-        xq2 = np.empty(x.shape, dtype=np.int16)
+        xq = np.empty(x.shape, dtype=np.int16)
         dx = np.empty((t_n, ng), dtype=np.float32)
         xs = np.empty((t_n, ng), dtype=np.float32)
-        quantize_activations(xq2, dx, xs, x, g)
-        xq = xq2.reshape(t_n * cols)
+        quantize_activations(xq, dx, xs, x, g)
         if deps == 0:  # never true; see _dependency_key
             return
+        nq = ng // 4 * 4 if quads else 0
         for r in nb.prange(rows):
             crow = codes[r]
-            for t in range(t_n):
-                y[t, r] = 0.0
-            for gi in range(ng):
-                d = h2f(scales[r, gi])
-                m = h2f(mins[r, gi]) if asym else d * zp
-                for t in range(t_n):
-                    s = group_idot(crow, gi * gbytes, xq, t * cols + gi * g, bits, g)
-                    y[t, r] += d * dx[t, gi] * np.float32(s) - m * xs[t, gi]
+            urow = np.empty(ng * g, dtype=np.uint8)
+            if nq:
+                unpack_row(urow, crow, bits, g)
+            for t in range(t_n):  # the one-token kernel's loop, so each token's sum is its arithmetic exactly
+                acc = np.float32(0.0)
+                for gi in range(0, nq, 4):
+                    if asym:
+                        acc += quad_fdot_unpacked(urow, scales, mins, r, gi, xq[t], dx[t], xs[t], bits, g, True)
+                    else:
+                        acc += quad_fdot_unpacked(urow, scales, mins, r, gi, xq[t], dx[t], xs[t], bits, g, False)
+                for gi in range(nq, ng):
+                    d = h2f(scales[r, gi])
+                    m = h2f(mins[r, gi]) if asym else d * zp
+                    s = group_idot(crow, gi * gbytes, xq[t], gi * g, bits, g)
+                    acc += d * dx[t, gi] * np.float32(s) - m * xs[t, gi]
+                y[t, r] = acc
 
     return qmatvec, qmatmul_small, None, None  # prompts use dequantized tiles + BLAS; no fused matvec

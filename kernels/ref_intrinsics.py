@@ -42,6 +42,18 @@ def quad_fdot(crow, scales, mins, r, gi, xq, dx, xs, bits, g, asym) -> float:
     return float(_group_terms(crow, scales, mins, r, range(gi, gi + 4), xq, dx, xs, bits, g, asym).sum())
 
 
+def quad_fdot_unpacked(urow, scales, mins, r, gi, xq, dx, xs, bits, g, asym) -> float:
+    """quad_fdot with the row's codes unpacked (urow: one unsigned code per element)."""
+    zp = np.float64(1 << (bits - 1))
+    total = 0.0
+    for q in range(gi, gi + 4):
+        isum = urow[q * g : (q + 1) * g].astype(np.int64) @ xq[q * g : (q + 1) * g].astype(np.int64)
+        d = np.float64(scales[r, q].view(np.float16))
+        m = np.float64(mins[r, q].view(np.float16)) if asym else d * zp
+        total += d * np.float64(dx[q]) * isum - m * np.float64(xs[q])
+    return float(total)
+
+
 def half_to_float(h) -> np.float32:
     """float16 bits -> float32."""
     return np.float32(np.uint16(h).view(np.float16))

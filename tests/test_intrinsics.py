@@ -13,7 +13,14 @@ from lowbit.kernels.cpu_attention import dequant8_q4, dequant8_q8, prefetch, sco
 from lowbit.kernels.cpu_kv import float_bits, float_to_half
 from lowbit.kernels.ir.amx import TILE, host_has_amx
 from lowbit.kernels.ir.gemm_vnni import tile_gemm, unpack_row
-from lowbit.kernels.ir.simd import bits_to_float, group_idot, half_to_float, host_has_f16c, quad_fdot
+from lowbit.kernels.ir.simd import (
+    bits_to_float,
+    group_idot,
+    half_to_float,
+    host_has_f16c,
+    quad_fdot,
+    quad_fdot_unpacked,
+)
 from lowbit.kernels.ir.vnni import host_has_vnni, row_fdot8
 
 RNG = np.random.default_rng(7)
@@ -63,6 +70,35 @@ def test_quad_fdot(bits, g, asym):
     for r, gi in ((0, 0), (2, 2)):
         got = call(packed[r], scales, mins, r, gi, xq, dx, xs)
         want = ref.quad_fdot(packed[r], scales, mins, r, gi, xq, dx, xs, bits, g, asym)
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-4)
+
+
+@needs_f16c
+@pytest.mark.parametrize("bits,g,asym", [(2, 128, True), (3, 64, False), (4, 32, True), (8, 64, False)])
+def test_quad_fdot_unpacked_is_quad_fdot_bit_for_bit(bits, g, asym):
+    """On codes unpacked by unpack_row, against its numpy twin and, exactly, against quad_fdot on the packed row."""
+
+    @nb.njit
+    def call(urow, crow, scales, mins, r, gi, xq, dx, xs):
+        return (quad_fdot_unpacked(urow, scales, mins, r, gi, xq, dx, xs, bits, g, asym),
+                quad_fdot(crow, scales, mins, r, gi, xq, dx, xs, bits, g, asym))
+
+    @nb.njit
+    def unpack(dst, crow):
+        unpack_row(dst, crow, bits, g)
+
+    rows, ng = 3, 6
+    u, packed = _packed(rows, ng * g, bits, g)
+    scales, mins = _halves((rows, ng)), _halves((rows, ng))
+    xq = RNG.integers(-32000, 32000, size=ng * g).astype(np.int16)
+    dx, xs = RNG.uniform(1e-5, 1e-4, ng).astype(np.float32), RNG.uniform(-50, 50, ng).astype(np.float32)
+    for r, gi in ((0, 0), (2, 2)):
+        urow = np.empty(ng * g, np.uint8)
+        unpack(urow, packed[r])
+        assert np.array_equal(urow, u[r])
+        got, packed_got = call(urow, packed[r], scales, mins, r, gi, xq, dx, xs)
+        assert got == packed_got
+        want = ref.quad_fdot_unpacked(u[r].astype(np.uint8), scales, mins, r, gi, xq, dx, xs, bits, g, asym)
         assert got == pytest.approx(want, rel=1e-5, abs=1e-4)
 
 

@@ -314,9 +314,10 @@ def test_linear_many_fuses_same_type_products_and_matches_linear(name, n):
         assert timer.calls == 1
 
 
-@pytest.mark.skipif(not cpu_quant.HAS_VNNI, reason="the byte kernels need AVX-512 VNNI / AVX-VNNI")
-@pytest.mark.parametrize("mode", ["int8", "split"])
-@pytest.mark.parametrize("name", ["q4a_g32", "q4_g64", "q3_g128", "q8_g32", "q6a_g64"])
+@pytest.mark.parametrize("mode", [
+    "int16", *(pytest.param(m, marks=pytest.mark.skipif(not cpu_quant.HAS_VNNI, reason="the byte kernels need "
+                                                        "AVX-512 VNNI / AVX-VNNI")) for m in ("int8", "split"))])
+@pytest.mark.parametrize("name", ["q4a_g32", "q4_g64", "q3_g128", "q8_g32", "q6a_g64", "q2a_g64", "q5_g32"])
 def test_small_batches_are_the_one_token_kernel_row_for_row(name, mode):
     """Several sequences decoded in one pass (continuous batching) get, row for row, exactly what each would get
     alone: the 2..8-token kernel does each token's arithmetic as the one-token kernel does (t = 3, 5, 7 padded)."""

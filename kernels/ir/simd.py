@@ -8,7 +8,8 @@ The IR is target independent; LLVM lowers the widen-multiply-add to the best the
 AVX-512 VNNI, ``vpmaddwd`` with AVX2, ...).
 ``quad_fdot`` does four consecutive groups of a row in one call, scales included: the four integer dot products
 are folded together (even/odd pairs first, which LLVM keeps as one multiply-add-pairs instruction) and the float
-epilogue d·dx·s − m·xs runs on one 4-lane vector, so per-group fixed costs are shared.
+epilogue d·dx·s − m·xs runs on one 4-lane vector, so per-group fixed costs are shared. ``quad_fdot_unpacked`` is
+the same on codes unpacked beforehand (one byte per element), for kernels that take one row through several tokens.
 ``bits`` and ``g`` must be compile-time constants (the kernels close over them), so one definition serves every
 quant type.
 
@@ -227,6 +228,50 @@ def quad_fdot(typingctx, crow, scales, mins, r, gi, xq, dx, xs, bits, g, asym):
             cptr = builder.gep(cbase, [ir.Constant(i64, q * gbytes)])
             xptr = builder.gep(xbase, [ir.Constant(i64, q * glen)])
             parts.append(_dot_ir(builder, cptr, xptr, nbits, glen, lanes=QUAD_LANES))
+        soff = builder.add(builder.mul(row, ng), g0)
+        return quad_epilogue(builder, _sum4(builder, parts), sc.data, arr(2).data, soff, arr(6).data, arr(7).data,
+                             g0, nbits, is_asym)
+
+    return sig, codegen
+
+
+@intrinsic
+def quad_fdot_unpacked(typingctx, urow, scales, mins, r, gi, xq, dx, xs, bits, g, asym):
+    """quad_fdot on a row whose codes are already unpacked: urow u8[cols], one unsigned code per element in element
+    order (gemm_vnni.unpack_row's output). The integer dot products are the same numbers, folded and finished by
+    the same epilogue, so the result is quad_fdot's bit for bit; a kernel that unpacks a row once can then take it
+    through several tokens' activations (a decode pass of several sequences) without unpacking it again."""
+    for v in (bits, g, asym):
+        if not isinstance(v, (types.IntegerLiteral, types.BooleanLiteral)):
+            raise errors.RequireLiteralValue("quad_fdot_unpacked needs literal bits, group size and asym")
+    nbits, glen, is_asym = bits.literal_value, g.literal_value, asym.literal_value
+    if nbits not in PLANES or glen not in (32, 64, 128):
+        raise errors.TypingError(f"quad_fdot_unpacked: unsupported {nbits}-bit groups of {glen}")
+    if not (isinstance(urow, types.Array) and urow.dtype == types.uint8 and urow.layout == "C"):
+        raise errors.TypingError("quad_fdot_unpacked: urow must be a C-contiguous uint8 array")
+    sig = types.float32(urow, scales, mins, r, gi, xq, dx, xs, bits, g, asym)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+
+        def arr(i):
+            return context.make_array(signature.args[i])(context, builder, value=args[i])
+
+        def as64(v):
+            return v if v.type.width == 64 else builder.sext(v, i64)
+
+        row, g0 = as64(args[3]), as64(args[4])
+        sc = arr(1)
+        ng = builder.extract_value(sc.shape, 1)
+        base = builder.mul(g0, ir.Constant(i64, glen))
+        ubase = builder.gep(arr(0).data, [base])
+        xbase = builder.gep(arr(5).data, [base])
+        vty = ir.VectorType(_I8, glen).as_pointer()
+        parts = []
+        for q in range(QUAD_LANES):
+            u = builder.load(builder.bitcast(builder.gep(ubase, [ir.Constant(i64, q * glen)]), vty), align=1)
+            xptr = builder.gep(xbase, [ir.Constant(i64, q * glen)])
+            parts.append(_fold(builder, _widen_mul(builder, u, xptr, 0), QUAD_LANES))
         soff = builder.add(builder.mul(row, ng), g0)
         return quad_epilogue(builder, _sum4(builder, parts), sc.data, arr(2).data, soff, arr(6).data, arr(7).data,
                              g0, nbits, is_asym)
