@@ -70,6 +70,9 @@ def test_warm_up_leaves_the_conversation_cache_alone_and_label_names_types():
     assert engine.cached == ids and np.array_equal(engine.cache.layer(0).k, keys)
     after = engine.step(7)  # continues the conversation as if no warm-up had run
     engine.reset()
-    np.testing.assert_allclose(after, engine.prefill([*ids, 7]), rtol=1e-5, atol=1e-5)
+    # a step and a prefill agree to rounding: bit for bit where the CPU has the byte dot product (both int8), to the
+    # int16 activations' rounding elsewhere (the step's int16 products against the prompt's BLAS); a disturbed
+    # cache would differ by whole units
+    np.testing.assert_allclose(after, engine.prefill([*ids, 7]), rtol=1e-4, atol=1e-3)
     label = kernel_label(engine.container, engine.kv.label)
     assert label == "q4a_g64 ×42, q8_g64 ×2, f16 cache"

@@ -16,8 +16,10 @@ from lowbit.models.device_forward import cuda_model
 from lowbit.models.llama import ModelArgs
 
 # the CPU decode path quantizes activations to int16 before its integer dot products, and prefill uses BLAS; the
-# device computes in float32 throughout, so the two agree to ~1e-4 of the logit range, not bit for bit
-RTOL = 2e-3
+# device computes in float32 throughout, so the two agree to ~1e-4 of the logit range, not bit for bit. On a CPU
+# without the byte dot product prompts of up to 8 tokens take the int16 kernels too; gemma3's soft-capped logits
+# (cap 3 here) then differ by up to 2.6e-3 of their range in one element of 576 (an AVX2 host)
+RTOL = 3e-3
 VOCAB = 96
 STEPS = 2  # decode steps after the prefill
 
