@@ -64,12 +64,12 @@ def main() -> None:
     a = ap.parse_args()
     for tool in ("llama-bench", "llama-quantize"):
         if not (a.llama_cpp / tool).is_file():
-            sys.exit(f"--llama-cpp {a.llama_cpp}: no {tool} there")
+            ap.error(f"--llama-cpp {a.llama_cpp}: no {tool} there")
     pairs = []
     for item in a.pairs.split(","):
         bits, _, kind = item.partition(":")
         if not bits.isdigit() or not kind:
-            sys.exit(f"--pairs: {item!r} is not BITS:TYPE (e.g. 4:Q4_0)")
+            ap.error(f"--pairs: {item!r} is not BITS:TYPE (e.g. 4:Q4_0)")
         pairs.append((bits, kind))
     with tempfile.TemporaryDirectory(prefix="lowbit-vs-llama-bench-") as tmp:
         work = a.workdir or Path(tmp)

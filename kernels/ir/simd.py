@@ -192,6 +192,17 @@ def _sum4(builder, vs):
     return builder.add(lo, hi)
 
 
+def _quad_literals(name: str, bits, g, asym) -> tuple[int, int, bool]:
+    """The compile-time (bits, group size, asym) of a quad intrinsic's call, checked."""
+    for v in (bits, g, asym):
+        if not isinstance(v, (types.IntegerLiteral, types.BooleanLiteral)):
+            raise errors.RequireLiteralValue(f"{name} needs literal bits, group size and asym")
+    nbits, glen = bits.literal_value, g.literal_value
+    if nbits not in PLANES or glen not in (32, 64, 128):
+        raise errors.TypingError(f"{name}: unsupported {nbits}-bit groups of {glen}")
+    return nbits, glen, asym.literal_value
+
+
 @intrinsic
 def quad_fdot(typingctx, crow, scales, mins, r, gi, xq, dx, xs, bits, g, asym):
     """float32 sum over the four groups gi..gi+3 of row r: d * dx * (u . xq) - m * xs, with m the stored min (asym)
@@ -201,12 +212,7 @@ def quad_fdot(typingctx, crow, scales, mins, r, gi, xq, dx, xs, bits, g, asym):
     crow: u8[cols*bits/8] (row r of the codes); scales, mins: u16[rows, ng] float16 bits, C-contiguous (mins unread
     unless asym); xq: i16[cols]; dx, xs: f32[ng]. Callers guarantee gi + 4 <= ng. Needs hardware float16 conversion.
     """
-    for v in (bits, g, asym):
-        if not isinstance(v, (types.IntegerLiteral, types.BooleanLiteral)):
-            raise errors.RequireLiteralValue("quad_fdot needs literal bits, group size and asym")
-    nbits, glen, is_asym = bits.literal_value, g.literal_value, asym.literal_value
-    if nbits not in PLANES or glen not in (32, 64, 128):
-        raise errors.TypingError(f"quad_fdot: unsupported {nbits}-bit groups of {glen}")
+    nbits, glen, is_asym = _quad_literals("quad_fdot", bits, g, asym)
     sig = types.float32(crow, scales, mins, r, gi, xq, dx, xs, bits, g, asym)
     gbytes = glen * nbits // 8
 
@@ -241,12 +247,7 @@ def quad_fdot_unpacked(typingctx, urow, scales, mins, r, gi, xq, dx, xs, bits, g
     order (gemm_vnni.unpack_row's output). The integer dot products are the same numbers, folded and finished by
     the same epilogue, so the result is quad_fdot's bit for bit; a kernel that unpacks a row once can then take it
     through several tokens' activations (a decode pass of several sequences) without unpacking it again."""
-    for v in (bits, g, asym):
-        if not isinstance(v, (types.IntegerLiteral, types.BooleanLiteral)):
-            raise errors.RequireLiteralValue("quad_fdot_unpacked needs literal bits, group size and asym")
-    nbits, glen, is_asym = bits.literal_value, g.literal_value, asym.literal_value
-    if nbits not in PLANES or glen not in (32, 64, 128):
-        raise errors.TypingError(f"quad_fdot_unpacked: unsupported {nbits}-bit groups of {glen}")
+    nbits, glen, is_asym = _quad_literals("quad_fdot_unpacked", bits, g, asym)
     if not (isinstance(urow, types.Array) and urow.dtype == types.uint8 and urow.layout == "C"):
         raise errors.TypingError("quad_fdot_unpacked: urow must be a C-contiguous uint8 array")
     sig = types.float32(urow, scales, mins, r, gi, xq, dx, xs, bits, g, asym)
