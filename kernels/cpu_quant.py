@@ -10,10 +10,12 @@ modes (``ACT_MODES``):
 - ``split``: the same int16 numbers fed to the byte dot product of ``kernels.ir.vnni`` as two signed bytes
   (|xq| <= 32639); identical results, ~1.6x the rate. Needs AVX-512 VNNI or AVX-VNNI.
 - ``int8``: xq in ±127 per group (as llama.cpp's Q8 activations), one byte dot product per 32 codes, ~2x the rate
-  of ``int16``; adds an activation rounding error of ~0.4% of the group's largest value.
+  of ``int16``; adds an activation rounding error of ~0.4% of the group's largest value. Needs VNNI, or AVX2 for
+  codes of up to 7 bits (``kernels.ir.vnni``: the byte dot product as vpmaddubsw + vpmaddwd, the same integers).
 
-:func:`activation_mode` picks the default: on a VNNI CPU ``int8`` for types below 8 bits and ``split`` for 8-bit
-weights (which stay the near-lossless reference); ``int16`` elsewhere.
+:func:`activation_mode` picks the default: ``int8`` for types below 8 bits where the CPU has the byte dot product
+(VNNI or AVX2), and for 8-bit weights (which stay the near-lossless reference) ``split`` on VNNI, ``int16`` on
+AVX2; ``int16`` everywhere else. So every AVX2 or VNNI CPU computes the same numbers in the default mode.
 One kernel body serves every quant type with a fixed group size (32/64/128): a cached factory closes over ``bits``,
 ``g`` and the mode, so each type gets its own machine code with them as constants (and its own entry in numba's
 on-disk cache, which keys closures by their captured values).
@@ -35,7 +37,7 @@ from lowbit.kernels.cpu import JIT, PRANGE, h2f
 from lowbit.kernels.ir.amx import TILE, amx_block, host_has_amx, pack_tokens
 from lowbit.kernels.ir.gemm_vnni import tile_gemm, unpack_row
 from lowbit.kernels.ir.simd import group_idot, host_has_f16c, quad_fdot, quad_fdot_unpacked
-from lowbit.kernels.ir.vnni import host_has_avx512_vnni, host_has_vnni, row_fdot8
+from lowbit.kernels.ir.vnni import byte_dot_max_bits, host_has_avx512_vnni, host_has_byte_dot, host_has_vnni, row_fdot8
 
 XQ_MAX = 32767.0
 XQ_MAX_SPLIT = 32639.0  # 127 * 256 + 127: the high byte of round(x / dx) + 128 stays a signed byte
@@ -64,6 +66,9 @@ _ROUND_JIT = dict(JIT, fastmath=False)
 # scale/min decoding: one hardware conversion where the CPU has it, the table-based decoder elsewhere
 HAS_F16C = host_has_f16c()
 HAS_VNNI = HAS_F16C and host_has_vnni()
+# the byte dot-product kernels (int8 / split modes): natively with VNNI, as the AVX2 pair (codes up to 7 bits) else
+HAS_BYTE_DOT = HAS_F16C and host_has_byte_dot()
+BYTE_DOT_MAX_BITS = byte_dot_max_bits()
 # weight rows per prefill GEMM block: one 32-bit lane each of a 512-bit vpdpbusd with AVX-512, of a 256-bit one else
 GEMM_ROWS = 16 if host_has_avx512_vnni() else 8
 AMX_BLOCKS = 4  # 16-row blocks per parallel work item of the AMX GEMM (their buffers are allocated once per item)
@@ -76,10 +81,17 @@ def specialised(bits: int, g: int) -> bool:
 
 def activation_mode(bits: int, exact: bool = False) -> str:
     """The activation mode for ``bits``-bit weights on this CPU: the default (module docstring), or with ``exact``
-    the int16-precision mode (split where the CPU has the byte dot product, else int16)."""
-    if not HAS_VNNI:
+    the int16-precision mode (split where the CPU has VNNI, else int16: the same numbers)."""
+    if not byte_dot_serves(bits):
         return "int16"
-    return "split" if bits >= 8 or exact else "int8"
+    if bits >= 8 or exact:
+        return "split" if HAS_VNNI else "int16"
+    return "int8"
+
+
+def byte_dot_serves(bits: int) -> bool:
+    """Whether the byte dot-product modes (int8, split) multiply ``bits``-bit codes exactly on this CPU."""
+    return HAS_BYTE_DOT and bits <= BYTE_DOT_MAX_BITS
 
 
 @nb.njit(**JIT)
@@ -175,8 +187,9 @@ def _make_kernels(bits: int, g: int, mode: str, amx: bool) -> Kernels:
         raise ValueError(f"no integer kernels for {bits}-bit groups of {g}")
     if mode not in ACT_MODES:
         raise ValueError(f"unknown activation mode {mode!r}; choose one of {', '.join(ACT_MODES)}")
-    if mode != "int16" and not HAS_VNNI:
-        raise ValueError(f"activation mode {mode!r} needs a CPU with AVX-512 VNNI or AVX-VNNI")
+    if mode != "int16" and not byte_dot_serves(bits):
+        raise ValueError(f"activation mode {mode!r} for {bits}-bit weights needs a CPU with AVX-512 VNNI or AVX-VNNI"
+                         + (" (or AVX2 for codes of up to 7 bits)" if bits <= 7 else ""))
     if amx and mode == "int16":
         raise ValueError("the AMX GEMM takes int8 or split activations")
     return Kernels(*(_int16_kernels(bits, g) if mode == "int16" else _vnni_kernels(bits, g, mode == "split", amx)))

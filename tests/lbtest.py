@@ -142,3 +142,13 @@ class LiveServer:
 
         headers = {"Authorization": f"Bearer {KEY}"} if auth else {}
         return httpx.Client(base_url=self.base, headers=headers, timeout=120)
+
+
+def integer_gemm_everywhere(model) -> bool:
+    """Whether every integer-kernel weight of ``model`` runs on the byte dot product (int8/split activations: VNNI,
+    or AVX2 for codes below 8 bits). Then passes of every length compute each row and token with integer sums, so a
+    prompt cut into passes gives a whole pass's numbers bit for bit; int16 weights take BLAS on float tiles for long
+    passes and their own kernels for short ones, which agree only closely."""
+    from lowbit.kernels import act_quant
+
+    return all(w.act_mode != "int16" for w in act_quant.linear_weights(model) if w.int_kernels is not None)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-from lbtest import REFSMALL, TINY, TOKENIZER_FILES
+from lbtest import REFSMALL, TINY, TOKENIZER_FILES, integer_gemm_everywhere
 
 from lowbit.convert.converter import ConvertOptions, convert
 from lowbit.errors import SourceError
@@ -377,13 +377,12 @@ def test_sliding_window_ring_cache_matches_transformers(kind, oracles):
 def test_prompt_passes_cut_anywhere_give_the_same_numbers(kind, kv, oracles):
     """A prompt computed in one pass and the same prompt cut into passes of any length (one token, a few, past the
     one-token attention's split point) give bit-identical logits, 4-bit weights with int8 activations included:
-    what a conversation continued from the cache computes is what a fresh prefill computes. Where the CPU has no
-    byte dot product there is no integer GEMM: passes of up to 8 tokens take the int16-activation kernels and longer
-    ones dequantized tiles + BLAS on float activations, so only closeness is asserted (on an AVX2 host: relative
-    errors up to 2.5e-4 with a float16 cache and 3.7e-3 with the 8-bit one, whose rounded keys carry the difference
-    on; a cache read at a wrong position gives errors of order 1)."""
-    from lowbit.kernels import cpu_quant
-
+    what a conversation continued from the cache computes is what a fresh prefill computes. Where weights run int16
+    activations (CPUs with neither VNNI nor AVX2; 8-bit weights on AVX2) there is no integer GEMM: passes of up to
+    8 tokens take the int16-activation kernels and longer ones dequantized tiles + BLAS on float activations, so
+    only closeness is asserted (int16 everywhere, measured on an AVX2 host: relative errors up to 2.5e-4 with a
+    float16 cache and 3.7e-3 with the 8-bit one, whose rounded keys carry the difference on; a cache read at a
+    wrong position gives errors of order 1)."""
     ids = [int(t) for t in np.random.default_rng(13).integers(3, 4096, size=300)]
     eng = Engine(oracles(kind).container(4), ctx=512, kv=kv)
     model = eng.model
@@ -394,7 +393,7 @@ def test_prompt_passes_cut_anywhere_give_the_same_numbers(kind, kv, oracles):
             parts.append(model.forward(np.array(ids[prev:cut]), prev, cache, all_logits=True, prompt=True))
             prev = cut
         got = np.concatenate(parts)
-        if cpu_quant.HAS_VNNI:
+        if integer_gemm_everywhere(model):
             assert np.array_equal(got, whole), (cuts, float(np.abs(got - whole).max()))
         else:
             assert rel_err(got, whole) < (1e-3 if kv == "16" else 1e-2), cuts

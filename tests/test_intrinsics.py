@@ -21,13 +21,19 @@ from lowbit.kernels.ir.simd import (
     quad_fdot,
     quad_fdot_unpacked,
 )
-from lowbit.kernels.ir.vnni import host_has_vnni, row_fdot8
+from lowbit.kernels.ir.vnni import byte_dot_max_bits, host_has_avx512_vnni, host_has_byte_dot, row_fdot8
 
 RNG = np.random.default_rng(7)
 # (bits, group) pairs: every bit-width once, every group size more than once (one compile each)
 GROUPS = [(2, 128), (3, 64), (4, 32), (5, 128), (6, 32), (8, 64)]
 needs_f16c = pytest.mark.skipif(not host_has_f16c(), reason="needs hardware float16 conversion")
-needs_vnni = pytest.mark.skipif(not host_has_vnni(), reason="needs the byte dot product (AVX-512 VNNI / AVX-VNNI)")
+needs_vnni = pytest.mark.skipif(not host_has_byte_dot(), reason="needs the byte dot product (VNNI or AVX2)")
+
+
+def _byte_case(bits: int, *rest):
+    """(bits, *rest) as a test case, skipped where the byte dot product cannot take codes that wide (8 on AVX2)."""
+    wide = bits > byte_dot_max_bits()
+    return pytest.param(bits, *rest, marks=pytest.mark.skipif(wide, reason="AVX2 byte pairs saturate at 8 bits"))
 
 
 def _packed(rows: int, cols: int, bits: int, g: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +140,8 @@ def test_scalar_conversions():
 @needs_vnni
 @needs_f16c
 @pytest.mark.parametrize("bits,g,asym,split", [(2, 128, True, False), (3, 64, True, False), (4, 32, False, False),
-                                               (5, 128, True, True), (8, 64, False, True), (6, 32, True, False)])
+                                               (5, 128, True, True), _byte_case(8, 64, False, True),
+                                               (6, 32, True, False)])
 def test_row_fdot8(bits, g, asym, split):
     @nb.njit
     def call(crow, scales, mins, r, xh, xl, dx, xs):
@@ -171,15 +178,41 @@ def _interleave(u: np.ndarray) -> np.ndarray:
 
 
 @needs_vnni
+@pytest.mark.parametrize("split", [False, True])
+def test_byte_dot_is_exact_at_its_extremes(split):
+    """The largest codes the host multiplies exactly (127 on AVX2, whose vpmaddubsw pair sums saturate at 2**15 − 1;
+    255 with VNNI) times the extreme activation bytes (−128, 127; int8 activations stay in ±127, split's low byte
+    reaches −128), through the prompt GEMM: the integer sums exactly (a saturated pair would be ~50% off)."""
+    g, R = 64, 16 if host_has_avx512_vnni() else 8
+
+    @nb.njit
+    def call(y, wb, dsc, nmc, xh, xl, dxT, xsT):
+        tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, 0, 0, g, split, R, 4)
+
+    top = (1 << byte_dot_max_bits()) - 1
+    wb = np.full(g * R, top, dtype=np.uint8)
+    dsc, nmc = np.ones((1, R), dtype=np.float32), np.zeros((1, R), dtype=np.float32)
+    pairs = [(127, 127), (-128, -128), (127, -128), (-127, 127)]
+    xh = np.array([[hi if split else max(hi, -127)] * g for hi, _ in pairs], dtype=np.int8)
+    xl = np.array([[lo] * g for _, lo in pairs], dtype=np.int8)
+    y = np.zeros((4, R), dtype=np.float32)
+    call(y, wb, dsc, nmc, xh, xl, np.ones((1, 4), dtype=np.float32), np.zeros((1, 4), dtype=np.float32))
+    per = top * ((256 * xh[:, 0].astype(np.int64) + xl[:, 0]) if split else xh[:, 0].astype(np.int64))
+    np.testing.assert_allclose(y, np.repeat((per * g)[:, None], R, axis=1), rtol=1e-6)
+
+
+@needs_vnni
 @pytest.mark.parametrize("g,split,R,T", [(32, False, 16, 1), (64, True, 8, 5), (128, False, 16, 12)])
 def test_tile_gemm(g, split, R, T):
+    R = R if host_has_avx512_vnni() else 8  # 16-row blocks are 512-bit lanes
+
     @nb.njit
     def call(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0):
         tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, R, T)
 
     ng, tokens, rows = 3, T + 2, R + 5
     cols = ng * g
-    u = RNG.integers(0, 256, size=(R, cols)).astype(np.uint8)
+    u = RNG.integers(0, 1 << byte_dot_max_bits(), size=(R, cols)).astype(np.uint8)
     wb = _interleave(u)
     dsc = RNG.uniform(0.01, 0.1, (ng, R)).astype(np.float32)
     nmc = RNG.uniform(-1, 1, (ng, R)).astype(np.float32)

@@ -151,20 +151,22 @@ def test_integer_kernels_cover_every_grouped_type():
         assert (w.int_kernels is not None) == grouped == specialised(qt.bits, w.g), qt.name
 
 
-MODES = ["int16", "split", "int8"] if cpu_quant.HAS_VNNI else ["int16"]
+MODES = ["int16", "split", "int8"] if cpu_quant.HAS_BYTE_DOT else ["int16"]
 QMAX = {"int16": cpu_quant.XQ_MAX, "split": cpu_quant.XQ_MAX_SPLIT, "int8": cpu_quant.XQ_MAX_INT8}
 GROUPED = [q for q in QUANT if q.group_size > 0]  # the integer kernels of real groups (not pc/pt)
 
 
 # (mode, tokens): one token (matvec), a few (small-batch matmul), a prompt (the GEMM, which int16 does not have)
 MODE_CASES = [(m, t) for m in MODES for t in (1, 3, 19) if not (m == "int16" and t == 19)]
+# every grouped type in every mode this host runs it in (the byte modes take 8-bit codes with VNNI only)
+TYPE_MODE_CASES = [pytest.param(qt, m, t, id=f"{qt.name}-{m}-{t}") for qt in GROUPED for m, t in MODE_CASES
+                   if m == "int16" or cpu_quant.byte_dot_serves(qt.bits)]
 HAS_AMX = cpu_quant.HAS_VNNI and amx.host_has_amx()
 AMX_CASES = [("q2a_g32", "int8"), ("q3_g64", "int8"), ("q4_g128", "int8"), ("q4a_g64", "split"), ("q5a_g128", "int8"),
              ("q6_g32", "int8"), ("q8_g64", "split"), ("q8a_g32", "split"), ("q8_g128", "int8")]
 
 
-@pytest.mark.parametrize("mode,t", MODE_CASES)
-@pytest.mark.parametrize("qt", GROUPED, ids=lambda q: q.name)
+@pytest.mark.parametrize("qt,mode,t", TYPE_MODE_CASES)
 def test_integer_kernels_match_reference_in_every_activation_mode(qt, mode, t):
     """Each activation mode against the reference product with activations rounded as that mode rounds them
     (int16 and split: to 1e-5, i.e. the float product; int8: the product llama.cpp's Q8 activations give).
@@ -223,14 +225,23 @@ def test_amx_is_refused_where_it_cannot_run(monkeypatch):
     monkeypatch.setattr(cpu_quant, "host_has_amx", lambda: False)
     with pytest.raises(ValueError, match="may not use AMX"):
         cpu_quant.make_kernels(4, 64, "int8", amx=True)
-    if cpu_quant.HAS_VNNI:
+    if cpu_quant.HAS_BYTE_DOT:
         assert cpu_quant.make_kernels(4, 64, "int8").gemm is cpu_quant.make_kernels(4, 64, "int8", amx=False).gemm
 
 
 def test_default_activation_mode():
     for bits in (2, 3, 4, 5, 6, 8):
         mode = cpu_quant.activation_mode(bits)
-        assert mode == ("int16" if not cpu_quant.HAS_VNNI else "split" if bits == 8 else "int8")
+        if cpu_quant.HAS_VNNI:
+            assert mode == ("split" if bits == 8 else "int8")
+        elif cpu_quant.HAS_BYTE_DOT:  # AVX2: the byte pair saturates on 8-bit codes, which keep int16
+            assert mode == ("int16" if bits == 8 else "int8")
+        else:
+            assert mode == "int16"
+        assert cpu_quant.activation_mode(bits, exact=True) == ("split" if cpu_quant.HAS_VNNI else "int16")
+    if cpu_quant.HAS_BYTE_DOT and not cpu_quant.HAS_VNNI:
+        with pytest.raises(ValueError, match="needs a CPU with AVX-512 VNNI"):
+            cpu_quant.make_kernels(8, 64, "int8")
     with pytest.raises(ValueError, match="unknown activation mode"):
         cpu_quant.make_kernels(4, 64, "fp8")
     assert cpu_quant.make_kernels(4, 64, "int16").gemm is None  # int16: prompts take dequantized tiles + BLAS
@@ -306,7 +317,7 @@ def test_linear_many_fuses_same_type_products_and_matches_linear(name, n):
         assert [g.shape for g in got] == [(t, w.rows) for w in ws]
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6 * np.abs(w).max())
-    if cpu_quant.HAS_VNNI:  # one token really takes the fused kernel: one call for all n products
+    if cpu_quant.byte_dot_serves(qt.bits):  # one token really takes the fused kernel: one call for all n products
         from lowbit.kernels.timing import KernelTimer
 
         with KernelTimer() as timer:
@@ -314,10 +325,20 @@ def test_linear_many_fuses_same_type_products_and_matches_linear(name, n):
         assert timer.calls == 1
 
 
-@pytest.mark.parametrize("mode", [
-    "int16", *(pytest.param(m, marks=pytest.mark.skipif(not cpu_quant.HAS_VNNI, reason="the byte kernels need "
-                                                        "AVX-512 VNNI / AVX-VNNI")) for m in ("int8", "split"))])
-@pytest.mark.parametrize("name", ["q4a_g32", "q4_g64", "q3_g128", "q8_g32", "q6a_g64", "q2a_g64", "q5_g32"])
+def _byte_mode_cases(names, modes):
+    """(name, mode) pairs, those the host cannot run skipped (byte modes: VNNI, or AVX2 up to 6-bit types)."""
+    out = []
+    for name in names:
+        for m in modes:
+            bits = REGISTRY[name].bits
+            ok = m == "int16" or cpu_quant.byte_dot_serves(bits)
+            out.append(pytest.param(name, m, id=f"{name}-{m}", marks=pytest.mark.skipif(
+                not ok, reason=f"the byte kernels of {bits}-bit codes need AVX-512 VNNI / AVX-VNNI (or AVX2 below 8)")))
+    return out
+
+
+@pytest.mark.parametrize("name,mode", _byte_mode_cases(
+    ["q4a_g32", "q4_g64", "q3_g128", "q8_g32", "q6a_g64", "q2a_g64", "q5_g32"], ["int16", "int8", "split"]))
 def test_small_batches_are_the_one_token_kernel_row_for_row(name, mode):
     """Several sequences decoded in one pass (continuous batching) get, row for row, exactly what each would get
     alone: the 2..8-token kernel does each token's arithmetic as the one-token kernel does (t = 3, 5, 7 padded)."""
@@ -337,9 +358,7 @@ def test_small_batches_are_the_one_token_kernel_row_for_row(name, mode):
             assert np.array_equal(y[i], one), (t, i)
 
 
-@pytest.mark.skipif(not cpu_quant.HAS_VNNI, reason="the byte kernels need AVX-512 VNNI / AVX-VNNI")
-@pytest.mark.parametrize("mode", ["int8", "split"])
-@pytest.mark.parametrize("name", ["q4a_g32", "q3_g128", "q8_g64"])
+@pytest.mark.parametrize("name,mode", _byte_mode_cases(["q4a_g32", "q3_g128", "q8_g64"], ["int8", "split"]))
 def test_packed_weights_for_batched_decode(name, mode):
     """Pre-packed blocks (kernels/packed.py) give the reference product for 2..8 tokens, rows past the last whole
     block included, and exactly the prompt GEMM's numbers."""

@@ -124,7 +124,7 @@ def _parts(w: dispatch.Weight) -> dict:
     return parts
 
 
-@pytest.mark.skipif(not cpu_quant.HAS_VNNI, reason="packed blocks need the byte dot-product kernels")
+@pytest.mark.skipif(not cpu_quant.HAS_BYTE_DOT, reason="packed blocks need the byte dot-product kernels")
 def test_the_record_follows_packing_and_the_activation_mode():
     w = _weight("q4a_g32")
     w.set_activation_mode("int8")

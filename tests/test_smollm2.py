@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from lbtest import DEV_EVAL, SHARED
+from lbtest import DEV_EVAL, SHARED, integer_gemm_everywhere
 from test_families import hf_greedy, lowbit_greedy
 
 from lowbit.convert.converter import ConvertOptions, convert
@@ -142,7 +142,6 @@ def test_a_turn_after_a_cached_one_has_the_fresh_prefills_logits(requantized):
     """At the numbers: each turn's prompt logits through the cache (the earlier turns and replies reused or, for the
     reply, computed again as a prompt pass) equal those of the whole conversation prefilled at once, bit for bit
     where the CPU has the integer GEMM (int8 activations: before, they differed by ~1 logit from the second turn)."""
-    from lowbit.kernels import cpu_quant
 
     cached, fresh = Engine(requantized, ctx=512), Engine(requantized, ctx=512)
     messages = []
@@ -152,7 +151,7 @@ def test_a_turn_after_a_cached_one_has_the_fresh_prefills_logits(requantized):
         a = cached.prefill(ids)
         fresh.reset()
         b = fresh.prefill(ids)
-        if cpu_quant.HAS_VNNI:
+        if integer_gemm_everywhere(cached.model):
             assert np.array_equal(a, b), (q, float(np.abs(a - b).max()))
         else:
             assert np.abs(a - b).max() < 1e-2 * np.abs(b).max()

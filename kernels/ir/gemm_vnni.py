@@ -22,7 +22,7 @@ from numba import types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
-from lowbit.kernels.ir.vnni import check_literals, codes_ir
+from lowbit.kernels.ir.vnni import check_literals, codes_ir, dpbusd
 
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
@@ -89,8 +89,6 @@ def tile_gemm(typingctx, y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, R,
         vf = ir.VectorType(_F32, nr)
         splat_mask = ir.Constant(ir.VectorType(_I32, nr), [0] * nr)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf] * 3), f"llvm.fma.v{nr}f32")
-        dpb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [vi] * 3),
-                                             f"llvm.x86.avx512.vpdpbusd.{nr * 32}")
         facc = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * nr)) for _ in range(nt)]
 
         def splat(v):
@@ -116,9 +114,9 @@ def tile_gemm(typingctx, y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, R,
                 w = load_vec(wa.data, builder.add(wbase, c64(c * nr * 4)), vi, 4)
                 for t in range(nt):
                     xoff = builder.add(xrow[t], builder.add(xbase, c64(4 * c)))
-                    hi[t] = builder.call(dpb, [hi[t], w, splat(load_vec(ha.data, xoff, _I32, 1))])
+                    hi[t] = dpbusd(builder, hi[t], w, splat(load_vec(ha.data, xoff, _I32, 1)))
                     if is_split:
-                        lo[t] = builder.call(dpb, [lo[t], w, splat(load_vec(la.data, xoff, _I32, 1))])
+                        lo[t] = dpbusd(builder, lo[t], w, splat(load_vec(la.data, xoff, _I32, 1)))
             for t in range(nt):
                 acc = hi[t]
                 if is_split:

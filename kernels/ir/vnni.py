@@ -1,5 +1,8 @@
 """Integer dot products on 8-bit activations with the CPU's byte dot-product instruction (x86 ``vpdpbusd``, AVX-512
-VNNI), written as LLVM IR through numba intrinsics.
+VNNI or AVX-VNNI), written as LLVM IR through numba intrinsics. On AVX2 CPUs without it, each ``vpdpbusd`` is the
+pair ``vpmaddubsw`` (byte products, neighbouring pairs summed into 16 bits) + ``vpmaddwd`` by ones (pairs of those
+into 32 bits) + an add: the same integer lanes exactly, as long as no 16-bit pair saturates, i.e. for codes of up to
+7 bits (2 · 127 · 128 < 2**15; see :func:`byte_dot_max_bits`).
 
 A group's packed codes (``formats.qtypes`` bit planes) are unpacked by shift-and-mask into one ``<g x i8>`` vector of
 unsigned codes in element order; ``vpdpbusd`` then multiplies 32 (or 64) codes at a time with signed 8-bit
@@ -42,6 +45,22 @@ def host_has_vnni() -> bool:
     return bool(f.get("avxvnni")) or bool(f.get("avx512vnni") and f.get("avx512vl"))
 
 
+def host_has_avx2() -> bool:
+    """Whether this CPU has AVX2's byte and word multiply-adds (``vpmaddubsw``, ``vpmaddwd``)."""
+    return bool(host_cpu_features().get("avx2"))
+
+
+def host_has_byte_dot() -> bool:
+    """Whether the byte dot-product kernels run here: natively (VNNI) or as the AVX2 pair."""
+    return host_has_vnni() or host_has_avx2()
+
+
+def byte_dot_max_bits() -> int:
+    """The widest codes the byte dot product multiplies exactly here: 8 with VNNI (32-bit lanes, no saturation);
+    7 on AVX2, whose ``vpmaddubsw`` saturates a pair of products at 2**15 − 1 (8-bit codes: 2 · 255 · 128 > 2**15)."""
+    return 8 if host_has_vnni() else 7
+
+
 def host_has_avx512_vnni() -> bool:
     """Whether this CPU has the 512-bit byte dot product (AVX-512 VNNI)."""
     f = host_cpu_features()
@@ -78,12 +97,23 @@ def _narrow_chunk(builder, c, p: int, nbytes: int, k0: int):
     return builder.and_(bc, ir.Constant(bc.type, [(1 << p) - 1] * WIDE))
 
 
-def _dpbusd(builder, acc, u, x):
-    """acc + vpdpbusd(u, x): <n/4 x i32> acc; u, x: <n x i8> (u unsigned, x signed), n = 32 or 64."""
+def dpbusd(builder, acc, u, x):
+    """acc + vpdpbusd(u, x): <n/4 x i32> acc; u, x: <n x i8> or their <n/4 x i32> bitcasts (u unsigned, x signed),
+    n = 32 or 64 (64: VNNI hosts only). Without VNNI: the AVX2 pair of the module docstring (exact for codes up to
+    7 bits, which the kernels' callers guarantee: cpu_quant.make_kernels)."""
     vt = acc.type
-    name = f"llvm.x86.avx512.vpdpbusd.{vt.count * 32}"
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]), name)
-    return builder.call(fn, [acc, builder.bitcast(u, vt), builder.bitcast(x, vt)])
+    if host_has_vnni():
+        name = f"llvm.x86.avx512.vpdpbusd.{vt.count * 32}"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt, vt]), name)
+        return builder.call(fn, [acc, builder.bitcast(u, vt), builder.bitcast(x, vt)])
+    if vt.count != 8:
+        raise errors.TypingError("the AVX2 byte dot product is 256 bits wide")
+    vb = ir.VectorType(_I8, 32)
+    vw = ir.VectorType(_I16, 16)
+    ubsw = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vw, [vb, vb]), "llvm.x86.avx2.pmadd.ub.sw")
+    wd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vw, vw]), "llvm.x86.avx2.pmadd.wd")
+    pairs = builder.call(ubsw, [builder.bitcast(u, vb), builder.bitcast(x, vb)])
+    return builder.add(acc, builder.call(wd, [pairs, ir.Constant(vw, [1] * 16)]))
 
 
 def _load_bytes(builder, ptr, offset: int, n: int):
@@ -99,9 +129,9 @@ def _group_acc(builder, u, xh, xl, g: int, split: bool):
     for c0 in range(0, g, chunk):
         uc = u if chunk == g else builder.shuffle_vector(
             u, u, ir.Constant(ir.VectorType(_I32, chunk), list(range(c0, c0 + chunk))))
-        hi = _dpbusd(builder, hi, uc, _load_bytes(builder, xh, c0, chunk))
+        hi = dpbusd(builder, hi, uc, _load_bytes(builder, xh, c0, chunk))
         if split:
-            lo = _dpbusd(builder, lo, uc, _load_bytes(builder, xl, c0, chunk))
+            lo = dpbusd(builder, lo, uc, _load_bytes(builder, xl, c0, chunk))
     if split:
         hi = builder.add(builder.shl(hi, ir.Constant(vt, [8] * vt.count)), lo)
     while hi.type.count > 8:
