@@ -12,8 +12,8 @@ the matrix totalling MB megabytes (codes and scales; best of 3 passes), against 
 array in the same process (lowbit.runtime.measure.membw, the roofline `lowbit bench` uses), per type and thread count.
 
 With ``--gemm TOKENS`` it measures the prompt GEMM instead: x[TOKENS, cols] @ W.T in GFLOP/s (best of 5) for the
-AVX-512 VNNI kernel and, where this process may use AMX, the AMX one, against numpy's float32 GEMM of the same
-shape in the same process.
+byte dot-product kernel (VNNI, or its AVX2 pair below 8 bits) and, where this process may use AMX, the AMX one,
+against numpy's float32 GEMM of the same shape in the same process.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 
 from lowbit.formats.qtypes import PLANES, quant_type
 from lowbit.kernels import cpu
-from lowbit.kernels.cpu_quant import HAS_VNNI, make_kernels
+from lowbit.kernels.cpu_quant import HAS_BYTE_DOT, byte_dot_serves, make_kernels
 from lowbit.runtime.measure.bench_model import random_parts
 
 
@@ -68,7 +68,7 @@ def main() -> None:
         gemm(args)
         return
     rng = np.random.default_rng(0)
-    modes = ["int16", "split", "int8"] if HAS_VNNI else ["int16"]
+    modes = ["int16", "split", "int8"] if HAS_BYTE_DOT else ["int16"]
     print("| threads | type | generic plane loop | " + " | ".join(f"integer, {m} activations" for m in modes) + " |")
     print("|---|---|---|" + "---|" * len(modes))
     for threads in (int(t) for t in args.threads.split(",")):
@@ -83,9 +83,9 @@ def main() -> None:
             n = args.rows * args.cols
             t_generic = best_seconds(cpu.qmatvec, y, codes, scales, mins, x[0], planes, g, bits, qt.asym, zp)
             rates = [n / best_seconds(make_kernels(bits, g, m)[0], y, codes, scales, mins, x, qt.asym) / 1e9
-                     for m in modes]
+                     if m == "int16" or byte_dot_serves(bits) else None for m in modes]
             print(f"| {threads} | {qt.name} | {n / t_generic / 1e9:.1f} Gw/s | "
-                  + " | ".join(f"{r:.1f} Gw/s" for r in rates) + " |")
+                  + " | ".join("—" if r is None else f"{r:.1f} Gw/s" for r in rates) + " |")
 
 
 def stream(args) -> None:
@@ -113,8 +113,8 @@ def stream(args) -> None:
 def gemm(args) -> None:
     from lowbit.kernels.ir.amx import host_has_amx
 
-    if not HAS_VNNI:
-        raise SystemExit("the integer prompt GEMM needs AVX-512 VNNI or AVX-VNNI")
+    if not HAS_BYTE_DOT:
+        raise SystemExit("the integer prompt GEMM needs AVX-512 VNNI, AVX-VNNI or AVX2")
     rng = np.random.default_rng(0)
     kinds = ["vnni"] + (["amx"] if host_has_amx() else [])
     print("| threads | type | " + " | ".join(f"{k} GEMM" for k in kinds) + " | numpy f32 GEMM | best / numpy |")
@@ -127,7 +127,7 @@ def gemm(args) -> None:
         numba.set_num_threads(threads)
         with threadpool_limits(threads, user_api="blas"):
             numpy_rate = flops / best_seconds(np.matmul, x, wf.T, y, repeats=5)
-        for bits in (4, 8, 3, 2):
+        for bits in (b for b in (4, 8, 3, 2) if byte_dot_serves(b)):
             qt = quant_type(bits, 64, bits < 8)
             codes, scales, mins = _weights(qt, args.rows, args.cols, rng)
             rates = [flops / best_seconds(make_kernels(bits, 64, amx=k == "amx").gemm, y, codes, scales, mins, x,
