@@ -20,6 +20,9 @@ g <= 128 elements.
 
 from __future__ import annotations
 
+from functools import lru_cache
+from types import MappingProxyType
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils, errors
@@ -341,11 +344,13 @@ def prefetch_line(builder, ptr) -> None:
     builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
 
 
-def host_cpu_features() -> dict:
-    """LLVM's feature flags of this CPU (name -> bool), the one place the kernels ask what the host has."""
+@lru_cache(maxsize=1)
+def host_cpu_features() -> MappingProxyType:
+    """LLVM's feature flags of this CPU (name -> bool), the one place the kernels ask what the host has (asked once:
+    the code generators ask per instruction they emit)."""
     import llvmlite.binding as llvm
 
-    return dict(llvm.get_host_cpu_features())
+    return MappingProxyType(dict(llvm.get_host_cpu_features()))
 
 
 def host_has_f16c() -> bool:
