@@ -269,7 +269,7 @@ class Engine:
         self.cached.append(token)
         return logits[0]
 
-    def _forward(self, tokens: list[int], pos: int, cache=None, prompt: bool = False) -> np.ndarray:
+    def _forward(self, tokens: list[int], pos: int | None, cache=None, prompt: bool = False) -> np.ndarray:
         cache = self.cache if cache is None else cache
         notice = self.compile_notice
         if notice is None:
@@ -295,6 +295,18 @@ class Engine:
         for t, pos in passes:  # a prompt (integer GEMM), a few tokens, one token, one deep (split attention)
             if pos + t <= n:
                 self._forward([1] * t, pos, cache)
+
+    def warm_up_batches(self) -> None:
+        """Compile (or load from numba's cache) the kernels of a decode pass of several sequences — the server's
+        continuous batching: weights packed for batches, attention per segment — on caches of their own. The
+        scheduler calls it after packing, before the port answers: without it the first concurrent requests waited
+        seconds for the compiler (time to first token p95 ~7 s with eight clients on a cold cache)."""
+        if self.device != "cpu":
+            return
+        from lowbit.models.common import Segments, cache_for
+
+        caches = [cache_for(self.args, 4, self.kv) for _ in range(2)]
+        self._forward([1, 1], None, Segments(caches, [0, 0], [1, 1]))
 
     def keep_tokens(self, ids: Sequence[int], messages: list[dict] | None = None, **template_kwargs) -> int:
         """How many leading tokens of the prompt ``ids`` a context shift keeps: those it shares with the chat's

@@ -92,6 +92,8 @@ class Scheduler:
             if added:
                 log.info("weights unpacked for batched decoding: %.0f MB in %.1f s", added / 2**20,
                          time.perf_counter() - t0)  # fmt: skip
+        if self.parallel > 1:  # a batched pass's kernels compiled now, not while the first clients wait
+            engine.warm_up_batches()
         self.on_batch: Callable[[int], None] = lambda rows: None  # each decode pass's rows (metrics)
 
     # ------------------------------------------------------------------ admission
