@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REFSMALL = SHARED / "models" / "refsmall"
 DEV_EVAL = SHARED / "data" / "dev-eval.txt"
@@ -152,3 +154,12 @@ def integer_gemm_everywhere(model) -> bool:
     from lowbit.kernels import act_quant
 
     return all(w.act_mode != "int16" for w in act_quant.linear_weights(model) if w.int_kernels is not None)
+
+
+def byte_dot_case(bits: int, *values, id: str | None = None):
+    """pytest.param(*values), skipped where the byte dot product cannot multiply ``bits``-bit codes exactly (no VNNI
+    or AVX2 at all, or 8-bit codes on AVX2, whose byte pairs would saturate)."""
+    from lowbit.kernels import cpu_quant
+
+    why = f"the byte kernels of {bits}-bit codes need VNNI (or AVX2 below 8)"
+    return pytest.param(*values, id=id, marks=pytest.mark.skipif(not cpu_quant.byte_dot_serves(bits), reason=why))

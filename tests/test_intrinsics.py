@@ -6,6 +6,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 import pytest
+from lbtest import byte_dot_case
 
 from lowbit.formats.qtypes import pack_codes, quant_type
 from lowbit.kernels import ref_intrinsics as ref
@@ -28,12 +29,6 @@ RNG = np.random.default_rng(7)
 GROUPS = [(2, 128), (3, 64), (4, 32), (5, 128), (6, 32), (8, 64)]
 needs_f16c = pytest.mark.skipif(not host_has_f16c(), reason="needs hardware float16 conversion")
 needs_vnni = pytest.mark.skipif(not host_has_byte_dot(), reason="needs the byte dot product (VNNI or AVX2)")
-
-
-def _byte_case(bits: int, *rest):
-    """(bits, *rest) as a test case, skipped where the byte dot product cannot take codes that wide (8 on AVX2)."""
-    wide = bits > byte_dot_max_bits()
-    return pytest.param(bits, *rest, marks=pytest.mark.skipif(wide, reason="AVX2 byte pairs saturate at 8 bits"))
 
 
 def _packed(rows: int, cols: int, bits: int, g: int) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +135,7 @@ def test_scalar_conversions():
 @needs_vnni
 @needs_f16c
 @pytest.mark.parametrize("bits,g,asym,split", [(2, 128, True, False), (3, 64, True, False), (4, 32, False, False),
-                                               (5, 128, True, True), _byte_case(8, 64, False, True),
+                                               (5, 128, True, True), byte_dot_case(8, 8, 64, False, True),
                                                (6, 32, True, False)])
 def test_row_fdot8(bits, g, asym, split):
     @nb.njit

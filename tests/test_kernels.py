@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from lbtest import byte_dot_case
 
 from lowbit.formats.qtypes import REGISTRY, QType, pack_codes
 from lowbit.formats.reader import StoredTensor
@@ -326,15 +327,9 @@ def test_linear_many_fuses_same_type_products_and_matches_linear(name, n):
 
 
 def _byte_mode_cases(names, modes):
-    """(name, mode) pairs, those the host cannot run skipped (byte modes: VNNI, or AVX2 up to 6-bit types)."""
-    out = []
-    for name in names:
-        for m in modes:
-            bits = REGISTRY[name].bits
-            ok = m == "int16" or cpu_quant.byte_dot_serves(bits)
-            out.append(pytest.param(name, m, id=f"{name}-{m}", marks=pytest.mark.skipif(
-                not ok, reason=f"the byte kernels of {bits}-bit codes need AVX-512 VNNI / AVX-VNNI (or AVX2 below 8)")))
-    return out
+    """(name, mode) pairs; the byte modes skipped where the host cannot run them for that type."""
+    return [byte_dot_case(REGISTRY[n].bits, n, m, id=f"{n}-{m}") if m != "int16" else pytest.param(n, m, id=f"{n}-{m}")
+            for n in names for m in modes]
 
 
 @pytest.mark.parametrize("name,mode", _byte_mode_cases(
