@@ -12,7 +12,7 @@ from lowbit.errors import FormatError
 from lowbit.formats.layout import EXTRA_SUFFIXES
 from lowbit.formats.qtypes import PLANES
 from lowbit.formats.reader import StoredTensor
-from lowbit.kernels import act_quant, cpu, cpu_attention, cpu_kv, cpu_quant, hadamard, packed
+from lowbit.kernels import act_quant, cpu, cpu_attention, cpu_attention_batch, cpu_kv, cpu_quant, hadamard, packed
 from lowbit.kernels.ref import dequantize
 from lowbit.kernels.timing import kernel_call
 
@@ -392,6 +392,38 @@ def attention(
         if ahead is not None:
             ahead.wait("attention")
         kernel_call(cpu_attention.attention, *args)
+    return out
+
+
+def _padded_layers(layers: list[tuple]) -> tuple[tuple, ...]:
+    """The layers' four arrays as four tuples of SMALL_BATCH entries (cpu_attention_batch: one kernel per cache
+    format whatever the batch size; the padding repeats the first layer and is not read)."""
+    if not 0 < len(layers) <= SMALL_BATCH:
+        raise ValueError(f"a decode pass takes 1..{SMALL_BATCH} sequences, got {len(layers)}")
+    layers = [(lay[0], _NO_SCALES, lay[1], _NO_SCALES) if len(lay) == 2 else lay for lay in layers]
+    layers += [layers[0]] * (SMALL_BATCH - len(layers))
+    return tuple(zip(*layers))
+
+
+def rope_qk_kv_write_steps(q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+                           layers: list[tuple], starts: list[int]) -> None:
+    """rope_qk_kv_write of row b of q, k, v at position starts[b] into layers[b] (each as in kv_write; cos and
+    sin the whole tables), for every row: one decode step of several sequences in one kernel call."""
+    kds, kss, vds, vss = _padded_layers(layers)
+    kernel = cpu_attention_batch.kernels()[0]
+    kernel_call(kernel, q, k, v, cos, sin, kds, kss, vds, vss, np.asarray(starts, dtype=np.int64), len(layers))
+
+
+def attention_steps(q: np.ndarray, layers: list[tuple], starts: list[int], scale: float, window: int = 0,
+                    softcap: float = 0.0) -> np.ndarray:
+    """attention of row b of q [S, n_heads, hd] at position starts[b] over layers[b], for every row, in one
+    kernel call; each row's numbers are a lone decode step's (cpu_attention_batch)."""
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    out = np.empty_like(q)
+    kds, kss, vds, vss = _padded_layers(layers)
+    kernel = cpu_attention_batch.kernels()[1]
+    kernel_call(kernel, out, q, kds, kss, vds, vss, np.asarray(starts, dtype=np.int64), len(layers),
+                np.float32(scale), window, np.float32(softcap), DECODE_CHUNK)  # fmt: skip
     return out
 
 

@@ -123,6 +123,18 @@ class CpuOps:
             ahead = self.compile_ahead = None
         return dispatch.attention(q, tuple(layer), start, scale, window, softcap, ahead, self.prompt_pass)
 
+    def rope_and_cache_steps(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+                             rot: int, layers: list, starts: list[int]) -> None:
+        """rope_and_cache of row b of q, k, v at position starts[b] into layers[b]: a decode step of several
+        sequences, each with its own cache (one kernel call)."""
+        qr = q if rot == q.shape[2] else q[:, :, :rot]
+        dispatch.rope_qk_kv_write_steps(qr, k, v, cos, sin, [tuple(layer) for layer in layers], starts)
+
+    def attend_steps(self, q: np.ndarray, layers: list, starts: list[int], scale: float, window: int,
+                     softcap: float) -> np.ndarray:
+        """attend of row b of q at position starts[b] over layers[b], for every row (one kernel call)."""
+        return dispatch.attention_steps(q, [tuple(layer) for layer in layers], starts, scale, window, softcap)
+
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return dispatch.silu_mul(gate, up, self.prompt_pass)
 

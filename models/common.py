@@ -138,3 +138,11 @@ class Segments:
         ends = np.cumsum(lengths)
         self.parts = [(c, int(s), int(e - n), int(e)) for c, s, n, e in zip(caches, starts, lengths, ends)]
         self.last_rows = ends - 1  # the row whose logits continue each sequence
+        # a decode step of each sequence (one row each): the backend takes them in one kernel call per layer
+        self.steps = all(n == 1 for n in lengths)
+        self.starts = [int(s) for s in starts]
+        self.caches = list(caches)
+
+    def layers(self, li: int) -> list:
+        """Layer ``li`` of each sequence's cache."""
+        return [c.layer(li) for c in self.caches]

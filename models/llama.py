@@ -145,15 +145,21 @@ class Model:
 
     def rope_and_cache(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, li: int, start: int, cache) -> None:
         """RoPE of q and k at positions start.., then k and v into layer li of the cache."""
+        cos, sin = self.rope_for(li)
         if isinstance(cache, Segments):
+            if cache.steps:  # one token of each sequence: one call for all
+                self.ops.rope_and_cache_steps(q, k, v, cos, sin, self.rot, cache.layers(li), cache.starts)
+                return
             for c, s, a, b in cache.parts:
                 self.rope_and_cache(q[a:b], k[a:b], v[a:b], li, s, c)
             return
-        cos, sin = self.rope_for(li)
         self.ops.rope_and_cache(q, k, v, cos, sin, self.rot, cache.layer(li), start)
 
     def attend(self, q: np.ndarray, li: int, start: int, cache) -> np.ndarray:
         if isinstance(cache, Segments):
+            if cache.steps:
+                return self.ops.attend_steps(q, cache.layers(li), cache.starts, self.scale, self.args.window(li),
+                                             self.attn_softcap)  # fmt: skip
             return np.concatenate([self.attend(q[a:b], li, s, c) for c, s, a, b in cache.parts])
         return self.ops.attend(q, cache.layer(li), start, self.scale, self.args.window(li), self.attn_softcap)
 

@@ -85,16 +85,22 @@ class Scheduler:
         self.slots: list[Slot] = []
         self.active: list[Active] = []
         self.on_event = on_event or (lambda active, event: None)
+        self.on_batch: Callable[[int], None] = lambda rows: None  # each decode pass's rows (metrics)
+
+    def prepare(self) -> None:
+        """With several slots: the weights unpacked for batched decoding and a batched pass's kernels compiled (or
+        loaded), so that the first concurrent clients do not wait for them. Call it on the thread that will step
+        (the worker's): see runtime/server/worker.py on why all forward passes keep to one thread."""
+        if self.parallel == 1:
+            return
         pack = getattr(self.model, "pack_for_batches", None)
-        if self.parallel > 1 and pack is not None:
+        if pack is not None:
             t0 = time.perf_counter()
             added = pack()
             if added:
                 log.info("weights unpacked for batched decoding: %.0f MB in %.1f s", added / 2**20,
                          time.perf_counter() - t0)  # fmt: skip
-        if self.parallel > 1:  # a batched pass's kernels compiled now, not while the first clients wait
-            engine.warm_up_batches()
-        self.on_batch: Callable[[int], None] = lambda rows: None  # each decode pass's rows (metrics)
+        self.engine.warm_up_batches()
 
     # ------------------------------------------------------------------ admission
     @property

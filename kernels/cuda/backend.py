@@ -91,6 +91,11 @@ class CudaOps:
         keys, values = layer
         return cd.attention(q, keys, values, start, scale, window, softcap)
 
+    def rope_and_cache_steps(self, q, k, v, cos, sin, rot: int, layers: list, starts: list[int]) -> None:
+        raise NotImplementedError("decode passes of several sequences run on the CPU (the server serves one at a time)")
+
+    attend_steps = rope_and_cache_steps
+
     def silu_mul(self, gate, up):
         return cd.silu_mul(gate, up)
 

@@ -164,18 +164,20 @@ def create_app(
     parallel: int = DEFAULT_PARALLEL,
     cache_ram: int = DEFAULT_CACHE_RAM,
     max_queue: int = DEFAULT_MAX_QUEUE,
+    warm_up: bool = False,
 ) -> FastAPI:
-    """The OpenAI-compatible app for ``engine``. Its generation worker runs while the app's lifespan does."""
+    """The OpenAI-compatible app for ``engine``. Its generation worker runs while the app's lifespan does; its
+    start-up waits for the worker's preparation (``warm_up``: the first reply's kernels too)."""
     try:
         created = int(engine.path.stat().st_mtime)
     except OSError:
         created = P.now()
     config = ServerConfig(model_name or engine.path.stem, api_key or None, max_body_bytes, created)
-    worker = Worker(engine, parallel, cache_ram, max_queue)
+    worker = Worker(engine, parallel, cache_ram, max_queue, warm_up)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        worker.start()
+        await run_in_threadpool(worker.start)
         try:
             yield
         finally:
