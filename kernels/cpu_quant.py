@@ -290,10 +290,10 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
                 wb, dsc, nmc = pack_block(codes, scales, mins, r0, asym, bits, g, br)
                 t0 = 0
                 while t0 + tt <= t_n:
-                    tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, br, tt)
+                    tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, split, br, tt)
                     t0 += tt
                 while t0 < t_n:
-                    tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, br, 1)
+                    tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, split, br, 1)
                     t0 += 1
             else:
                 r = nblk * br + (i - nblk)

@@ -90,16 +90,16 @@ def _matmul(bits: int, g: int, split: bool):
             if i < nblk:  # tiles of tt, then 4, 2 and 1 tokens (a decode pass has 2..8)
                 t0 = 0
                 while t0 + tt <= t_n:
-                    tile_gemm(y, wb[i], dsc[i], nmc[i], xh, xl, dxT, xsT, i * br, t0, g, split, br, tt)
+                    tile_gemm(y, wb[i], dsc[i], nmc[i], xh, xl, dxT, xsT, i * br, t0, bits, g, split, br, tt)
                     t0 += tt
                 if tt > 4 and t0 + 4 <= t_n:
-                    tile_gemm(y, wb[i], dsc[i], nmc[i], xh, xl, dxT, xsT, i * br, t0, g, split, br, 4)
+                    tile_gemm(y, wb[i], dsc[i], nmc[i], xh, xl, dxT, xsT, i * br, t0, bits, g, split, br, 4)
                     t0 += 4
                 if t0 + 2 <= t_n:
-                    tile_gemm(y, wb[i], dsc[i], nmc[i], xh, xl, dxT, xsT, i * br, t0, g, split, br, 2)
+                    tile_gemm(y, wb[i], dsc[i], nmc[i], xh, xl, dxT, xsT, i * br, t0, bits, g, split, br, 2)
                     t0 += 2
                 if t0 < t_n:
-                    tile_gemm(y, wb[i], dsc[i], nmc[i], xh, xl, dxT, xsT, i * br, t0, g, split, br, 1)
+                    tile_gemm(y, wb[i], dsc[i], nmc[i], xh, xl, dxT, xsT, i * br, t0, bits, g, split, br, 1)
             else:
                 r = nblk * br + (i - nblk)
                 for t in range(t_n):

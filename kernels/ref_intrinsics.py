@@ -89,7 +89,7 @@ def unpack_row(crow, cols: int, bits: int, g: int) -> np.ndarray:
     return unpack_codes(raw, quant_type(bits, g, True), cols)[0].astype(np.uint8)
 
 
-def tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, R, T) -> np.ndarray:
+def tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, split, R, T) -> np.ndarray:
     """A copy of y with y[t0:t0+T, r0:r0+R] = the interleaved block wb ([group][chunk of 4][row][4] codes) times
     tokens t0..t0+T-1: Σ_g dsc[g, r] · dxT[g, t] · (u_r · x_t) + nmc[g, r] · xsT[g, t]."""
     ng = dsc.shape[0]

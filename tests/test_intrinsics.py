@@ -22,7 +22,7 @@ from lowbit.kernels.ir.simd import (
     quad_fdot,
     quad_fdot_unpacked,
 )
-from lowbit.kernels.ir.vnni import byte_dot_max_bits, host_has_avx512_vnni, host_has_byte_dot, row_fdot8
+from lowbit.kernels.ir.vnni import host_has_avx512_vnni, host_has_byte_dot, row_fdot8
 
 RNG = np.random.default_rng(7)
 # (bits, group) pairs: every bit-width once, every group size more than once (one compile each)
@@ -172,19 +172,21 @@ def _interleave(u: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(u.reshape(r_n, cols // 4, 4).transpose(1, 0, 2).reshape(-1)).astype(np.uint8)
 
 
-@needs_vnni
 @pytest.mark.parametrize("split", [False, True])
-def test_byte_dot_is_exact_at_its_extremes(split):
-    """The largest codes the host multiplies exactly (127 on AVX2, whose vpmaddubsw pair sums saturate at 2**15 − 1;
-    255 with VNNI) times the extreme activation bytes (−128, 127; int8 activations stay in ±127, split's low byte
-    reaches −128), through the prompt GEMM: the integer sums exactly (a saturated pair would be ~50% off)."""
-    g, R = 64, 16 if host_has_avx512_vnni() else 8
+@pytest.mark.parametrize("bits", [byte_dot_case(b, b, id=f"{b}bit") for b in (2, 3, 4, 5, 6, 8)])
+def test_byte_dot_is_exact_at_its_extremes(bits, split):
+    """The largest codes of each width the host multiplies exactly (below 8 bits on AVX2, whose vpmaddubsw pair sums
+    saturate at 2**15 − 1; 8 with VNNI) times the extreme activation bytes (−128, 127; int8 activations stay in
+    ±127, split's low byte reaches −128), through the prompt GEMM over groups of 128 (32 chunks): the integer sums
+    exactly — a saturated pair, or 16-bit pair sums added over more chunks than ``fused_chunks(bits)`` allows
+    (AVX2), would be far off (with 255-codes on AVX2: 1,048,544 instead of 2,072,640)."""
+    g, R = 128, 16 if host_has_avx512_vnni() else 8
 
     @nb.njit
     def call(y, wb, dsc, nmc, xh, xl, dxT, xsT):
-        tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, 0, 0, g, split, R, 4)
+        tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, 0, 0, bits, g, split, R, 4)
 
-    top = (1 << byte_dot_max_bits()) - 1
+    top = (1 << bits) - 1
     wb = np.full(g * R, top, dtype=np.uint8)
     dsc, nmc = np.ones((1, R), dtype=np.float32), np.zeros((1, R), dtype=np.float32)
     pairs = [(127, 127), (-128, -128), (127, -128), (-127, 127)]
@@ -197,17 +199,18 @@ def test_byte_dot_is_exact_at_its_extremes(split):
 
 
 @needs_vnni
+@pytest.mark.parametrize("bits", [2, 4, 6])
 @pytest.mark.parametrize("g,split,R,T", [(32, False, 16, 1), (64, True, 8, 5), (128, False, 16, 12)])
-def test_tile_gemm(g, split, R, T):
+def test_tile_gemm(g, split, R, T, bits):
     R = R if host_has_avx512_vnni() else 8  # 16-row blocks are 512-bit lanes
 
     @nb.njit
     def call(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0):
-        tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, R, T)
+        tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, split, R, T)
 
     ng, tokens, rows = 3, T + 2, R + 5
     cols = ng * g
-    u = RNG.integers(0, 1 << byte_dot_max_bits(), size=(R, cols)).astype(np.uint8)
+    u = RNG.integers(0, 1 << bits, size=(R, cols)).astype(np.uint8)
     wb = _interleave(u)
     dsc = RNG.uniform(0.01, 0.1, (ng, R)).astype(np.float32)
     nmc = RNG.uniform(-1, 1, (ng, R)).astype(np.float32)
@@ -216,7 +219,7 @@ def test_tile_gemm(g, split, R, T):
     dxT = RNG.uniform(1e-4, 1e-3, (ng, tokens)).astype(np.float32)
     xsT = RNG.uniform(-5, 5, (ng, tokens)).astype(np.float32)
     y = RNG.standard_normal((tokens, rows)).astype(np.float32)
-    want = ref.tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, 3, 1, g, split, R, T)
+    want = ref.tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, 3, 1, bits, g, split, R, T)
     call(y, wb, dsc, nmc, xh, xl, dxT, xsT, 3, 1)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-3)
 

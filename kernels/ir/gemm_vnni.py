@@ -22,7 +22,7 @@ from numba import types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
-from lowbit.kernels.ir.vnni import check_literals, codes_ir, dpbusd
+from lowbit.kernels.ir.vnni import byte_pairs, check_literals, codes_ir, dpbusd, fused_chunks, widen_pairs
 
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
@@ -59,15 +59,18 @@ def unpack_row(typingctx, dst, crow, bits, g):
 
 
 @intrinsic
-def tile_gemm(typingctx, y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, R, T):
-    """See the module docstring: y[t0:t0+T, r0:r0+R] from one interleaved block and T tokens."""
-    _, glen = check_literals(types.literal(8), g, split)
+def tile_gemm(typingctx, y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, split, R, T):
+    """See the module docstring: y[t0:t0+T, r0:r0+R] from one interleaved block of ``bits``-bit codes and T
+    tokens. On AVX2 (no VNNI) the chunks' 16-bit pair sums are added in 16 bits, ``fused_chunks(bits)`` at a time,
+    before one widening multiply-add (vnni.fused_chunks): the same integers, half the multiplies."""
+    nbits, glen = check_literals(bits, g, split)
     is_split = split.literal_value
     nr, nt = _literal(R, "R"), _literal(T, "T")
     if nr not in (8, 16) or not 1 <= nt <= 12:
         raise errors.TypingError(f"tile_gemm: unsupported tile of {nr} rows by {nt} tokens")
-    sig = types.void(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, R, T)
+    sig = types.void(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, split, R, T)
     chunks = glen // 4
+    fuse = fused_chunks(nbits) if nr == 8 else 1
 
     def codegen(context, builder, signature, args):
         def arr(i):
@@ -110,13 +113,22 @@ def tile_gemm(typingctx, y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, g, split, R,
             lo = [zero] * nt
             wbase = builder.mul(gi, c64(chunks * nr * 4))
             xbase = builder.mul(gi, c64(glen))
+            pairs_hi, pairs_lo = [None] * nt, [None] * nt  # 16-bit pair sums of the chunks not yet widened
+            parts = ((hi, pairs_hi, ha), (lo, pairs_lo, la)) if is_split else ((hi, pairs_hi, ha),)
             for c in range(chunks):
                 w = load_vec(wa.data, builder.add(wbase, c64(c * nr * 4)), vi, 4)
+                widen = c % fuse == fuse - 1 or c == chunks - 1
                 for t in range(nt):
                     xoff = builder.add(xrow[t], builder.add(xbase, c64(4 * c)))
-                    hi[t] = dpbusd(builder, hi[t], w, splat(load_vec(ha.data, xoff, _I32, 1)))
-                    if is_split:
-                        lo[t] = dpbusd(builder, lo[t], w, splat(load_vec(la.data, xoff, _I32, 1)))
+                    for acc, pairs, xa_ in parts:
+                        xv = splat(load_vec(xa_.data, xoff, _I32, 1))
+                        if fuse == 1:
+                            acc[t] = dpbusd(builder, acc[t], w, xv)
+                            continue
+                        p = byte_pairs(builder, w, xv)
+                        pairs[t] = p if c % fuse == 0 else builder.add(pairs[t], p)
+                        if widen:
+                            acc[t] = widen_pairs(builder, acc[t], pairs[t])
             for t in range(nt):
                 acc = hi[t]
                 if is_split:

@@ -108,11 +108,33 @@ def dpbusd(builder, acc, u, x):
         return builder.call(fn, [acc, builder.bitcast(u, vt), builder.bitcast(x, vt)])
     if vt.count != 8:
         raise errors.TypingError("the AVX2 byte dot product is 256 bits wide")
+    return widen_pairs(builder, acc, byte_pairs(builder, u, x))
+
+
+def fused_chunks(bits: int) -> int:
+    """How many byte dot products of ``bits``-bit codes may add their 16-bit pair sums (``vpmaddubsw``) in 16 bits
+    before one ``vpmaddwd`` widens them, exactly: k · 2 · (2**bits − 1) · 128 <= 2**15 − 1 (4-bit codes: 8 chunks,
+    a group of 32 in the prompt GEMM's layout; 3-bit: 16; 2-bit: 42). 1 with VNNI, whose ``vpdpbusd`` widens
+    itself. On AVX2 this halves the multiplies per chunk (one ``vpmaddubsw`` and an add instead of two multiplies
+    and an add)."""
+    if host_has_vnni():
+        return 1
+    return max(1, 32767 // (2 * ((1 << bits) - 1) * 128))
+
+
+def byte_pairs(builder, u, x):
+    """<16 x i16> ``vpmaddubsw(u, x)``: neighbouring products of unsigned u and signed x bytes (<32 x i8> or their
+    <8 x i32> bitcasts) summed in pairs (saturating; callers keep codes within :func:`byte_dot_max_bits`)."""
     vb = ir.VectorType(_I8, 32)
     vw = ir.VectorType(_I16, 16)
     ubsw = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vw, [vb, vb]), "llvm.x86.avx2.pmadd.ub.sw")
-    wd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vw, vw]), "llvm.x86.avx2.pmadd.wd")
-    pairs = builder.call(ubsw, [builder.bitcast(u, vb), builder.bitcast(x, vb)])
+    return builder.call(ubsw, [builder.bitcast(u, vb), builder.bitcast(x, vb)])
+
+
+def widen_pairs(builder, acc, pairs):
+    """acc (<8 x i32>) + ``vpmaddwd(pairs, 1)``: neighbouring 16-bit lanes summed into 32 bits."""
+    vw = pairs.type
+    wd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(acc.type, [vw, vw]), "llvm.x86.avx2.pmadd.wd")
     return builder.add(acc, builder.call(wd, [pairs, ir.Constant(vw, [1] * 16)]))
 
 
