@@ -132,6 +132,29 @@ def test_scalar_conversions():
         assert got.view(np.int32) == want.view(np.int32) or (np.isnan(got) and np.isnan(want)), h
 
 
+@needs_f16c
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("bits", [byte_dot_case(b, b, id=f"{b}bit") for b in (2, 3, 4, 5, 6, 8)])
+def test_row_fdot8_is_exact_at_its_extremes(bits, split):
+    """The decode row kernel with the largest codes of each width times extreme activation bytes over groups of 128
+    (four 32-byte chunks, whose 16-bit pair sums AVX2 adds before widening, ``fused_chunks(bits)`` at a time): the
+    integer sums exactly."""
+    g = 128
+
+    @nb.njit
+    def call(crow, scales, mins, xh, xl, dx, xs):
+        return row_fdot8(crow, scales, mins, 0, xh, xl, dx, xs, bits, g, False, split)
+
+    top = (1 << bits) - 1
+    crow = np.ascontiguousarray(pack_codes(np.full((1, g), top, dtype=np.int32), quant_type(bits, g, True)))[0]
+    ones = np.full((1, 1), 0x3C00, dtype=np.uint16)  # float16 1.0
+    for hi, lo in ((127, 127), (-128, -128), (127, -128), (-127, 127)):
+        hi = hi if split else max(hi, -127)
+        xh, xl = np.full(g, hi, dtype=np.int8), np.full(g, lo, dtype=np.int8)
+        got = call(crow, ones, ones, xh, xl, np.ones(1, np.float32), np.zeros(1, np.float32))
+        assert got == top * g * (256 * hi + lo if split else hi), (hi, lo, got)
+
+
 @needs_vnni
 @needs_f16c
 @pytest.mark.parametrize("bits,g,asym,split", [(2, 128, True, False), (3, 64, True, False), (4, 32, False, False),

@@ -143,14 +143,27 @@ def _load_bytes(builder, ptr, offset: int, n: int):
     return builder.load(builder.bitcast(p, ir.VectorType(_I8, n).as_pointer()), align=1)
 
 
-def _group_acc(builder, u, xh, xl, g: int, split: bool):
-    """<8 x i32> lanes summing to u · x over one group (x = 256·xh + xl when split, else xh)."""
+def _group_acc(builder, u, xh, xl, bits: int, g: int, split: bool):
+    """<8 x i32> lanes summing to u · x over one group (x = 256·xh + xl when split, else xh). On AVX2 the chunks'
+    16-bit pair sums are added before widening, :func:`fused_chunks` at a time."""
     chunk = min(g, WIDE)
     vt = ir.VectorType(_I32, chunk // 4)
     hi = lo = ir.Constant(vt, [0] * vt.count)
-    for c0 in range(0, g, chunk):
+    fuse = fused_chunks(bits) if chunk == WIDE else 1
+    n = g // chunk
+    pairs = [None, None]
+    for c, c0 in enumerate(range(0, g, chunk)):
         uc = u if chunk == g else builder.shuffle_vector(
             u, u, ir.Constant(ir.VectorType(_I32, chunk), list(range(c0, c0 + chunk))))
+        if fuse > 1:
+            for k, xp in enumerate((xh, xl) if split else (xh,)):
+                p = byte_pairs(builder, uc, _load_bytes(builder, xp, c0, chunk))
+                pairs[k] = p if c % fuse == 0 else builder.add(pairs[k], p)
+            if c % fuse == fuse - 1 or c == n - 1:
+                hi = widen_pairs(builder, hi, pairs[0])
+                if split:
+                    lo = widen_pairs(builder, lo, pairs[1])
+            continue
         hi = dpbusd(builder, hi, uc, _load_bytes(builder, xh, c0, chunk))
         if split:
             lo = dpbusd(builder, lo, uc, _load_bytes(builder, xl, c0, chunk))
@@ -226,7 +239,7 @@ def row_fdot8(typingctx, crow, scales, mins, r, xh, xl, dx, xs, bits, g, asym, s
             cptr = builder.gep(ca.data, [builder.mul(gi, ir.Constant(_I64, gbytes))])
             xoff = builder.mul(gi, ir.Constant(_I64, glen))
             iacc = _group_acc(builder, codes_ir(builder, cptr, nbits, glen), builder.gep(ha.data, [xoff]),
-                              builder.gep(la.data, [xoff]), glen, is_split)
+                              builder.gep(la.data, [xoff]), nbits, glen, is_split)
             builder.store(builder.call(fma8, [builder.sitofp(iacc, v8f), scale, builder.load(facc[k])]), facc[k])
 
         def prefetch(ptr, off):
