@@ -50,18 +50,20 @@ def rss(pid: int) -> int:
     return 0
 
 
-def random_model(shape: str, workdir: Path) -> Path:
-    """A random-weight 4-bit container of ``shape`` carrying the bundled model's tokenizer (to be served by text)."""
+def random_model(shape: str, workdir: Path, embed_bits: int | None) -> Path:
+    """A random-weight 4-bit container of ``shape`` carrying the bundled model's tokenizer (to be served by text), in
+    the layout `lowbit convert --bits 4` writes (groups of 32, the embedding at its default width), or with the
+    embedding (the tied head of a 1B model: a quarter of its weights) at ``embed_bits``."""
     from lowbit.convert.converter import ConvertOptions
     from lowbit.formats.reader import Container
     from lowbit.runtime.engine import default_model_path
     from lowbit.runtime.measure.bench_model import build_random_container
 
-    out = workdir / f"{shape}-q4-tok.lowbit"
+    out = workdir / f"{shape}-q4-e{embed_bits or 'default'}-tok.lowbit"
     if not out.exists():
         c = Container(default_model_path())
-        opts = ConvertOptions(bits=4, group_size=64, embed_bits=8)  # the layout `lowbit bench` builds
-        build_random_container(shape, opts, out, tokenizer=(c.meta["tokenizer"], c.blobs()))
+        build_random_container(shape, ConvertOptions(bits=4, embed_bits=embed_bits), out,
+                               tokenizer=(c.meta["tokenizer"], c.blobs()))  # fmt: skip
     return out
 
 
@@ -182,6 +184,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default=None, help="a .lowbit file (default: the bundled model)")
     ap.add_argument("--shape", default=None, help="serve a random-weight 4-bit model of this shape instead")
+    ap.add_argument("--embed-bits", type=int, default=None,
+                    help="with --shape: the embedding's width (default: lowbit convert's)")  # fmt: skip
     ap.add_argument("--clients", default="1,2,4,8,16")
     ap.add_argument("--requests", type=int, default=3, help="requests per client per round (default 3)")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -195,7 +199,7 @@ def main() -> None:
     if a.shape:
         workdir = Path(os.path.expanduser(a.workdir))
         workdir.mkdir(parents=True, exist_ok=True)
-        model = random_model(a.shape, workdir)
+        model = random_model(a.shape, workdir, a.embed_bits)
     server = Server(model, a.parallel, a.threads)
     try:
         chat(httpx.Client(base_url=server.base, timeout=600), "Hello", 8)  # warm: kernels compiled
