@@ -91,11 +91,13 @@ def serve_command(args) -> int:
                         kv=getattr(args, "kv_bits", None), verify=getattr(args, "verify", True),
                         context_shift=getattr(args, "context_shift", False))
         # kernels compiled (a cold start) or loaded before the port answers, so the first request does not wait:
-        # by the generation worker when the app starts (all forward passes on its thread: runtime/server/worker.py)
+        # by the generation worker, started here so that a failure is this command's error (all forward passes
+        # run on its thread: runtime/server/worker.py); the app's start-up then finds it running
         engine.compile_notice = CompileNotice.for_engine(engine, live=False)
         app = create_app(engine, model_name=args.model_name, api_key=args.api_key, loopback=_is_loopback(args.host),
                          cors=tuple(getattr(args, "cors", None) or ()), parallel=parallel, cache_ram=cache_ram << 20,
                          max_queue=max_queue, warm_up=True)  # fmt: skip
+        app.state.worker.start()
     except BaseException:
         sock.close()
         raise
