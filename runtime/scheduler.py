@@ -4,9 +4,11 @@ The scheduler owns a pool of KV-cache *slots*. A request joins between steps whe
 takes the idle slot whose cached tokens share the longest prefix with its prompt (any earlier conversation, not only
 the last one), so only the rest of its prompt is computed. Each :meth:`Scheduler.step`:
 
-1. prefills one chunk (at most ``prefill_chunk`` tokens) of the oldest request still reading its prompt, alone in
-   its forward pass and chunked as ``Engine.prefill`` chunks, so a long prompt never stalls the others for more
-   than one chunk;
+1. prefills the next chunk of the requests still reading their prompts, oldest first, as many as fit in
+   ``prefill_chunk`` tokens together (at least one), in one forward pass of prompt kernels whose rows do not depend
+   on what shares the pass (each sequence gets the numbers of its own prefill, chunked as ``Engine.prefill``
+   chunks), so requests arriving together start together and a long prompt never stalls the others for more than
+   one chunk;
 2. advances every decoding sequence by one token, in forward passes of at most ``dispatch.SMALL_BATCH`` rows: with
    the weights packed for batches (kernels/packed.py, where the CPU has the byte dot product) a pass runs as the
    prompt GEMM, reading each weight once for all rows (a sequence's logits then differ from its lone decode by
@@ -195,7 +197,7 @@ class Scheduler:
         prefilling = [a for a in self.active if a.pending]
         decoding = [a for a in self.active if not a.pending]
         if prefilling:
-            finished += self._prefill(prefilling[0])
+            finished += self._prefill(self._prefill_group(prefilling))
         for i in range(0, len(decoding), dispatch.SMALL_BATCH):
             finished += self._decode(decoding[i : i + dispatch.SMALL_BATCH])
         return finished
@@ -213,18 +215,39 @@ class Scheduler:
                 out.append(Finished(a, "error", e))
             return out
 
-    def _prefill(self, a: Active) -> list[Finished]:
-        def run():
-            chunk = a.pending[: self.prefill_chunk]
-            start = len(a.slot.tokens)
-            logits = self.model.forward(np.array(chunk), start, a.slot.cache, prompt=True)
-            a.slot.tokens += chunk
-            a.slot.prompted = len(a.slot.tokens)
-            a.pending = a.pending[len(chunk) :]
-            a.prefilled += len(chunk)
-            return [] if a.pending else self._advance(a, logits[0])
+    def _prefill_group(self, prefilling: list[Active]) -> list[tuple[Active, list[int]]]:
+        """The prompt chunks of the next prefill pass: the oldest request's next chunk, then the others' (each up to
+        a whole chunk and within what its cache takes in one pass) while the total stays within prefill_chunk."""
+        group, room = [], self.prefill_chunk
+        for a in prefilling:
+            n = min(len(a.pending), self.prefill_chunk, getattr(a.slot.cache, "max_tokens", self.prefill_chunk))
+            if group and n > room:
+                break
+            group.append((a, a.pending[:n]))
+            room -= n
+        return group
 
-        return self._guard([a], run)
+    def _prefill(self, group: list[tuple[Active, list[int]]]) -> list[Finished]:
+        def run():
+            starts = [len(a.slot.tokens) for a, _ in group]
+            tokens = np.array([t for _, chunk in group for t in chunk])
+            if len(group) == 1:
+                a = group[0][0]
+                logits = self.model.forward(tokens, starts[0], a.slot.cache, prompt=True)
+            else:
+                segs = Segments([a.slot.cache for a, _ in group], starts, [len(chunk) for _, chunk in group])
+                logits = self.model.forward(tokens, None, segs, prompt=True)
+            out = []
+            for (a, chunk), row in zip(group, logits):
+                a.slot.tokens += chunk
+                a.slot.prompted = len(a.slot.tokens)
+                a.pending = a.pending[len(chunk) :]
+                a.prefilled += len(chunk)
+                if not a.pending:
+                    out += self._advance(a, row)
+            return out
+
+        return self._guard([a for a, _ in group], run)
 
     def _decode(self, group: list[Active]) -> list[Finished]:
         def run():

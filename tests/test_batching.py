@@ -294,3 +294,55 @@ def test_every_forward_pass_of_a_server_runs_on_its_generation_thread(monkeypatc
     with pytest.raises(LowbitError, match="no room"):
         worker.start()
     assert worker._thread is None
+
+
+def test_prompts_waiting_together_are_prefilled_in_one_pass_with_their_own_numbers(monkeypatch):
+    """Requests that arrive together have their prompts' next chunks computed in one forward pass (as many as fit in
+    one chunk's tokens, the oldest first; a longer one waits for the next step), and each gets the logits of its own
+    prefill: bit for bit where every weight runs the integer prompt GEMM (the toy's 4-bit weights on a CPU with the
+    byte dot product), closely elsewhere."""
+    from lbtest import integer_gemm_everywhere
+
+    from lowbit.models.common import Segments
+
+    engine = Engine(TOY_MODEL, threads=1)
+    sched = Scheduler(engine, parallel=4, cache_ram=1 << 30)
+    sched.prefill_chunk = 64
+    passes, seen = [], []
+    forward = engine.model.forward
+
+    def spy(tokens, pos, cache, **kw):
+        passes.append((len(tokens), [b - a for _, _, a, b in cache.parts] if isinstance(cache, Segments) else None))
+        return forward(tokens, pos, cache, **kw)
+
+    monkeypatch.setattr(engine.model, "forward", spy)
+
+    class Job:
+        cancelled = False
+
+    prompts = [engine.tokenizer.encode(t) for t in ("Apples and pears grow on trees in the old garden.",
+               "Trains leave the station at noon.", "A much longer prompt " * 8)]  # fmt: skip
+    for p in prompts:
+        seq = SequenceState(engine.tokenizer, engine.eos_ids, engine.args.vocab_size, p, SamplingParams(temperature=0),
+                            1)  # fmt: skip
+
+        def first(logits, seq=seq):  # keep the first token's logits and end there
+            seen.append(np.array(logits))
+            seq.done, seq.finish_reason = True, "length"
+            return []
+
+        seq.step = first
+        sched.admit(Job(), seq)
+    sched.step()
+    n0, n1, n2 = (len(p) for p in prompts)
+    assert n0 + n1 <= 64 < n0 + n1 + min(n2, 64)
+    assert passes[0] == (n0 + n1, [n0, n1])  # the third does not fit beside them
+    sched.step()
+    assert passes[1][0] == min(n2, 64)
+    assert len(seen) == 3
+    for p, got in zip(prompts, seen):
+        want = forward(np.array(p), 0, engine.model.new_cache(), prompt=True)[0]
+        if integer_gemm_everywhere(engine.model):
+            assert np.array_equal(got, want)
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
