@@ -223,6 +223,11 @@ def linear_many(ws: list[Weight], x: np.ndarray) -> list[np.ndarray]:
 # the empty third matrix of a two-matrix fused call (read-only: nothing is ever written to 0 rows)
 _NO_ROWS_Y = np.empty(0, dtype=np.float32)
 _NO_SCALES = np.empty((0, 0, 0), dtype=np.uint16)  # a float cache's scales
+
+
+def _four(layer: tuple) -> tuple:
+    """A layer's (key data, key scales, value data, value scales); a float32 pair (keys, values) gets empty scales."""
+    return (layer[0], _NO_SCALES, layer[1], _NO_SCALES) if len(layer) == 2 else tuple(layer)
 _NO_ROWS_CODES = np.empty((0, 1), dtype=np.uint8)
 _NO_ROWS_SCALES = np.empty((0, 1), dtype=np.uint16)
 
@@ -380,10 +385,7 @@ def attention(
     prompt pass: each query's numbers must not depend on how many share the pass)."""
     q = np.ascontiguousarray(q, dtype=np.float32)  # the kernels' SIMD loads need C-contiguous rows
     out = np.empty_like(q)
-    if len(layer) == 2:
-        k, v = layer
-        layer = (k, _NO_SCALES, v, _NO_SCALES)
-    args = (out, q, *layer, start, np.float32(scale), window, np.float32(softcap))
+    args = (out, q, *_four(layer), start, np.float32(scale), window, np.float32(softcap))
     if q.shape[0] == 1 and start + 1 > DECODE_CHUNK and not prompt:
         if ahead is not None:
             ahead.wait("attention_decode")
@@ -400,7 +402,7 @@ def _padded_layers(layers: list[tuple]) -> tuple[tuple, ...]:
     format whatever the batch size; the padding repeats the first layer and is not read)."""
     if not 0 < len(layers) <= SMALL_BATCH:
         raise ValueError(f"a decode pass takes 1..{SMALL_BATCH} sequences, got {len(layers)}")
-    layers = [(lay[0], _NO_SCALES, lay[1], _NO_SCALES) if len(lay) == 2 else lay for lay in layers]
+    layers = [_four(lay) for lay in layers]
     layers += [layers[0]] * (SMALL_BATCH - len(layers))
     return tuple(zip(*layers))
 
