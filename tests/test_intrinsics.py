@@ -152,7 +152,10 @@ def test_row_fdot8_is_exact_at_its_extremes(bits, split):
         hi = hi if split else max(hi, -127)
         xh, xl = np.full(g, hi, dtype=np.int8), np.full(g, lo, dtype=np.int8)
         got = call(crow, ones, ones, xh, xl, np.ones(1, np.float32), np.zeros(1, np.float32))
-        assert got == top * g * (256 * hi + lo if split else hi), (hi, lo, got)
+        want = top * g * (256 * hi + lo if split else hi)
+        # the integer sums are exact; their float combination rounds once past 2^24 (8-bit split reaches 2^30): a
+        # 16-bit pair sum that saturated or wrapped would be off by far more than two float32 steps
+        assert abs(got - want) <= 2.0**-22 * abs(want), (hi, lo, got, want)
 
 
 @needs_vnni
