@@ -4,8 +4,9 @@ numba compiles one function at a time per process (a global compiler lock), and 
 kernels in the order the forward pass reaches them: the projections' integer GEMM, RoPE and the cache write, then
 attention — the largest (about 5 s of SmolLM2's 11 on this project's host). When attention is not in numba's
 on-disk cache yet, :func:`start` runs ``python -m lowbit.kernels.compile_ahead`` with the cache's formats: it
-compiles ``attention`` (prompt and short-context decode) then ``attention_decode`` (one token over a long context)
-into the same on-disk cache and prints each name as it is done. The forward pass, on reaching attention, waits for
+compiles ``attention_prompt`` (prompts: kernels/cpu_attention_prompt.py), ``attention`` (short-context decode) then
+``attention_decode`` (one token over a long context) into the same on-disk cache and prints each name as it is
+done. The forward pass, on reaching attention, waits for
 that line (:meth:`CompileAhead.wait`) and numba loads the kernel from disk instead of compiling it again. If the
 helper cannot start or dies, waiting ends and this process compiles as before.
 """
@@ -19,12 +20,12 @@ import threading
 
 import numpy as np
 
-from lowbit.kernels import cpu_attention
+from lowbit.kernels import cpu_attention, cpu_attention_prompt
 from lowbit.kernels.kv_formats import KVSpec
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("attention", "attention_decode")
+KERNELS = ("attention_prompt", "attention", "attention_decode")
 WAIT_SECONDS = 300.0  # longest wait for the helper's kernel before compiling it here
 
 
@@ -40,15 +41,21 @@ def _arguments(spec: KVSpec, name: str) -> tuple:
     return (*args, 8) if name == "attention_decode" else args
 
 
+def kernel(name: str):
+    """The attention kernel called ``name`` (one of :data:`KERNELS`)."""
+    return cpu_attention_prompt.kernels()[0] if name == "attention_prompt" else getattr(cpu_attention, name)
+
+
 def cached(spec: KVSpec) -> bool:
-    """Whether numba's on-disk cache holds ``attention`` for caches in ``spec``'s formats."""
-    kernel = cpu_attention.attention
+    """Whether numba's on-disk cache holds ``attention_prompt`` (a model's first attention) for caches in
+    ``spec``'s formats."""
+    kernel_ = kernel("attention_prompt")
     try:
-        sig = tuple(kernel.typeof_pyval(a) for a in _arguments(spec, "attention"))
-        cres = kernel._cache.load_overload(sig, kernel.targetctx)
+        sig = tuple(kernel_.typeof_pyval(a) for a in _arguments(spec, "attention_prompt"))
+        cres = kernel_._cache.load_overload(sig, kernel_.targetctx)
         if cres is None:
             return False
-        kernel.add_overload(cres)  # loaded now rather than again at the first call
+        kernel_.add_overload(cres)  # loaded now rather than again at the first call
         return True
     except Exception:  # numba internals moved: say cached, so nothing is started (logged)
         log.debug("cannot look into numba's cache", exc_info=True)
@@ -101,7 +108,7 @@ def start(spec: KVSpec) -> CompileAhead | None:
 def main(argv: list[str]) -> int:
     spec = KVSpec.parse(f"k{argv[0]},v{argv[1]}" if argv[0] != argv[1] else argv[0])
     for name in KERNELS:
-        getattr(cpu_attention, name)(*_arguments(spec, name))
+        kernel(name)(*_arguments(spec, name))
         print(name, flush=True)
     return 0
 

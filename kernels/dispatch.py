@@ -12,7 +12,17 @@ from lowbit.errors import FormatError
 from lowbit.formats.layout import EXTRA_SUFFIXES
 from lowbit.formats.qtypes import PLANES
 from lowbit.formats.reader import StoredTensor
-from lowbit.kernels import act_quant, cpu, cpu_attention, cpu_attention_batch, cpu_kv, cpu_quant, hadamard, packed
+from lowbit.kernels import (
+    act_quant,
+    cpu,
+    cpu_attention,
+    cpu_attention_batch,
+    cpu_attention_prompt,
+    cpu_kv,
+    cpu_quant,
+    hadamard,
+    packed,
+)
 from lowbit.kernels.ref import dequantize
 from lowbit.kernels.timing import kernel_call
 
@@ -381,12 +391,17 @@ def attention(
     """Causal GQA attention over one layer's cache (as in kv_write; a pair of float32 arrays [n_kv, ctx, hd] is a
     float32 cache); window > 0 limits each query to the last ``window`` keys, softcap > 0 soft-caps the scaled
     scores (cap * tanh(s / cap)). ``ahead``: a kernels.compile_ahead.CompileAhead compiling the kernel elsewhere,
-    waited for before the first call. One query deep in the cache takes the split kernel, unless ``prompt`` (a
-    prompt pass: each query's numbers must not depend on how many share the pass)."""
+    waited for before the first call. A prompt pass (``prompt``: each query's numbers must not depend on how many
+    share the pass) and any pass of several queries take the blocked prompt kernel (cpu_attention_prompt); one
+    query (a decode step) the split kernel deep in the cache, else ``cpu_attention.attention``."""
     q = np.ascontiguousarray(q, dtype=np.float32)  # the kernels' SIMD loads need C-contiguous rows
     out = np.empty_like(q)
     args = (out, q, *_four(layer), start, np.float32(scale), window, np.float32(softcap))
-    if q.shape[0] == 1 and start + 1 > DECODE_CHUNK and not prompt:
+    if prompt or q.shape[0] > 1:
+        if ahead is not None:
+            ahead.wait("attention_prompt")
+        kernel_call(cpu_attention_prompt.kernels()[0], *args)
+    elif start + 1 > DECODE_CHUNK:
         if ahead is not None:
             ahead.wait("attention_decode")
         kernel_call(cpu_attention.attention_decode, *args, DECODE_CHUNK)

@@ -170,3 +170,31 @@ def dequant8_q4(src, soff, d) -> tuple[np.ndarray, np.ndarray]:
     b = src.reshape(-1)[soff : soff + 8].astype(np.int32)
     dd = np.float32(d)
     return (dd * ((b & 15) - 8).astype(np.float32)), (dd * ((b >> 4) - 8).astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------- kernels/cpu_attention_prompt.py
+
+
+def score_tile(sc, soff, sstride, q, qoff, qstride, kt, koff, kstride, hd, scale, rows, width) -> np.ndarray:
+    """A copy of sc with sc[soff + r·sstride + i] = scale · Σ_j q[qoff + r·qstride + j] · kt[koff + j·kstride + i]
+    for r < rows, i < width, j < hd."""
+    res = sc.copy()
+    flat, qf, kf = res.reshape(-1), q.reshape(-1).astype(np.float64), kt.reshape(-1).astype(np.float64)
+    keys = np.stack([kf[koff + j * kstride : koff + j * kstride + width] for j in range(hd)])  # [hd, width]
+    for r in range(rows):
+        o = soff + r * sstride
+        flat[o : o + width] = np.float64(scale) * (qf[qoff + r * qstride : qoff + r * qstride + hd] @ keys)
+    return res
+
+
+def value_tile(dst, doff, dstride, p, poff, pstride, v, voff, vstride, n, rows, cols, width) -> np.ndarray:
+    """A copy of dst with dst[doff + r·dstride + c] += Σ_s p[poff + r·pstride + s] · v[voff + s·vstride + c] for
+    r < rows, c < cols·width, s < n."""
+    res = dst.copy()
+    flat, pf, vf = res.reshape(-1), p.reshape(-1).astype(np.float64), v.reshape(-1).astype(np.float64)
+    m = cols * width
+    vals = np.stack([vf[voff + s * vstride : voff + s * vstride + m] for s in range(n)]) if n else np.zeros((0, m))
+    for r in range(rows):
+        o = doff + r * dstride
+        flat[o : o + m] = flat[o : o + m] + pf[poff + r * pstride : poff + r * pstride + n] @ vals
+    return res

@@ -11,6 +11,7 @@ from lbtest import byte_dot_case
 from lowbit.formats.qtypes import pack_codes, quant_type
 from lowbit.kernels import ref_intrinsics as ref
 from lowbit.kernels.cpu_attention import dequant8_q4, dequant8_q8, prefetch, scores8, values8
+from lowbit.kernels.cpu_attention_prompt import score_tile, value_tile
 from lowbit.kernels.cpu_kv import float_bits, float_to_half
 from lowbit.kernels.ir.amx import TILE, host_has_amx
 from lowbit.kernels.ir.gemm_vnni import tile_gemm, unpack_row
@@ -362,3 +363,50 @@ def test_amx_twin_reads_the_packed_token_layout(split):
                 isum = int(a[r, s].astype(np.int64) @ x[t, s]) if t < tokens else 0
                 want[r, n] += dsc[gi * TILE + r] * dxT[gi, t] * isum + nmc[gi * TILE + r] * xsT[gi, t]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def _score_tile(rows: int, width: int):
+    """score_tile with rows and width compile-time constants (as the kernel's closure passes them)."""
+
+    @nb.njit
+    def call(sc, soff, sstride, q, qoff, qstride, kt, koff, kstride, hd, scale):
+        score_tile(sc, soff, sstride, q, qoff, qstride, kt, koff, kstride, hd, scale, rows, width)
+
+    return call
+
+
+def _value_tile(rows: int, cols: int, width: int):
+    @nb.njit
+    def call(dst, doff, dstride, p, poff, pstride, v, voff, vstride, n):
+        value_tile(dst, doff, dstride, p, poff, pstride, v, voff, vstride, n, rows, cols, width)
+
+    return call
+
+
+@pytest.mark.parametrize("width", [8, 16])
+@pytest.mark.parametrize("rows", [2, 8])
+@pytest.mark.parametrize("hd", [1, 20, 64])
+def test_score_tile(width, rows, hd):
+    """rows × width scores at odd offsets and strides; nothing written outside the tile."""
+    kstride, qstride, sstride = width + 13, hd + 3, width + 5
+    q = RNG.standard_normal(7 + rows * qstride).astype(np.float32)
+    kt = RNG.standard_normal(4 + hd * kstride).astype(np.float32)
+    sc = np.full(9 + rows * sstride, 7.0, np.float32)
+    want = ref.score_tile(sc, 9, sstride, q, 7, qstride, kt, 4, kstride, hd, 0.3, rows, width)
+    _score_tile(rows, width)(sc, 9, sstride, q, 7, qstride, kt, 4, kstride, hd, np.float32(0.3))
+    np.testing.assert_allclose(sc, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [8, 16])
+@pytest.mark.parametrize("rows,cols", [(2, 4), (4, 4), (3, 1)])
+@pytest.mark.parametrize("n", [0, 1, 37])
+def test_value_tile(width, rows, cols, n):
+    """dst += p · v over n value rows, added to what dst holds, at odd offsets and strides; nothing written outside."""
+    m = cols * width
+    dstride, pstride, vstride = m + 3, n + 2, m + 7
+    dst = RNG.standard_normal(5 + rows * dstride).astype(np.float32)
+    p = RNG.uniform(0, 1, 3 + rows * pstride).astype(np.float32)
+    v = RNG.standard_normal(6 + max(n, 1) * vstride).astype(np.float32)
+    want = ref.value_tile(dst, 5, dstride, p, 3, pstride, v, 6, vstride, n, rows, cols, width)
+    _value_tile(rows, cols, width)(dst, 5, dstride, p, 3, pstride, v, 6, vstride, n)
+    np.testing.assert_allclose(dst, want, rtol=1e-5, atol=1e-5)
