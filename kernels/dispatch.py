@@ -18,6 +18,7 @@ from lowbit.kernels import (
     cpu_attention,
     cpu_attention_batch,
     cpu_attention_prompt,
+    cpu_half,
     cpu_kv,
     cpu_quant,
     hadamard,
@@ -69,11 +70,18 @@ class Weight:
         self.int_kernels = None  # (matvec, small-batch matmul, prompt GEMM or None) on integer activations
         self.act_mode = None  # their activation mode (kernels/cpu_quant.py ACT_MODES)
         self.packed = None  # (wb, dsc, nmc, matmul): blocks unpacked for batched decoding (pack_for_batches)
+        self.is_float = st.qtype.is_float
+        # float16 / bfloat16 matrices stay 16-bit (their bits as uint16; kernels/cpu_half.py), float32 ones as they are
+        self.h16 = self.f32 = None
+        self.bf16 = st.qtype.name == "bf16"
+        if st.qtype.is_float and st.qtype.bits == 16:
+            self.h16 = np.ascontiguousarray(st.parts["data"]).view(np.uint16)
+            self.paths = choose_paths(self)
+            return
         if st.qtype.is_float:
             self.f32 = np.ascontiguousarray(dequantize(st.parts, st.qtype, st.shape))
             self.paths = choose_paths(self)
             return
-        self.f32 = None
         qt = st.qtype
         self.codes = st.parts["codes"]
         self.scales = st.parts["scales"].view(np.uint16)
@@ -259,6 +267,8 @@ class Paths(NamedTuple):
 def choose_paths(w: Weight) -> Paths:
     if w.f32 is not None:
         return Paths(_float, _float, _float, None)
+    if w.h16 is not None:  # a prompt pass widens tiles for BLAS whatever its length, as float32 weights take BLAS
+        return Paths(_half_matvec, _half_small, _half_tiles, _half_tiles)
     k = w.int_kernels
     if k is None:  # no integer kernels for this bits/group (per-channel types): generic numba kernels and BLAS
         return Paths(_generic_matvec, _generic_small, _dequantized_tiles, None)
@@ -278,6 +288,30 @@ def _product(w: Weight, x: np.ndarray, prompt: bool = False) -> np.ndarray:
 
 def _float(w: Weight, x: np.ndarray) -> np.ndarray:
     return kernel_call(np.matmul, x, w.f32.T)
+
+
+def _half_matvec(w: Weight, x: np.ndarray) -> np.ndarray:
+    y = np.empty((1, w.rows), dtype=np.float32)
+    kernel_call(cpu_half.kernels()[0], y, w.h16, np.ascontiguousarray(x), w.bf16)
+    return y
+
+
+def _half_small(w: Weight, x: np.ndarray) -> np.ndarray:
+    y = np.empty((x.shape[0], w.rows), dtype=np.float32)
+    kernel_call(cpu_half.kernels()[1], y, w.h16, np.ascontiguousarray(x), w.bf16)
+    return y
+
+
+def _half_tiles(w: Weight, x: np.ndarray) -> np.ndarray:
+    y = np.empty((x.shape[0], w.rows), dtype=np.float32)
+    step = max(1, TILE_ELEMS // w.cols)
+    tile = np.empty((min(step, w.rows), w.cols), dtype=np.float32)
+    widen = cpu_half.kernels()[2]
+    for r0 in range(0, w.rows, step):
+        buf = tile[: min(w.rows, r0 + step) - r0]
+        kernel_call(widen, buf, w.h16, r0, w.bf16)
+        kernel_call(np.matmul, x, buf.T, y[:, r0 : r0 + buf.shape[0]])
+    return y
 
 
 def _int_gemm(w: Weight, x: np.ndarray) -> np.ndarray:
@@ -333,6 +367,9 @@ def embed(w: Weight, ids: np.ndarray) -> np.ndarray:
     """Rows of an embedding table: [T, cols] (with extras: stored rows + low-rank rows, rotated back by Rᵀ)."""
     if w.f32 is not None:
         out = w.f32[ids]
+    elif w.h16 is not None:
+        rows = w.h16[np.asarray(ids, dtype=np.int64)]
+        out = (rows.astype(np.uint32) << 16).view(np.float32) if w.bf16 else rows.view(np.float16).astype(np.float32)
     else:  # numpy: a few rows per pass, and a kernel less to compile on a cold start (~1 s of its first token)
         ids = np.asarray(ids, dtype=np.int64)
         parts = {"codes": w.codes[ids], "scales": w.scales[ids].view(np.float16)}

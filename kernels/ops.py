@@ -50,7 +50,7 @@ class CpuOps:
 
     def loaded(self, weights) -> None:
         """The weights of one layer, once loaded: they decide how BLAS runs beside the kernels."""
-        self.one_thread_blas = any(isinstance(w, dispatch.Weight) and w.f32 is None for w in weights)
+        self.one_thread_blas = any(isinstance(w, dispatch.Weight) and not w.is_float for w in weights)
 
     def new_cache(self, n_layers: int, n_kv: int, ctx: int, head_dim: int, spec, windows: list[int]) -> KVCache:
         return KVCache(n_layers, n_kv, ctx, head_dim, spec, windows)

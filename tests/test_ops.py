@@ -99,6 +99,8 @@ def test_each_weight_records_its_product_kernels_once(name):
     paths = w.paths.names()
     if w.f32 is not None:
         assert paths == {"one": "float", "few": "float", "many": "float", "prompt": None}
+    elif w.h16 is not None:
+        assert paths == {"one": "half_matvec", "few": "half_small", "many": "half_tiles", "prompt": "half_tiles"}
     elif w.int_kernels is None:
         assert paths == {"one": "generic_matvec", "few": "generic_small", "many": "dequantized_tiles", "prompt": None}
     else:
@@ -109,8 +111,8 @@ def test_each_weight_records_its_product_kernels_once(name):
     for t in (1, 5, 12):
         x = rng.standard_normal((t, w.cols)).astype(np.float32)
         got = dispatch.linear(w, x)
-        if w.f32 is not None:
-            want = x @ w.f32.T
+        if w.is_float:
+            want = x @ (w.f32 if w.f32 is not None else w.h16.view(np.float16).astype(np.float32)).T
         else:
             st = StoredTensor("w", w.qtype, (w.rows, w.cols), _parts(w))
             want = ref.matvec(st.parts, w.qtype, (w.rows, w.cols), x)
@@ -139,7 +141,7 @@ def test_the_record_follows_packing_and_the_activation_mode():
 
 def test_quant_types_under_test_include_every_kernel_family():
     """The parametrisation above meets per-channel, grouped-integer and float weights."""
-    kinds = {("float" if w.f32 is not None else "generic" if w.int_kernels is None else "int")
-             for w in map(_weight, ["f32", "q4_pc", "q4a_g32"])}
-    assert kinds == {"float", "generic", "int"}
+    kinds = {("float" if w.f32 is not None else "half" if w.h16 is not None else "generic" if w.int_kernels is None
+              else "int") for w in map(_weight, ["f32", "f16", "q4_pc", "q4a_g32"])}  # fmt: skip
+    assert kinds == {"float", "half", "generic", "int"}
     assert QUANT
