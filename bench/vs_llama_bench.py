@@ -1,7 +1,7 @@
 """lowbit's `bench` beside llama.cpp's `llama-bench` on the same random weights, interleaved, one table of ratios.
 
     python bench/vs_llama_bench.py --llama-cpp BUILD/bin --tokenizer smol-hf [--shape smollm2-135m]
-        [--pairs 4:Q4_0,8:Q8_0] [--prompt 512] [--gen 128] [--rounds 2] [--threads 2]
+        [--pairs 4:Q4_0,8:Q8_0] [--prompt 512] [--gen 128] [--decode-after 4096] [--rounds 2] [--threads 2]
 
 Steps: a random float checkpoint of the shape (bench/random_checkpoint.py); for each pair ``BITS:TYPE`` lowbit's
 conversion (``--bits BITS --group-size 64``, data-free) and llama.cpp's (``llama-quantize`` of the same checkpoint
@@ -9,7 +9,8 @@ exported unquantized to GGUF by ``lowbit export``); then ``--rounds`` rounds, ea
 and llama-bench one after the other, so both sides see the same machine state. Prefill is ``--prompt`` tokens from
 an empty context on both sides (llama-bench ``-p``); decode is ``--gen`` tokens after the prompt (llama-bench ``-n``
 with ``-d`` = ``--prompt``, the same work as lowbit's decode after its prefill) and from an empty context
-(llama-bench ``-n`` alone; lowbit ``--prompt 1``). Each ratio is lowbit's tokens/s over llama.cpp's, the median over
+(llama-bench ``-n`` alone; lowbit ``--prompt 1``); ``--decode-after N`` adds decode after an N-token context
+(lowbit ``--prompt N``, llama-bench ``-d N``). Each ratio is lowbit's tokens/s over llama.cpp's, the median over
 the rounds. Building llama.cpp is up to the caller (``cmake -B build -DGGML_NATIVE=ON && cmake --build build
 --target llama-bench llama-quantize``).
 """
@@ -58,6 +59,8 @@ def main() -> None:
     ap.add_argument("--pairs", default="4:Q4_0", help="lowbit bits : llama.cpp type, comma-separated")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--decode-after", default="", help="more context lengths to decode after (e.g. 4096), "
+                    "comma-separated: lowbit bench --prompt N, llama-bench -d N")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=None, help="keep the models here (default: a temporary folder)")
@@ -71,6 +74,9 @@ def main() -> None:
         if not bits.isdigit() or not kind:
             ap.error(f"--pairs: {item!r} is not BITS:TYPE (e.g. 4:Q4_0)")
         pairs.append((bits, kind))
+    depths = [int(d) for d in a.decode_after.split(",") if d.strip()] if a.decode_after else []
+    if any(d < 1 for d in depths):
+        ap.error("--decode-after: context lengths must be positive")
     with tempfile.TemporaryDirectory(prefix="lowbit-vs-llama-bench-") as tmp:
         work = a.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -80,8 +86,10 @@ def main() -> None:
                             str(a.tokenizer)], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
         f32 = work / f"{a.shape}-f32.gguf"
         if not f32.is_file():
-            lowbit("convert", str(ckpt), "-o", str(work / "f.lowbit"), "--bits", "16", "--no-progress")
-            lowbit("export", str(work / "f.lowbit"), "-o", str(f32))
+            full = work / f"{a.shape}-full.lowbit"  # the unquantized container, only on the way to the GGUF
+            lowbit("convert", str(ckpt), "-o", str(full), "--bits", "16", "--no-progress", "--force")
+            lowbit("export", str(full), "-o", str(f32))
+            full.unlink()
         models = []
         for bits, kind in pairs:
             lb, gg = work / f"{a.shape}-b{bits}.lowbit", work / f"{a.shape}-{kind}.gguf"
@@ -99,17 +107,25 @@ def main() -> None:
                 l_pre = llama_speed(a.llama_cpp, gg, a.threads, prompt=a.prompt)
                 l_dec = llama_speed(a.llama_cpp, gg, a.threads, gen=a.gen, depth=a.prompt)
                 l_dec0 = llama_speed(a.llama_cpp, gg, a.threads, gen=a.gen)
-                results.setdefault((bits, kind), []).append((pre, l_pre, dec, l_dec, dec0, l_dec0))
+                row = [pre, l_pre, dec, l_dec, dec0, l_dec0]
+                for d in depths:
+                    row += [lowbit_speed(lb, d, a.gen, a.threads)[1],
+                            llama_speed(a.llama_cpp, gg, a.threads, gen=a.gen, depth=d)]  # fmt: skip
+                results.setdefault((bits, kind), []).append(tuple(row))
+                deep = "".join(f", decode after {d} {row[6 + 2 * i]:.1f} / {row[7 + 2 * i]:.1f}"
+                               for i, d in enumerate(depths))  # fmt: skip
                 print(f"round {r + 1}: {bits}-bit / {kind}: prefill {pre:.1f} / {l_pre:.1f}, decode after "
-                      f"{a.prompt} {dec:.1f} / {l_dec:.1f}, decode from empty {dec0:.1f} / {l_dec0:.1f} t/s",
+                      f"{a.prompt} {dec:.1f} / {l_dec:.1f}, decode from empty {dec0:.1f} / {l_dec0:.1f}{deep} t/s",
                       file=sys.stderr)  # fmt: skip
-    print(f"| shape | lowbit | llama.cpp | prefill {a.prompt} (lowbit / llama.cpp t/s) | decode after {a.prompt} | "
-          "decode from empty |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+    heads = [f"prefill {a.prompt} (lowbit / llama.cpp t/s)", f"decode after {a.prompt}", "decode from empty"]
+    heads += [f"decode after {d}" for d in depths]
+    print("| shape | lowbit | llama.cpp | " + " | ".join(heads) + " |")
+    print("|---|---|---|" + "---|" * len(heads))
     for (bits, kind), rows in results.items():
         cols = [statistics.median(x) for x in zip(*rows)]
-        ratios = [statistics.median(row[i] / row[i + 1] for row in rows) for i in (0, 2, 4)]
-        cells = [f"{cols[i]:.1f} / {cols[i + 1]:.1f} = {q:.2f}×" for i, q in zip((0, 2, 4), ratios)]
+        starts = range(0, len(cols), 2)
+        ratios = [statistics.median(row[i] / row[i + 1] for row in rows) for i in starts]
+        cells = [f"{cols[i]:.1f} / {cols[i + 1]:.1f} = {q:.2f}×" for i, q in zip(starts, ratios)]
         print(f"| {a.shape} | {bits}-bit g64 | {kind} | " + " | ".join(cells) + " |")
 
 
