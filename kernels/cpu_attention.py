@@ -421,6 +421,23 @@ def _weighted_values(dst, sc, vd, vs, kv, s0, m, tile):
                 dst[r, j] += wgt * rows[r0, j]
 
 
+@nb.njit(**JIT)
+def mask_rows(sc, nq, rep, first, lo, window, m):
+    """sc[j · rep + r, :m] = MASKED where query j (at position first + j; rep rows, one per query head of a key/value
+    head) does not see key lo + s: after its position, or with a window at or before its position − window."""
+    for j in range(nq):
+        pos = first + j
+        qlo = 0
+        if window > 0 and pos - window + 1 > lo:
+            qlo = pos - window + 1 - lo
+        for r in range(rep):
+            row = sc[j * rep + r]
+            for s in range(qlo):
+                row[s] = MASKED
+            for s in range(pos + 1 - lo, m):
+                row[s] = MASKED
+
+
 QUERIES = 8  # queries per work item of prompt attention: each key is loaded and decoded once for all of them
 
 
@@ -452,17 +469,7 @@ def attention(out, q, kd, ks, vd, vs, start, scale, window, cap):
         sc = np.empty((nq * rep, n), dtype=np.float32)
         tile = np.empty((KEYS, hd), dtype=np.float32)
         _scores(sc, q, t0, rep, h0, kd, ks, kv, lo, n, scale, cap, tile)
-        for j in range(nq):
-            pos = first + j
-            qlo = 0
-            if window > 0 and pos - window + 1 > lo:
-                qlo = pos - window + 1 - lo
-            for r in range(rep):
-                row = sc[j * rep + r]
-                for s in range(qlo):
-                    row[s] = MASKED
-                for s in range(pos + 1 - lo, n):
-                    row[s] = MASKED
+        mask_rows(sc, nq, rep, first, lo, window, n)
         mx = np.empty(nq * rep, dtype=np.float32)
         tot = np.empty(nq * rep, dtype=np.float32)
         _exp_rows(sc, n, mx, tot, lo)

@@ -39,7 +39,7 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 from lowbit.kernels.cpu import JIT, PRANGE
-from lowbit.kernels.cpu_attention import KEYS, MASKED, _cap8, _data, _exp_rows, load_rows
+from lowbit.kernels.cpu_attention import KEYS, MASKED, _cap8, _data, _exp_rows, load_rows, mask_rows
 from lowbit.kernels.ir.simd import host_cpu_features
 
 _F32 = ir.FloatType()
@@ -230,17 +230,7 @@ def kernels():
                 for r in range(nq * rep):
                     for s in range(0, npad, KEYS):
                         _cap8(sc[r], s, cap)
-            for j in range(nq):
-                pos = first + j
-                qlo = 0
-                if window > 0 and pos - window + 1 > lo:
-                    qlo = pos - window + 1 - lo
-                for r in range(rep):
-                    row = sc[j * rep + r]
-                    for s in range(qlo):
-                        row[s] = MASKED
-                    for s in range(pos + 1 - lo, npad):
-                        row[s] = MASKED
+            mask_rows(sc, nq, rep, first, lo, window, npad)
             for r in range(nq * rep, rows_p):  # padding rows: weights 0 (their sums are never read)
                 for s in range(npad):
                     sc[r, s] = MASKED
