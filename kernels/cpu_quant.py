@@ -34,7 +34,7 @@ import numpy as np
 
 from lowbit.formats.qtypes import GROUP_SIZES
 from lowbit.kernels.cpu import JIT, PRANGE, h2f
-from lowbit.kernels.ir.amx import TILE, amx_block, host_has_amx, pack_tokens
+from lowbit.kernels.ir.amx import TILE, amx_begin, amx_end, amx_tiles, host_has_amx, pack_tokens
 from lowbit.kernels.ir.gemm_vnni import tile_gemm, unpack_row
 from lowbit.kernels.ir.simd import group_idot, host_has_f16c, quad_fdot, quad_fdot_unpacked
 from lowbit.kernels.ir.vnni import byte_dot_max_bits, host_has_avx512_vnni, host_has_byte_dot, host_has_vnni, row_fdot8
@@ -344,6 +344,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
             dsc = np.zeros(ng * TILE, dtype=np.float32)
             nmc = np.zeros(ng * TILE, dtype=np.float32)
             obuf = np.empty(TILE * TILE, dtype=np.float32)
+            amx_begin(g, split)
             for blk in range(w * AMX_BLOCKS, min(nblk, (w + 1) * AMX_BLOCKS)):
                 r0 = blk * TILE
                 nr = min(TILE, rows - r0)
@@ -359,10 +360,11 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
                         dsc[gi * TILE + r] = 0.0
                         nmc[gi * TILE + r] = 0.0
                 for tb in range(nbt):
-                    amx_block(obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, tb, g, split)
+                    amx_tiles(obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, tb, g, split)
                     for n in range(min(TILE, t_n - tb * TILE)):
                         for r in range(nr):
                             y[tb * TILE + n, r0 + r] = obuf[r * TILE + n]
+            amx_end()
 
     return qmatvec, qmatmul_small, qgemm_amx if amx else qgemm, qmatvec3
 

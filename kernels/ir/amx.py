@@ -100,12 +100,56 @@ def _tile_config(builder, k: int, split: bool):
     return builder.ptrtoint(slot, _I64)
 
 
+def _literals(g, split) -> tuple[int, bool]:
+    for v in (g, split):
+        if not isinstance(v, (types.IntegerLiteral, types.BooleanLiteral)):
+            raise errors.RequireLiteralValue("the AMX intrinsics need a literal group size and split flag")
+    if g.literal_value not in (32, 64, 128):
+        raise errors.TypingError(f"amx_block: unsupported group size {g.literal_value}")
+    return g.literal_value, split.literal_value
+
+
+@intrinsic
+def amx_begin(typingctx, g, split):
+    """Load the tile configuration of :func:`amx_tiles` for groups of g (split: int16-precision activations): once
+    per thread before a run of amx_tiles calls, then :func:`amx_end`. g and split are literals."""
+    glen, is_split = _literals(g, split)
+
+    def codegen(context, builder, signature, args):
+        _asm(builder, "ldtilecfg ($0)", [_tile_config(builder, min(glen, 64), is_split)], "r")
+        return context.get_dummy_value()
+
+    return types.void(g, split), codegen
+
+
+@intrinsic
+def amx_end(typingctx):
+    """Release the tile state (after a run of amx_tiles calls)."""
+
+    def codegen(context, builder, signature, args):
+        _asm(builder, "tilerelease", [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
 @intrinsic
 def amx_block(typingctx, obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, tb, g, split):
     """obuf[16·16] (f32, [row][token]) = the 16×16 block of weight rows abuf (u8[16·cols], row-major) times token
     block ``tb`` of the packed activations xb (xbl: the low bytes when split, else unread); dsc, nmc: f32[ng·16] d
     and −m of the block's rows per group (index gi·16 + r); dxT, xsT: f32[ng, tokens padded to 16] (see the module
-    docstring). g and split are literals."""
+    docstring). g and split are literals. Loads the tile configuration and releases the tiles itself."""
+    return _block(obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, tb, g, split, configure=True)
+
+
+@intrinsic
+def amx_tiles(typingctx, obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, tb, g, split):
+    """amx_block between :func:`amx_begin` and :func:`amx_end` (the configuration loaded once for many blocks: loading
+    it costs more than a block of a few groups)."""
+    return _block(obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, tb, g, split, configure=False)
+
+
+def _block(obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, tb, g, split, configure: bool):
     for v in (g, split):
         if not isinstance(v, (types.IntegerLiteral, types.BooleanLiteral)):
             raise errors.RequireLiteralValue("amx_block needs a literal group size and split flag")
@@ -136,7 +180,8 @@ def amx_block(typingctx, obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, tb, g, split):
         cbuf = [cgutils.alloca_once(builder, cty) for _ in range(4)]  # the four sum tiles, stored
         cptr = [builder.ptrtoint(c, _I64) for c in cbuf]
         stride64 = c64(64)
-        _asm(builder, "ldtilecfg ($0)", [_tile_config(builder, k, is_split)], "r")
+        if configure:
+            _asm(builder, "ldtilecfg ($0)", [_tile_config(builder, k, is_split)], "r")
 
         def addr(ary, off):
             return builder.ptrtoint(builder.gep(ary.data, [off]), _I64)
@@ -198,7 +243,8 @@ def amx_block(typingctx, obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, tb, g, split):
             batch(builder.mul(loop.index, c64(per)), per)
         with cgutils.for_range(builder, builder.sub(ng, builder.mul(nfull, c64(per)))) as loop:
             batch(builder.add(builder.mul(nfull, c64(per)), loop.index), 1)
-        _asm(builder, "tilerelease", [])
+        if configure:
+            _asm(builder, "tilerelease", [])
         for r in range(TILE):
             out = builder.gep(oa.data, [c64(r * TILE)])
             builder.store(builder.load(acc[r]), builder.bitcast(out, vf.as_pointer()), align=4)
