@@ -253,14 +253,14 @@ def _block(obuf, abuf, dsc, nmc, xb, xbl, dxT, xsT, tb, g, split, configure: boo
     return sig, codegen
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True, nogil=True, parallel=True)
 def pack_tokens(xb, xh):
     """xb: i8[ceil(T/16) · cols/4 · 64] = xh: i8[T, cols] in the B-tile layout (xb[block][col/4][token][4]), tokens
-    beyond T zero."""
+    beyond T zero; the token blocks in parallel."""
     t_n, cols = xh.shape
     c4 = cols // 4
     nblk = (t_n + TILE - 1) // TILE
-    for b in range(nblk):
+    for b in nb.prange(nblk):
         base = b * c4 * 64
         for n in range(TILE):
             t = b * TILE + n
