@@ -21,6 +21,7 @@ from lowbit.formats.reader import Container
 from lowbit.formats.tokenizer import Tokenizer
 from lowbit.kernels import act_quant as act_quant_mode
 from lowbit.kernels import compile_ahead, kv_formats
+from lowbit.kernels.heap import keep_freed_heap
 from lowbit.kernels.kv_formats import KVSpec
 from lowbit.models.validate import load_args
 from lowbit.runtime.compile_notice import CompileNotice
@@ -172,6 +173,7 @@ class Engine:
         if self.context_shift and self.device == "cuda":
             raise LowbitError("--context-shift needs the CPU backend")
         self.threads = set_threads(threads)
+        keep_freed_heap()  # a pass reuses the pages it frees (kernels/heap.py)
         t0 = time.perf_counter()
         self.container = open_container(self.path, self.device, self.threads, mmap, verify)
         meta = self.container.meta
