@@ -57,6 +57,7 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
             exact: bool | None = None, mmap: bool = False, kv: str | None = None) -> dict:
     from lowbit.kernels import compile_ahead
     from lowbit.kernels.dispatch import SMALL_BATCH
+    from lowbit.kernels.heap import keep_freed_heap
     from lowbit.kernels.kv_formats import KVSpec
     from lowbit.kernels.timing import KernelTimer
     from lowbit.models import family_for
@@ -80,6 +81,7 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
         model = cuda_model(arch.get("family", arch["model_type"]), family, args, container, ctx)
     else:
         ahead = compile_ahead.start(KVSpec.parse(kv))  # as the engine does: attention compiles beside (cold start)
+        keep_freed_heap()  # as the engine does: a pass reuses the pages it frees
         model = family.Model(args, container, ctx)
         model.ops.compile_ahead = ahead
         if kernel_activations_exact(container.meta, exact):
