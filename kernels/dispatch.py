@@ -303,15 +303,8 @@ def _half_small(w: Weight, x: np.ndarray) -> np.ndarray:
 
 
 def _half_tiles(w: Weight, x: np.ndarray) -> np.ndarray:
-    y = np.empty((x.shape[0], w.rows), dtype=np.float32)
-    step = max(1, TILE_ELEMS // w.cols)
-    tile = np.empty((min(step, w.rows), w.cols), dtype=np.float32)
     widen = cpu_half.kernels()[2]
-    for r0 in range(0, w.rows, step):
-        buf = tile[: min(w.rows, r0 + step) - r0]
-        kernel_call(widen, buf, w.h16, r0, w.bf16)
-        kernel_call(np.matmul, x, buf.T, y[:, r0 : r0 + buf.shape[0]])
-    return y
+    return _tiles(w, x, lambda buf, r0: kernel_call(widen, buf, w.h16, r0, w.bf16))
 
 
 def _int_gemm(w: Weight, x: np.ndarray) -> np.ndarray:
@@ -352,14 +345,22 @@ def _generic_small(w: Weight, x: np.ndarray) -> np.ndarray:
 
 
 def _dequantized_tiles(w: Weight, x: np.ndarray) -> np.ndarray:
+    def fill(buf, r0):
+        ids = np.arange(r0, r0 + buf.shape[0], dtype=np.int64)
+        kernel_call(cpu.dequant_rows, buf, *w._qargs(), ids, *w._rest())
+
+    return _tiles(w, x, fill)
+
+
+def _tiles(w: Weight, x: np.ndarray, fill) -> np.ndarray:
+    """x @ W.T through float32 tiles of W's rows (``fill(buf, r0)`` writes rows r0.. into buf) and BLAS."""
     y = np.empty((x.shape[0], w.rows), dtype=np.float32)
     step = max(1, TILE_ELEMS // w.cols)
     tile = np.empty((min(step, w.rows), w.cols), dtype=np.float32)
     for r0 in range(0, w.rows, step):
-        r1 = min(w.rows, r0 + step)
-        buf = tile[: r1 - r0]
-        kernel_call(cpu.dequant_rows, buf, *w._qargs(), np.arange(r0, r1, dtype=np.int64), *w._rest())
-        kernel_call(np.matmul, x, buf.T, y[:, r0:r1])
+        buf = tile[: min(w.rows, r0 + step) - r0]
+        fill(buf, r0)
+        kernel_call(np.matmul, x, buf.T, y[:, r0 : r0 + buf.shape[0]])
     return y
 
 
