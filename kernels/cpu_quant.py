@@ -33,6 +33,7 @@ import numba as nb
 import numpy as np
 
 from lowbit.formats.qtypes import GROUP_SIZES
+from lowbit.kernels.act8 import _ROUND_JIT, QMAX_INT8, QMAX_SPLIT, quantize8, quantize_activations8  # noqa: F401
 from lowbit.kernels.cpu import JIT, PRANGE, h2f
 from lowbit.kernels.ir.amx import TILE, amx_begin, amx_end, amx_tiles, host_has_amx, pack_tokens
 from lowbit.kernels.ir.gemm_vnni import tile_gemm, unpack_row
@@ -40,8 +41,8 @@ from lowbit.kernels.ir.simd import group_idot, host_has_f16c, quad_fdot, quad_fd
 from lowbit.kernels.ir.vnni import byte_dot_max_bits, host_has_avx512_vnni, host_has_byte_dot, host_has_vnni, row_fdot8
 
 XQ_MAX = 32767.0
-XQ_MAX_SPLIT = 32639.0  # 127 * 256 + 127: the high byte of round(x / dx) + 128 stays a signed byte
-XQ_MAX_INT8 = 127.0
+XQ_MAX_SPLIT = QMAX_SPLIT  # 127 * 256 + 127: the high byte of round(x / dx) + 128 stays a signed byte
+XQ_MAX_INT8 = QMAX_INT8
 ACT_MODES = ("int16", "split", "int8")
 # prefill GEMM tile (kernels.ir.gemm_vnni): tokens per tile, per activation mode (split needs two integer accumulators
 # per token, so fewer tokens keep a tile in registers)
@@ -52,17 +53,16 @@ def _dependency_key() -> int:
     """CRC of the modules these kernels inline code from. numba's on-disk cache checks only the kernel's own source
     file; the factory's kernels capture this value, and numba keys closures by their captured values, so an edit to
     the intrinsic or the fp16 decoder invalidates the cached kernels too."""
-    from lowbit.kernels import cpu
+    from lowbit.kernels import act8, cpu
     from lowbit.kernels.ir import amx, gemm_vnni, simd, vnni
 
-    return zlib.crc32("".join(inspect.getsource(m) for m in (cpu, simd, vnni, gemm_vnni, amx)).encode())
+    return zlib.crc32("".join(inspect.getsource(m) for m in (cpu, simd, vnni, gemm_vnni, amx, act8)).encode())
 
 
 DEPS = _dependency_key()
 # activation rounding without fast math: q = rint(x · (1/dx)) then rounds the same in every caller and in
 # kernels.ref.round_activations (fast math lets LLVM rewrite 1/(amax/qmax) differently per call site, which moves
 # near-ties to the next level)
-_ROUND_JIT = dict(JIT, fastmath=False)
 # scale/min decoding: one hardware conversion where the CPU has it, the table-based decoder elsewhere
 HAS_F16C = host_has_f16c()
 HAS_VNNI = HAS_F16C and host_has_vnni()
@@ -130,48 +130,6 @@ def quantize_activations(xq, dx, xs, x, g):
             xs[t, gi] = d * np.float32(qsum)
 
 
-@nb.njit(inline="always", **_ROUND_JIT)
-def _quantize_token8(xh, xl, dx, xs, x, g, split, t):
-    """Token t of quantize_activations8 (every caller inlines the same code, so a token's bytes do not depend on
-    which function or thread quantized it)."""
-    ng = x.shape[1] // g
-    qmax = np.float32(XQ_MAX_SPLIT) if split else np.float32(XQ_MAX_INT8)
-    for gi in range(ng):
-        d, inv = _group_scale(x, t, gi * g, g, qmax)
-        qsum = 0
-        for j in range(g):
-            q = np.int32(np.rint(x[t, gi * g + j] * inv))
-            qsum += q
-            if split:
-                h = (q + 128) >> 8
-                xh[t, gi * g + j] = np.int8(h)
-                xl[t, gi * g + j] = np.int8(q - (h << 8))
-            else:
-                xh[t, gi * g + j] = np.int8(q)
-        dx[t, gi] = d
-        xs[t, gi] = d * np.float32(qsum)
-
-
-@nb.njit(**_ROUND_JIT)
-def quantize_activations8(xh, xl, dx, xs, x, g, split):
-    """Activations for the byte dot product. Not split: xh: i8[T, cols] = round(x / dx) with dx = absmax / 127.
-    Split: q = round(x / dx) with dx = absmax / 32639, stored as xh = (q + 128) >> 8 and xl = q - 256 * xh (both
-    signed bytes). dx: f32[T, ng] scale per group; xs: f32[T, ng] the sum of the group's *rounded* activations
-    (dx · Σq), so that rows compute W · x̂ for the rounded x̂ exactly (with the exact sum instead, the min term
-    would not cancel the rounding error the codes, all >= 0, pick up); x: f32[T, cols]."""
-    for t in range(x.shape[0]):
-        _quantize_token8(xh, xl, dx, xs, x, g, split, t)
-
-
-@nb.njit(parallel=PRANGE, **_ROUND_JIT)
-def quantize_activations8_par(xh, xl, dx, xs, x, g, split):
-    """quantize_activations8 with the tokens in parallel (prompts: for SmolLM2's widths, quantizing a 512-token
-    prompt's activations on one thread took half of the GEMM's time). The same bytes (no fast math: each token's
-    arithmetic is IEEE-exact whatever the thread)."""
-    for t in nb.prange(x.shape[0]):
-        _quantize_token8(xh, xl, dx, xs, x, g, split, t)
-
-
 class Kernels(NamedTuple):
     """The integer kernels of one (bits, group, activation mode): ``matvec`` (one token), ``matmul_small`` (up to
     dispatch.SMALL_BATCH tokens), ``gemm`` (prompts) and ``matvec3`` (one token times up to three matrices of the
@@ -219,23 +177,6 @@ def row_dot8(codes, scales, mins, r, xh, xl, dx, xs, asym, bits, g, split):
     if asym:
         return row_fdot8(codes[r], scales, mins, r, xh, xl, dx, xs, bits, g, True, split)
     return row_fdot8(codes[r], scales, mins, r, xh, xl, dx, xs, bits, g, False, split)
-
-
-@nb.njit(**JIT)
-def quantize8(x, g, split, par=False):
-    """(xh, xl, dx, xs) of quantize_activations8 for x: f32[T, cols], freshly allocated (xl is [T, 1] unless split);
-    ``par``: the tokens in parallel (prompts)."""
-    t_n, cols = x.shape
-    ng = cols // g
-    xh = np.empty(x.shape, dtype=np.int8)
-    xl = np.empty((t_n, cols if split else 1), dtype=np.int8)
-    dx = np.empty((t_n, ng), dtype=np.float32)
-    xs = np.empty((t_n, ng), dtype=np.float32)
-    if par:
-        quantize_activations8_par(xh, xl, dx, xs, x, g, split)
-    else:
-        quantize_activations8(xh, xl, dx, xs, x, g, split)
-    return xh, xl, dx, xs
 
 
 @nb.njit(**JIT)

@@ -198,15 +198,15 @@ def pack_for_batches(w: Weight) -> int:
     of several sequences) run as the prompt GEMM does. Weights on byte-dot-product kernels only; returns the bytes
     added (0 where nothing was packed)."""
     if w.packed is not None:
-        return sum(a.nbytes for a in w.packed[:3])
+        return sum(a.nbytes for a in w.packed[:2])
     k = w.int_kernels
     if w.f32 is not None or k is None or k.gemm is None or w.act_mode not in ("int8", "split"):
         return 0
     prepack, matmul = packed.packed_kernels(w.bits, w.g, w.act_mode == "split")
-    wb, dsc, nmc = kernel_call(prepack, w.codes, w.scales, w.mins, w.asym)
-    w.packed = (wb, dsc, nmc, matmul)
+    wb, sc = kernel_call(prepack, w.codes, w.scales, w.mins, w.asym)
+    w.packed = (wb, sc, matmul)
     w.paths = choose_paths(w)
-    return wb.nbytes + dsc.nbytes + nmc.nbytes
+    return wb.nbytes + sc.nbytes
 
 
 def linear_many(ws: list[Weight], x: np.ndarray) -> list[np.ndarray]:
@@ -315,8 +315,8 @@ def _int_gemm(w: Weight, x: np.ndarray) -> np.ndarray:
 
 def _packed_small(w: Weight, x: np.ndarray) -> np.ndarray:
     y = np.empty((x.shape[0], w.rows), dtype=np.float32)
-    wb, dsc, nmc, matmul = w.packed
-    kernel_call(matmul, y, wb, dsc, nmc, *w._qargs(), np.ascontiguousarray(x), w.asym)
+    wb, sc, matmul = w.packed
+    kernel_call(matmul, y, wb, sc, *w._qargs(), np.ascontiguousarray(x), w.asym)
     return y
 
 

@@ -4,10 +4,12 @@ The prompt GEMM (``cpu_quant`` qgemm) unpacks each block of ``GEMM_ROWS`` rows i
 :func:`lowbit.kernels.ir.gemm_vnni.tile_gemm` and multiplies it with tiles of tokens: one byte dot product covers
 several rows of one token, so a few tokens cost little more than one. For a prompt the unpacking is paid once per block
 and amortised over hundreds of tokens; for a decode step of 2..8 sequences it would cost more than the product.
-Here the blocks are unpacked once, when batched decoding is switched on (``dispatch.pack_for_batches``), and kept:
-one byte per weight plus two float32 per group and row, about twice a 4-bit matrix. A decode pass of T sequences
-then costs about what the one-sequence kernel costs for 2 (bench: 8 tokens of a 8192x576 4-bit matrix in 2x the
-time of one).
+Here the blocks are unpacked once, when batched decoding is switched on (``dispatch.pack_for_batches``), and kept
+(``gemm_vnni.tile_gemm_kept``'s layout): codes of up to 4 bits two to a byte (one mask or shift per chunk unpacks
+them), wider codes one to a byte, and each group's float16 d and min: about the stored matrix's own size. A decode
+pass of 8 sequences reads each weight once; with codes one to a byte and float32 scales (this module's first layout)
+it read 1.6x the bytes of a 4-bit g32 matrix, and the pass was bound by them (``bench: python bench/decode_loop.py
+M --batch 8 --pack``).
 
 The arithmetic is the prompt GEMM's, so a sequence's logits in a batch differ from its one-sequence decode by the
 float rounding of a different summation order (relative ~1e-6; measured in tests/test_batching.py).
@@ -24,8 +26,8 @@ import numpy as np
 
 from lowbit.kernels import cpu_quant
 from lowbit.kernels.cpu import JIT, PRANGE
-from lowbit.kernels.cpu_quant import DEPS, GEMM_ROWS, TILE_TOKENS, pack_block, quantize8, row_dot8
-from lowbit.kernels.ir.gemm_vnni import tile_gemm
+from lowbit.kernels.cpu_quant import DEPS, GEMM_ROWS, TILE_TOKENS, quantize8, row_dot8
+from lowbit.kernels.ir.gemm_vnni import tile_gemm_kept, unpack_row
 
 
 @lru_cache(maxsize=None)
@@ -39,9 +41,37 @@ def _key() -> int:
 @lru_cache(maxsize=None)
 def packed_kernels(bits: int, g: int, split: bool):
     """(prepack, matmul) for ``bits``-bit groups of ``g`` with int8 (split: int16-precision) activations:
-    ``prepack(codes, scales, mins, asym) -> (wb, dsc, nmc)`` and ``matmul(y, wb, dsc, nmc, codes, scales, mins, x,
-    asym)`` for y[T, rows] = x @ W.T (rows past the last whole block from the codes, one at a time)."""
+    ``prepack(codes, scales, mins, asym) -> (wb, sc)`` and ``matmul(y, wb, sc, codes, scales, mins, x, asym)``
+    for y[T, rows] = x @ W.T (rows past the last whole block from the codes, one at a time)."""
     return _prepack(bits, g), _matmul(bits, g, split)
+
+
+def kept_bytes(rows: int, cols: int, bits: int) -> int:
+    """Bytes of the codes kept for ``rows`` x ``cols`` (whole blocks only): half a byte per weight up to 4 bits."""
+    return (rows // GEMM_ROWS) * GEMM_ROWS * cols // (2 if bits <= 4 else 1)
+
+
+@nb.njit(**JIT)
+def _pack_block(wb, sc, codes, scales, mins, r0, asym, bits, g, br):
+    """Rows r0..r0+br into wb (codes interleaved as [group][chunk of 4][row][4], two chunks to a byte up to 4 bits)
+    and sc (u16[group, 2, row]: d, then the min or, symmetric, d again). bits, g and br arrive as literals."""
+    cols = codes.shape[1] * 8 // bits
+    row = np.empty(cols, dtype=np.uint8)
+    for r in range(br):
+        unpack_row(row, codes[r0 + r], bits, g)
+        if bits <= 4:
+            for j in range(0, cols, 8):
+                o = ((j >> 3) * br + r) * 4
+                for b in range(4):
+                    wb[o + b] = row[j + b] | (row[j + 4 + b] << 4)
+        else:
+            for j in range(0, cols, 4):
+                o = ((j >> 2) * br + r) * 4
+                for b in range(4):
+                    wb[o + b] = row[j + b]
+        for gi in range(cols // g):
+            sc[gi, 0, r] = scales[r0 + r, gi]
+            sc[gi, 1, r] = mins[r0 + r, gi] if asym else scales[r0 + r, gi]
 
 
 @lru_cache(maxsize=None)
@@ -57,15 +87,11 @@ def _prepack(bits: int, g: int):
         nblk = codes.shape[0] // br
         cols = codes.shape[1] * 8 // bits
         ng = cols // g
-        wb = np.empty((nblk, cols * br), dtype=np.uint8)
-        dsc = np.empty((nblk, ng, br), dtype=np.float32)
-        nmc = np.empty((nblk, ng, br), dtype=np.float32)
+        wb = np.empty((nblk, cols * br // (2 if bits <= 4 else 1)), dtype=np.uint8)
+        sc = np.empty((nblk, ng, 2, br), dtype=np.uint16)
         for i in nb.prange(nblk):
-            b, d, n = pack_block(codes, scales, mins, i * br, asym, bits, g, br)
-            wb[i] = b
-            dsc[i] = d
-            nmc[i] = n
-        return wb, dsc, nmc
+            _pack_block(wb[i], sc[i], codes, scales, mins, i * br, asym, bits, g, br)
+        return wb, sc
 
     return prepack
 
@@ -77,9 +103,10 @@ def _matmul(bits: int, g: int, split: bool):
     key = _key()
 
     @nb.njit(parallel=PRANGE, **JIT)
-    def matmul(y, wb, dsc, nmc, codes, scales, mins, x, asym):
+    def matmul(y, wb, sc, codes, scales, mins, x, asym):
         if key == 0:  # never true; ties the cached code to _key()
             return
+        mult = np.float32(-1.0) if asym else np.float32(-(1 << (bits - 1)))
         rows = codes.shape[0]
         t_n = x.shape[0]
         xh, xl, dx, xs = quantize8(x, g, split)
@@ -90,16 +117,16 @@ def _matmul(bits: int, g: int, split: bool):
             if i < nblk:  # tiles of tt, then 4, 2 and 1 tokens (a decode pass has 2..8)
                 t0 = 0
                 while t0 + tt <= t_n:
-                    tile_gemm(y, wb[i], dsc[i], nmc[i], xh, xl, dxT, xsT, i * br, t0, bits, g, split, br, tt)
+                    tile_gemm_kept(y, wb[i], sc[i], mult, xh, xl, dxT, xsT, i * br, t0, bits, g, split, br, tt)
                     t0 += tt
                 if tt > 4 and t0 + 4 <= t_n:
-                    tile_gemm(y, wb[i], dsc[i], nmc[i], xh, xl, dxT, xsT, i * br, t0, bits, g, split, br, 4)
+                    tile_gemm_kept(y, wb[i], sc[i], mult, xh, xl, dxT, xsT, i * br, t0, bits, g, split, br, 4)
                     t0 += 4
                 if t0 + 2 <= t_n:
-                    tile_gemm(y, wb[i], dsc[i], nmc[i], xh, xl, dxT, xsT, i * br, t0, bits, g, split, br, 2)
+                    tile_gemm_kept(y, wb[i], sc[i], mult, xh, xl, dxT, xsT, i * br, t0, bits, g, split, br, 2)
                     t0 += 2
                 if t0 < t_n:
-                    tile_gemm(y, wb[i], dsc[i], nmc[i], xh, xl, dxT, xsT, i * br, t0, bits, g, split, br, 1)
+                    tile_gemm_kept(y, wb[i], sc[i], mult, xh, xl, dxT, xsT, i * br, t0, bits, g, split, br, 1)
             else:
                 r = nblk * br + (i - nblk)
                 for t in range(t_n):

@@ -104,6 +104,37 @@ def tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, split, R, T) -
     return out
 
 
+def tile_gemm_kept(y, wb, sc, mult, xh, xl, dxT, xsT, r0, t0, bits, g, split, R, T) -> np.ndarray:
+    """tile_gemm on the kept layout (kernels/packed.py): wb's codes two to a byte up to 4 bits (chunk pair (2k, 2k+1)
+    as one R·4-byte run, the even chunk in the low nibbles), sc u16[ng, 2, R] the float16 d and min (or d)."""
+    ng = sc.shape[0]
+    if bits <= 4:
+        runs = wb[: ng * g * R // 2].reshape(-1, R * 4)
+        wb = np.stack([runs & 15, runs >> 4], axis=1).reshape(-1)
+    dsc = sc[:, 0, :].view(np.float16).astype(np.float32)
+    nmc = sc[:, 1, :].view(np.float16).astype(np.float32) * np.float32(mult)
+    return tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, split, R, T)
+
+
+# ---------------------------------------------------------------------------------------------- kernels/act8.py
+
+
+def quantize_row8(x, t, g, split) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(xh, xl, dx, xs) of token t: per group dx = absmax / qmax, q = rint(x · (1/dx)) (0 for an all-zero group),
+    xh = q (int8) or, split, xh = (q + 128) >> 8 and xl = q − 256·xh; xs = dx · Σq. float32 throughout, as the
+    intrinsic: equal bit for bit."""
+    qmax = np.float32(32639.0 if split else 127.0)
+    xg = x[t].astype(np.float32).reshape(-1, g)
+    d = np.abs(xg).max(axis=1) / qmax
+    inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d > 0)
+    q = np.rint(xg * inv[:, None]).astype(np.int64)
+    xs = d * q.sum(axis=1).astype(np.float32)
+    if not split:
+        return q.reshape(-1).astype(np.int8), None, d, xs
+    hi = (q + 128) >> 8
+    return hi.reshape(-1).astype(np.int8), (q - 256 * hi).reshape(-1).astype(np.int8), d, xs
+
+
 # ---------------------------------------------------------------------------------------------- kernels/ir/amx.py
 
 

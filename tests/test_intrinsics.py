@@ -14,7 +14,8 @@ from lowbit.kernels.cpu_attention import dequant8_q4, dequant8_q8, prefetch, sco
 from lowbit.kernels.cpu_attention_prompt import score_tile, value_tile
 from lowbit.kernels.cpu_kv import float_bits, float_to_half
 from lowbit.kernels.ir.amx import TILE, host_has_amx
-from lowbit.kernels.ir.gemm_vnni import tile_gemm, unpack_row
+from lowbit.kernels.act8 import quantize_row8
+from lowbit.kernels.ir.gemm_vnni import tile_gemm, tile_gemm_kept, unpack_row
 from lowbit.kernels.ir.simd import (
     bits_to_float,
     group_idot,
@@ -249,6 +250,87 @@ def test_tile_gemm(g, split, R, T, bits):
     want = ref.tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, 3, 1, bits, g, split, R, T)
     call(y, wb, dsc, nmc, xh, xl, dxT, xsT, 3, 1)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-3)
+
+
+def _kept(u: np.ndarray, bits: int) -> np.ndarray:
+    """The kept layout of rows u[R, cols] (kernels/packed.py): _interleave's, two chunks to a byte up to 4 bits."""
+    wb = _interleave(u)
+    if bits > 4:
+        return wb
+    runs = wb.reshape(-1, 2, u.shape[0] * 4)
+    return np.ascontiguousarray(runs[:, 0] | (runs[:, 1] << 4)).reshape(-1)
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [2, 4, 6])
+@pytest.mark.parametrize("asym", [False, True])
+@pytest.mark.parametrize("g,split,T", [(32, False, 1), (64, True, 5), (128, False, 8)])
+def test_tile_gemm_kept(g, split, T, asym, bits):
+    """The kept layout's product equals its twin and, bit for bit, tile_gemm on the same block unpacked with its
+    float32 d and −m (what the batched decode pass is tested to share with the prompt GEMM)."""
+    R = 16 if host_has_avx512_vnni() else 8
+
+    @nb.njit
+    def call(y, wb, sc, mult, xh, xl, dxT, xsT):
+        tile_gemm_kept(y, wb, sc, mult, xh, xl, dxT, xsT, 3, 1, bits, g, split, R, T)
+
+    @nb.njit
+    def plain(y, wb, dsc, nmc, xh, xl, dxT, xsT):
+        tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, 3, 1, bits, g, split, R, T)
+
+    ng, tokens, rows = 3, T + 2, R + 5
+    cols = ng * g
+    u = RNG.integers(0, 1 << bits, size=(R, cols)).astype(np.uint8)
+    d16 = RNG.uniform(0.01, 0.1, (ng, R)).astype(np.float16)
+    m16 = RNG.uniform(0, 1, (ng, R)).astype(np.float16) if asym else d16
+    sc = np.ascontiguousarray(np.stack([d16, m16], axis=1).view(np.uint16))
+    mult = np.float32(-1.0 if asym else -(1 << (bits - 1)))
+    xh = RNG.integers(-127, 128, size=(tokens, cols)).astype(np.int8)
+    xl = RNG.integers(-128, 128, size=(tokens, cols)).astype(np.int8)
+    dxT = RNG.uniform(1e-4, 1e-3, (ng, tokens)).astype(np.float32)
+    xsT = RNG.uniform(-5, 5, (ng, tokens)).astype(np.float32)
+    y0 = RNG.standard_normal((tokens, rows)).astype(np.float32)
+    wb = _kept(u, bits)
+    assert wb.size == cols * R // (2 if bits <= 4 else 1)
+    want = ref.tile_gemm_kept(y0, wb, sc, mult, xh, xl, dxT, xsT, 3, 1, bits, g, split, R, T)
+    y = y0.copy()
+    call(y, wb, sc, mult, xh, xl, dxT, xsT)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-3)
+    y2 = y0.copy()
+    plain(y2, _interleave(u), d16.astype(np.float32), m16.astype(np.float32) * mult, xh, xl, dxT, xsT)
+    assert np.array_equal(y, y2)
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_quantize_row8_matches_its_twin_bit_for_bit(g, split):
+    """Every byte and float of the vector quantizer equals the plain float32 arithmetic: magnitudes from 1e-30 to
+    1e30, an all-zero group, values on (near) half levels, one group with a single non-zero."""
+
+    @nb.njit(fastmath=False)
+    def call(xh, xl, dx, xs, x, t):
+        quantize_row8(xh, xl, dx, xs, x, t, g, split)
+
+    ng = 6
+    x = (RNG.standard_normal((3, ng * g)) * 10.0 ** RNG.uniform(-30, 30, (3, ng * g))).astype(np.float32)
+    x[1] = (RNG.standard_normal(ng * g) * 3).astype(np.float32)
+    x[1, :g] = 0.0
+    qmax = 32639.0 if split else 127.0
+    x[1, 2 * g - 1] = 1.0  # the group's absmax: a level is ~1/qmax, and the others sit on (near) half levels
+    x[1, g : 2 * g - 1] = ((np.arange(g - 1) - g // 2 + 0.5) / qmax).astype(np.float32)
+    x[2, 3 * g : 4 * g] = 0.0
+    x[2, 3 * g + 5] = -7.5
+    for t in range(3):
+        xh = np.zeros((3, ng * g), dtype=np.int8)
+        xl = np.zeros((3, ng * g), dtype=np.int8)
+        dx = np.zeros((3, ng), dtype=np.float32)
+        xs = np.zeros((3, ng), dtype=np.float32)
+        call(xh, xl, dx, xs, x, t)
+        wh, wl, wd, ws = ref.quantize_row8(x, t, g, split)
+        assert np.array_equal(xh[t], wh) and np.array_equal(dx[t], wd) and np.array_equal(xs[t], ws), t
+        if split:
+            assert np.array_equal(xl[t], wl)
+        assert not xh[(t + 1) % 3].any()  # only token t is written
 
 
 def _amx_inputs(g: int, ng: int, tokens: int) -> dict:

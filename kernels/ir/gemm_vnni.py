@@ -13,6 +13,10 @@ tile, so unpacking costs ~1/T of what it did when each (row, token) tile unpacke
 Layouts: wb u8[ng·g·R] (the interleaved block); dsc, nmc f32[ng, R] (d and −m per group and row); xh, xl
 i8[tokens, cols] (xl unread unless split; x = 256·xh + xl when split); dxT, xsT f32[ng, tokens]; y f32[tokens, rows].
 Callers guarantee r0 + R <= rows and t0 + T <= tokens.
+
+``tile_gemm_kept`` is the same product on the smaller layout kernels/packed.py keeps for batched decoding: codes of
+up to 4 bits two to a byte (one vector load and a mask or a shift per chunk) and the scales as float16 (converted
+per group), so a decode pass of several sequences reads about as many bytes as the stored 4-bit matrix.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from numba.extending import intrinsic
 from lowbit.kernels.ir.vnni import byte_pairs, check_literals, codes_ir, dpbusd, fused_chunks, widen_pairs
 
 _I8 = ir.IntType(8)
+_I16 = ir.IntType(16)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _F32 = ir.FloatType()
@@ -63,14 +68,32 @@ def tile_gemm(typingctx, y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, spl
     """See the module docstring: y[t0:t0+T, r0:r0+R] from one interleaved block of ``bits``-bit codes and T
     tokens. On AVX2 (no VNNI) the chunks' 16-bit pair sums are added in 16 bits, ``fused_chunks(bits)`` at a time,
     before one widening multiply-add (vnni.fused_chunks): the same integers, half the multiplies."""
+    sig = types.void(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, split, R, T)
+    return sig, _tile_codegen(bits, g, split, R, T, kept=False)
+
+
+@intrinsic
+def tile_gemm_kept(typingctx, y, wb, sc, mult, xh, xl, dxT, xsT, r0, t0, bits, g, split, R, T):
+    """tile_gemm on a block in the layout kept for batched decoding (kernels/packed.py): codes of up to 4 bits two
+    to a byte (chunk pair (2k, 2k+1) of the block as one R·4-byte vector, the even chunk in the low nibbles), wider
+    codes one to a byte as in tile_gemm; sc u16[ng, 2, R] the float16 bits of d and of the min (asym) or of d again
+    (symmetric), the min term's factor −m being ``mult`` · sc[g, 1] (mult = −1, or −2**(bits−1) for symmetric types:
+    exactly tile_gemm's nmc). Same integers, same float operations in the same order: tile_gemm's numbers."""
+    if not isinstance(mult, types.Float):
+        raise errors.TypingError("tile_gemm_kept: mult must be a float")
+    sig = types.void(y, wb, sc, mult, xh, xl, dxT, xsT, r0, t0, bits, g, split, R, T)
+    return sig, _tile_codegen(bits, g, split, R, T, kept=True)
+
+
+def _tile_codegen(bits, g, split, R, T, kept: bool):
     nbits, glen = check_literals(bits, g, split)
     is_split = split.literal_value
     nr, nt = _literal(R, "R"), _literal(T, "T")
     if nr not in (8, 16) or not 1 <= nt <= 12:
         raise errors.TypingError(f"tile_gemm: unsupported tile of {nr} rows by {nt} tokens")
-    sig = types.void(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, split, R, T)
     chunks = glen // 4
     fuse = fused_chunks(nbits) if nr == 8 else 1
+    nib = kept and nbits <= 4
 
     def codegen(context, builder, signature, args):
         def arr(i):
@@ -82,14 +105,16 @@ def tile_gemm(typingctx, y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, spl
         def c64(v):
             return ir.Constant(_I64, v)
 
-        ya, wa, da, ma, ha, la, xda, xsa = (arr(i) for i in range(8))
+        ya, wa = arr(0), arr(1)
+        ha, la, xda, xsa = (arr(i) for i in range(4, 8))
         row0, tok0 = as64(args[8]), as64(args[9])
         n_rows = builder.extract_value(ya.shape, 1)
-        ng = builder.extract_value(da.shape, 0)
         cols = builder.extract_value(ha.shape, 1)
+        ng = builder.udiv(cols, c64(glen))
         n_tok = builder.extract_value(xda.shape, 1)
         vi = ir.VectorType(_I32, nr)
         vf = ir.VectorType(_F32, nr)
+        vb = ir.VectorType(_I8, 4 * nr)
         splat_mask = ir.Constant(ir.VectorType(_I32, nr), [0] * nr)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf] * 3), f"llvm.fma.v{nr}f32")
         facc = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * nr)) for _ in range(nt)]
@@ -102,21 +127,49 @@ def tile_gemm(typingctx, y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, spl
         def load_vec(ptr, off, ty, align):
             return builder.load(builder.bitcast(builder.gep(ptr, [off]), ty.as_pointer()), align=align)
 
+        if kept:
+            sa = arr(2)
+            vh = ir.VectorType(ir.HalfType(), nr)
+            mult = args[3] if signature.args[3] == types.float32 else builder.fptrunc(args[3], _F32)
+            negm = splat(mult)
+
+            def scales(gi):
+                base = builder.mul(gi, c64(2 * nr))
+                d = builder.fpext(builder.bitcast(load_vec(sa.data, base, ir.VectorType(_I16, nr), 2), vh), vf)
+                m = builder.bitcast(load_vec(sa.data, builder.add(base, c64(nr)), ir.VectorType(_I16, nr), 2), vh)
+                return d, builder.fmul(builder.fpext(m, vf), negm)
+        else:
+            da, ma = arr(2), arr(3)
+
+            def scales(gi):
+                goff = builder.mul(gi, c64(nr))
+                return load_vec(da.data, goff, vf, 4), load_vec(ma.data, goff, vf, 4)
+
+        def weights(gi, c, held):
+            """chunk c of group gi as <nr x i32>; ``held`` keeps a nibble pair's byte vector for its odd chunk."""
+            if not nib:
+                return load_vec(wa.data, builder.add(builder.mul(gi, c64(chunks * nr * 4)), c64(c * nr * 4)), vi, 4)
+            if c % 2 == 0:
+                off = builder.add(builder.mul(gi, c64(chunks * nr * 2)), c64((c // 2) * nr * 4))
+                held[0] = load_vec(wa.data, off, vb, 4)
+                half = builder.and_(held[0], ir.Constant(vb, [15] * (4 * nr)))
+            else:
+                half = builder.lshr(held[0], ir.Constant(vb, [4] * (4 * nr)))
+            return builder.bitcast(half, vi)
+
         xrow = [builder.mul(builder.add(tok0, c64(t)), cols) for t in range(nt)]
         with cgutils.for_range(builder, ng) as loop:
             gi = loop.index
-            goff = builder.mul(gi, c64(nr))
-            dv = load_vec(da.data, goff, vf, 4)
-            mv = load_vec(ma.data, goff, vf, 4)
+            dv, mv = scales(gi)
             zero = ir.Constant(vi, [0] * nr)
             hi = [zero] * nt
             lo = [zero] * nt
-            wbase = builder.mul(gi, c64(chunks * nr * 4))
             xbase = builder.mul(gi, c64(glen))
             pairs_hi, pairs_lo = [None] * nt, [None] * nt  # 16-bit pair sums of the chunks not yet widened
             parts = ((hi, pairs_hi, ha), (lo, pairs_lo, la)) if is_split else ((hi, pairs_hi, ha),)
+            held = [None]
             for c in range(chunks):
-                w = load_vec(wa.data, builder.add(wbase, c64(c * nr * 4)), vi, 4)
+                w = weights(gi, c, held)
                 widen = c % fuse == fuse - 1 or c == chunks - 1
                 for t in range(nt):
                     xoff = builder.add(xrow[t], builder.add(xbase, c64(4 * c)))
@@ -144,4 +197,4 @@ def tile_gemm(typingctx, y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, spl
                           align=4)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
