@@ -96,6 +96,23 @@ def _prepack(bits: int, g: int):
     return prepack
 
 
+@nb.njit(inline="always", **JIT)
+def _block(y, wb, sc, mult, xh, xl, dxT, xsT, r0, t_n, bits, g, split, br, tt):
+    """y[:, r0:r0+br] from one kept block: tiles of tt tokens, then 4, 2 and 1 (a decode pass has 2..8)."""
+    t0 = 0
+    while t0 + tt <= t_n:
+        tile_gemm_kept(y, wb, sc, mult, xh, xl, dxT, xsT, r0, t0, bits, g, split, br, tt)
+        t0 += tt
+    if tt > 4 and t0 + 4 <= t_n:
+        tile_gemm_kept(y, wb, sc, mult, xh, xl, dxT, xsT, r0, t0, bits, g, split, br, 4)
+        t0 += 4
+    if t0 + 2 <= t_n:
+        tile_gemm_kept(y, wb, sc, mult, xh, xl, dxT, xsT, r0, t0, bits, g, split, br, 2)
+        t0 += 2
+    if t0 < t_n:
+        tile_gemm_kept(y, wb, sc, mult, xh, xl, dxT, xsT, r0, t0, bits, g, split, br, 1)
+
+
 @lru_cache(maxsize=None)
 def _matmul(bits: int, g: int, split: bool):
     br = GEMM_ROWS
@@ -114,22 +131,43 @@ def _matmul(bits: int, g: int, split: bool):
         xsT = np.ascontiguousarray(xs.T)
         nblk = wb.shape[0]
         for i in nb.prange(nblk + (rows - nblk * br)):
-            if i < nblk:  # tiles of tt, then 4, 2 and 1 tokens (a decode pass has 2..8)
-                t0 = 0
-                while t0 + tt <= t_n:
-                    tile_gemm_kept(y, wb[i], sc[i], mult, xh, xl, dxT, xsT, i * br, t0, bits, g, split, br, tt)
-                    t0 += tt
-                if tt > 4 and t0 + 4 <= t_n:
-                    tile_gemm_kept(y, wb[i], sc[i], mult, xh, xl, dxT, xsT, i * br, t0, bits, g, split, br, 4)
-                    t0 += 4
-                if t0 + 2 <= t_n:
-                    tile_gemm_kept(y, wb[i], sc[i], mult, xh, xl, dxT, xsT, i * br, t0, bits, g, split, br, 2)
-                    t0 += 2
-                if t0 < t_n:
-                    tile_gemm_kept(y, wb[i], sc[i], mult, xh, xl, dxT, xsT, i * br, t0, bits, g, split, br, 1)
+            if i < nblk:
+                _block(y, wb[i], sc[i], mult, xh, xl, dxT, xsT, i * br, t_n, bits, g, split, br, tt)
             else:
                 r = nblk * br + (i - nblk)
                 for t in range(t_n):
                     y[t, r] = row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
 
     return matmul
+
+
+@lru_cache(maxsize=None)
+def matmul3(bits: int, g: int, split: bool):
+    """``matmul3(y1, wb1, sc1, y2, wb2, sc2, y3, wb3, sc3, x, asym)``: x times two or three kept matrices of one
+    type that share the input (q/k/v, gate/up; the third may have no blocks), whole blocks only, in one call: the
+    activations quantized once, one parallel loop over the blocks of all of them. Each y is what ``matmul`` gives."""
+    br = GEMM_ROWS
+    tt = TILE_TOKENS["split" if split else "int8"]
+    key = _key()
+
+    @nb.njit(parallel=PRANGE, **JIT)
+    def fused(y1, wb1, sc1, y2, wb2, sc2, y3, wb3, sc3, x, asym):
+        if key == 0:  # never true; ties the cached code to _key()
+            return
+        mult = np.float32(-1.0) if asym else np.float32(-(1 << (bits - 1)))
+        t_n = x.shape[0]
+        xh, xl, dx, xs = quantize8(x, g, split)
+        dxT = np.ascontiguousarray(dx.T)
+        xsT = np.ascontiguousarray(xs.T)
+        n1, n2 = wb1.shape[0], wb2.shape[0]
+        for i in nb.prange(n1 + n2 + wb3.shape[0]):
+            if i < n1:
+                _block(y1, wb1[i], sc1[i], mult, xh, xl, dxT, xsT, i * br, t_n, bits, g, split, br, tt)
+            elif i < n1 + n2:
+                j = i - n1
+                _block(y2, wb2[j], sc2[j], mult, xh, xl, dxT, xsT, j * br, t_n, bits, g, split, br, tt)
+            else:
+                j = i - n1 - n2
+                _block(y3, wb3[j], sc3[j], mult, xh, xl, dxT, xsT, j * br, t_n, bits, g, split, br, tt)
+
+    return fused

@@ -10,11 +10,11 @@ from lbtest import byte_dot_case
 
 from lowbit.formats.qtypes import pack_codes, quant_type
 from lowbit.kernels import ref_intrinsics as ref
+from lowbit.kernels.act8 import quantize_row8
 from lowbit.kernels.cpu_attention import dequant8_q4, dequant8_q8, prefetch, scores8, values8
 from lowbit.kernels.cpu_attention_prompt import score_tile, value_tile
 from lowbit.kernels.cpu_kv import float_bits, float_to_half
 from lowbit.kernels.ir.amx import TILE, host_has_amx
-from lowbit.kernels.act8 import quantize_row8
 from lowbit.kernels.ir.gemm_vnni import tile_gemm, tile_gemm_kept, unpack_row
 from lowbit.kernels.ir.simd import (
     bits_to_float,

@@ -354,6 +354,33 @@ def test_small_batches_are_the_one_token_kernel_row_for_row(name, mode):
             assert np.array_equal(y[i], one), (t, i)
 
 
+@pytest.mark.parametrize("name,mode", _byte_mode_cases(["q4a_g32", "q6_g64"], ["int8", "split"]))
+def test_kept_weights_sharing_an_input_take_one_call(name, mode):
+    """q/k/v (three) and gate/up (two) kept for batches: dispatch.linear_many gives each weight's own numbers bit
+    for bit (one packed.matmul3 call); a weight with a partial block of rows, or another type, goes one by one."""
+    qt = REGISTRY[name]
+    rng = np.random.default_rng(qt.id + 5)
+    br = cpu_quant.GEMM_ROWS
+    cols = 5 * qt.group_size
+    ws = []
+    for rows in (3 * br, br, 2 * br):
+        w = dispatch.Weight(StoredTensor("w", qt, (rows, cols), random_parts(qt, rows, cols, rng)))
+        w.set_activation_mode(mode)
+        assert dispatch.pack_for_batches(w) > 0
+        ws.append(w)
+    assert dispatch._kept_together(ws) and dispatch._kept_together(ws[:2])
+    for t in (2, 5, dispatch.SMALL_BATCH):
+        x = rng.standard_normal((t, cols)).astype(np.float32)
+        for group in (ws, ws[1:]):
+            got = dispatch.linear_many(group, x)
+            for w, y in zip(group, got, strict=True):
+                assert np.array_equal(y, dispatch.linear(w, x))
+    odd = dispatch.Weight(StoredTensor("w", qt, (br + 3, cols), random_parts(qt, br + 3, cols, rng)))
+    odd.set_activation_mode(mode)
+    dispatch.pack_for_batches(odd)
+    assert not dispatch._kept_together([ws[0], odd])
+
+
 @pytest.mark.parametrize("name,mode", _byte_mode_cases(["q4a_g32", "q3_g128", "q8_g64"], ["int8", "split"]))
 def test_packed_weights_for_batched_decode(name, mode):
     """Pre-packed blocks (kernels/packed.py) give the reference product for 2..8 tokens, rows past the last whole
