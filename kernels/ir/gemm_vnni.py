@@ -26,6 +26,7 @@ from numba import types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
+from lowbit.kernels.ir.simd import prefetch_line
 from lowbit.kernels.ir.vnni import byte_pairs, check_literals, codes_ir, dpbusd, fused_chunks, widen_pairs
 
 _I8 = ir.IntType(8)
@@ -33,6 +34,7 @@ _I16 = ir.IntType(16)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _F32 = ir.FloatType()
+KEPT_AHEAD = 4096  # bytes past the codes being multiplied that tile_gemm_kept asks the cache for
 
 
 def _literal(v, name: str) -> int:
@@ -145,12 +147,23 @@ def _tile_codegen(bits, g, split, R, T, kept: bool):
                 goff = builder.mul(gi, c64(nr))
                 return load_vec(da.data, goff, vf, 4), load_vec(ma.data, goff, vf, 4)
 
+        def ahead(off):
+            """Kept blocks stream from memory (one read per decode pass): ask for the bytes KEPT_AHEAD on."""
+            if kept:
+                prefetch_line(builder, builder.gep(builder.bitcast(wa.data, _I8.as_pointer()),
+                                                   [builder.add(off, c64(KEPT_AHEAD))]))
+
         def weights(gi, c, held):
             """chunk c of group gi as <nr x i32>; ``held`` keeps a nibble pair's byte vector for its odd chunk."""
             if not nib:
-                return load_vec(wa.data, builder.add(builder.mul(gi, c64(chunks * nr * 4)), c64(c * nr * 4)), vi, 4)
+                off = builder.add(builder.mul(gi, c64(chunks * nr * 4)), c64(c * nr * 4))
+                if (c * nr * 4) % 64 == 0:
+                    ahead(off)
+                return load_vec(wa.data, off, vi, 4)
             if c % 2 == 0:
                 off = builder.add(builder.mul(gi, c64(chunks * nr * 2)), c64((c // 2) * nr * 4))
+                if ((c // 2) * nr * 4) % 64 == 0:
+                    ahead(off)
                 held[0] = load_vec(wa.data, off, vb, 4)
                 half = builder.and_(held[0], ir.Constant(vb, [15] * (4 * nr)))
             else:
