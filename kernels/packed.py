@@ -27,7 +27,7 @@ import numpy as np
 from lowbit.kernels import cpu_quant
 from lowbit.kernels.cpu import JIT, PRANGE
 from lowbit.kernels.cpu_quant import DEPS, GEMM_ROWS, TILE_TOKENS, quantize8, row_dot8
-from lowbit.kernels.ir.gemm_vnni import tile_gemm_kept, unpack_row
+from lowbit.kernels.ir.gemm_vnni import kept_layout, tile_gemm_kept, unpack_row
 
 
 @lru_cache(maxsize=None)
@@ -46,29 +46,32 @@ def packed_kernels(bits: int, g: int, split: bool):
     return _prepack(bits, g), _matmul(bits, g, split)
 
 
-def kept_bytes(rows: int, cols: int, bits: int) -> int:
-    """Bytes of the codes kept for ``rows`` x ``cols`` (whole blocks only): half a byte per weight up to 4 bits."""
-    return (rows // GEMM_ROWS) * GEMM_ROWS * cols // (2 if bits <= 4 else 1)
-
-
-@nb.njit(**JIT)
+@nb.njit(inline="always", **JIT)
 def _pack_block(wb, sc, codes, scales, mins, r0, asym, bits, g, br):
-    """Rows r0..r0+br into wb (codes interleaved as [group][chunk of 4][row][4], two chunks to a byte up to 4 bits)
-    and sc (u16[group, 2, row]: d, then the min or, symmetric, d again). bits, g and br arrive as literals."""
+    """Rows r0..r0+br into wb, codes interleaved as [group][chunk of 4][row][4] in gemm_vnni.kept_layout(bits), and
+    sc (u16[group, 2, row]: d, then the min or, symmetric, d again). bits, g and br arrive as literals."""
     cols = codes.shape[1] * 8 // bits
     row = np.empty(cols, dtype=np.uint8)
+    v = br * 4  # bytes of one chunk of the block
     for r in range(br):
         unpack_row(row, codes[r0 + r], bits, g)
-        if bits <= 4:
-            for j in range(0, cols, 8):
-                o = ((j >> 3) * br + r) * 4
-                for b in range(4):
-                    wb[o + b] = row[j + b] | (row[j + 4 + b] << 4)
-        else:
-            for j in range(0, cols, 4):
-                o = ((j >> 2) * br + r) * 4
-                for b in range(4):
-                    wb[o + b] = row[j + b]
+        for b in range(4):
+            o = r * 4 + b
+            if bits <= 4:
+                for j in range(0, cols, 8):
+                    wb[(j >> 3) * v + o] = row[j + b] | (row[j + 4 + b] << 4)
+            elif bits <= 6:
+                for j in range(0, cols, 16):
+                    base = (j >> 4) * 3 * v + o
+                    wb[base] = (row[j + b] & 15) | ((row[j + 4 + b] & 15) << 4)
+                    wb[base + v] = (row[j + 8 + b] & 15) | ((row[j + 12 + b] & 15) << 4)
+                    top = 0
+                    for k in range(4):
+                        top |= ((row[j + 4 * k + b] >> 4) & 3) << (2 * k)
+                    wb[base + 2 * v] = top
+            else:
+                for j in range(0, cols, 4):
+                    wb[(j >> 2) * v + o] = row[j + b]
         for gi in range(cols // g):
             sc[gi, 0, r] = scales[r0 + r, gi]
             sc[gi, 1, r] = mins[r0 + r, gi] if asym else scales[r0 + r, gi]
@@ -79,6 +82,7 @@ def _prepack(bits: int, g: int):
     """One closure per (bits, g): two live closures with the same captured values would share a cache entry."""
     br = GEMM_ROWS
     key = _key()
+    unit = {"nibbles": 2, "six": 3, "bytes": 4}[kept_layout(bits)]
 
     @nb.njit(parallel=PRANGE, **JIT)
     def prepack(codes, scales, mins, asym):
@@ -87,7 +91,8 @@ def _prepack(bits: int, g: int):
         nblk = codes.shape[0] // br
         cols = codes.shape[1] * 8 // bits
         ng = cols // g
-        wb = np.empty((nblk, cols * br // (2 if bits <= 4 else 1)), dtype=np.uint8)
+        size = cols * br * unit // 4
+        wb = np.empty((nblk, size), dtype=np.uint8)
         sc = np.empty((nblk, ng, 2, br), dtype=np.uint16)
         for i in nb.prange(nblk):
             _pack_block(wb[i], sc[i], codes, scales, mins, i * br, asym, bits, g, br)

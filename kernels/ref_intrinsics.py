@@ -105,12 +105,19 @@ def tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, split, R, T) -
 
 
 def tile_gemm_kept(y, wb, sc, mult, xh, xl, dxT, xsT, r0, t0, bits, g, split, R, T) -> np.ndarray:
-    """tile_gemm on the kept layout (kernels/packed.py): wb's codes two to a byte up to 4 bits (chunk pair (2k, 2k+1)
-    as one R·4-byte run, the even chunk in the low nibbles), sc u16[ng, 2, R] the float16 d and min (or d)."""
+    """tile_gemm on the kept layout (kernels/packed.py, gemm_vnni.kept_layout): up to 4 bits, chunk pair (2k, 2k+1)
+    as one R·4-byte run, the even chunk in the low nibbles; 5-6 bits, per quad of chunks two such runs of the low 4
+    bits and one run of the high 2 bits (chunk 4q+k in bits 2k, 2k+1); sc u16[ng, 2, R] the float16 d and min (or
+    d)."""
     ng = sc.shape[0]
     if bits <= 4:
         runs = wb[: ng * g * R // 2].reshape(-1, R * 4)
         wb = np.stack([runs & 15, runs >> 4], axis=1).reshape(-1)
+    elif bits <= 6:
+        runs = wb[: ng * g * R * 3 // 4].reshape(-1, 3, R * 4)
+        low = np.stack([runs[:, 0] & 15, runs[:, 0] >> 4, runs[:, 1] & 15, runs[:, 1] >> 4], axis=1)
+        top = np.stack([(runs[:, 2] >> (2 * k)) & 3 for k in range(4)], axis=1)
+        wb = (low | (top << 4)).reshape(-1)
     dsc = sc[:, 0, :].view(np.float16).astype(np.float32)
     nmc = sc[:, 1, :].view(np.float16).astype(np.float32) * np.float32(mult)
     return tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, split, R, T)

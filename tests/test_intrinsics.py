@@ -15,7 +15,7 @@ from lowbit.kernels.cpu_attention import dequant8_q4, dequant8_q8, prefetch, sco
 from lowbit.kernels.cpu_attention_prompt import score_tile, value_tile
 from lowbit.kernels.cpu_kv import float_bits, float_to_half
 from lowbit.kernels.ir.amx import TILE, host_has_amx
-from lowbit.kernels.ir.gemm_vnni import tile_gemm, tile_gemm_kept, unpack_row
+from lowbit.kernels.ir.gemm_vnni import kept_layout, tile_gemm, tile_gemm_kept, unpack_row
 from lowbit.kernels.ir.simd import (
     bits_to_float,
     group_idot,
@@ -253,16 +253,22 @@ def test_tile_gemm(g, split, R, T, bits):
 
 
 def _kept(u: np.ndarray, bits: int) -> np.ndarray:
-    """The kept layout of rows u[R, cols] (kernels/packed.py): _interleave's, two chunks to a byte up to 4 bits."""
+    """The kept layout of rows u[R, cols] (kernels/packed.py, gemm_vnni.kept_layout), built from _interleave's."""
     wb = _interleave(u)
-    if bits > 4:
-        return wb
-    runs = wb.reshape(-1, 2, u.shape[0] * 4)
-    return np.ascontiguousarray(runs[:, 0] | (runs[:, 1] << 4)).reshape(-1)
+    v = u.shape[0] * 4
+    if bits <= 4:
+        runs = wb.reshape(-1, 2, v)
+        return np.ascontiguousarray(runs[:, 0] | (runs[:, 1] << 4)).reshape(-1)
+    if bits <= 6:
+        q = wb.reshape(-1, 4, v)
+        top = sum(((q[:, k] >> 4) & 3) << (2 * k) for k in range(4)).astype(np.uint8)
+        parts = [(q[:, 0] & 15) | ((q[:, 1] & 15) << 4), (q[:, 2] & 15) | ((q[:, 3] & 15) << 4), top]
+        return np.ascontiguousarray(np.stack(parts, axis=1)).reshape(-1)
+    return wb
 
 
 @needs_vnni
-@pytest.mark.parametrize("bits", [2, 4, 6])
+@pytest.mark.parametrize("bits", [2, 4, 5, 6, byte_dot_case(8, 8, id="8")])
 @pytest.mark.parametrize("asym", [False, True])
 @pytest.mark.parametrize("g,split,T", [(32, False, 1), (64, True, 5), (128, False, 8)])
 def test_tile_gemm_kept(g, split, T, asym, bits):
@@ -291,7 +297,7 @@ def test_tile_gemm_kept(g, split, T, asym, bits):
     xsT = RNG.uniform(-5, 5, (ng, tokens)).astype(np.float32)
     y0 = RNG.standard_normal((tokens, rows)).astype(np.float32)
     wb = _kept(u, bits)
-    assert wb.size == cols * R // (2 if bits <= 4 else 1)
+    assert wb.size == cols * R * {"nibbles": 2, "six": 3, "bytes": 4}[kept_layout(bits)] // 4
     want = ref.tile_gemm_kept(y0, wb, sc, mult, xh, xl, dxT, xsT, 3, 1, bits, g, split, R, T)
     y = y0.copy()
     call(y, wb, sc, mult, xh, xl, dxT, xsT)

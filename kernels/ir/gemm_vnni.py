@@ -87,6 +87,13 @@ def tile_gemm_kept(typingctx, y, wb, sc, mult, xh, xl, dxT, xsT, r0, t0, bits, g
     return sig, _tile_codegen(bits, g, split, R, T, kept=True)
 
 
+def kept_layout(bits: int) -> str:
+    """How tile_gemm_kept stores codes of ``bits``: "nibbles" (up to 4 bits: chunk pairs two to a byte, 0.5 byte a
+    weight), "six" (5-6 bits: per quad of chunks, the low 4 bits as two nibble-pair vectors and the high 2 bits
+    four chunks to a byte, 0.75 byte a weight), "bytes" (7-8 bits: one byte a code)."""
+    return "nibbles" if bits <= 4 else "six" if bits <= 6 else "bytes"
+
+
 def _tile_codegen(bits, g, split, R, T, kept: bool):
     nbits, glen = check_literals(bits, g, split)
     is_split = split.literal_value
@@ -95,7 +102,7 @@ def _tile_codegen(bits, g, split, R, T, kept: bool):
         raise errors.TypingError(f"tile_gemm: unsupported tile of {nr} rows by {nt} tokens")
     chunks = glen // 4
     fuse = fused_chunks(nbits) if nr == 8 else 1
-    nib = kept and nbits <= 4
+    layout = kept_layout(nbits) if kept else "bytes"
 
     def codegen(context, builder, signature, args):
         def arr(i):
@@ -153,22 +160,33 @@ def _tile_codegen(bits, g, split, R, T, kept: bool):
                 prefetch_line(builder, builder.gep(builder.bitcast(wa.data, _I8.as_pointer()),
                                                    [builder.add(off, c64(KEPT_AHEAD))]))
 
+        vlen = nr * 4  # bytes of one chunk of the block (R rows x 4 codes)
+
+        def load_ahead(off):
+            ahead(off)
+            return load_vec(wa.data, off, vb, 4)
+
         def weights(gi, c, held):
-            """chunk c of group gi as <nr x i32>; ``held`` keeps a nibble pair's byte vector for its odd chunk."""
-            if not nib:
-                off = builder.add(builder.mul(gi, c64(chunks * nr * 4)), c64(c * nr * 4))
-                if (c * nr * 4) % 64 == 0:
-                    ahead(off)
-                return load_vec(wa.data, off, vi, 4)
-            if c % 2 == 0:
-                off = builder.add(builder.mul(gi, c64(chunks * nr * 2)), c64((c // 2) * nr * 4))
-                if ((c // 2) * nr * 4) % 64 == 0:
-                    ahead(off)
-                held[0] = load_vec(wa.data, off, vb, 4)
-                half = builder.and_(held[0], ir.Constant(vb, [15] * (4 * nr)))
-            else:
-                half = builder.lshr(held[0], ir.Constant(vb, [4] * (4 * nr)))
-            return builder.bitcast(half, vi)
+            """chunk c of group gi as <nr x i32>; ``held`` keeps the byte vectors of a pair or quad of chunks."""
+            mask = ir.Constant(vb, [15] * vlen)
+            if layout == "bytes":
+                off = builder.add(builder.mul(gi, c64(chunks * vlen)), c64(c * vlen))
+                return builder.bitcast(load_ahead(off), vi)
+            if layout == "nibbles":
+                if c % 2 == 0:
+                    held[0] = load_ahead(builder.add(builder.mul(gi, c64(chunks * vlen // 2)), c64(c // 2 * vlen)))
+                    return builder.bitcast(builder.and_(held[0], mask), vi)
+                return builder.bitcast(builder.lshr(held[0], ir.Constant(vb, [4] * vlen)), vi)
+            k = c % 4  # "six": per quad of chunks, two nibble-pair vectors and one of the 2-bit high parts
+            if k == 0:
+                base = builder.add(builder.mul(gi, c64(chunks // 4 * 3 * vlen)), c64(c // 4 * 3 * vlen))
+                held[:] = [load_ahead(builder.add(base, c64(j * vlen))) for j in range(3)]
+            pair = held[k // 2]
+            low = builder.and_(pair, mask) if k % 2 == 0 else builder.lshr(pair, ir.Constant(vb, [4] * vlen))
+            top = builder.lshr(held[2], ir.Constant(vb, [2 * k] * vlen)) if k else held[2]
+            if k < 3:
+                top = builder.and_(top, ir.Constant(vb, [3] * vlen))
+            return builder.bitcast(builder.or_(low, builder.shl(top, ir.Constant(vb, [4] * vlen))), vi)
 
         xrow = [builder.mul(builder.add(tok0, c64(t)), cols) for t in range(nt)]
         with cgutils.for_range(builder, ng) as loop:
