@@ -69,7 +69,7 @@ class Weight:
         self.act_scale = None if act_scale is None else _act_scale(act_scale, self.name)
         self.int_kernels = None  # (matvec, small-batch matmul, prompt GEMM or None) on integer activations
         self.act_mode = None  # their activation mode (kernels/cpu_quant.py ACT_MODES)
-        self.packed = None  # (wb, dsc, nmc, matmul): blocks unpacked for batched decoding (pack_for_batches)
+        self.packed = None  # (wb, sc, matmul): blocks kept for batched decoding (pack_for_batches)
         self.is_float = st.qtype.is_float
         # float16 / bfloat16 matrices stay 16-bit (their bits as uint16; kernels/cpu_half.py), float32 ones as they are
         self.h16 = self.f32 = None
@@ -214,8 +214,8 @@ def linear_many(ws: list[Weight], x: np.ndarray) -> list[np.ndarray]:
     weights of one quant type without extras or an activation-quantization mode takes one fused kernel call
     (``Kernels.matvec3``): the activations are quantized once and the dispatch cost is paid once."""
     k = ws[0].int_kernels
-    if 2 <= x.shape[0] <= SMALL_BATCH and _kept_together(ws):
-        return _kept_many(ws, x)
+    if 2 <= x.shape[0] <= SMALL_BATCH and packed.kept_together(ws):
+        return packed.kept_many(ws, x)
     if x.shape[0] != 1 or k is None or k.matvec3 is None or not 2 <= len(ws) <= 3:
         return [linear(w, x) for w in ws]
     for w in ws:
@@ -240,32 +240,8 @@ def linear_many(ws: list[Weight], x: np.ndarray) -> list[np.ndarray]:
     return ys
 
 
-def _kept_together(ws: list[Weight]) -> bool:
-    """Whether ws (2 or 3) can take one packed.matmul3 call: all kept for batches, one type and activation mode, no
-    extras, whole blocks of rows."""
-    w0 = ws[0]
-    return 2 <= len(ws) <= 3 and all(
-        w.packed is not None and w.int_kernels is w0.int_kernels and w.asym == w0.asym and w.had_d is None
-        and w.lr_a is None and w.act_q is None and w.rows % cpu_quant.GEMM_ROWS == 0 for w in ws)
-
-
-def _kept_many(ws: list[Weight], x: np.ndarray) -> list[np.ndarray]:
-    w0 = ws[0]
-    ys = [np.empty((x.shape[0], w.rows), dtype=np.float32) for w in ws]
-    args = [a for w, y in zip(ws, ys) for a in (y, w.packed[0], w.packed[1])]
-    if len(ws) == 2:
-        args += [_NO_ROWS_YT, w0.packed[0][:0], w0.packed[1][:0]]
-    fused = packed.matmul3(w0.bits, w0.g, w0.act_mode == "split")
-    kernel_call(fused, *args, np.ascontiguousarray(x), w0.asym)
-    for w, y in zip(ws, ys):
-        if w.bias is not None:
-            y += w.bias
-    return ys
-
-
 # the empty third matrix of a two-matrix fused call (read-only: nothing is ever written to 0 rows)
 _NO_ROWS_Y = np.empty(0, dtype=np.float32)
-_NO_ROWS_YT = np.empty((SMALL_BATCH, 0), dtype=np.float32)
 _NO_SCALES = np.empty((0, 0, 0), dtype=np.uint16)  # a float cache's scales
 
 

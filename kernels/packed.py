@@ -28,6 +28,7 @@ from lowbit.kernels import cpu_quant
 from lowbit.kernels.cpu import JIT, PRANGE
 from lowbit.kernels.cpu_quant import DEPS, GEMM_ROWS, TILE_TOKENS, quantize8, row_dot8
 from lowbit.kernels.ir.gemm_vnni import kept_layout, tile_gemm_kept, unpack_row
+from lowbit.kernels.timing import kernel_call
 
 
 @lru_cache(maxsize=None)
@@ -176,3 +177,30 @@ def matmul3(bits: int, g: int, split: bool):
                 _block(y3, wb3[j], sc3[j], mult, xh, xl, dxT, xsT, j * br, t_n, bits, g, split, br, tt)
 
     return fused
+
+
+_NO_ROWS = np.empty((0, 0), dtype=np.float32)  # the third y of a two-matrix call (no blocks: never written)
+
+
+def kept_together(ws: list) -> bool:
+    """Whether dispatch Weights ws (2 or 3) can take one matmul3 call: all kept for batches, one type and activation
+    mode, no extras, whole blocks of rows."""
+    w0 = ws[0]
+    return 2 <= len(ws) <= 3 and all(
+        w.packed is not None and w.int_kernels is w0.int_kernels and w.asym == w0.asym and w.had_d is None
+        and w.lr_a is None and w.act_q is None and w.rows % GEMM_ROWS == 0 for w in ws)
+
+
+def kept_many(ws: list, x: np.ndarray) -> list[np.ndarray]:
+    """[dispatch.linear(w, x) for w in ws] for weights that :func:`kept_together` accepts, in one matmul3 call."""
+    w0 = ws[0]
+    ys = [np.empty((x.shape[0], w.rows), dtype=np.float32) for w in ws]
+    args = [a for w, y in zip(ws, ys) for a in (y, w.packed[0], w.packed[1])]
+    if len(ws) == 2:
+        args += [_NO_ROWS, w0.packed[0][:0], w0.packed[1][:0]]
+    fused = matmul3(w0.bits, w0.g, w0.act_mode == "split")
+    kernel_call(fused, *args, np.ascontiguousarray(x), w0.asym)
+    for w, y in zip(ws, ys):
+        if w.bias is not None:
+            y += w.bias
+    return ys

@@ -6,7 +6,7 @@ from lbtest import byte_dot_case
 
 from lowbit.formats.qtypes import REGISTRY, QType, pack_codes
 from lowbit.formats.reader import StoredTensor
-from lowbit.kernels import cpu_quant, dispatch, ref
+from lowbit.kernels import cpu_quant, dispatch, packed, ref
 from lowbit.kernels.ir import amx
 
 # coded-scale types (..s8) never reach a kernel: they run as their float16 twins with decoded scales
@@ -368,7 +368,7 @@ def test_kept_weights_sharing_an_input_take_one_call(name, mode):
         w.set_activation_mode(mode)
         assert dispatch.pack_for_batches(w) > 0
         ws.append(w)
-    assert dispatch._kept_together(ws) and dispatch._kept_together(ws[:2])
+    assert packed.kept_together(ws) and packed.kept_together(ws[:2])
     for t in (2, 5, dispatch.SMALL_BATCH):
         x = rng.standard_normal((t, cols)).astype(np.float32)
         for group in (ws, ws[1:]):
@@ -378,7 +378,7 @@ def test_kept_weights_sharing_an_input_take_one_call(name, mode):
     odd = dispatch.Weight(StoredTensor("w", qt, (br + 3, cols), random_parts(qt, br + 3, cols, rng)))
     odd.set_activation_mode(mode)
     dispatch.pack_for_batches(odd)
-    assert not dispatch._kept_together([ws[0], odd])
+    assert not packed.kept_together([ws[0], odd])
 
 
 @pytest.mark.parametrize("name,mode", _byte_mode_cases(["q4a_g32", "q3_g128", "q8_g64"], ["int8", "split"]))
