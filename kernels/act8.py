@@ -8,7 +8,7 @@ bytes of the int16 q) and xs = dx · Σq. The scalar loop it replaces did this a
 projection of SmolLM2); here a group is one <g x float> load, a vector absmax (a tree of maxima, exact in any
 order), one multiply, ``llvm.rint`` (round half to even, as ``np.rint``), one conversion, one integer sum.
 Same bytes and floats as the scalar code (tests/test_intrinsics.py compares them), provided the caller compiles
-without fast math (``_ROUND_JIT``): numba marks every float instruction of a fast-math function, and a division
+without fast math (``ROUND_JIT``): numba marks every float instruction of a fast-math function, and a division
 turned into a multiplication by the reciprocal would change dx. The functions that call it live in this file so that
 numba's on-disk cache, which checks only a function's own source file, recompiles them when it changes.
 
@@ -32,7 +32,10 @@ _I64 = ir.IntType(64)
 _F32 = ir.FloatType()
 QMAX_INT8 = 127.0
 QMAX_SPLIT = 32639.0  # 127 * 256 + 127: the high byte of q + 128 stays a signed byte
-_ROUND_JIT = dict(JIT, fastmath=False)
+# activation rounding without fast math: q = rint(x · (1/dx)) then rounds the same in every caller and in
+# kernels.ref.round_activations (fast math lets LLVM rewrite 1/(amax/qmax) differently per call site, which moves
+# near-ties to the next level)
+ROUND_JIT = dict(JIT, fastmath=False)
 
 
 def _absmax(builder, a):
@@ -108,14 +111,14 @@ def quantize_row8(typingctx, xh, xl, dx, xs, x, t, g, split):
     return sig, codegen
 
 
-@nb.njit(inline="always", **_ROUND_JIT)
+@nb.njit(inline="always", **ROUND_JIT)
 def _quantize_token8(xh, xl, dx, xs, x, g, split, t):
     """Token t of quantize_activations8, a group at a time in vector registers (quantize_row8 above): every caller
     inlines the same code, so a token's bytes do not depend on which function or thread quantized it."""
     quantize_row8(xh, xl, dx, xs, x, t, g, split)
 
 
-@nb.njit(**_ROUND_JIT)
+@nb.njit(**ROUND_JIT)
 def quantize_activations8(xh, xl, dx, xs, x, g, split):
     """Activations for the byte dot product. Not split: xh: i8[T, cols] = round(x / dx) with dx = absmax / 127.
     Split: q = round(x / dx) with dx = absmax / 32639, stored as xh = (q + 128) >> 8 and xl = q - 256 * xh (both
@@ -129,7 +132,7 @@ def quantize_activations8(xh, xl, dx, xs, x, g, split):
         _quantize_token8(xh, xl, dx, xs, x, g, split, t)
 
 
-@nb.njit(parallel=PRANGE, **_ROUND_JIT)
+@nb.njit(parallel=PRANGE, **ROUND_JIT)
 def quantize_activations8_par(xh, xl, dx, xs, x, g, split):
     """quantize_activations8 with the tokens in parallel (prompts: for SmolLM2's widths, quantizing a 512-token
     prompt's activations on one thread took half of the GEMM's time). The same bytes (no fast math: each token's

@@ -33,7 +33,7 @@ import numba as nb
 import numpy as np
 
 from lowbit.formats.qtypes import GROUP_SIZES
-from lowbit.kernels.act8 import _ROUND_JIT, QMAX_INT8, QMAX_SPLIT, quantize8, quantize_activations8  # noqa: F401
+from lowbit.kernels.act8 import QMAX_INT8, QMAX_SPLIT, ROUND_JIT, quantize8, quantize_activations8  # noqa: F401
 from lowbit.kernels.cpu import JIT, PRANGE, h2f
 from lowbit.kernels.ir.amx import TILE, amx_begin, amx_end, amx_tiles, host_has_amx, pack_tokens
 from lowbit.kernels.ir.gemm_vnni import tile_gemm, unpack_row
@@ -60,9 +60,6 @@ def _dependency_key() -> int:
 
 
 DEPS = _dependency_key()
-# activation rounding without fast math: q = rint(x · (1/dx)) then rounds the same in every caller and in
-# kernels.ref.round_activations (fast math lets LLVM rewrite 1/(amax/qmax) differently per call site, which moves
-# near-ties to the next level)
 # scale/min decoding: one hardware conversion where the CPU has it, the table-based decoder elsewhere
 HAS_F16C = host_has_f16c()
 HAS_VNNI = HAS_F16C and host_has_vnni()
@@ -105,14 +102,14 @@ def _absmax(x, t, j0, g):
     return amax
 
 
-@nb.njit(inline="always", **_ROUND_JIT)
+@nb.njit(inline="always", **ROUND_JIT)
 def _group_scale(x, t, j0, g, qmax):
     """(d, 1/d) for x[t, j0:j0+g]: d = absmax / qmax (1/d = 0 for an all-zero group)."""
     d = _absmax(x, t, j0, g) / qmax
     return d, (np.float32(1.0) / d if d > 0 else np.float32(0.0))
 
 
-@nb.njit(**_ROUND_JIT)
+@nb.njit(**ROUND_JIT)
 def quantize_activations(xq, dx, xs, x, g):
     """xq: i16[T, cols] = round(x / dx); dx, xs: f32[T, ng] scale and sum of the rounded activations (dx · Σxq,
     see quantize_activations8) per group; x: f32[T, cols]."""
