@@ -5,11 +5,13 @@ The prompt GEMM (``cpu_quant`` qgemm) unpacks each block of ``GEMM_ROWS`` rows i
 several rows of one token, so a few tokens cost little more than one. For a prompt the unpacking is paid once per block
 and amortised over hundreds of tokens; for a decode step of 2..8 sequences it would cost more than the product.
 Here the blocks are unpacked once, when batched decoding is switched on (``dispatch.pack_for_batches``), and kept
-(``gemm_vnni.tile_gemm_kept``'s layout): codes of up to 4 bits two to a byte (one mask or shift per chunk unpacks
-them), wider codes one to a byte, and each group's float16 d and min: about the stored matrix's own size. A decode
-pass of 8 sequences reads each weight once; with codes one to a byte and float32 scales (this module's first layout)
-it read 1.6x the bytes of a 4-bit g32 matrix, and the pass was bound by them (``bench: python bench/decode_loop.py
-M --batch 8 --pack``).
+(``gemm_vnni.tile_gemm_kept``'s layout, ``gemm_vnni.kept_layout``): codes of up to 4 bits two to a byte (one mask
+or shift per chunk unpacks them), 5-6-bit codes in three quarters of a byte (nibble pairs, and the high two bits of
+four chunks in one byte), 8-bit codes one to a byte, and each group's float16 d and min: about the stored matrix's
+own size. A decode pass of 8 sequences reads each weight once, from memory, so the kernel prefetches the codes 4 KiB
+ahead; weights sharing an input (q/k/v, gate/up) take one call (``matmul3``). With codes one to a byte and float32
+scales (this module's first layout) a pass read 1.6x the bytes of a 4-bit g32 matrix and was bound by them
+(``python bench/decode_loop.py M --batch 8 --pack``).
 
 The arithmetic is the prompt GEMM's, so a sequence's logits in a batch differ from its one-sequence decode by the
 float rounding of a different summation order (relative ~1e-6; measured in tests/test_batching.py).
