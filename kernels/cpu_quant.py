@@ -33,7 +33,7 @@ import numba as nb
 import numpy as np
 
 from lowbit.formats.qtypes import GROUP_SIZES
-from lowbit.kernels.act8 import QMAX_INT8, QMAX_SPLIT, ROUND_JIT, quantize8, quantize_activations8  # noqa: F401
+from lowbit.kernels.act8 import QMAX_INT8, QMAX_SPLIT, ROUND_JIT, quantize8
 from lowbit.kernels.cpu import JIT, PRANGE, h2f
 from lowbit.kernels.ir.amx import TILE, amx_begin, amx_end, amx_tiles, host_has_amx, pack_tokens
 from lowbit.kernels.ir.gemm_vnni import tile_gemm, unpack_row

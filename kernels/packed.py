@@ -29,7 +29,7 @@ import numpy as np
 from lowbit.kernels import cpu_quant
 from lowbit.kernels.cpu import JIT, PRANGE
 from lowbit.kernels.cpu_quant import DEPS, GEMM_ROWS, TILE_TOKENS, quantize8, row_dot8
-from lowbit.kernels.ir.gemm_vnni import kept_layout, tile_gemm_kept, unpack_row
+from lowbit.kernels.ir.gemm_vnni import kept_bytes, tile_gemm_kept, unpack_row
 from lowbit.kernels.timing import kernel_call
 
 
@@ -85,7 +85,7 @@ def _prepack(bits: int, g: int):
     """One closure per (bits, g): two live closures with the same captured values would share a cache entry."""
     br = GEMM_ROWS
     key = _key()
-    unit = {"nibbles": 2, "six": 3, "bytes": 4}[kept_layout(bits)]
+    per16 = kept_bytes(bits, 16)  # bytes of 16 codes (a block's rows x cols is a multiple of 16)
 
     @nb.njit(parallel=PRANGE, **JIT)
     def prepack(codes, scales, mins, asym):
@@ -94,14 +94,22 @@ def _prepack(bits: int, g: int):
         nblk = codes.shape[0] // br
         cols = codes.shape[1] * 8 // bits
         ng = cols // g
-        size = cols * br * unit // 4
-        wb = np.empty((nblk, size), dtype=np.uint8)
+        wb = np.empty((nblk, cols * br // 16 * per16), dtype=np.uint8)
         sc = np.empty((nblk, ng, 2, br), dtype=np.uint16)
         for i in nb.prange(nblk):
             _pack_block(wb[i], sc[i], codes, scales, mins, i * br, asym, bits, g, br)
         return wb, sc
 
     return prepack
+
+
+@nb.njit(inline="always", **JIT)
+def _activations(x, asym, bits, g, split):
+    """What every kept product needs of its input: the min term's factor (see tile_gemm_kept), the rounded
+    activations and their per-group scales and sums token-major as the tiles read them."""
+    mult = np.float32(-1.0) if asym else np.float32(-(1 << (bits - 1)))
+    xh, xl, dx, xs = quantize8(x, g, split)
+    return mult, xh, xl, dx, xs, np.ascontiguousarray(dx.T), np.ascontiguousarray(xs.T)
 
 
 @nb.njit(inline="always", **JIT)
@@ -131,12 +139,9 @@ def _matmul(bits: int, g: int, split: bool):
     def matmul(y, wb, sc, codes, scales, mins, x, asym):
         if key == 0:  # never true; ties the cached code to _key()
             return
-        mult = np.float32(-1.0) if asym else np.float32(-(1 << (bits - 1)))
         rows = codes.shape[0]
         t_n = x.shape[0]
-        xh, xl, dx, xs = quantize8(x, g, split)
-        dxT = np.ascontiguousarray(dx.T)
-        xsT = np.ascontiguousarray(xs.T)
+        mult, xh, xl, dx, xs, dxT, xsT = _activations(x, asym, bits, g, split)
         nblk = wb.shape[0]
         for i in nb.prange(nblk + (rows - nblk * br)):
             if i < nblk:
@@ -162,11 +167,8 @@ def matmul3(bits: int, g: int, split: bool):
     def fused(y1, wb1, sc1, y2, wb2, sc2, y3, wb3, sc3, x, asym):
         if key == 0:  # never true; ties the cached code to _key()
             return
-        mult = np.float32(-1.0) if asym else np.float32(-(1 << (bits - 1)))
         t_n = x.shape[0]
-        xh, xl, dx, xs = quantize8(x, g, split)
-        dxT = np.ascontiguousarray(dx.T)
-        xsT = np.ascontiguousarray(xs.T)
+        mult, xh, xl, _, _, dxT, xsT = _activations(x, asym, bits, g, split)
         n1, n2 = wb1.shape[0], wb2.shape[0]
         for i in nb.prange(n1 + n2 + wb3.shape[0]):
             if i < n1:

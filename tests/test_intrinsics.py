@@ -15,7 +15,7 @@ from lowbit.kernels.cpu_attention import dequant8_q4, dequant8_q8, prefetch, sco
 from lowbit.kernels.cpu_attention_prompt import score_tile, value_tile
 from lowbit.kernels.cpu_kv import float_bits, float_to_half
 from lowbit.kernels.ir.amx import TILE, host_has_amx
-from lowbit.kernels.ir.gemm_vnni import kept_layout, tile_gemm, tile_gemm_kept, unpack_row
+from lowbit.kernels.ir.gemm_vnni import kept_bytes, tile_gemm, tile_gemm_kept, unpack_row
 from lowbit.kernels.ir.simd import (
     bits_to_float,
     group_idot,
@@ -297,7 +297,7 @@ def test_tile_gemm_kept(g, split, T, asym, bits):
     xsT = RNG.uniform(-5, 5, (ng, tokens)).astype(np.float32)
     y0 = RNG.standard_normal((tokens, rows)).astype(np.float32)
     wb = _kept(u, bits)
-    assert wb.size == cols * R * {"nibbles": 2, "six": 3, "bytes": 4}[kept_layout(bits)] // 4
+    assert wb.size == kept_bytes(bits, cols * R)
     want = ref.tile_gemm_kept(y0, wb, sc, mult, xh, xl, dxT, xsT, 3, 1, bits, g, split, R, T)
     y = y0.copy()
     call(y, wb, sc, mult, xh, xl, dxT, xsT)

@@ -7,6 +7,7 @@ from lbtest import byte_dot_case
 from lowbit.formats.qtypes import REGISTRY, QType, pack_codes
 from lowbit.formats.reader import StoredTensor
 from lowbit.kernels import cpu_quant, dispatch, packed, ref
+from lowbit.kernels.act8 import quantize_activations8
 from lowbit.kernels.ir import amx
 
 # coded-scale types (..s8) never reach a kernel: they run as their float16 twins with decoded scales
@@ -256,7 +257,7 @@ def test_split_activations_carry_int16_exactly():
     xl = np.empty(x.shape, dtype=np.int8)
     dx = np.empty((2, 2), dtype=np.float32)
     xs = np.empty((2, 2), dtype=np.float32)
-    cpu_quant.quantize_activations8(xh, xl, dx, xs, x, 64, True)
+    quantize_activations8(xh, xl, dx, xs, x, 64, True)
     q = xh.astype(np.int32) * 256 + xl
     assert np.abs(q).max() == cpu_quant.XQ_MAX_SPLIT
     back = (q.reshape(2, 2, 64) * dx[:, :, None]).reshape(2, 128)

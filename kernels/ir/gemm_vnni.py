@@ -14,9 +14,10 @@ Layouts: wb u8[ng·g·R] (the interleaved block); dsc, nmc f32[ng, R] (d and −
 i8[tokens, cols] (xl unread unless split; x = 256·xh + xl when split); dxT, xsT f32[ng, tokens]; y f32[tokens, rows].
 Callers guarantee r0 + R <= rows and t0 + T <= tokens.
 
-``tile_gemm_kept`` is the same product on the smaller layout kernels/packed.py keeps for batched decoding: codes of
-up to 4 bits two to a byte (one vector load and a mask or a shift per chunk) and the scales as float16 (converted
-per group), so a decode pass of several sequences reads about as many bytes as the stored 4-bit matrix.
+``tile_gemm_kept`` is the same product on the smaller layout kernels/packed.py keeps for batched decoding
+(:func:`kept_layout`: codes of up to 4 bits two to a byte, 5-6 bits in three quarters of a byte, unpacked by masks
+and shifts; the scales as float16, converted per group), so a decode pass of several sequences reads about as many
+bytes as the stored matrix.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def tile_gemm_kept(typingctx, y, wb, sc, mult, xh, xl, dxT, xsT, r0, t0, bits, g
     codes one to a byte as in tile_gemm; sc u16[ng, 2, R] the float16 bits of d and of the min (asym) or of d again
     (symmetric), the min term's factor −m being ``mult`` · sc[g, 1] (mult = −1, or −2**(bits−1) for symmetric types:
     exactly tile_gemm's nmc). Same integers, same float operations in the same order: tile_gemm's numbers."""
-    if not isinstance(mult, types.Float):
-        raise errors.TypingError("tile_gemm_kept: mult must be a float")
+    if mult != types.float32:
+        raise errors.TypingError("tile_gemm_kept: mult must be a float32")
     sig = types.void(y, wb, sc, mult, xh, xl, dxT, xsT, r0, t0, bits, g, split, R, T)
     return sig, _tile_codegen(bits, g, split, R, T, kept=True)
 
@@ -92,6 +93,11 @@ def kept_layout(bits: int) -> str:
     weight), "six" (5-6 bits: per quad of chunks, the low 4 bits as two nibble-pair vectors and the high 2 bits
     four chunks to a byte, 0.75 byte a weight), "bytes" (7-8 bits: one byte a code)."""
     return "nibbles" if bits <= 4 else "six" if bits <= 6 else "bytes"
+
+
+def kept_bytes(bits: int, n: int) -> int:
+    """Bytes of n codes (n a multiple of 16) in the kept layout of ``bits``-bit codes."""
+    return n * {"nibbles": 2, "six": 3, "bytes": 4}[kept_layout(bits)] // 4
 
 
 def _tile_codegen(bits, g, split, R, T, kept: bool):
@@ -139,8 +145,7 @@ def _tile_codegen(bits, g, split, R, T, kept: bool):
         if kept:
             sa = arr(2)
             vh = ir.VectorType(ir.HalfType(), nr)
-            mult = args[3] if signature.args[3] == types.float32 else builder.fptrunc(args[3], _F32)
-            negm = splat(mult)
+            negm = splat(args[3])
 
             def scales(gi):
                 base = builder.mul(gi, c64(2 * nr))
@@ -166,26 +171,29 @@ def _tile_codegen(bits, g, split, R, T, kept: bool):
             ahead(off)
             return load_vec(wa.data, off, vb, 4)
 
+        def nibble(vec, high: bool):
+            """The low (or high) four bits of each byte of vec."""
+            if high:
+                return builder.lshr(vec, ir.Constant(vb, [4] * vlen))
+            return builder.and_(vec, ir.Constant(vb, [15] * vlen))
+
         def weights(gi, c, held):
             """chunk c of group gi as <nr x i32>; ``held`` keeps the byte vectors of a pair or quad of chunks."""
-            mask = ir.Constant(vb, [15] * vlen)
             if layout == "bytes":
                 off = builder.add(builder.mul(gi, c64(chunks * vlen)), c64(c * vlen))
                 return builder.bitcast(load_ahead(off), vi)
             if layout == "nibbles":
                 if c % 2 == 0:
                     held[0] = load_ahead(builder.add(builder.mul(gi, c64(chunks * vlen // 2)), c64(c // 2 * vlen)))
-                    return builder.bitcast(builder.and_(held[0], mask), vi)
-                return builder.bitcast(builder.lshr(held[0], ir.Constant(vb, [4] * vlen)), vi)
+                return builder.bitcast(nibble(held[0], c % 2 == 1), vi)
             k = c % 4  # "six": per quad of chunks, two nibble-pair vectors and one of the 2-bit high parts
             if k == 0:
                 base = builder.add(builder.mul(gi, c64(chunks // 4 * 3 * vlen)), c64(c // 4 * 3 * vlen))
                 held[:] = [load_ahead(builder.add(base, c64(j * vlen))) for j in range(3)]
-            pair = held[k // 2]
-            low = builder.and_(pair, mask) if k % 2 == 0 else builder.lshr(pair, ir.Constant(vb, [4] * vlen))
             top = builder.lshr(held[2], ir.Constant(vb, [2 * k] * vlen)) if k else held[2]
             if k < 3:
                 top = builder.and_(top, ir.Constant(vb, [3] * vlen))
+            low = nibble(held[k // 2], k % 2 == 1)
             return builder.bitcast(builder.or_(low, builder.shl(top, ir.Constant(vb, [4] * vlen))), vi)
 
         xrow = [builder.mul(builder.add(tok0, c64(t)), cols) for t in range(nt)]
