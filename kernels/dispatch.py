@@ -393,10 +393,20 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
-def kv_write(layer: tuple, k: np.ndarray, v: np.ndarray, start: int) -> None:
-    """Keys and values k, v [T, n_kv, hd] into positions start.. of one layer's cache: ``layer`` is its (key data,
-    key scales, value data, value scales) in their storage formats (kernels/kv_formats.py; KVCache.layer)."""
-    kernel_call(cpu_kv.kv_write, *layer, k, v, start)
+def _room(layer, end: int) -> tuple:
+    """A layer's four arrays, with room for positions up to end − 1: a LayerCache grows first (its reserve); the
+    kernels would wrap a position beyond an array's rows around to row p % rows."""
+    reserve = getattr(layer, "reserve", None)
+    if reserve is not None:
+        reserve(end)
+    return tuple(layer)
+
+
+def kv_write(layer, k: np.ndarray, v: np.ndarray, start: int) -> None:
+    """Keys and values k, v [T, n_kv, hd] into positions start.. of one layer's cache: ``layer`` is a
+    kernels.kv_cache.LayerCache or its (key data, key scales, value data, value scales) in their storage formats
+    (kernels/kv_formats.py; KVCache.layer)."""
+    kernel_call(cpu_kv.kv_write, *_room(layer, start + k.shape[0]), k, v, start)
 
 
 def add_rmsnorm(x: np.ndarray, a: np.ndarray, w: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -407,11 +417,11 @@ def add_rmsnorm(x: np.ndarray, a: np.ndarray, w: np.ndarray, eps: float) -> tupl
     return xo, ho
 
 
-def rope_qk_kv_write(q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray, layer: tuple,
+def rope_qk_kv_write(q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray, layer,
                      start: int) -> None:
     """RoPE of q and of k[..., :rot] (rot = q.shape[2]; q may be the rotated part of each head) and kv_write of k, v
     into positions start.. of one layer's cache (as in kv_write), in one kernel call."""
-    kernel_call(cpu_kv.rope2_kv_write, q, k, v, cos, sin, *layer, start)
+    kernel_call(cpu_kv.rope2_kv_write, q, k, v, cos, sin, *_room(layer, start + k.shape[0]), start)
 
 
 def rope_inplace(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
@@ -463,10 +473,10 @@ def _padded_layers(layers: list[tuple]) -> tuple[tuple, ...]:
 
 
 def rope_qk_kv_write_steps(q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray,
-                           layers: list[tuple], starts: list[int]) -> None:
+                           layers: list, starts: list[int]) -> None:
     """rope_qk_kv_write of row b of q, k, v at position starts[b] into layers[b] (each as in kv_write; cos and
     sin the whole tables), for every row: one decode step of several sequences in one kernel call."""
-    kds, kss, vds, vss = _padded_layers(layers)
+    kds, kss, vds, vss = _padded_layers([_room(layer, s + 1) for layer, s in zip(layers, starts)])
     kernel = cpu_attention_batch.kernels()[0]
     kernel_call(kernel, q, k, v, cos, sin, kds, kss, vds, vss, np.asarray(starts, dtype=np.int64), len(layers))
 

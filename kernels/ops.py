@@ -114,7 +114,7 @@ class CpuOps:
         one kernel call."""
         t = q.shape[0]
         qr = q if rot == q.shape[2] else q[:, :, :rot]
-        dispatch.rope_qk_kv_write(qr, k, v, cos[start : start + t], sin[start : start + t], tuple(layer), start)
+        dispatch.rope_qk_kv_write(qr, k, v, cos[start : start + t], sin[start : start + t], layer, start)
 
     def attend(self, q: np.ndarray, layer, start: int, scale: float, window: int, softcap: float) -> np.ndarray:
         """Causal GQA attention of q [T, n_heads, hd] at positions start.. over ``layer`` (a LayerCache)."""
@@ -128,7 +128,7 @@ class CpuOps:
         """rope_and_cache of row b of q, k, v at position starts[b] into layers[b]: a decode step of several
         sequences, each with its own cache (one kernel call)."""
         qr = q if rot == q.shape[2] else q[:, :, :rot]
-        dispatch.rope_qk_kv_write_steps(qr, k, v, cos, sin, [tuple(layer) for layer in layers], starts)
+        dispatch.rope_qk_kv_write_steps(qr, k, v, cos, sin, layers, starts)
 
     def attend_steps(self, q: np.ndarray, layers: list, starts: list[int], scale: float, window: int,
                      softcap: float) -> np.ndarray:

@@ -16,7 +16,8 @@ the last one), so only the rest of its prompt is computed. Each :meth:`Scheduler
    as a lone decode step would.
 
 Idle slots keep their tokens for reuse while all slots' caches together stay within ``cache_ram`` bytes (each cache
-counted whole: context length × bytes per token); beyond, the least recently used idle ones are freed.
+counted by what it holds: it grows with its positions, kernels/kv_cache.py); beyond, the least recently used idle
+ones are freed.
 Requests carry their own sampling settings, stop strings, logprobs and grammar (runtime/sequence.py).
 """
 
@@ -104,6 +105,11 @@ class Scheduler:
                          time.perf_counter() - t0)  # fmt: skip
         self.engine.warm_up_batches()
 
+    def _new_slot(self) -> Slot:
+        slot = Slot(cache=self.model.new_cache())
+        self.slots.append(slot)
+        return slot
+
     # ------------------------------------------------------------------ admission
     @property
     def has_room(self) -> bool:
@@ -136,18 +142,15 @@ class Scheduler:
         idle conversation's (never ``keep``'s)."""
         empty = [s for s in idle if not s.tokens]
         if empty:
-            slot = empty[0]
+            slot = empty[0]  # (every slot has its cache: _new_slot makes it, _evict drops slots without)
         elif not idle or self._held() < self.cache_ram:
-            slot = Slot()
-            self.slots.append(slot)
+            return self._new_slot()
         else:
             others = [s for s in idle if s is not keep]
             if not others:
                 return None
             slot = min(others, key=lambda s: s.last_used)
             slot.tokens = []
-        if slot.cache is None:
-            slot.cache = self.model.new_cache()
         return slot
 
     def admit(self, job, seq: SequenceState) -> Active:
@@ -169,8 +172,7 @@ class Scheduler:
         self._evict()
 
     def _held(self) -> int:
-        """Bytes of the slots' caches, each counted whole (the allocator may commit a cache's pages when it is
-        made, whatever part of it is written)."""
+        """Bytes the slots' caches hold (a CPU cache grows with the positions written: kernels/kv_cache.py)."""
         return sum(s.cache.nbytes for s in self.slots if s.cache is not None)
 
     def held_bytes(self) -> int:

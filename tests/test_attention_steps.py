@@ -37,6 +37,7 @@ def _sequences(spec: str, n: int, hd: int, window: int, ctx: int, rng):
 def _copy(cache: KVCache, window: int) -> KVCache:
     lay = cache.layer(0)
     out = KVCache(1, lay.k.shape[0], cache.ctx, cache.head_dim, cache.spec, windows=[window])
+    out.layer(0).reserve(lay.capacity)
     for dst, src in zip(out.layer(0), lay):
         dst[...] = src
     return out
@@ -60,14 +61,14 @@ def test_a_step_of_several_sequences_is_each_ones_lone_step(spec, hd, rot, windo
     want = []
     for b, c in enumerate(lone):
         qb, kb, vb, s = q[b : b + 1].copy(), k[b : b + 1].copy(), v[b : b + 1].copy(), starts[b]
-        dispatch.rope_qk_kv_write(qb[:, :, :rot], kb, vb, cos[s : s + 1], sin[s : s + 1], tuple(c.layer(0)), s)
+        dispatch.rope_qk_kv_write(qb[:, :, :rot], kb, vb, cos[s : s + 1], sin[s : s + 1], c.layer(0), s)
         want.append(dispatch.attention(qb, tuple(c.layer(0)), s, 0.3, window, cap))
         if not c.layer(0).ring:  # and the one-sequence kernel is the reference over the decoded cache
             keys, values = c.keys(0, s + 1), c.values(0, s + 1)
             np.testing.assert_allclose(want[-1], ref.attention(qb, keys, values, s, scale=0.3, window=window,
                                                                softcap=cap), rtol=1e-4, atol=2e-5)  # fmt: skip
 
-    layers = [tuple(c.layer(0)) for c in caches]
+    layers = [c.layer(0) for c in caches]
     dispatch.rope_qk_kv_write_steps(q[:, :, :rot], k, v, cos, sin, layers, starts)
     got = dispatch.attention_steps(q, layers, starts, 0.3, window, cap)
 

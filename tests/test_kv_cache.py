@@ -123,6 +123,59 @@ def test_copy_prefix_copies_every_array():
         b.copy_prefix(KVCache(2, 2, 12, 32), 3)
 
 
+@pytest.mark.parametrize("spec", ["16", "k8,v4"])
+def test_whole_context_cache_grows_with_its_positions(spec):
+    """A whole-context layer starts with room for GROW_ROWS positions and grows (to multiples of it, doubling) as the
+    writers reach past it, keeping what it holds: prompt chunks, single steps and a batched step across the
+    boundaries read back and attend exactly as a cache made with room for every position; it never grows past the
+    context; copy_prefix makes room for what it copies; bytes held follow the room."""
+    from lowbit.kernels.kv_cache import GROW_ROWS
+
+    s = KVSpec.parse(spec)
+    rng = np.random.default_rng(8)
+    nh, nkv, hd, ctx = 4, 2, 32, 1100
+    grown = KVCache(1, nkv, ctx, hd, s)
+    whole = KVCache(1, nkv, ctx, hd, s)
+    whole.layer(0).reserve(ctx)
+    lay = grown.layer(0)
+    assert lay.capacity == GROW_ROWS and whole.layer(0).capacity == ctx
+    assert grown.nbytes * ctx == whole.nbytes * GROW_ROWS == grown.full_nbytes * GROW_ROWS
+    k = rng.standard_normal((ctx, nkv, hd)).astype(np.float32)
+    v = rng.standard_normal((ctx, nkv, hd)).astype(np.float32)
+    pos, caps = 0, []
+    for t in [200, 55, 1, 1, 300]:  # to the room's last row, the first past it, then past double the room
+        q = rng.standard_normal((t, nh, hd)).astype(np.float32)
+        outs = []
+        for c in (grown, whole):
+            dispatch.kv_write(c.layer(0), k[pos : pos + t], v[pos : pos + t], pos)
+            outs.append(dispatch.attention(q, c.layer(0), pos, 0.3))
+        assert np.array_equal(outs[0], outs[1])
+        pos += t
+        caps.append(lay.capacity)
+    assert caps == [256, 256, 256, 512, 1024]
+    # a batched decode step whose sequences cross the room's end
+    other = KVCache(1, nkv, ctx, hd, s)
+    dispatch.kv_write(other.layer(0), k[:256], v[:256], 0)
+    q = rng.standard_normal((2, nh, hd)).astype(np.float32)
+    layers = [grown.layer(0), other.layer(0)]
+    dispatch.rope_qk_kv_write_steps(q[:, :, :0], k[pos : pos + 2], v[pos : pos + 2], np.zeros((ctx, 0), np.float32),
+                                    np.zeros((ctx, 0), np.float32), layers, [pos, 256])  # fmt: skip
+    assert other.layer(0).capacity == 512 and grown.layer(0).capacity == 1024
+    dispatch.kv_write(whole.layer(0), k[pos : pos + 1], v[pos : pos + 1], pos)  # what the step wrote (no RoPE)
+    np.testing.assert_array_equal(grown.keys(0, pos + 1), whole.keys(0, pos + 1))
+    np.testing.assert_array_equal(grown.values(0, pos + 1), whole.values(0, pos + 1))
+    dispatch.kv_write(whole.layer(0), k[pos + 1 : pos + 2], v[pos + 1 : pos + 2], 256)
+    np.testing.assert_array_equal(other.keys(0, 257)[:, 256], whole.keys(0, 257)[:, 256])
+    lay.reserve(ctx)
+    assert lay.capacity == ctx  # (not a multiple of GROW_ROWS: the context's end)
+    with pytest.raises(ValueError, match="beyond"):
+        lay.reserve(ctx + 1)
+    copy = KVCache(1, nkv, ctx, hd, s)
+    copy.copy_prefix(grown, 600)
+    assert copy.layer(0).capacity == 768  # 600 rounded up to a multiple of GROW_ROWS (more than double 256)
+    np.testing.assert_array_equal(copy.keys(0, 600), grown.keys(0, 600))
+
+
 @pytest.mark.parametrize("spec", ["32", "16", "8", "k8,v4"])
 def test_sliding_window_ring_matches_full_cache(spec):
     """A sliding-window layer keeps its window plus RING_TOKENS positions in a ring (position p in row p % rows);
@@ -135,7 +188,7 @@ def test_sliding_window_ring_matches_full_cache(spec):
     nh, nkv, hd, ctx, w = 4, 2, 32, 1600, 40
     ring = KVCache(1, nkv, ctx, hd, s, windows=[w])
     full = KVCache(1, nkv, ctx, hd, s)
-    assert ring.rows == [w + RING_TOKENS - 1] and ring.nbytes * ctx == full.nbytes * ring.rows[0]
+    assert ring.rows == [w + RING_TOKENS - 1] and ring.nbytes * ctx == full.full_nbytes * ring.rows[0]
     k = rng.standard_normal((ctx, nkv, hd)).astype(np.float32)
     v = rng.standard_normal((ctx, nkv, hd)).astype(np.float32)
     pos = 0
@@ -147,7 +200,7 @@ def test_sliding_window_ring_matches_full_cache(spec):
             outs.append(dispatch.attention(q, c.layer(0), pos, 0.3, w))
         np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
         pos += t
-    assert pos > 2 * ring.rows[0]
+    assert pos > 2 * ring.rows[0] and full.layer(0).capacity >= pos and ring.layer(0).capacity == ring.rows[0]
     assert ring.can_rewind(pos, pos - RING_TOKENS) and not ring.can_rewind(pos, pos - RING_TOKENS - 1)
     assert full.can_rewind(pos, 0)
 

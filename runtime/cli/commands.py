@@ -349,6 +349,7 @@ def cmd_eval(args) -> int:
                        ref_logits_fn=ref.logits_all if ref else None, on_window=lambda _: bar.update(),
                        stride=args.stride)
     s = summarize(Container(engine.path))
+    kv_per_token = getattr(engine.cache, "full_nbytes", engine.cache.nbytes) // engine.ctx  # the whole context's
     out = {
         "model": str(engine.path),
         "ctx": args.eval_ctx,
@@ -358,7 +359,7 @@ def cmd_eval(args) -> int:
         "file_bytes": engine.container.size,
         "act_quant": args.act_quant,
         "kv_cache": engine.kv.label,
-        "kv_cache_bytes_per_token": engine.cache.nbytes // engine.ctx,
+        "kv_cache_bytes_per_token": kv_per_token,
         **({"reference": args.reference} if args.reference else {}),
         **res.to_dict(),
     }
@@ -368,7 +369,7 @@ def cmd_eval(args) -> int:
     act = f"; int8 activations ({args.act_quant})" if args.act_quant != "none" else ""
     print(f"perplexity {res.ppl:.4f} over {res.tokens} tokens ({res.windows} windows of {args.eval_ctx}); "
           f"{s['bpw_all']:.3f} bits/weight; {engine.container.size / 1e6:.2f} MB{act}; KV cache {engine.kv.label} "
-          f"({engine.cache.nbytes // engine.ctx} bytes/token)")
+          f"({kv_per_token} bytes/token)")
     if ref is not None:
         print(f"reference perplexity {res.ref_ppl:.4f} (model {res.delta_ppl_pct:+.2f}%); "
               f"KL(reference || model) mean {res.kl_mean:.5f} p99 {res.kl_p99:.5f} nats; "

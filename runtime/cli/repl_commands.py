@@ -187,6 +187,7 @@ def cmd_show(repl: Repl, arg: str) -> None:
     q = meta.get("quantization", {})
     size = engine.path.stat().st_size if engine.path.exists() else 0
     head = (template or "").strip().splitlines()[:3]
+    kv_mib = getattr(engine.cache, "full_nbytes", engine.cache.nbytes) / 2**20  # with the whole context written
     lines = [
         f"model:       {engine.path.name} ({size / 1e6:.1f} MB)",
         f"arch:        {arch.get('model_type')} ({arch.get('family')}): {a.num_hidden_layers} layers, hidden "
@@ -196,7 +197,7 @@ def cmd_show(repl: Repl, arg: str) -> None:
         + (f", group {q['group_size']}" if q.get("group_size") else ""),
         f"activations: {'exact (int16 precision)' if engine.exact_activations else 'int8'}; context {engine.ctx}; "
         f"{engine.threads} thread{'s' if engine.threads != 1 else ''}",
-        f"KV cache:    {engine.kv.label}, {engine.cache.nbytes / 2**20:.1f} MiB for the context",
+        f"KV cache:    {engine.kv.label}, {kv_mib:.1f} MiB for the context",
         "template:    " + (" / ".join(head) + (" ..." if template and len(template.splitlines()) > 3 else "")
                           if template else "none (plain completion mode)"),
         f"settings:    {settings_text(repl)}",
