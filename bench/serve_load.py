@@ -3,7 +3,8 @@
     python bench/serve_load.py                          # the bundled SmolLM2-135M, --parallel 8
     python bench/serve_load.py --shape llama3.2-1b      # a random-weight 4-bit model of Llama-3.2-1B's shape
     python bench/serve_load.py --soak 1000              # then 1,000 mixed requests (streaming or not, some
-                                                        # cancelled), checking errors and the server's RSS
+                                                        # cancelled), checking errors, the server's RSS and
+                                                        # the keys/values its slots hold (/metrics)
 
 The server runs in its own process (`lowbit serve --port P`), so its RSS is its own. Each client sends
 ``--requests`` chat requests one after another (greedy, ``--max-tokens`` each, streamed so the time to first token is
@@ -68,7 +69,7 @@ def random_model(shape: str, workdir: Path, embed_bits: int | None) -> Path:
 
 
 class Server:
-    def __init__(self, model: Path | None, parallel: int, threads: int | None):
+    def __init__(self, model: Path | None, parallel: int, threads: int | None, cache_ram: int | None = None):
         self.port = free_port()
         cmd = [sys.executable, "-m", "lowbit.runtime.cli", "serve", "--port", str(self.port),
                "--parallel", str(parallel), "--model-name", "m"]  # fmt: skip
@@ -76,6 +77,8 @@ class Server:
             cmd.insert(4, str(model))
         if threads:
             cmd += ["--threads", str(threads)]
+        if cache_ram is not None:
+            cmd += ["--cache-ram", str(cache_ram)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      cwd=tempfile.gettempdir())  # fmt: skip
         self.base = f"http://127.0.0.1:{self.port}"
@@ -171,13 +174,23 @@ def soak(server: Server, n: int) -> dict:
             with lock:
                 errors.append(repr(e))
 
-    samples = []
+    samples, held = [], []
     with ThreadPoolExecutor(8) as pool:
         for start in range(0, n, 100):
             list(pool.map(one, range(start, min(n, start + 100))))
             samples.append(rss(server.proc.pid))
+            held.append(kv_held(server))
     return dict(requests=n, errors=len(errors), first_error=errors[0] if errors else None,
-                rss_mb=[s >> 20 for s in samples])  # fmt: skip
+                rss_mb=[s >> 20 for s in samples], kv_mb=[h >> 20 for h in held])  # fmt: skip
+
+
+def kv_held(server: Server) -> int:
+    """Bytes of keys/values the server's slots hold (its /metrics gauge)."""
+    text = httpx.get(f"{server.base}/metrics", timeout=30).text
+    for line in text.splitlines():
+        if line.startswith("lowbit_kv_cache_bytes "):
+            return int(float(line.split()[1]))
+    raise SystemExit("the server's /metrics has no lowbit_kv_cache_bytes")
 
 
 def main() -> None:
@@ -192,6 +205,8 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--soak", type=int, default=0, help="then this many mixed requests (default none)")
+    ap.add_argument("--cache-ram", type=int, default=None, metavar="MIB",
+                    help="the server's --cache-ram (default: its own)")  # fmt: skip
     ap.add_argument("--workdir", default="~/.cache/lowbit/bench")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
@@ -200,7 +215,7 @@ def main() -> None:
         workdir = Path(os.path.expanduser(a.workdir))
         workdir.mkdir(parents=True, exist_ok=True)
         model = random_model(a.shape, workdir, a.embed_bits)
-    server = Server(model, a.parallel, a.threads)
+    server = Server(model, a.parallel, a.threads, a.cache_ram)
     try:
         chat(httpx.Client(base_url=server.base, timeout=600), "Hello", 8)  # warm: kernels compiled
         rows = [load_round(server, int(c), a.requests, a.max_tokens, a.shape is not None) for c in a.clients.split(",")]
@@ -222,7 +237,8 @@ def main() -> None:
               f"| {r['ttft_p50']:.3f} | {r['ttft_p95']:.3f} | {r['rss'] >> 20} |")  # fmt: skip
     if soaked:
         print(f"soak: {soaked['requests']} requests, {soaked['errors']} errors, server RSS MB per 100: "
-              f"{soaked['rss_mb']}" + (f"; first error: {soaked['first_error']}" if soaked["errors"] else ""))
+              f"{soaked['rss_mb']}; KV cache held MB per 100: {soaked['kv_mb']}"
+              + (f"; first error: {soaked['first_error']}" if soaked["errors"] else ""))  # fmt: skip
 
 
 if __name__ == "__main__":
