@@ -175,6 +175,8 @@ def test_soak_of_mixed_requests(toy_server):
 
 
 def test_scheduler_reuses_the_longest_prefix_and_evicts_by_budget():
+    from lowbit.kernels.kv_cache import GROW_ROWS
+
     engine = Engine(TOY_MODEL, threads=1)
     sched = Scheduler(engine, parallel=2, cache_ram=1 << 30)
 
@@ -205,6 +207,9 @@ def test_scheduler_reuses_the_longest_prefix_and_evicts_by_budget():
     # ... reusing what the prompt pass computed; the reply's tokens (decode steps) are computed again as a prompt
     # pass would, so the conversation goes on as a fresh prefill of it would
     assert follow.slot is again.slot and follow.cached == len(asked)
+    # the budget counts what the caches hold: short conversations keep the room a cache starts with
+    assert all(s.cache.layer(0).capacity == min(GROW_ROWS, engine.ctx) for s in sched.slots)
+    assert sched.held_bytes() == sum(s.cache.nbytes for s in sched.slots) < len(sched.slots) * engine.cache.full_nbytes
     sched.cache_ram = 0  # no budget: idle conversations are let go
     sched._evict()
     assert sched.cached_sequences == 0
