@@ -32,6 +32,8 @@ from lowbit.kernels.cpu_quant import DEPS, GEMM_ROWS, TILE_TOKENS, quantize8, ro
 from lowbit.kernels.ir.gemm_vnni import kept_bytes, tile_gemm_kept, unpack_row
 from lowbit.kernels.timing import kernel_call
 
+KEPT_TOKENS = 8  # tokens per kept tile: a decode pass has at most dispatch.SMALL_BATCH sequences
+
 
 @lru_cache(maxsize=None)
 def _key() -> int:
@@ -114,15 +116,15 @@ def _activations(x, asym, bits, g, split):
 
 @nb.njit(inline="always", **JIT)
 def _block(y, wb, sc, mult, xh, xl, dxT, xsT, r0, t_n, bits, g, split, br, tt):
-    """y[:, r0:r0+br] from one kept block: tiles of tt tokens, then 4, 2 and 1 (a decode pass has 2..8)."""
+    """y[:, r0:r0+br] from one kept block: tiles of tt tokens, then of 4, 2 and 1 (a decode pass has 2..8)."""
     t0 = 0
     while t0 + tt <= t_n:
         tile_gemm_kept(y, wb, sc, mult, xh, xl, dxT, xsT, r0, t0, bits, g, split, br, tt)
         t0 += tt
-    if tt > 4 and t0 + 4 <= t_n:
+    while tt > 4 and t0 + 4 <= t_n:
         tile_gemm_kept(y, wb, sc, mult, xh, xl, dxT, xsT, r0, t0, bits, g, split, br, 4)
         t0 += 4
-    if t0 + 2 <= t_n:
+    while t0 + 2 <= t_n:
         tile_gemm_kept(y, wb, sc, mult, xh, xl, dxT, xsT, r0, t0, bits, g, split, br, 2)
         t0 += 2
     if t0 < t_n:
@@ -132,7 +134,7 @@ def _block(y, wb, sc, mult, xh, xl, dxT, xsT, r0, t_n, bits, g, split, br, tt):
 @lru_cache(maxsize=None)
 def _matmul(bits: int, g: int, split: bool):
     br = GEMM_ROWS
-    tt = TILE_TOKENS["split" if split else "int8"]
+    tt = min(TILE_TOKENS["split" if split else "int8"], KEPT_TOKENS)
     key = _key()
 
     @nb.njit(parallel=PRANGE, **JIT)
@@ -160,7 +162,7 @@ def matmul3(bits: int, g: int, split: bool):
     type that share the input (q/k/v, gate/up; the third may have no blocks), whole blocks only, in one call: the
     activations quantized once, one parallel loop over the blocks of all of them. Each y is what ``matmul`` gives."""
     br = GEMM_ROWS
-    tt = TILE_TOKENS["split" if split else "int8"]
+    tt = min(TILE_TOKENS["split" if split else "int8"], KEPT_TOKENS)
     key = _key()
 
     @nb.njit(parallel=PRANGE, **JIT)
