@@ -103,5 +103,5 @@ def commit(arrays) -> None:
             continue
         flat = a.reshape(-1).view(np.uint8)
         first = (-addr) % PAGE  # the first byte of each page the array covers (and its own first byte)
-        flat[0] = flat[0]
-        flat[first::PAGE] = flat[first::PAGE]
+        for part in (flat[:1], flat[first::PAGE]):
+            part |= 0  # a write to each (numpy skips assigning a view to itself)

@@ -106,6 +106,7 @@ class Scheduler:
         self.engine.warm_up_batches()
 
     def _new_slot(self) -> Slot:
+        """A new slot with an empty cache (which takes memory as its positions are written)."""
         slot = Slot(cache=self.model.new_cache())
         self.slots.append(slot)
         return slot

@@ -1,6 +1,7 @@
 """Freed prefill memory goes back to the system: malloc_trim after a prompt-sized forward pass."""
 
 import ctypes
+import mmap
 import os
 import sys
 
@@ -78,3 +79,23 @@ def test_kept_heap_serves_the_next_large_array_from_freed_pages():
     before = _resident_bytes()
     assert heap.release_free_heap() is True
     assert before - _resident_bytes() > size // 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+@pytest.mark.parametrize("populate", [True, False])
+def test_commit_makes_an_array_resident_and_keeps_its_contents(populate, monkeypatch):
+    """commit faults in every page of a fresh array at once (MADV_POPULATE_WRITE, or the page-by-page writes used
+    where the kernel lacks it) and leaves every byte as it was, an array not starting on a page boundary included."""
+    if not populate:
+        monkeypatch.setattr(heap, "_madvise", lambda: None)
+    rng = np.random.default_rng(3)
+    head = rng.integers(0, 255, 4000, dtype=np.uint8)
+    mem = mmap.mmap(-1, 64 << 20)  # 64 MiB of fresh anonymous memory: mapped, not yet resident
+    big = np.frombuffer(mem, dtype=np.uint8)
+    big[:4000] = head
+    view = big[1000:].view()  # starts mid-page
+    before = _resident_bytes()
+    heap.commit([view, np.zeros(0, dtype=np.float32)])
+    assert _resident_bytes() - before > 48 << 20
+    assert np.array_equal(big[:4000], head) and not big[4000:].any()
+    del view, big
