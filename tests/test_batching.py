@@ -44,18 +44,32 @@ def smollm2():
 
 
 def test_answers_under_concurrency_equal_answers_alone(smollm2):
+    """Every answer of 8 and 16 concurrent clients is the answer sent alone, token for token, up to a near tie: a
+    decode pass of several sequences sums in another order than one sequence's (packed weights; KL < 1e-4 in
+    test_batched_decode_logits_are_the_single_sequence_logits), so where the two best tokens of the lone answer are
+    within 0.05 nats of each other the batched one may take the other and go on from there (seen on an AMD EPYC
+    host: "Who wrote Hamlet?" after ~20 equal tokens; on an Intel one every answer was equal)."""
     client = smollm2.client()
 
-    def ask(question: str) -> str:
+    def ask(question: str) -> list[tuple[str, float]]:
+        """The answer's tokens, each with the log-probability gap between the best two candidates."""
         r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": question}],
-                                           temperature=0, max_tokens=40)  # fmt: skip
-        return r.choices[0].message.content
+                                           temperature=0, max_tokens=40, logprobs=True, top_logprobs=2)  # fmt: skip
+        return [(t.token, t.top_logprobs[0].logprob - t.top_logprobs[1].logprob) for t in r.choices[0].logprobs.content]
 
     alone = [ask(q) for q in QUESTIONS]
+    diverged = 0
     for clients in (8, 16):
         with ThreadPoolExecutor(clients) as pool:
             together = list(pool.map(ask, QUESTIONS[:clients]))
-        assert together == alone[:clients]
+        for q, a, b in zip(QUESTIONS, alone, together):
+            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x[0] != y[0]), min(len(a), len(b)))
+            if same == len(a) == len(b):
+                continue
+            diverged += 1
+            assert same < min(len(a), len(b)), (q, "one answer ends where the other goes on")
+            assert a[same][1] < 0.05, (q, same, a[same], b[same])  # a near tie, not a wrong number
+    assert diverged <= 2  # of 24 answers
     with smollm2.http() as h:
         text = h.get("/metrics").text
     single = _metric(text, 'lowbit_decode_batch_size_bucket{le="1.0"}')
@@ -88,9 +102,13 @@ def toy_server(request):
         yield srv
 
 
-def _running(srv) -> int:
+def _health(srv) -> dict:
     with srv.http() as h:
-        return h.get("/health").json()["running"]
+        return h.get("/health").json()
+
+
+def _running(srv) -> int:
+    return _health(srv)["running"]
 
 
 @pytest.mark.parametrize("toy_server", [(2, 8)], indirect=True)
@@ -109,14 +127,17 @@ def test_a_client_that_goes_away_frees_its_slot(toy_server):
 
 @pytest.mark.parametrize("toy_server", [(1, 1)], indirect=True)
 def test_a_full_queue_answers_503_at_once(toy_server):
-    body = {"model": TOY_MODEL.stem, "prompt": COUNTING, "max_tokens": 600, "temperature": 0}
+    body = {"model": TOY_MODEL.stem, "prompt": COUNTING, "max_tokens": 1000, "temperature": 0}
     client = toy_server.client()
     finished = []
     busy = [threading.Thread(target=lambda: finished.append(client.completions.create(**body).usage.completion_tokens))
             for _ in range(2)]  # fmt: skip
-    for t in busy:  # one runs, one waits
+    for t in busy:  # one runs, one waits: asked of the server (a fast host finishes 1,000 toy tokens in ~1 s)
         t.start()
-        time.sleep(0.3)
+        while _health(toy_server)["running"] == 0:
+            time.sleep(0.005)
+    while _health(toy_server)["queued"] == 0:
+        time.sleep(0.005)
     t0 = time.monotonic()
     with toy_server.http() as h:
         r = h.post("/v1/completions", json=body)
@@ -126,7 +147,7 @@ def test_a_full_queue_answers_503_at_once(toy_server):
         toy_server.client().completions.create(**body)
     for t in busy:  # the running and the waiting request both complete
         t.join(120)
-    assert finished == [600, 600]
+    assert finished == [1000, 1000]
 
 
 def _rss() -> int:
