@@ -245,7 +245,7 @@ _NO_ROWS_Y = np.empty(0, dtype=np.float32)
 _NO_SCALES = np.empty((0, 0, 0), dtype=np.uint16)  # a float cache's scales
 
 
-def _four(layer: tuple) -> tuple:
+def cache_arrays(layer: tuple) -> tuple:
     """A layer's (key data, key scales, value data, value scales); a float32 pair (keys, values) gets empty scales."""
     return (layer[0], _NO_SCALES, layer[1], _NO_SCALES) if len(layer) == 2 else tuple(layer)
 _NO_ROWS_CODES = np.empty((0, 1), dtype=np.uint8)
@@ -446,7 +446,7 @@ def attention(
     query (a decode step) the split kernel deep in the cache, else ``cpu_attention.attention``."""
     q = np.ascontiguousarray(q, dtype=np.float32)  # the kernels' SIMD loads need C-contiguous rows
     out = np.empty_like(q)
-    args = (out, q, *_four(layer), start, np.float32(scale), window, np.float32(softcap))
+    args = (out, q, *cache_arrays(layer), start, np.float32(scale), window, np.float32(softcap))
     if prompt or q.shape[0] > 1:
         if ahead is not None:
             ahead.wait("attention_prompt")
@@ -467,7 +467,7 @@ def _padded_layers(layers: list[tuple]) -> tuple[tuple, ...]:
     format whatever the batch size; the padding repeats the first layer and is not read)."""
     if not 0 < len(layers) <= SMALL_BATCH:
         raise ValueError(f"a decode pass takes 1..{SMALL_BATCH} sequences, got {len(layers)}")
-    layers = [_four(lay) for lay in layers]
+    layers = [cache_arrays(lay) for lay in layers]
     layers += [layers[0]] * (SMALL_BATCH - len(layers))
     return tuple(zip(*layers))
 

@@ -9,7 +9,11 @@ kernels/cuda/backend.py, with one interface:
 - the primitives, arrays [T, ...] in and out: ``rmsnorm``, ``head_rmsnorm``, ``add_norm`` (fused residual add +
   RMSNorm), ``linear``, ``linears`` (one input, several weights: fused where the kernels allow), ``embedding``,
   ``columns``, ``rope_and_cache`` (RoPE of q/k and the cache write, fused), ``attend``, ``silu_mul``,
-  ``gelu_tanh_mul``, ``add``, ``scale_by``, ``softcap``.
+  ``gelu_tanh_mul``, ``add``, ``scale_by``, ``softcap``;
+- one-token passes through llama-style layers in one call each where the backend has such a kernel:
+  ``decode_plan(layers, eps, scale, softcap, windows, n_heads)`` (None where it has not, or the weights do not fit
+  it) and ``decode_layers(plan, x, cache, start, cos, sin)`` (the residual stream after the layers, or None: then
+  the model computes them primitive by primitive, with the same numbers).
 
 :class:`ObservingOps` wraps any ops object and shows every matrix product's input to an observer first
 (calibration)."""
@@ -20,7 +24,7 @@ import contextlib
 
 import numpy as np
 
-from lowbit.kernels import blas, dispatch
+from lowbit.kernels import blas, cpu_decode, dispatch
 from lowbit.kernels.heap import release_free_heap
 from lowbit.kernels.kv_cache import KVCache
 
@@ -74,6 +78,22 @@ class CpuOps:
 
     def to_host(self, x: np.ndarray) -> np.ndarray:
         return x
+
+    # ------------------------------------------------------------------------------------------ fused decode
+    def decode_plan(self, layers: list[dict], eps: float, scale: float, softcap: float, windows: list[int],
+                    n_heads: int) -> cpu_decode.DecodePlan | None:  # fmt: skip
+        """Each layer of a one-token pass in one kernel call (kernels/cpu_decode.py), where its weights allow."""
+        return cpu_decode.DecodePlan.build(layers, eps, scale, softcap, windows, n_heads)
+
+    def decode_layers(self, plan: cpu_decode.DecodePlan, x: np.ndarray, cache, start: int, cos: np.ndarray,
+                      sin: np.ndarray) -> np.ndarray | None:  # fmt: skip
+        """The residual stream after every layer of ``plan`` for one token at ``start``; None in a prompt pass
+        (its products take the prompt kernels), while the attention helper of a cold start is still compiling, or
+        while the fused kernel is (then the caller computes the layers one primitive at a time)."""
+        ahead = self.compile_ahead
+        if self.prompt_pass or (ahead is not None and not ahead.finished):
+            return None
+        return plan.run(x, cache, start, cos, sin)
 
     # ------------------------------------------------------------------------------------------ primitives
     def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -170,3 +190,7 @@ class ObservingOps:
 
     def linears(self, ws: list, x) -> list:
         return [self.linear(w, x) for w in ws]
+
+    def decode_plan(self, *args) -> None:
+        """No fused layers: every product is shown to the observer."""
+        return None

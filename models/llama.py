@@ -60,6 +60,7 @@ class Model:
         self.attn_softcap = 0.0  # 0: none
         self.final_softcap = 0.0
         self.kv = kv_formats.DEFAULT  # storage formats of the caches new_cache makes
+        self._decode_plan = None  # the backend's plan for one-token passes in one call per layer; False: none
         self.setup_rope()
         self.configure()
 
@@ -188,7 +189,12 @@ class Model:
     def layers_forward(self, x: np.ndarray, start: int, cache) -> np.ndarray:
         """The layers of :meth:`block`, each residual add fused into the RMSNorm that follows it (the next layer's
         attention norm included): one kernel call where block takes two. A family whose block differs overrides
-        this with :meth:`each_block`."""
+        this with :meth:`each_block`. One token of one sequence goes through the backend's fused decode layers
+        where it has them (:meth:`fused_decode`)."""
+        if x.shape[0] == 1 and not isinstance(cache, Segments):
+            out = self.fused_decode(x, start, cache)
+            if out is not None:
+                return out
         eps = self.args.rms_norm_eps
         h = self.rmsnorm(x, self.layers[0]["attn_norm"]) if self.layers else x
         last = len(self.layers) - 1
@@ -201,6 +207,28 @@ class Model:
             else:
                 x, h = self.ops.add_norm(x, m, self.layers[li + 1]["attn_norm"], eps)
         return x
+
+    # the structural hooks layers_forward computes with: a family that overrides one computes its own way, so its
+    # layers do not take the backend's fused llama layer
+    PLAIN_HOOKS = ("rmsnorm", "attention_block", "project_qkv", "rope_and_cache", "attend", "rope_for", "mlp_block",
+                   "act_mul")  # fmt: skip
+
+    def fused_decode(self, x: np.ndarray, start: int, cache) -> np.ndarray | None:
+        """The residual stream after every layer for one token through the backend's fused decode layers
+        (ops.decode_layers: the same numbers as the primitives), or None where the family, the weights or the
+        moment do not allow it."""
+        plan = self._decode_plan
+        if plan is None:
+            a = self.args
+            plain = all(getattr(type(self), h) is getattr(Model, h) for h in self.PLAIN_HOOKS)
+            if plain and self.rot == a.head_dim:
+                windows = [a.window(i) for i in range(a.num_hidden_layers)]
+                plan = self.ops.decode_plan(self.layers, a.rms_norm_eps, self.scale, self.attn_softcap, windows,
+                                            a.num_attention_heads)  # fmt: skip
+            plan = self._decode_plan = plan or False
+        if plan is False:
+            return None
+        return self.ops.decode_layers(plan, x, cache, start, self.cos, self.sin)
 
     def each_block(self, x: np.ndarray, start: int, cache) -> np.ndarray:
         """The layers, one :meth:`block` call each."""

@@ -50,6 +50,10 @@ class CudaOps:
     def pack_for_batches(self, weights) -> int:
         return 0
 
+    def decode_plan(self, *args) -> None:
+        """No fused decode layer on the GPU: a step runs primitive by primitive."""
+        return None
+
     # ------------------------------------------------------------------------------------------ a pass
     def forward_pass(self, n_tokens: int, prompt: bool = False):
         return contextlib.nullcontext()
