@@ -1,16 +1,19 @@
-"""One decode step of a llama-style layer in one kernel call.
+"""One decode step of a llama-style layer in three calls instead of nine.
 
 A one-token step of SmolLM2-135M made ~270 kernel calls (nine a layer: the q/k/v product, RoPE and the cache write,
 attention, the output product, the residual add and norm, gate/up, SiLU, down, the next add and norm), and the
-Python between them — the model's and the ops' methods, allocations, numba's argument checks — cost as much as a
-fifth of the step. :func:`layer_kernel` runs the whole layer in one call: the same numba functions in the same
-order (each matrix's rows as ``cpu_quant``'s ``matvec``/``matvec3`` compute them, ``cpu.add_rmsnorm``,
-``cpu_kv.rope2_kv_write``, ``cpu_attention.attention``/``attention_decode``, ``cpu.silu_mul``), so its numbers are
-the per-primitive path's bit for bit, and a step may take either.
+Python between them — the model's and the ops' methods, allocations, numba's argument checks — was a tenth of the
+step. :func:`layer_kernel` makes two kernels a layer: ``layer_in`` (the residual add and norm, q/k/v, RoPE and the
+cache write) and ``layer_out`` (the output product, add and norm, gate/up, SiLU, down), with attention between them
+by the one-token pass's own kernel (``dispatch.attention``). They call the same numba functions in the same order as
+the primitives (each matrix's rows as ``cpu_quant``'s ``matvec``/``matvec3`` compute them, ``cpu.add_rmsnorm``,
+``cpu_kv.rope2_kv_write``, ``cpu.silu_mul``), so their numbers are the per-primitive path's bit for bit and a step
+may take either. (Attention stays outside: compiled into a caller, the split-decode kernel's combination of its
+chunks summed in another order.)
 
-:class:`DecodePlan` holds each layer's fixed arguments (weights, norms, window), and compiles the kernel on a
-helper thread the first time a step asks for it (numba's cache makes that a load after the first run): until it is
-ready, steps take the per-primitive path, so a cold start does not stall in the middle of a reply.
+:class:`DecodePlan` holds each layer's fixed arguments (weights, norms, window) and compiles the kernels on a
+helper thread once a model has asked for a few one-token passes (numba's cache makes that a load after the first
+run): until they are ready, steps take the per-primitive path, so a cold start does not stall in a reply.
 """
 
 from __future__ import annotations
@@ -45,11 +48,13 @@ def _dependency_key() -> int:
 
 DEPS = _dependency_key()
 MODES = ("int8", "split")  # activation modes with a fused layer (the byte dot-product kernels)
+START_AFTER = 16  # one-token passes before the kernels are compiled: a short reply (a test, a one-line answer)
+# never spends a core on it
 
 
 @lru_cache(maxsize=None)
 def layer_kernel(bits: int, g: int, split: bool):
-    """The fused decode layer for weights of ``bits``-bit groups of ``g`` (every matrix of the layer) on int8
+    """(layer_in, layer_out) for weights of ``bits``-bit groups of ``g`` (every matrix of the layer) on int8
     (``split`` False) or split activations."""
     deps = DEPS
 
@@ -147,6 +152,7 @@ class DecodePlan:
         self.n_heads = n_heads
         self._ready: dict[tuple, threading.Event] = {}  # per cache formats: compiled (or loaded), or failed
         self._failed: set[tuple] = set()
+        self.asked = 0  # one-token passes asked for before the kernels were compiled
 
     @classmethod
     def build(cls, layers: list[dict], eps: float, scale: float, softcap: float, windows: list[int],
@@ -177,11 +183,15 @@ class DecodePlan:
         return all(w.int_kernels is k and w.act_q is None for w, k in self.weights)
 
     def ready(self, args: tuple, wait: bool = False) -> bool:
-        """Whether the kernels are compiled for the cache formats of ``args`` (layer_in's arguments); the first
-        time, compiling starts on a helper thread (a load from numba's cache after the first run). ``wait``: until
-        it has finished."""
+        """Whether the kernels are compiled for the cache formats of ``args`` (layer_in's arguments); at the
+        START_AFTER-th pass that asks, compiling starts on a helper thread (a load from numba's cache after the
+        first run). ``wait``: start now and wait until it has finished."""
         key = tuple(nb.typeof(a) for a in args[_CACHE_ARGS])  # the cache's formats: all else is fixed by the plan
         event = self._ready.get(key)
+        if event is None and not wait:
+            self.asked += 1
+            if self.asked < START_AFTER:
+                return False
         if event is None:
             event = self._ready[key] = threading.Event()
             sig_in = tuple(nb.typeof(a) for a in args)

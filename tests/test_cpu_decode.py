@@ -99,3 +99,19 @@ def test_fused_decode_steps_aside_where_it_does_not_apply(tiny4):
     _ready(fresh)
     with fresh.ops.forward_pass(1, prompt=True):
         assert fresh.fused_decode(x, 0, fresh.new_cache()) is None
+
+
+def test_the_fused_kernels_compile_only_once_a_reply_goes_on(tiny4):
+    """A short reply never spends a core compiling them: the helper thread starts at the START_AFTER-th one-token
+    pass, and the passes before take the primitives."""
+    from lowbit.kernels.cpu_decode import START_AFTER
+
+    model = _model(tiny4["llama"])
+    cache = model.new_cache()
+    model.forward(np.arange(5, 9), 0, cache)
+    for pos in range(4, 4 + START_AFTER - 1):
+        model.forward(np.array([7]), pos, cache)
+    plan = model._decode_plan
+    assert plan and not plan._ready and plan.asked == START_AFTER - 1
+    model.forward(np.array([7]), 4 + START_AFTER - 1, cache)
+    assert len(plan._ready) == 1
