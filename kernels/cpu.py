@@ -29,6 +29,22 @@ PRANGE = dict(comprehension=False, setitem=False, numpy=False, stencil=False, fu
               reduction=False, prange=True)
 
 
+def variant(tag: str):
+    """Decorator, under ``nb.njit``, for a kernel a factory makes once per variant (bits, group, mode): the function
+    takes the variant in its name before numba sees it. numba's on-disk cache files each function under its
+    qualified name, and the symbols of its cached code carry that name and a per-process counter: two closures of
+    one function cached by different processes could carry the same symbol, and a process loading both ran one's
+    code for the other (seen: a server on a model of two types failing in the batch packing with "descr is NULL").
+    Named per variant, their cache entries and symbols never meet."""
+
+    def rename(fn):
+        fn.__name__ = f"{fn.__name__}_{tag}"
+        fn.__qualname__ = f"{fn.__qualname__}_{tag}"
+        return fn
+
+    return rename
+
+
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)  # ln 2 split in two so that n * _LN2_HI is exact
 _LN2_LO = np.float32(-2.12194440e-4)

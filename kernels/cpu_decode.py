@@ -29,7 +29,7 @@ import numpy as np
 
 from lowbit.kernels import cpu_quant
 from lowbit.kernels.act8 import quantize8
-from lowbit.kernels.cpu import JIT, PRANGE, add_rmsnorm, rmsnorm, silu_mul
+from lowbit.kernels.cpu import JIT, PRANGE, add_rmsnorm, rmsnorm, silu_mul, variant
 from lowbit.kernels.cpu_kv import rope2_kv_write
 from lowbit.kernels.cpu_quant import row_dot8
 from lowbit.kernels.dispatch import attention, cache_arrays
@@ -56,9 +56,11 @@ START_AFTER = 16  # one-token passes before the kernels are compiled: a short re
 def layer_kernel(bits: int, g: int, split: bool):
     """(layer_in, layer_out) for weights of ``bits``-bit groups of ``g`` (every matrix of the layer) on int8
     (``split`` False) or split activations."""
+    tag = f"b{bits}g{g}" + ("s" if split else "i")
     deps = DEPS
 
     @nb.njit(parallel=PRANGE, **JIT)
+    @variant(tag)
     def layer_in(x, m, first, wa, eps, cq, sq, mq, bq, ck, sk, mk, bk, cv, sv, mv, bv, asym, cos, sin, kd, ks, vd,
                  vs, start, nh):  # fmt: skip
         """(x', q) of one layer at position ``start`` for the residual x: f32[1, n] and the previous layer's
@@ -101,6 +103,7 @@ def layer_kernel(bits: int, g: int, split: bool):
         return xa, q
 
     @nb.njit(parallel=PRANGE, **JIT)
+    @variant(tag)
     def layer_out(xa, o, wf, eps, co, so, mo, cg, sg, mg, cu, su, mu, cd, sd, md, asym):
         """(x', m') of one layer after its attention o: f32[1, nh, hd]: x' = xa + o's projection, m' the MLP's
         output on norm(x') (the next layer adds it); wf: the MLP norm."""

@@ -34,7 +34,7 @@ import numpy as np
 
 from lowbit.formats.qtypes import GROUP_SIZES
 from lowbit.kernels.act8 import QMAX_INT8, QMAX_SPLIT, ROUND_JIT, quantize8
-from lowbit.kernels.cpu import JIT, PRANGE, h2f
+from lowbit.kernels.cpu import JIT, PRANGE, h2f, variant
 from lowbit.kernels.ir.amx import TILE, amx_begin, amx_end, amx_tiles, host_has_amx, pack_tokens
 from lowbit.kernels.ir.gemm_vnni import tile_gemm, unpack_row
 from lowbit.kernels.ir.simd import group_idot, host_has_f16c, quad_fdot, quad_fdot_unpacked
@@ -206,11 +206,13 @@ def pack_block(codes, scales, mins, r0, asym, bits, g, br):
 
 
 def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
+    tag = f"b{bits}g{g}" + ("s" if split else "i") + ("x" if amx else "")
     tt = TILE_TOKENS["split" if split else "int8"]
     br = GEMM_ROWS
     deps = DEPS
 
     @nb.njit(parallel=PRANGE, **JIT)
+    @variant(tag)
     def qmatvec(y, codes, scales, mins, x, asym):
         """y[rows] = W @ x for one token; arguments as in the int16 qmatvec."""
         xh, xl, dx, xs = quantize8(x, g, split)
@@ -220,6 +222,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
             y[r] = row_dot8(codes, scales, mins, r, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
 
     @nb.njit(parallel=PRANGE, **JIT)
+    @variant(tag)
     def qmatmul_small(y, codes, scales, mins, x, asym):
         """y[T, rows] = x @ W.T for a few tokens, each row and token as the one-token kernel computes it (so a
         decode pass of several sequences gives each one's numbers bit for bit); arguments as in the int16
@@ -232,6 +235,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
                 y[t, r] = row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
 
     @nb.njit(parallel=PRANGE, **JIT)
+    @variant(tag)
     def qgemm(y, codes, scales, mins, x, asym):
         """y[T, rows] = x @ W.T for a prompt: blocks of GEMM_ROWS rows, each unpacked once into an interleaved
         buffer and multiplied with tiles of tokens (kernels.ir.gemm_vnni); the last rows % GEMM_ROWS rows one
@@ -264,6 +268,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
                     y[t, r] = row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
 
     @nb.njit(parallel=PRANGE, **JIT)
+    @variant(tag)
     def qmatvec3(y1, c1, s1, m1, y2, c2, s2, m2, y3, c3, s3, m3, x, asym):
         """y_i[rows_i] = W_i @ x for one token and three matrices (a 0-row third for two), one parallel loop over
         all their rows; arguments per matrix as in qmatvec."""
@@ -281,6 +286,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
                 y3[i - r1 - r2] = row_dot8(c3, s3, m3, i - r1 - r2, xh[0], xl[0], dx[0], xs[0], asym, bits, g, split)
 
     @nb.njit(parallel=PRANGE, **JIT)
+    @variant(tag)
     def qgemm_amx(y, codes, scales, mins, x, asym):
         """qgemm on AMX tiles (kernels/ir/amx.py): the activations packed once into B tiles, then blocks of 16 rows,
         each unpacked once into row-major codes and multiplied with every 16-token block."""
@@ -333,12 +339,14 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
 
 
 def _int16_kernels(bits: int, g: int):
+    tag = f"b{bits}g{g}w"
     gbytes = g * bits // 8
     zp = np.float32(1 << (bits - 1))
     deps = DEPS
     quads = HAS_F16C
 
     @nb.njit(parallel=PRANGE, **JIT)
+    @variant(tag)
     def qmatvec(y, codes, scales, mins, x, asym):
         """y[rows] = W @ x for one token. y: f32[rows]; codes: u8[rows, cols*bits/8]; scales, mins: u16[rows, ng]
         (float16 bits; mins unused unless asym); x: f32[1, cols]."""
@@ -370,6 +378,7 @@ def _int16_kernels(bits: int, g: int):
             y[r] = acc
 
     @nb.njit(parallel=PRANGE, **JIT)
+    @variant(tag)
     def qmatmul_small(y, codes, scales, mins, x, asym):
         """y[T, rows] = x @ W.T for a few tokens (x: f32[T, cols]), each row and token as the one-token kernel
         computes it, so a decode pass of several sequences gives each one's numbers bit for bit. Each row's codes

@@ -27,7 +27,7 @@ import numba as nb
 import numpy as np
 
 from lowbit.kernels import cpu_quant
-from lowbit.kernels.cpu import JIT, PRANGE
+from lowbit.kernels.cpu import JIT, PRANGE, variant
 from lowbit.kernels.cpu_quant import DEPS, GEMM_ROWS, TILE_TOKENS, quantize8, row_dot8
 from lowbit.kernels.ir.gemm_vnni import kept_bytes, tile_gemm_kept, unpack_row
 from lowbit.kernels.timing import kernel_call
@@ -85,11 +85,13 @@ def _pack_block(wb, sc, codes, scales, mins, r0, asym, bits, g, br):
 @lru_cache(maxsize=None)
 def _prepack(bits: int, g: int):
     """One closure per (bits, g): two live closures with the same captured values would share a cache entry."""
+    tag = f"b{bits}g{g}"
     br = GEMM_ROWS
     key = _key()
     per16 = kept_bytes(bits, 16)  # bytes of 16 codes (a block's rows x cols is a multiple of 16)
 
     @nb.njit(parallel=PRANGE, **JIT)
+    @variant(tag)
     def prepack(codes, scales, mins, asym):
         if key == 0:  # never true; ties the cached code to _key()
             return None
@@ -133,11 +135,13 @@ def _block(y, wb, sc, mult, xh, xl, dxT, xsT, r0, t_n, bits, g, split, br, tt):
 
 @lru_cache(maxsize=None)
 def _matmul(bits: int, g: int, split: bool):
+    tag = f"b{bits}g{g}" + ("s" if split else "i")
     br = GEMM_ROWS
     tt = min(TILE_TOKENS["split" if split else "int8"], KEPT_TOKENS)
     key = _key()
 
     @nb.njit(parallel=PRANGE, **JIT)
+    @variant(tag)
     def matmul(y, wb, sc, codes, scales, mins, x, asym):
         if key == 0:  # never true; ties the cached code to _key()
             return
@@ -161,11 +165,13 @@ def matmul3(bits: int, g: int, split: bool):
     """``matmul3(y1, wb1, sc1, y2, wb2, sc2, y3, wb3, sc3, x, asym)``: x times two or three kept matrices of one
     type that share the input (q/k/v, gate/up; the third may have no blocks), whole blocks only, in one call: the
     activations quantized once, one parallel loop over the blocks of all of them. Each y is what ``matmul`` gives."""
+    tag = f"b{bits}g{g}" + ("s" if split else "i")
     br = GEMM_ROWS
     tt = min(TILE_TOKENS["split" if split else "int8"], KEPT_TOKENS)
     key = _key()
 
     @nb.njit(parallel=PRANGE, **JIT)
+    @variant(tag)
     def fused(y1, wb1, sc1, y2, wb2, sc2, y3, wb3, sc3, x, asym):
         if key == 0:  # never true; ties the cached code to _key()
             return
