@@ -52,14 +52,24 @@ def cached(spec: KVSpec) -> bool:
     kernel_ = kernel("attention_prompt")
     try:
         sig = tuple(kernel_.typeof_pyval(a) for a in _arguments(spec, "attention_prompt"))
-        cres = kernel_._cache.load_overload(sig, kernel_.targetctx)
+    except Exception:  # numba internals moved: say cached, so nothing is started (logged)
+        log.debug("cannot type the kernel's arguments", exc_info=True)
+        return True
+    return load_cached(kernel_, sig, otherwise=True)
+
+
+def load_cached(dispatcher, sig: tuple, otherwise: bool = False) -> bool:
+    """Load ``dispatcher``'s code for argument types ``sig`` from numba's on-disk cache into it (then calls do not
+    look again); whether it was there. ``otherwise``: the answer where numba's internals cannot be asked (logged)."""
+    try:
+        cres = dispatcher._cache.load_overload(sig, dispatcher.targetctx)
         if cres is None:
             return False
-        kernel_.add_overload(cres)  # loaded now rather than again at the first call
+        dispatcher.add_overload(cres)
         return True
-    except Exception:  # numba internals moved: say cached, so nothing is started (logged)
+    except Exception:
         log.debug("cannot look into numba's cache", exc_info=True)
-        return True
+        return otherwise
 
 
 class CompileAhead:

@@ -12,8 +12,9 @@ may take either. (Attention stays outside: compiled into a caller, the split-dec
 chunks summed in another order.)
 
 :class:`DecodePlan` holds each layer's fixed arguments (weights, norms, window) and compiles the kernels on a
-helper thread once a model has asked for a few one-token passes (numba's cache makes that a load after the first
-run): until they are ready, steps take the per-primitive path, so a cold start does not stall in a reply.
+helper thread once a model has asked for a few one-token passes, or loads them from numba's cache at the first pass
+where it holds them (every run after the first): until they are ready, steps take the per-primitive path, so a
+cold start does not stall in a reply.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 
 from lowbit.kernels import cpu_quant
 from lowbit.kernels.act8 import quantize8
+from lowbit.kernels.compile_ahead import load_cached
 from lowbit.kernels.cpu import JIT, PRANGE, add_rmsnorm, rmsnorm, silu_mul, variant
 from lowbit.kernels.cpu_kv import rope2_kv_write
 from lowbit.kernels.cpu_quant import row_dot8
@@ -156,6 +158,7 @@ class DecodePlan:
         self._ready: dict[tuple, threading.Event] = {}  # per cache formats: compiled (or loaded), or failed
         self._failed: set[tuple] = set()
         self.asked = 0  # one-token passes asked for before the kernels were compiled
+        self._uncached: set[tuple] = set()  # cache formats whose kernels numba's cache did not hold
 
     @classmethod
     def build(cls, layers: list[dict], eps: float, scale: float, softcap: float, windows: list[int],
@@ -186,11 +189,18 @@ class DecodePlan:
         return all(w.int_kernels is k and w.act_q is None for w, k in self.weights)
 
     def ready(self, args: tuple, wait: bool = False) -> bool:
-        """Whether the kernels are compiled for the cache formats of ``args`` (layer_in's arguments); at the
-        START_AFTER-th pass that asks, compiling starts on a helper thread (a load from numba's cache after the
-        first run). ``wait``: start now and wait until it has finished."""
+        """Whether the kernels are compiled for the cache formats of ``args`` (layer_in's arguments). Held in
+        numba's cache (every run after the first), they are loaded at the first pass that asks; else, at the
+        START_AFTER-th, compiling starts on a helper thread. ``wait``: start now and wait until it has finished."""
         key = tuple(nb.typeof(a) for a in args[_CACHE_ARGS])  # the cache's formats: all else is fixed by the plan
         event = self._ready.get(key)
+        if event is None and key not in self._uncached:
+            sig_in = tuple(nb.typeof(a) for a in args)
+            if load_cached(self.layer_in, sig_in) and load_cached(self.layer_out, self._sig_out()):
+                event = self._ready[key] = threading.Event()  # in numba's cache: loaded (~10 ms), ready now
+                event.set()
+            else:
+                self._uncached.add(key)
         if event is None and not wait:
             self.asked += 1
             if self.asked < START_AFTER:
@@ -204,11 +214,15 @@ class DecodePlan:
             event.wait()
         return event.is_set() and key not in self._failed
 
+    def _sig_out(self) -> tuple:
+        """layer_out's argument types (they do not depend on the cache)."""
+        return tuple(nb.typeof(a) for a in (_ROW, _HEADS, *self.outs[0]))
+
     def _compile(self, sig_in: tuple, key: tuple, event: threading.Event) -> None:
         try:
             self.layer_in.compile(sig_in)
             if not self.layer_out.signatures:  # its types do not depend on the cache
-                self.layer_out.compile(tuple(nb.typeof(a) for a in (_ROW, _HEADS, *self.outs[0])))
+                self.layer_out.compile(self._sig_out())
         except Exception:  # the per-primitive path goes on serving every step
             log.warning("the fused decode layer did not compile; decoding without it", exc_info=True)
             self._failed.add(key)

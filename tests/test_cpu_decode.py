@@ -101,11 +101,13 @@ def test_fused_decode_steps_aside_where_it_does_not_apply(tiny4):
         assert fresh.fused_decode(x, 0, fresh.new_cache()) is None
 
 
-def test_the_fused_kernels_compile_only_once_a_reply_goes_on(tiny4):
-    """A short reply never spends a core compiling them: the helper thread starts at the START_AFTER-th one-token
-    pass, and the passes before take the primitives."""
+def test_the_fused_kernels_compile_only_once_a_reply_goes_on(tiny4, monkeypatch):
+    """A short reply never spends a core compiling them: where numba's cache does not hold them, the helper thread
+    starts at the START_AFTER-th one-token pass, and the passes before take the primitives."""
+    from lowbit.kernels import cpu_decode
     from lowbit.kernels.cpu_decode import START_AFTER
 
+    monkeypatch.setattr(cpu_decode, "load_cached", lambda *a: False)
     model = _model(tiny4["llama"])
     cache = model.new_cache()
     model.forward(np.arange(5, 9), 0, cache)
@@ -115,3 +117,19 @@ def test_the_fused_kernels_compile_only_once_a_reply_goes_on(tiny4):
     assert plan and not plan._ready and plan.asked == START_AFTER - 1
     model.forward(np.array([7]), 4 + START_AFTER - 1, cache)
     assert len(plan._ready) == 1
+
+
+def test_cached_fused_kernels_serve_from_the_first_pass(tiny4):
+    """Where numba's cache holds them (every run after the first), they are loaded at the first one-token pass and
+    serve it: no pass waits for a helper thread."""
+    _ready(_model(tiny4["llama"]))  # compiled, so in numba's cache
+    model = _model(tiny4["llama"])
+    cache = model.new_cache()
+    model.forward(np.arange(5, 9), 0, cache)
+    served = []
+    model.forward(np.array([7]), 4, cache)
+    plan = model._decode_plan
+    run = plan.run
+    plan.run = lambda *a, **kw: served.append(run(*a, **kw) is not None) or None
+    model.fused_decode(np.ascontiguousarray(model.embed_tokens(np.array([7]))), 5, cache)
+    assert plan.asked == 0 and served == [True]
