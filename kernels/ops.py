@@ -10,7 +10,7 @@ kernels/cuda/backend.py, with one interface:
   RMSNorm), ``linear``, ``linears`` (one input, several weights: fused where the kernels allow), ``embedding``,
   ``columns``, ``rope_and_cache`` (RoPE of q/k and the cache write, fused), ``attend``, ``silu_mul``,
   ``gelu_tanh_mul``, ``add``, ``scale_by``, ``softcap``;
-- one-token passes through llama-style layers in one call each where the backend has such a kernel:
+- one-token passes through llama-style layers in a few fused calls each where the backend has such kernels:
   ``decode_plan(layers, eps, scale, softcap, windows, n_heads)`` (None where it has not, or the weights do not fit
   it) and ``decode_layers(plan, x, cache, start, cos, sin)`` (the residual stream after the layers, or None: then
   the model computes them primitive by primitive, with the same numbers).
@@ -82,7 +82,8 @@ class CpuOps:
     # ------------------------------------------------------------------------------------------ fused decode
     def decode_plan(self, layers: list[dict], eps: float, scale: float, softcap: float, windows: list[int],
                     n_heads: int) -> cpu_decode.DecodePlan | None:  # fmt: skip
-        """Each layer of a one-token pass in one kernel call (kernels/cpu_decode.py), where its weights allow."""
+        """Each layer of a one-token pass in two fused kernel calls and attention (kernels/cpu_decode.py), where
+        its weights allow."""
         return cpu_decode.DecodePlan.build(layers, eps, scale, softcap, windows, n_heads)
 
     def decode_layers(self, plan: cpu_decode.DecodePlan, x: np.ndarray, cache, start: int, cos: np.ndarray,

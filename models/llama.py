@@ -60,7 +60,7 @@ class Model:
         self.attn_softcap = 0.0  # 0: none
         self.final_softcap = 0.0
         self.kv = kv_formats.DEFAULT  # storage formats of the caches new_cache makes
-        self._decode_plan = None  # the backend's plan for one-token passes in one call per layer; False: none
+        self._decode_plan = None  # the backend's plan for one-token passes in fused calls per layer; False: none
         self.setup_rope()
         self.configure()
 
