@@ -120,9 +120,11 @@ def apply(model, mode: str | None) -> str:
 def set_kernel_precision(model, exact: bool) -> None:
     """``--exact-activations``: every linear of ``model`` (a CPU model) multiplies int16-precision activations
     (relative error ~1e-5, the float product's quality) instead of the default int8 ones below 8 bits
-    (kernels/cpu_quant.py)."""
+    (kernels/cpu_quant.py), and bfloat16 matrices take float32 prompts instead of bfloat16-rounded ones
+    (kernels/cpu_half.py)."""
     from lowbit.kernels import cpu_quant
 
     for w in linear_weights(model):
         if w.int_kernels is not None:
             w.set_activation_mode(cpu_quant.activation_mode(w.bits, exact))
+        w.set_bf16_dot(not exact)

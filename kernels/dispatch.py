@@ -24,6 +24,7 @@ from lowbit.kernels import (
     hadamard,
     packed,
 )
+from lowbit.kernels.ir import gemm_bf16
 from lowbit.kernels.ref import dequantize
 from lowbit.kernels.timing import kernel_call
 
@@ -74,9 +75,10 @@ class Weight:
         # float16 / bfloat16 matrices stay 16-bit (their bits as uint16; kernels/cpu_half.py), float32 ones as they are
         self.h16 = self.f32 = None
         self.bf16 = st.qtype.name == "bf16"
+        self.bf16_dot = False  # bfloat16 weights: prompts on the bfloat16 pair dot product (set_bf16_dot)
         if st.qtype.is_float and st.qtype.bits == 16:
             self.h16 = np.ascontiguousarray(st.parts["data"]).view(np.uint16)
-            self.paths = choose_paths(self)
+            self.set_bf16_dot(True)
             return
         if st.qtype.is_float:
             self.f32 = np.ascontiguousarray(dequantize(st.parts, st.qtype, st.shape))
@@ -108,6 +110,15 @@ class Weight:
         self.paths = choose_paths(self)
         if repack:
             pack_for_batches(self)
+
+    def set_bf16_dot(self, on: bool) -> None:
+        """bfloat16 weights: whether products round the activations to bfloat16 for the CPU's pair dot product
+        (kernels/ir/gemm_bf16.py: prompts about twice as fast as float32 tiles and BLAS, decode steps ~1.2× the
+        float32 row kernel); off: float32 activations, exact. On only where the CPU has it and the rows have an
+        even length; no effect on other weights."""
+        self.bf16_dot = bool(on and self.bf16 and self.h16 is not None and self.cols % 2 == 0
+                             and gemm_bf16.host_has_bf16_dot())
+        self.paths = choose_paths(self)
 
     def _set_extras(self, had_signs, lr_a, lr_b) -> None:
         base = self.name.removesuffix(".weight")
@@ -146,6 +157,8 @@ def exact_activations(w: Weight) -> Weight:
     the host. Returns ``w``."""
     if w.int_kernels is not None:
         w.set_activation_mode(cpu_quant.activation_mode(w.bits, exact=True))
+    if w.bf16_dot:
+        w.set_bf16_dot(False)
     return w
 
 
@@ -270,6 +283,8 @@ def choose_paths(w: Weight) -> Paths:
     if w.f32 is not None:
         return Paths(_float, _float, _float, None)
     if w.h16 is not None:  # a prompt pass widens tiles for BLAS whatever its length, as float32 weights take BLAS
+        if w.bf16_dot:
+            return Paths(_bf16_matvec, _bf16_small, _bf16_gemm, _bf16_gemm)
         return Paths(_half_matvec, _half_small, _half_tiles, _half_tiles)
     k = w.int_kernels
     if k is None:  # no integer kernels for this bits/group (per-channel types): generic numba kernels and BLAS
@@ -307,6 +322,27 @@ def _half_small(w: Weight, x: np.ndarray) -> np.ndarray:
 def _half_tiles(w: Weight, x: np.ndarray) -> np.ndarray:
     widen = cpu_half.kernels()[2]
     return _tiles(w, x, lambda buf, r0: kernel_call(widen, buf, w.h16, r0, w.bf16))
+
+
+def _bf16_matvec(w: Weight, x: np.ndarray) -> np.ndarray:
+    y = np.empty((1, w.rows), dtype=np.float32)
+    xb = kernel_call(cpu_half.round_pairs, x, False)
+    kernel_call(cpu_half.bf16_kernels()[2], y[0], w.h16.view(np.uint32), xb)
+    return y
+
+
+def _bf16_small(w: Weight, x: np.ndarray) -> np.ndarray:
+    y = np.empty((x.shape[0], w.rows), dtype=np.float32)
+    xb = kernel_call(cpu_half.round_pairs, x, False)
+    kernel_call(cpu_half.bf16_kernels()[3], y, w.h16.view(np.uint32), xb)
+    return y
+
+
+def _bf16_gemm(w: Weight, x: np.ndarray) -> np.ndarray:
+    y = np.empty((x.shape[0], w.rows), dtype=np.float32)
+    xb = kernel_call(cpu_half.round_pairs, x)
+    kernel_call(cpu_half.bf16_kernels()[1], y, w.h16.view(np.uint32), xb)
+    return y
 
 
 def _int_gemm(w: Weight, x: np.ndarray) -> np.ndarray:

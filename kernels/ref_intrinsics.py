@@ -236,3 +236,20 @@ def value_tile(dst, doff, dstride, p, poff, pstride, v, voff, vstride, n, rows, 
         o = doff + r * dstride
         flat[o : o + m] = flat[o : o + m] + pf[poff + r * pstride : poff + r * pstride + n] @ vals
     return res
+
+
+# ---------------------------------------------------------------------------------------- kernels/ir/gemm_bf16.py
+
+
+def tile_bf16(wb, xb, t0, R, T) -> np.ndarray:
+    """yt f32[T, R]: yt[t, r] = Σ_k Σ_{h<2} bf16(wb[k·R + r] half h) · bf16(xb[t0 + t, k] half h) (the low half is
+    the even column). Products of two bfloat16 are exact in float32; the sum here is float64."""
+    kp = xb.shape[1]
+
+    def halves(u):
+        u = np.asarray(u, dtype=np.uint32)
+        return np.stack([(u << 16).view(np.float32), (u & 0xFFFF0000).view(np.float32)], axis=-1)
+
+    w = halves(wb[: kp * R].reshape(kp, R)).astype(np.float64)  # [kp, R, 2]
+    x = halves(xb[t0 : t0 + T]).astype(np.float64)  # [T, kp, 2]
+    return np.einsum("krh,tkh->tr", w, x).astype(np.float32)

@@ -241,7 +241,8 @@ def _open_reference(src: str, tmp: Path, ctx: int, threads: int | None) -> Engin
         log.info("converting reference %s unquantized into a temporary container", src)
         # a GGUF: its dequantized float32 weights (requantize: every tensor as a float source)
         out = convert(src, tmp / "reference.lowbit", ConvertOptions(bits=16, requantize=True), progress=False)
-        return Engine(out, ctx=ctx, threads=threads, kv="32")
+        # exact activations: bfloat16 weights' prompts otherwise round them to bfloat16 (kernels/cpu_half.py)
+        return Engine(out, ctx=ctx, threads=threads, kv="32", exact_activations=True)
     except LowbitError as e:
         raise type(e)(f"reference {e}") from None
 
