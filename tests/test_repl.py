@@ -231,6 +231,9 @@ def test_show_model_template_and_settings(engine, tmp_path):
     assert rc == 0
     assert f"model:       {engine.path.name}" in out and f"{engine.args.num_hidden_layers} layers" in out
     assert "settings:    temp=" in out and f"KV cache:    {engine.kv.label}, " in out
+    from lowbit.kernels.ir.vnni import host_has_byte_dot
+
+    assert f"activations: {'int8' if host_has_byte_dot() else 'exact'}; context" in out  # a 4-bit toy
     assert engine.tokenizer.chat_template.strip().splitlines()[-1].strip() in out  # the whole template
     assert "/show: expected nothing or 'template'" in out
 

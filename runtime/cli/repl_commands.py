@@ -170,6 +170,19 @@ def cmd_stats(repl: Repl, arg: str) -> None:
     repl.info("\n".join(lines))
 
 
+def _activations(engine) -> str:
+    """What the products multiply: exact, or the rounding the default kernels apply (int8 for quantized weights on
+    the byte dot product, bfloat16 for bfloat16 weights on the pair dot product)."""
+    if engine.exact_activations:
+        return "exact (int16 precision)"
+    from lowbit.kernels.act_quant import linear_weights
+
+    ws = linear_weights(engine.model) if engine.device == "cpu" else []
+    kinds = ["int8"] if any(w.act_mode == "int8" for w in ws) else []
+    kinds += ["bfloat16"] if any(w.bf16_dot for w in ws) else []
+    return " and ".join(kinds) or "exact"
+
+
 def cmd_show(repl: Repl, arg: str) -> None:
     """/show: the model (architecture, size, quantization, activations), the chat template's head and the settings;
     /show template: the whole chat template."""
@@ -195,7 +208,7 @@ def cmd_show(repl: Repl, arg: str) -> None:
         f"max context {a.max_position_embeddings}",
         f"quantized:   {q.get('method', '?')}, {q.get('bits', '?')} bits"
         + (f", group {q['group_size']}" if q.get("group_size") else ""),
-        f"activations: {'exact (int16 precision)' if engine.exact_activations else 'int8'}; context {engine.ctx}; "
+        f"activations: {_activations(engine)}; context {engine.ctx}; "
         f"{engine.threads} thread{'s' if engine.threads != 1 else ''}",
         f"KV cache:    {engine.kv.label}, {kv_mib:.1f} MiB for the context",
         "template:    " + (" / ".join(head) + (" ..." if template and len(template.splitlines()) > 3 else "")
