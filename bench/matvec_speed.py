@@ -13,6 +13,7 @@ array in the same process (lowbit.runtime.measure.membw, the roofline `lowbit be
 
 With ``--gemm TOKENS`` it measures the prompt GEMM instead: x[TOKENS, cols] @ W.T in GFLOP/s (best of 5) for the
 byte dot-product kernel (VNNI, or its AVX2 pair below 8 bits) and, where this process may use AMX, the AMX one,
+and, with AVX512-BF16, bfloat16 weights on ``vdpbf16ps`` (kernels/cpu_half.py, the activations' rounding included),
 against numpy's float32 GEMM of the same shape in the same process.
 """
 
@@ -111,7 +112,9 @@ def stream(args) -> None:
 
 
 def gemm(args) -> None:
+    from lowbit.kernels import cpu_half
     from lowbit.kernels.ir.amx import host_has_amx
+    from lowbit.kernels.ir.gemm_bf16 import host_has_bf16_dot
 
     if not HAS_BYTE_DOT:
         raise SystemExit("the integer prompt GEMM needs AVX-512 VNNI, AVX-VNNI or AVX2")
@@ -134,6 +137,18 @@ def gemm(args) -> None:
                                           qt.asym, repeats=5) for k in kinds]
             print(f"| {threads} | {qt.name} | " + " | ".join(f"{r / 1e9:.0f} GFLOP/s" for r in rates)
                   + f" | {numpy_rate / 1e9:.0f} GFLOP/s | {max(rates) / numpy_rate:.2f}x |")
+        if host_has_bf16_dot():  # bfloat16 weights on vdpbf16ps, the activations' rounding included
+            w16 = (wf.view(np.uint32) >> 16).astype(np.uint16).view(np.uint32)
+            prompt = cpu_half.bf16_kernels()[1]
+            rate = flops / best_seconds(_bf16_product, prompt, y, w16, x, repeats=5)
+            print(f"| {threads} | bf16 (vdpbf16ps) | {rate / 1e9:.0f} GFLOP/s" + " | —" * (len(kinds) - 1)
+                  + f" | {numpy_rate / 1e9:.0f} GFLOP/s | {rate / numpy_rate:.2f}x |")
+
+
+def _bf16_product(prompt, y, w16, x) -> None:
+    from lowbit.kernels import cpu_half
+
+    prompt(y, w16, cpu_half.round_pairs(x))
 
 
 def _one_pass(kernel, y, mats, x, asym) -> None:
