@@ -71,6 +71,10 @@ GEMM_ROWS = 16 if host_has_avx512_vnni() else 8
 # busier than 8 (a Llama-3.2-1B-shaped 512-token prefill without AMX: 238 -> 277 tok/s; 10: 255, 14: 267, 16: 240;
 # split 6 instead of 4: no change on an 8-bit file); AVX2's 16 registers hold 8
 TILE_TOKENS = {"split": 4, "int8": 12 if GEMM_ROWS == 16 else 8}
+# the int8 prompt GEMM with AVX-512: blocks of 32 rows by 6 tokens (two 512-bit lanes of rows share each broadcast of
+# a token's bytes: 8 loads per 12 vpdpbusd instead of 13 per 12), a last 16-row block as above, so that rows in
+# whole 16-row blocks take tiles as the packed batched-decode layout does (the same numbers, lane for lane)
+WIDE_ROWS, WIDE_TOKENS = (32, 6) if GEMM_ROWS == 16 else (0, 0)
 AMX_BLOCKS = 4  # 16-row blocks per parallel work item of the AMX GEMM (their buffers are allocated once per item)
 
 
@@ -209,6 +213,8 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
     tag = f"b{bits}g{g}" + ("s" if split else "i") + ("x" if amx else "")
     tt = TILE_TOKENS["split" if split else "int8"]
     br = GEMM_ROWS
+    wide = WIDE_ROWS > 0 and not split  # 32-row blocks: int8 activations, AVX-512
+    wr, wt = (WIDE_ROWS, WIDE_TOKENS) if wide else (br, tt)  # (else the first branch below never runs)
     deps = DEPS
 
     @nb.njit(parallel=PRANGE, **JIT)
@@ -237,9 +243,10 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
     @nb.njit(parallel=PRANGE, **JIT)
     @variant(tag)
     def qgemm(y, codes, scales, mins, x, asym):
-        """y[T, rows] = x @ W.T for a prompt: blocks of GEMM_ROWS rows, each unpacked once into an interleaved
-        buffer and multiplied with tiles of tokens (kernels.ir.gemm_vnni); the last rows % GEMM_ROWS rows one
-        (row, token) at a time. Arguments as in qmatmul_small."""
+        """y[T, rows] = x @ W.T for a prompt: blocks of WIDE_ROWS rows (int8 activations on AVX-512), then of
+        GEMM_ROWS rows, each unpacked once into an interleaved buffer and multiplied with tiles of tokens
+        (kernels.ir.gemm_vnni); the last rows % GEMM_ROWS rows one (row, token) at a time. Arguments as in
+        qmatmul_small."""
         rows = codes.shape[0]
         t_n, cols = x.shape
         xh, xl, dx, xs = quantize8(x, g, split, True)
@@ -247,10 +254,25 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
         xsT = np.ascontiguousarray(xs.T)
         if deps == 0:  # never true; see _dependency_key
             return
-        nblk = rows // br
-        for i in nb.prange(nblk + (rows - nblk * br)):
-            if i < nblk:
-                r0 = i * br
+        nwide = rows // wr if wide else 0
+        nblk = (rows - nwide * wr) // br
+        rest = nwide * wr + nblk * br
+        for i in nb.prange(nwide + nblk + (rows - rest)):
+            if i < nwide:
+                r0 = i * wr
+                wb, dsc, nmc = pack_block(codes, scales, mins, r0, asym, bits, g, wr)
+                t0 = 0
+                while t0 + wt <= t_n:
+                    tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, split, wr, wt)
+                    t0 += wt
+                while t0 + 4 <= t_n:
+                    tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, split, wr, 4)
+                    t0 += 4
+                while t0 < t_n:
+                    tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, split, wr, 1)
+                    t0 += 1
+            elif i < nwide + nblk:
+                r0 = nwide * wr + (i - nwide) * br
                 wb, dsc, nmc = pack_block(codes, scales, mins, r0, asym, bits, g, br)
                 t0 = 0
                 while t0 + tt <= t_n:
@@ -263,7 +285,7 @@ def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
                     tile_gemm(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0, bits, g, split, br, 1)
                     t0 += 1
             else:
-                r = nblk * br + (i - nblk)
+                r = rest + (i - nwide - nblk)
                 for t in range(t_n):
                     y[t, r] = row_dot8(codes, scales, mins, r, xh[t], xl[t], dx[t], xs[t], asym, bits, g, split)
 

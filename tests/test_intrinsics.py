@@ -228,9 +228,10 @@ def test_byte_dot_is_exact_at_its_extremes(bits, split):
 
 @needs_vnni
 @pytest.mark.parametrize("bits", [2, 4, 6])
-@pytest.mark.parametrize("g,split,R,T", [(32, False, 16, 1), (64, True, 8, 5), (128, False, 16, 12)])
+@pytest.mark.parametrize("g,split,R,T", [(32, False, 16, 1), (64, True, 8, 5), (128, False, 16, 12),
+                                         (64, False, 32, 6), (32, True, 32, 3)])
 def test_tile_gemm(g, split, R, T, bits):
-    R = R if host_has_avx512_vnni() else 8  # 16-row blocks are 512-bit lanes
+    R = R if host_has_avx512_vnni() else 8  # 16- and 32-row blocks are one and two 512-bit lanes
 
     @nb.njit
     def call(y, wb, dsc, nmc, xh, xl, dxT, xsT, r0, t0):

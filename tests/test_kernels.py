@@ -388,7 +388,7 @@ def test_packed_weights_for_batched_decode(name, mode):
     block included, and exactly the prompt GEMM's numbers."""
     qt = REGISTRY[name]
     rng = np.random.default_rng(qt.id + 3)
-    rows, cols = 2 * cpu_quant.GEMM_ROWS + 5, 11 * qt.group_size
+    rows, cols = 3 * cpu_quant.GEMM_ROWS + 5, 11 * qt.group_size  # AVX-512: a 32-row block, a 16-row one, 5 rows
     parts = random_parts(qt, rows, cols, rng)
     w = dispatch.Weight(StoredTensor("w", qt, (rows, cols), parts))
     w.set_activation_mode(mode)

@@ -1,7 +1,8 @@
 """The prefill GEMM on the byte dot product, weight rows interleaved so that each 32-bit lane of ``vpdpbusd`` is one
 row's dot product (no horizontal sums anywhere).
 
-A block of R weight rows (R = 16 with AVX-512, 8 with AVX-VNNI only) is first unpacked into a buffer laid out
+A block of R weight rows (R = 16 or 32 with AVX-512 — 32 as two 512-bit instructions per chunk and token, so that a
+broadcast of the token's bytes serves twice the rows —, 8 with AVX-VNNI only) is first unpacked into a buffer laid out
 ``[group][chunk of 4 elements][row][4 bytes]`` (``unpack_row`` + the caller's interleave, kernels/cpu_quant.py), and
 its scales and negated mins into ``[group][row]`` floats. ``tile_gemm`` then multiplies the block with T tokens:
 per chunk, one vector load of the R rows' four codes each and, per token, one broadcast of that token's four
@@ -28,7 +29,15 @@ from numba.core import cgutils, errors
 from numba.extending import intrinsic
 
 from lowbit.kernels.ir.simd import prefetch_line
-from lowbit.kernels.ir.vnni import byte_pairs, check_literals, codes_ir, dpbusd, fused_chunks, widen_pairs
+from lowbit.kernels.ir.vnni import (
+    byte_pairs,
+    check_literals,
+    codes_ir,
+    dpbusd,
+    fused_chunks,
+    host_has_avx512_vnni,
+    widen_pairs,
+)
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -104,7 +113,7 @@ def _tile_codegen(bits, g, split, R, T, kept: bool):
     nbits, glen = check_literals(bits, g, split)
     is_split = split.literal_value
     nr, nt = _literal(R, "R"), _literal(T, "T")
-    if nr not in (8, 16) or not 1 <= nt <= 12:
+    if nr not in (8, 16, 32) or not 1 <= nt <= 12 or (nr == 32 and (kept or not host_has_avx512_vnni())):
         raise errors.TypingError(f"tile_gemm: unsupported tile of {nr} rows by {nt} tokens")
     chunks = glen // 4
     fuse = fused_chunks(nbits) if nr == 8 else 1
@@ -196,6 +205,16 @@ def _tile_codegen(bits, g, split, R, T, kept: bool):
             low = nibble(held[k // 2], k % 2 == 1)
             return builder.bitcast(builder.or_(low, builder.shl(top, ir.Constant(vb, [4] * vlen))), vi)
 
+        def half(v, h):
+            return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 16), list(range(16 * h, 16 * h + 16))))
+
+        def dp(acc, w, xv):
+            """acc + vpdpbusd(w, xv); 32 rows as two 512-bit instructions on the halves."""
+            if nr <= 16:
+                return dpbusd(builder, acc, w, xv)
+            lo, hi = (dpbusd(builder, half(acc, h), half(w, h), half(xv, h)) for h in (0, 1))
+            return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+
         xrow = [builder.mul(builder.add(tok0, c64(t)), cols) for t in range(nt)]
         with cgutils.for_range(builder, ng) as loop:
             gi = loop.index
@@ -215,7 +234,7 @@ def _tile_codegen(bits, g, split, R, T, kept: bool):
                     for acc, pairs, xa_ in parts:
                         xv = splat(load_vec(xa_.data, xoff, _I32, 1))
                         if fuse == 1:
-                            acc[t] = dpbusd(builder, acc[t], w, xv)
+                            acc[t] = dp(acc[t], w, xv)
                             continue
                         p = byte_pairs(builder, w, xv)
                         pairs[t] = p if c % fuse == 0 else builder.add(pairs[t], p)
