@@ -39,6 +39,7 @@ class CpuOps:
         # on how many tokens share the pass (dispatch.linear's ``prompt``)
         self.prompt_pass = False
         self.compile_ahead = None  # a kernels.compile_ahead.CompileAhead on a cold start (attend waits for it)
+        self.wait_for_fused = False  # one-token passes wait for the fused decode kernels to compile (benchmarks)
         # quantized layers compute on numba's threads; BLAS (low-rank terms, per-channel types' dequantized tiles)
         # then runs on one thread, since OpenBLAS's own threads spin between calls and would take numba's cores
         self.one_thread_blas = False
@@ -92,9 +93,9 @@ class CpuOps:
         (its products take the prompt kernels), while the attention helper of a cold start is still compiling, or
         while the fused kernel is (then the caller computes the layers one primitive at a time)."""
         ahead = self.compile_ahead
-        if self.prompt_pass or (ahead is not None and not ahead.finished):
+        if self.prompt_pass or (ahead is not None and not ahead.finished and not self.wait_for_fused):
             return None
-        return plan.run(x, cache, start, cos, sin)
+        return plan.run(x, cache, start, cos, sin, self.wait_for_fused)
 
     # ------------------------------------------------------------------------------------------ primitives
     def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

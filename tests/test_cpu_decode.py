@@ -133,3 +133,18 @@ def test_cached_fused_kernels_serve_from_the_first_pass(tiny4):
     plan.run = lambda *a, **kw: served.append(run(*a, **kw) is not None) or None
     model.fused_decode(np.ascontiguousarray(model.embed_tokens(np.array([7]))), 5, cache)
     assert plan.asked == 0 and served == [True]
+
+
+def test_a_benchmark_waits_for_the_fused_kernels(tiny4, monkeypatch):
+    """``ops.wait_for_fused`` (lowbit bench's warm-up): the first one-token pass compiles the fused kernels and
+    waits for them, so a timed decode never runs beside the helper thread's compile."""
+    from lowbit.kernels import cpu_decode
+
+    monkeypatch.setattr(cpu_decode, "load_cached", lambda *a: False)
+    model = _model(tiny4["llama"])
+    cache = model.new_cache()
+    model.forward(np.arange(5, 9), 0, cache)
+    model.ops.wait_for_fused = True
+    model.forward(np.array([7]), 4, cache)
+    plan = model._decode_plan
+    assert plan and plan.asked == 0 and [e.is_set() for e in plan._ready.values()] == [True]

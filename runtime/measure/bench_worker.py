@@ -104,6 +104,10 @@ def measure(path: str, prompt: int, gen: int, threads: int | None, startup_only:
     model.forward(np.arange(2, 2 + SMALL_BATCH // 2), 1, cache)
     model.forward(np.arange(2, 2 + 2 * SMALL_BATCH), 1 + SMALL_BATCH // 2, cache)
     model.forward(np.array([1]), min(ctx - 1, prompt), cache)  # one token deep in the context (split attention)
+    if hasattr(model.ops, "wait_for_fused"):  # the fused decode layers too, which a reply compiles on a helper
+        model.ops.wait_for_fused = True  # thread after its 16th token: decode is timed as it runs from then on
+        model.forward(np.array([1]), 1, cache)
+        model.ops.wait_for_fused = False
     warmup_s = time.perf_counter() - t0
     out = dict(
         threads=n_threads,
