@@ -81,6 +81,9 @@ class ConvertOptions:
     kernel_activations: str | None = None
     # only types that `lowbit export` writes to GGUF exactly, at GGUF's own block size (GGUF_BITS, groups of 32)
     gguf_compatible: bool = False
+    # --bits 16: the float type of every matrix, "bf16" or "f16" (rounded to nearest even); None: the source's own
+    # (float32 sources stay float32)
+    float_type: str | None = None
 
     @property
     def budget(self) -> bool:
@@ -107,6 +110,11 @@ class ConvertOptions:
             raise LowbitError("--calib-samples must be at least 1 and --calib-len at least 2")
         if not 0.0 <= self.lowrank_bpw <= 4.0:
             raise LowbitError(f"--lowrank-bpw {self.lowrank_bpw}: expected extra bits per weight in [0, 4]")
+        if self.float_type not in (None, "bf16", "f16"):
+            raise LowbitError(f"--float-type {self.float_type}: expected bf16 or f16")
+        if self.float_type is not None and FLOAT_BITS not in (self.bits, self.embed_bits):
+            raise LowbitError("--float-type sets the type of unquantized matrices: it needs --bits 16 (or "
+                              "--embed-bits 16)")
         if self.bits not in (*QUANT_BITS, FLOAT_BITS):
             raise LowbitError(f"unsupported --bits {self.bits}; choose one of {_BITS_CHOICES} or 16 (unquantized)")
         if self.embed_bits is not None and self.embed_bits not in (*QUANT_BITS, FLOAT_BITS):
@@ -162,7 +170,7 @@ def choose_qtype(name: str, shape: tuple[int, ...], src_dtype: str, opts: Conver
         return get_qtype("f32")
     bits = opts.embedding_bits if name in EMBEDDING_TENSORS else opts.bits
     if bits == FLOAT_BITS:
-        return get_qtype(ST_TO_QTYPE[src_dtype])
+        return get_qtype(opts.float_type or ST_TO_QTYPE[src_dtype])
     asym = opts.is_asym(bits)
     embedding = name in EMBEDDING_TENSORS and opts.group_size is None
     group = EMBED_GROUP if embedding else opts.group
@@ -188,8 +196,12 @@ def encode_tensor(arr: np.ndarray, src_dtype: str, qt: QType, method: str) -> di
         if qt.name == "bf16" and src_dtype == "BF16":
             return {"data": np.ascontiguousarray(arr)}
         f = to_f32(src_dtype, arr)
-        if qt.name == "bf16":
-            raise LowbitError("bf16 output is only kept from bf16 sources")
+        if qt.name == "bf16":  # round to nearest, ties to even (NaN stays NaN)
+            u = np.ascontiguousarray(f).view(np.uint32).astype(np.uint64)
+            b = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+            nan = np.isnan(f)
+            b[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+            return {"data": b}
         return {"data": f.astype(np.float16 if qt.name == "f16" else np.float32)}
     return quantize(to_f32(src_dtype, arr), qt, method=method)
 

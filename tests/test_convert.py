@@ -54,6 +54,41 @@ def test_f16_source(tiny_models, tmp_path):
     np.testing.assert_allclose(logits(out), ref, atol=2e-2 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("kind", ["bf16", "f16"])
+def test_float_type_writes_float32_sources_as_16_bit(tiny_models, tmp_path, kind):
+    """--bits 16 --float-type: every matrix of a float32 checkpoint as bfloat16 or float16, rounded to nearest
+    (norms stay float32); without it float32 stays float32."""
+    from safetensors.numpy import load_file
+
+    src = tiny_models["llama"]
+    f32 = Container(convert(str(src), tmp_path / "f.lowbit", ConvertOptions(bits=16), progress=False))
+    assert f32.tensor("blk.0.ffn_up.weight").qtype.name == "f32"
+    c = Container(convert(str(src), tmp_path / "h.lowbit", ConvertOptions(bits=16, float_type=kind), progress=False))
+    raw = load_file(str(src / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"].astype(np.float32)
+    t = c.tensor("blk.0.ffn_up.weight")
+    assert t.qtype.name == kind and c.tensor("token_embd.weight").qtype.name == kind
+    assert c.tensor("blk.0.attn_norm.weight").qtype.name == "f32"
+    bits = np.asarray(t.parts["data"]).view(np.uint16)
+    if kind == "f16":
+        np.testing.assert_array_equal(bits, raw.astype(np.float16).view(np.uint16))
+    else:  # nearest bfloat16: no other bfloat16 lies closer to the float32 value
+        got = (bits.astype(np.uint32) << 16).view(np.float32)
+        up = ((bits.astype(np.uint32) + 1) << 16).view(np.float32)
+        down = ((bits.astype(np.uint32) - 1) << 16).view(np.float32)
+        err = np.abs(got - raw)
+        assert (err <= np.abs(up - raw)).all() and (err <= np.abs(down - raw)).all()
+    np.testing.assert_allclose(logits(c.path), logits(f32.path), atol=3e-2 * np.abs(logits(f32.path)).max())
+
+
+def test_float_type_needs_16_bits(tiny_models, tmp_path):
+    from lbtest import assert_clean_error, run_cli
+
+    out = tmp_path / "x.lowbit"
+    assert_clean_error(run_cli("convert", str(tiny_models["llama"]), "-o", str(out), "--bits", "4", "--float-type",
+                               "bf16"), "--float-type")
+    assert not out.exists()
+
+
 def test_tied_embeddings_stored_once(tiny_models, tmp_path):
     out = convert(str(tiny_models["qwen2"]), tmp_path / "q.lowbit", ConvertOptions(bits=4), progress=False)
     c = Container(out)

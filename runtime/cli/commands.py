@@ -51,7 +51,7 @@ def cmd_convert(args) -> int:
     from lowbit.convert.converter import ConvertOptions, convert
 
     given = [args.bits, args.group_size, args.asym, args.embed_bits, args.target_bpw, args.max_size, args.recipe,
-             args.gguf_compatible or None, args.scale_bits]
+             args.gguf_compatible or None, args.scale_bits, args.float_type]
     opts = ConvertOptions(
         bits=4 if args.bits is None else args.bits,
         group_size=args.group_size,
@@ -71,6 +71,7 @@ def cmd_convert(args) -> int:
         max_size=args.max_size,
         recipe=args.recipe,
         gguf_compatible=args.gguf_compatible,
+        float_type=args.float_type,
     )
     check_output(Path(args.output), sources=source_files(args.source), force=args.force, what="-o")
     out = convert(args.source, args.output, opts, progress=not args.no_progress)

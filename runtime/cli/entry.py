@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=None,
                    help="2, 3, 4, 5, 6, 8; 16 keeps weights unquantized (default 4; a GGUF keeps its own types unless "
                    "a quantization option is given)")
+    p.add_argument("--float-type", choices=["bf16", "f16"], default=None,
+                   help="with --bits 16: write every matrix as bfloat16 or float16, rounded to nearest (default: "
+                   "the source's own type; float32 stays float32)")
     p.add_argument("--group-size", type=int, default=None,
                    help="32, 64, 128, 0 for per-channel, or -1 for per-tensor (one scale per matrix) (default 32 "
                    "at 4 bits, else 64)")
