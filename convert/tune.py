@@ -52,6 +52,11 @@ class TuneOptions:
     lr: float = 5e-3
     time_budget: float = 600.0  # seconds for the whole run
     threads: int | None = None
+    e2e_share: float = 0.5  # share of time_budget for the end-to-end stage (convert/tune_e2e.py) after the blocks
+    e2e_samples: int = 128  # its calibration sequences (every eighth held out) ...
+    e2e_len: int = 128  # ... of this many tokens
+    e2e_batch: int = 4
+    e2e_lr: float = 1e-3
 
 
 @dataclass
@@ -61,6 +66,9 @@ class TuneReport:
     loss_before: list[float] = field(default_factory=list)  # per block: the mean squared error untuned / tuned
     loss_after: list[float] = field(default_factory=list)
     kept: list[bool] = field(default_factory=list)  # per block: the tuned scales were kept (held-out error lower)
+    e2e_steps: int = 0  # the end-to-end stage: Adam steps, held-out KL before and after, whether it was kept
+    e2e_kl: tuple[float, float] | None = None
+    e2e_kept: bool = False
 
 
 def _need_torch():
@@ -157,8 +165,11 @@ def tune(src: str | Path, out: str | Path, opts: TuneOptions, progress: bool = T
         x_t = torch.from_numpy(teacher["token_embd.weight"][tokens])
         tuned: dict[str, dict[str, np.ndarray]] = {}
         n_layers = args.num_hidden_layers
-        clock = Budget(opts, n_layers, t0, len(tokens))
-        bar = stage("tune", n_layers, "block", progress, range(n_layers))
+        e2e_seconds = opts.time_budget * opts.e2e_share
+        clock = Budget(opts, n_layers, t0, len(tokens), opts.time_budget - e2e_seconds)
+        students = []
+        blocks = range(n_layers) if opts.e2e_share < 1 else range(0)
+        bar = stage("tune", n_layers, "block", progress, blocks)
         for i in bar:
             start = time.perf_counter()
             with torch.no_grad():
@@ -182,7 +193,11 @@ def tune(src: str | Path, out: str | Path, opts: TuneOptions, progress: bool = T
             with torch.no_grad():
                 x_s = torch.cat([student(x_s[j : j + opts.batch]) for j in range(0, len(x_s), opts.batch)])
             x_t = y_t
+            students.append(student)
             clock.observe(done, step_seconds, time.perf_counter() - start)
+        if e2e_seconds > 0:
+            left = opts.time_budget - (time.perf_counter() - t0)
+            tuned.update(_end_to_end(torch, c, teacher, args, tok, students, opts, max(left, 0.0), report))
         report.seconds = time.perf_counter() - t0
         _write(c, out, tuned, opts, report)
     return report
@@ -192,8 +207,8 @@ class Budget:
     """Steps per block that keep the run within ``opts.time_budget``, from the step and per-block times measured as
     the run goes (the first block is sized after its first :data:`FIRST_STEPS` steps)."""
 
-    def __init__(self, opts: TuneOptions, n_layers: int, t0: float, n_seqs: int):
-        self.opts, self.n, self.t0 = opts, n_layers, t0
+    def __init__(self, opts: TuneOptions, n_layers: int, t0: float, n_seqs: int, seconds: float):
+        self.opts, self.n, self.t0, self.seconds = opts, n_layers, t0, seconds
         self.per_step: float | None = None
         self.overhead: float | None = None  # seconds per block outside the steps (forward passes over every sequence)
         self.passes = -(-n_seqs // opts.batch)
@@ -201,7 +216,7 @@ class Budget:
     def steps(self, i: int) -> int:
         if self.per_step is None:
             return self.opts.steps
-        left = self.opts.time_budget - (time.perf_counter() - self.t0)
+        left = self.seconds - (time.perf_counter() - self.t0)
         per_block = left / max(self.n - i, 1) - (self.overhead or 0.0)
         return max(0, min(self.opts.steps, int(per_block / self.per_step)))
 
@@ -211,13 +226,68 @@ class Budget:
         self.overhead = 1.5 * self.passes * per_step  # four forward passes over every batch, ~1/3 step each
         steps = max(FIRST_STEPS, self.steps(0))
         log.info("tune: %.2f s per step; about %d steps per block for the %.0f s budget", per_step, steps,
-                 self.opts.time_budget)
+                 self.seconds)
         return steps
 
     def observe(self, done: int, step_seconds: float, block_seconds: float) -> None:
         if done:
             self.per_step = step_seconds / done  # as the machine is now (it may be shared)
         self.overhead = block_seconds - step_seconds
+
+
+def _end_to_end(torch, c: Container, teacher: dict, args, tok, students: list, opts: TuneOptions, seconds: float,
+                report: TuneReport) -> dict[str, dict[str, np.ndarray]]:
+    """convert/tune_e2e.py's stage on the blocks as the block stage left them (the stored ones where it did not run):
+    the tuned tensors' stored parts, or {} where the held-out KL did not go down (then the block stage's stand)."""
+    from lowbit.convert import tune_e2e
+    from lowbit.convert.tune_model import Block, QuantLinear
+    from lowbit.models.common import rope_attention_factor, rope_inv_freq, rope_tables
+
+    inv = rope_inv_freq(args.rotary_dim or args.head_dim, args.rope_theta, args.rope_scaling, opts.e2e_len)
+    cos, sin = rope_tables(inv, opts.e2e_len, rope_attention_factor(args.rope_scaling))
+    n = args.num_hidden_layers
+    sblocks = [Block(args, _block_weights(c, teacher, i, quant=True), cos, sin) for i in range(n)]
+    with torch.no_grad():
+        for sb, tuned_block in zip(sblocks, students):  # the block stage's scales and mins
+            for p, q in zip(sb.parameters(), tuned_block.parameters(), strict=True):
+                p.copy_(q)
+    tblocks = [Block(args, _block_weights(c, teacher, i, quant=False), cos, sin) for i in range(n)]
+
+    def matrix(name: str):
+        t = c.tensor(name)
+        return (torch.from_numpy(dequantize(t.parts, t.qtype, t.shape)) if t.qtype.is_float
+                else QuantLinear(t.parts, t.qtype, t.shape))
+
+    norm = c.tensor("output_norm.weight")
+    untied = "output.weight" in c.tensor_names
+    fnorm = dequantize(norm.parts, norm.qtype, norm.shape)
+    student = tune_e2e.Model(torch, sblocks, matrix("token_embd.weight"), fnorm, args.rms_norm_eps,
+                             matrix("output.weight") if untied else None)
+    t_head = torch.from_numpy(teacher["output.weight"]) if untied else None
+    teacher_m = tune_e2e.Model(torch, tblocks, torch.from_numpy(teacher["token_embd.weight"]),
+                               teacher["output_norm.weight"], args.rms_norm_eps, t_head)
+    tokens = np.stack(file_tokens(opts.calib, tok, opts.e2e_samples, opts.e2e_len))
+    held = np.arange(len(tokens)) % 8 == 7 if len(tokens) >= 8 else np.zeros(len(tokens), bool)
+    saved = [p.detach().clone() for p in student.parameters()]
+    steps, before, after = tune_e2e.fit(torch, teacher_m, student, tokens[~held], tokens[held], seconds,
+                                        opts.e2e_lr, opts.e2e_batch)
+    report.e2e_steps, report.e2e_kl = steps, (before, after)
+    report.e2e_kept = bool(steps and after < before)
+    log.info("tune e2e: %d steps; held-out KL %.4f -> %.4f%s", steps, before, after,
+             "" if report.e2e_kept else " (not lower: the block stage's scales stay)")
+    if not report.e2e_kept:
+        with torch.no_grad():
+            for p, v in zip(student.parameters(), saved):
+                p.copy_(v)
+        return {}
+    out = {}
+    for i, b in enumerate(sblocks):
+        for short, mod in b.quant.items():
+            out[f"blk.{i}.{short}.weight"] = mod.stored()
+    for name, mod in (("token_embd.weight", student.embed), ("output.weight", student.head)):
+        if isinstance(mod, QuantLinear):
+            out[name] = mod.stored()
+    return out
 
 
 def _fit(torch, student, x_s, y_t, steps: int, opts: TuneOptions, seed: int, clock: Budget) -> tuple[int, float]:
@@ -253,6 +323,8 @@ def _write(c: Container, out, tuned: dict, opts: TuneOptions, report: TuneReport
         "method": "block-wise distillation of group scales and mins (codes kept)",
         "calib": Path(opts.calib).name, "samples": opts.samples, "length": opts.seq_len,
         "steps_per_block": report.steps, "blocks_kept": report.kept,
+        "end_to_end": {"steps": report.e2e_steps, "kept": report.e2e_kept,
+                       "heldout_kl": [round(v, 5) for v in report.e2e_kl] if report.e2e_kl else None},
         "seconds": round(report.seconds, 1)}}  # fmt: skip
     plans = [TensorPlan(n, c.tensor(n).qtype, c.tensor_shape(n)) for n in c.tensor_names]
     with ContainerWriter(out, meta, plans, c.blobs()) as w:

@@ -259,13 +259,23 @@ def cmd_tune(args) -> int:
     check_output(out, sources=[src], force=args.force, what="-o")
     if args.samples < 1 or args.seq_len < 8 or args.steps < 0 or args.lr <= 0 or args.time_budget <= 0:
         raise LowbitError("--samples >= 1, --seq-len >= 8, --steps >= 0, --lr > 0 and --time-budget > 0, please")
+    if not 0.0 <= args.e2e_share <= 1.0:
+        raise LowbitError(f"--e2e-share {args.e2e_share}: expected a share of the time budget in [0, 1]")
     opts = TuneOptions(calib=args.calib, teacher=args.teacher, samples=args.samples, seq_len=args.seq_len,
-                       steps=args.steps, lr=args.lr, time_budget=args.time_budget, threads=args.threads)
+                       steps=args.steps, lr=args.lr, time_budget=args.time_budget, threads=args.threads,
+                       e2e_share=args.e2e_share)
     report = tune(src, out, opts, progress=not args.no_progress)
-    before, after = float(np.mean(report.loss_before)), float(np.mean(report.loss_after))
-    print(f"wrote {out}: {sum(report.steps)} steps over {len(report.steps)} blocks in {report.seconds:.0f} s; "
-          f"block output error (mean over blocks) {before:.4g} -> {after:.4g}; tuned scales kept in "
-          f"{sum(report.kept)} of {len(report.kept)} blocks (the others did worse on held-out sequences)")
+    parts = []
+    if report.steps:
+        before, after = float(np.mean(report.loss_before)), float(np.mean(report.loss_after))
+        parts.append(f"{sum(report.steps)} steps over {len(report.steps)} blocks, block output error (mean over "
+                     f"blocks) {before:.4g} -> {after:.4g}, tuned scales kept in {sum(report.kept)} of "
+                     f"{len(report.kept)} blocks (the others did worse on held-out sequences)")
+    if report.e2e_kl:
+        kl0, kl1 = report.e2e_kl
+        parts.append(f"end to end {report.e2e_steps} steps, held-out KL {kl0:.4f} -> {kl1:.4f}"
+                     + ("" if report.e2e_kept else " (not lower: not kept)"))
+    print(f"wrote {out} in {report.seconds:.0f} s: " + "; ".join(parts))
     return 0
 
 
