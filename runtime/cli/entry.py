@@ -249,9 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate of the log-scales (default 0.005)")
     p.add_argument("--time-budget", type=float, default=600.0,
                    help="seconds for the whole run; blocks get the steps that fit (default 600)")
-    p.add_argument("--e2e-share", type=float, default=0.5,
-                   help="share of the time budget for the end-to-end stage after the blocks: all scales learn "
-                   "together from the logits' KL (0: blocks only, 1: end to end only; default 0.5)")
+    p.add_argument("--e2e-share", type=float, default=1.0,
+                   help="share of the time budget for the end-to-end stage after the block stage: all scales learn "
+                   "together from the logits' KL (0: blocks only, 0.5: half each; default 1: end to end only)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--force", action="store_true", help="replace an existing output file (never the input)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
