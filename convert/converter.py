@@ -32,6 +32,7 @@ from lowbit.formats.qtypes import (
 )
 from lowbit.formats.tokenizer import read_tokenizer_source
 from lowbit.formats.writer import ContainerWriter, TensorPlan
+from lowbit.kernels.ref import f32_to_bf16
 from lowbit.models import family_for
 
 log = logging.getLogger(__name__)
@@ -196,12 +197,8 @@ def encode_tensor(arr: np.ndarray, src_dtype: str, qt: QType, method: str) -> di
         if qt.name == "bf16" and src_dtype == "BF16":
             return {"data": np.ascontiguousarray(arr)}
         f = to_f32(src_dtype, arr)
-        if qt.name == "bf16":  # round to nearest, ties to even (NaN stays NaN)
-            u = np.ascontiguousarray(f).view(np.uint32).astype(np.uint64)
-            b = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-            nan = np.isnan(f)
-            b[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
-            return {"data": b}
+        if qt.name == "bf16":
+            return {"data": f32_to_bf16(f)}
         return {"data": f.astype(np.float16 if qt.name == "f16" else np.float32)}
     return quantize(to_f32(src_dtype, arr), qt, method=method)
 

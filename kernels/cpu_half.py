@@ -140,15 +140,14 @@ def round_pairs(x: np.ndarray, pad_tiles: bool = True) -> np.ndarray:
 
 @lru_cache(maxsize=None)
 def bf16_kernels():
-    """(round_pairs, prompt, matvec, matmul_small) for bfloat16 products on the pair dot product (callers check
+    """(round_pairs, prompt, matmul_small) for bfloat16 products on the pair dot product (callers check
     ``gemm_bf16.host_has_bf16_dot``).
 
     ``round_pairs(xb, xu)``: see :func:`round_pairs` (xu: the activations' float32 bits, u32[T, cols]);
     ``prompt(y, w32, xb)``: y f32[T, rows] = x @ W.T for w32 u32[rows, cols/2] (the bfloat16 matrix's bits viewed
     two columns to a word) and xb from round_pairs (its padding rows are computed and dropped);
-    ``matvec(y, w32, xb)``: y f32[rows] for one token, rows four at a time; ``matmul_small(y, w32, xb)``: y f32[T,
-    rows] for a few tokens, each (row, token) the one-token kernel's arithmetic, so each token gets its lone
-    numbers."""
+    ``matmul_small(y, w32, xb)``: y f32[T, rows] for one token (a decode step) or a few, rows four at a time, each
+    (row, token) the same arithmetic whatever T is, so each token gets its lone numbers."""
     deps = _dependency_key()
     nr, nt = BF16_ROWS, BF16_TOKENS
 
@@ -192,17 +191,6 @@ def bf16_kernels():
 
     @nb.njit(parallel=PRANGE, **JIT)
     @variant("bf16")
-    def matvec(y, w32, xb):
-        if deps == 0:
-            return
-        rows = w32.shape[0]
-        for i in nb.prange(rows // 4):
-            rows_dot_bf16(y, 4 * i, w32, 4 * i, xb, 0, 4)
-        for r in range(rows // 4 * 4, rows):
-            rows_dot_bf16(y, r, w32, r, xb, 0, 1)
-
-    @nb.njit(parallel=PRANGE, **JIT)
-    @variant("bf16")
     def matmul_small(y, w32, xb):
         if deps == 0:
             return
@@ -214,4 +202,4 @@ def bf16_kernels():
             for r in range(rows // 4 * 4, rows):
                 rows_dot_bf16(y, t * rows + r, w32, r, xb, t, 1)
 
-    return round_pairs_k, prompt, matvec, matmul_small
+    return round_pairs_k, prompt, matmul_small

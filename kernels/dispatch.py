@@ -284,7 +284,7 @@ def choose_paths(w: Weight) -> Paths:
         return Paths(_float, _float, _float, None)
     if w.h16 is not None:  # a prompt pass widens tiles for BLAS whatever its length, as float32 weights take BLAS
         if w.bf16_dot:
-            return Paths(_bf16_matvec, _bf16_small, _bf16_gemm, _bf16_gemm)
+            return Paths(_bf16_small, _bf16_small, _bf16_gemm, _bf16_gemm)
         return Paths(_half_matvec, _half_small, _half_tiles, _half_tiles)
     k = w.int_kernels
     if k is None:  # no integer kernels for this bits/group (per-channel types): generic numba kernels and BLAS
@@ -324,17 +324,10 @@ def _half_tiles(w: Weight, x: np.ndarray) -> np.ndarray:
     return _tiles(w, x, lambda buf, r0: kernel_call(widen, buf, w.h16, r0, w.bf16))
 
 
-def _bf16_matvec(w: Weight, x: np.ndarray) -> np.ndarray:
-    y = np.empty((1, w.rows), dtype=np.float32)
-    xb = kernel_call(cpu_half.round_pairs, x, False)
-    kernel_call(cpu_half.bf16_kernels()[2], y[0], w.h16.view(np.uint32), xb)
-    return y
-
-
 def _bf16_small(w: Weight, x: np.ndarray) -> np.ndarray:
     y = np.empty((x.shape[0], w.rows), dtype=np.float32)
     xb = kernel_call(cpu_half.round_pairs, x, False)
-    kernel_call(cpu_half.bf16_kernels()[3], y, w.h16.view(np.uint32), xb)
+    kernel_call(cpu_half.bf16_kernels()[2], y, w.h16.view(np.uint32), xb)
     return y
 
 

@@ -13,6 +13,16 @@ def bf16_to_f32(a: np.ndarray) -> np.ndarray:
     return (a.astype(np.uint32) << 16).view(np.float32)
 
 
+def f32_to_bf16(a: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) of float32 values, rounded to nearest, ties to even; NaN stays NaN."""
+    f = np.ascontiguousarray(a, dtype=np.float32)
+    u = f.view(np.uint32).astype(np.uint64)
+    b = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(f)
+    b[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)
+    return b
+
+
 def dequantize(parts: dict[str, np.ndarray], qt: QType, shape: tuple[int, ...]) -> np.ndarray:
     """Full float32 copy of a stored tensor (reference only; the runtime never does this in decode)."""
     if qt.is_float:

@@ -18,10 +18,7 @@ needs_bf16 = pytest.mark.skipif(not host_has_bf16_dot(), reason="needs AVX512-BF
 RNG = np.random.default_rng(11)
 
 
-def _bits(a: np.ndarray) -> np.ndarray:
-    """bfloat16 bits of float32 a, rounded to nearest even (numpy, independent of the kernel's rounding)."""
-    u = a.astype(np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+_bits = ref.f32_to_bf16  # the numpy reference of the kernel's rounding
 
 
 def _weight(rows: int, cols: int, seed: int) -> tuple[dispatch.Weight, np.ndarray]:
