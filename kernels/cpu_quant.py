@@ -189,24 +189,23 @@ def pack_block(codes, scales, mins, r0, asym, bits, g, br):
     d and −m (m = d · 2**(bits-1) unless asym) as f32[group, row]. bits, g and br arrive as literals."""
     cols = codes.shape[1] * 8 // bits
     ng = cols // g
-    wb = np.empty(cols * br, dtype=np.uint8)
+    wq = np.empty(cols // 4 * br, dtype=np.uint32)  # the quads of codes, moved four bytes at a time
     dsc = np.empty((ng, br), dtype=np.float32)
     nmc = np.empty((ng, br), dtype=np.float32)
-    row = np.empty(cols, dtype=np.uint8)
-    zp = np.float32(1 << (bits - 1))
+    rows = np.empty((br, cols), dtype=np.uint8)
     for r in range(br):
-        unpack_row(row, codes[r0 + r], bits, g)
-        for j in range(0, cols, 4):
-            o = ((j >> 2) * br + r) * 4
-            wb[o] = row[j]
-            wb[o + 1] = row[j + 1]
-            wb[o + 2] = row[j + 2]
-            wb[o + 3] = row[j + 3]
+        unpack_row(rows[r], codes[r0 + r], bits, g)
+    rq = rows.view(np.uint32)
+    zp = np.float32(1 << (bits - 1))
+    for j in range(cols // 4):
+        for r in range(br):
+            wq[j * br + r] = rq[r, j]
+    for r in range(br):
         for gi in range(ng):
             d = h2f(scales[r0 + r, gi])
             dsc[gi, r] = d
             nmc[gi, r] = -h2f(mins[r0 + r, gi]) if asym else -d * zp
-    return wb, dsc, nmc
+    return wq.view(np.uint8), dsc, nmc
 
 
 def _vnni_kernels(bits: int, g: int, split: bool, amx: bool):
