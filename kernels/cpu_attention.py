@@ -14,6 +14,9 @@ consecutive in memory (rows s .. s+7 of a ``[ctx, n]`` float32 cache slice, or o
 ``load_rows`` decodes a float16 or quantized cache into: kernels/kv_formats.py). Bounds are the caller's: the
 intrinsics read ``q[qoff : qoff + n]`` and ``k[koff : koff + 8n]`` (``values8``: ``p[poff : poff + 8]``,
 ``v[voff : voff + 8n]`` and ``out[ooff : ooff + n]``) without checks. Arrays must be C-contiguous float32.
+On a float16 cache with head dim 64 and at most four query heads per key/value head, ``_scores`` and
+``_weighted_values`` hand a range to kernels/attention16.py instead (float16 rows read directly, every load shared
+by the four heads: kernels/ir/attn16.py).
 The intrinsics live in this file with the kernels that inline them because numba's on-disk cache checks only the
 kernel's own source file.
 """
@@ -29,6 +32,7 @@ from numba import types
 from numba.core import cgutils, errors
 from numba.extending import intrinsic, overload
 
+from lowbit.kernels.attention16 import scores16, values16
 from lowbit.kernels.cpu import JIT, PRANGE, fast_exp, h2f
 from lowbit.kernels.ir.simd import prefetch_line
 
@@ -322,6 +326,8 @@ def _scores(sc, q, t0, rep, h0, kd, ks, kv, s0, m, scale, cap, tile):
     them all. Eight keys per call of the attention intrinsic where the head dim is a multiple of 8, the last ones
     too (zero-padded), so that a key's score is the same number whichever keys share its call (a prompt computed in
     one pass or after a cached prefix agree bit for bit); one by one otherwise."""
+    if scores16(sc, q, t0, rep, h0, kd, kv, s0, m, scale, cap):
+        return
     rows_n = sc.shape[0]
     hd = q.shape[2]
     m8 = m // KEYS * KEYS if hd % 8 == 0 else 0
@@ -399,6 +405,8 @@ def _weighted_values(dst, sc, vd, vs, kv, s0, m, tile):
     format (load_rows). Eight value rows per call of the attention intrinsic where the head dim is a multiple of 8,
     the last ones too (zero-padded, zero weights: each key is one fused multiply-add in key order whatever keys
     share its call); one by one otherwise."""
+    if values16(dst, sc, vd, kv, s0, m):
+        return
     hd = dst.shape[1]
     m8 = m // KEYS * KEYS if hd % 8 == 0 else 0
     for s in range(0, m8, KEYS):

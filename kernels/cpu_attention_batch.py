@@ -30,10 +30,11 @@ from lowbit.kernels.cpu_kv import rope2_kv_write
 
 
 def _dependency_key() -> int:
-    from lowbit.kernels import cpu, cpu_attention, cpu_kv, kv_formats
-    from lowbit.kernels.ir import simd
+    from lowbit.kernels import attention16, cpu, cpu_attention, cpu_kv, kv_formats
+    from lowbit.kernels.ir import attn16, simd
 
-    return zlib.crc32("".join(inspect.getsource(m) for m in (cpu, cpu_attention, cpu_kv, kv_formats, simd)).encode())
+    mods = (cpu, cpu_attention, cpu_kv, kv_formats, simd, attention16, attn16)
+    return zlib.crc32("".join(inspect.getsource(m) for m in mods).encode())
 
 
 @lru_cache(maxsize=None)
