@@ -41,13 +41,24 @@ def _check(*arrs):
             raise errors.TypingError("attn16 intrinsics take C-contiguous arrays")
 
 
-def _ptr(context, builder, aty, aval, off=None):
-    data = context.make_array(aty)(context, builder, value=aval).data
-    return data if off is None else builder.gep(data, [off])
-
-
 def _as64(builder, v):
     return v if v.type.width == 64 else builder.sext(v, _I64)
+
+
+def _operands(context, builder, signature, args, arrays: tuple, rows: int, off: int, ints: tuple) -> tuple:
+    """Data pointers of the float32 arrays args[i] for i in ``arrays``, of the float16 rows args[rows] at element
+    args[off], and the integers args[i] for i in ``ints`` as i64."""
+    def data(i):
+        return context.make_array(signature.args[i])(context, builder, value=args[i]).data
+
+    ptrs = [data(i) for i in arrays]
+    ptrs.append(builder.gep(data(rows), [_as64(builder, args[off])]))
+    return (*ptrs, *(_as64(builder, args[i]) for i in ints))
+
+
+def _splat16(builder, x):
+    v = builder.insert_element(ir.Constant(_V16, ir.Undefined), x, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 16), [0] * 16))
 
 
 def _f32x16(builder, ptr, off):
@@ -94,10 +105,7 @@ def scores16x4(typingctx, sc, soff, m, q4, k, koff, scale):
     sig = types.void(sc, soff, m, q4, k, koff, scale)
 
     def codegen(context, builder, signature, args):
-        sp = _ptr(context, builder, signature.args[0], args[0])
-        qp = _ptr(context, builder, signature.args[3], args[3])
-        kp = _ptr(context, builder, signature.args[4], args[4], _as64(builder, args[5]))
-        soff, m = _as64(builder, args[1]), _as64(builder, args[2])
+        sp, qp, kp, soff, m = _operands(context, builder, signature, args, (0, 3), 4, 5, (1, 2))
         fma = _fma(builder)
         zero = ir.Constant(_V16, [0.0] * 16)
         accs = [zero] * (HEADS * 4)
@@ -108,8 +116,7 @@ def scores16x4(typingctx, sc, soff, m, q4, k, koff, scale):
                 for i in range(4):
                     accs[r * 4 + i] = builder.call(fma, [qv, keys[i], accs[r * 4 + i]])
         sums = sum16(builder, accs)
-        sv = builder.insert_element(ir.Constant(_V16, ir.Undefined), args[6], ir.Constant(_I32, 0))
-        sums = builder.fmul(sums, builder.shuffle_vector(sv, sv, ir.Constant(ir.VectorType(_I32, 16), [0] * 16)))
+        sums = builder.fmul(sums, _splat16(builder, args[6]))
         v4 = ir.VectorType(_F32, 4)
         for r in range(HEADS):
             lanes = ir.Constant(ir.VectorType(_I32, 4), list(range(4 * r, 4 * r + 4)))
@@ -127,21 +134,15 @@ def values16x4(typingctx, dst4, p, m, v, voff, n):
     sig = types.void(dst4, p, m, v, voff, n)
 
     def codegen(context, builder, signature, args):
-        dp = _ptr(context, builder, signature.args[0], args[0])
-        pp = _ptr(context, builder, signature.args[1], args[1])
-        vp = _ptr(context, builder, signature.args[3], args[3], _as64(builder, args[4]))
-        m, n = _as64(builder, args[2]), _as64(builder, args[5])
+        dp, pp, vp, m, n = _operands(context, builder, signature, args, (0, 1), 3, 4, (2, 5))
         fma = _fma(builder)
         accs = [cgutils.alloca_once_value(builder, _f32x16(builder, dp, _c(r * HD + 16 * c)))
                 for r in range(HEADS) for c in range(HD // 16)]
-        splat0 = ir.Constant(ir.VectorType(_I32, 16), [0] * 16)
         with cgutils.for_range(builder, n) as loop:
             s = loop.index
             rows = [_f16x16(builder, vp, builder.add(builder.mul(s, _c(HD)), _c(16 * c))) for c in range(HD // 16)]
             for r in range(HEADS):
-                w = builder.load(builder.gep(pp, [builder.add(builder.mul(_c(r), m), s)]))
-                wv = builder.insert_element(ir.Constant(_V16, ir.Undefined), w, ir.Constant(_I32, 0))
-                wv = builder.shuffle_vector(wv, wv, splat0)
+                wv = _splat16(builder, builder.load(builder.gep(pp, [builder.add(builder.mul(_c(r), m), s)])))
                 for c in range(HD // 16):
                     a = accs[r * (HD // 16) + c]
                     builder.store(builder.call(fma, [wv, rows[c], builder.load(a)]), a)
