@@ -3,7 +3,8 @@
 query of grouped-query attention), no soft-capping and the range does not wrap around a ring, the scores and the
 weighted values run on kernels.ir.attn16's intrinsics, which read the float16 rows directly and share each load among
 the four heads (the generic helpers decode eight rows into a float32 tile and take the heads one at a time). Each
-helper returns True when it did the work; for other cache dtypes it is ``False`` at compile time.
+helper returns True when it did the work; for other cache dtypes (or a cache that is not C-contiguous) it is
+``False`` at compile time.
 
 Every caller (the lone-query ``attention``, the split ``attention_decode`` and the batched decode kernel) goes through
 the same helpers on the same ranges, so a sequence's numbers stay the same in all three bit for bit.
@@ -26,7 +27,7 @@ def scores16(sc, q, t0, rep, h0, kd, kv, s0, m, scale, cap):
 
 @overload(scores16, jit_options=JIT)
 def _scores16(sc, q, t0, rep, h0, kd, kv, s0, m, scale, cap):
-    if kd.dtype != types.uint16:
+    if kd.dtype != types.uint16 or kd.layout != "C":  # the intrinsics address rows of a C-contiguous cache
         return lambda sc, q, t0, rep, h0, kd, kv, s0, m, scale, cap: False
 
     def impl(sc, q, t0, rep, h0, kd, kv, s0, m, scale, cap):
@@ -65,7 +66,7 @@ def values16(dst, sc, vd, kv, s0, m):
 
 @overload(values16, jit_options=JIT)
 def _values16(dst, sc, vd, kv, s0, m):
-    if vd.dtype != types.uint16:
+    if vd.dtype != types.uint16 or vd.layout != "C":
         return lambda dst, sc, vd, kv, s0, m: False
 
     def impl(dst, sc, vd, kv, s0, m):

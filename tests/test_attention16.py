@@ -70,3 +70,4 @@ def test_float16_decode_matches_reference(nh, nkv, start, chunk, cap):
     else:
         cpu_attention.attention(*args)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+
