@@ -198,6 +198,27 @@ def values8(out, ooff, p, poff, v, voff, n) -> np.ndarray:
     return res
 
 
+# ------------------------------------------------------------------------------------------- kernels/ir/attn16.py
+
+
+def scores16x4(sc, soff, m, q4, k, koff, scale) -> np.ndarray:
+    """A copy of sc with sc[r·m + soff + i] = scale · q4[r] · k_i for r, i in 0..3, k_i the float16 row (uint16 bits)
+    at k[koff + 64 i]."""
+    res = sc.copy().reshape(-1)
+    keys = k.reshape(-1)[koff : koff + 4 * 64].view(np.float16).reshape(4, 64).astype(np.float64)
+    dots = np.float64(scale) * (q4.reshape(4, 64).astype(np.float64) @ keys.T)
+    for r in range(4):
+        res[r * m + soff : r * m + soff + 4] = dots[r]
+    return res.reshape(sc.shape)
+
+
+def values16x4(dst4, p, m, v, voff, n) -> np.ndarray:
+    """A copy of dst4 with dst4[r] += Σ_{s<n} p[r·m + s] · v_s for r in 0..3, v_s the float16 row at v[voff + 64 s]."""
+    rows = v.reshape(-1)[voff : voff + n * 64].view(np.float16).reshape(n, 64).astype(np.float64)
+    wts = np.stack([p.reshape(-1)[r * m : r * m + n] for r in range(4)]).astype(np.float64)
+    return (dst4.astype(np.float64) + wts @ rows).astype(np.float32)
+
+
 def dequant8_q8(src, soff, d) -> np.ndarray:
     """f32[8] = d · src[soff : soff+8] (int8 codes)."""
     return (np.float32(d) * src.reshape(-1)[soff : soff + 8].astype(np.float32)).astype(np.float32)

@@ -82,20 +82,14 @@ def _c(v):
 def sum16(builder, accs: list):
     """One vector whose lane j is the sum of accs[j]'s 16 lanes (16 vectors): pairs of vectors fold halves, then
     quarters, then pairs of lanes, then lanes — the same tree for every lane."""
-    level, width = accs, 8
-    while len(level) > 1 or width >= 1:
-        nxt = []
-        for a, b in zip(level[0::2], level[1::2]):
-            lo, hi = [], []
-            for base in range(0, 32, 2 * width):  # blocks of `width` lanes alternate: keep one, add the next
-                lo.extend(range(base, base + width))
-                hi.extend(range(base + width, base + 2 * width))
-            mlo = ir.Constant(ir.VectorType(_I32, 16), lo)
-            mhi = ir.Constant(ir.VectorType(_I32, 16), hi)
-            nxt.append(builder.fadd(builder.shuffle_vector(a, b, mlo), builder.shuffle_vector(a, b, mhi)))
-        level, width = nxt, width // 2
-        if width == 0:
-            break
+    level = accs
+    for width in (8, 4, 2, 1):
+        lo = [j for base in range(0, 32, 2 * width) for j in range(base, base + width)]  # of each block pair: first
+        hi = [j + width for j in lo]  # ... and second, added lane by lane
+        mlo = ir.Constant(ir.VectorType(_I32, 16), lo)
+        mhi = ir.Constant(ir.VectorType(_I32, 16), hi)
+        level = [builder.fadd(builder.shuffle_vector(a, b, mlo), builder.shuffle_vector(a, b, mhi))
+                 for a, b in zip(level[0::2], level[1::2])]
     return level[0]
 
 
