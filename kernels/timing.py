@@ -30,14 +30,28 @@ class KernelTimer:
             self._token = None
 
 
+def _interrupted(e: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is in e's chain of causes."""
+    while e is not None:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def kernel_call(fn: Callable, *args):
-    """``fn(*args)``, timed when a KernelTimer is active."""
+    """``fn(*args)``, timed when a KernelTimer is active. A Ctrl-C that lands while numba loads the kernel from its
+    cache reaches Python as a SystemError caused by the KeyboardInterrupt; it is raised as the KeyboardInterrupt it
+    is, so the REPL stops a reply the same way whenever Ctrl-C comes."""
     timer = _ACTIVE.get()
-    if timer is None:
-        return fn(*args)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if timer is not None else 0.0
     try:
         return fn(*args)
+    except SystemError as e:
+        if _interrupted(e):
+            raise KeyboardInterrupt from e
+        raise
     finally:
-        timer.seconds += time.perf_counter() - t0
-        timer.calls += 1
+        if timer is not None:
+            timer.seconds += time.perf_counter() - t0
+            timer.calls += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -66,6 +67,29 @@ def test_kernel_timer_counts_dispatched_kernels():
     assert t.calls == 2 and t.seconds > 0
     dispatch.rmsnorm(w, np.ones(8, dtype=np.float32), 1e-5)
     assert t.calls == 2  # no timer active outside the block
+
+
+def test_ctrl_c_while_numba_loads_a_kernel_is_a_keyboard_interrupt():
+    """numba turns a KeyboardInterrupt raised while it unpickles a cached kernel into a SystemError caused by it:
+    kernel_call gives the REPL back the KeyboardInterrupt (the REPL's Ctrl-C test once met this as a traceback)."""
+    from lowbit.kernels.timing import kernel_call
+
+    def loading(*_):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise SystemError("<function _numba_unpickle> returned a result with an exception set") from e
+
+    def broken(*_):
+        raise SystemError("something else")
+
+    for timer in (None, KernelTimer()):
+        with timer or contextlib.nullcontext():
+            with pytest.raises(KeyboardInterrupt):
+                kernel_call(loading, 1)
+            with pytest.raises(SystemError):
+                kernel_call(broken)
+    assert timer.calls == 2
 
 
 def test_bench_command_json_on_bundled_model():
